@@ -1,0 +1,880 @@
+"""
+One-time data preparation and the runtime utilities that train.py imports.
+
+Part of the fixed harness: the agent edits train.py only, never this file. It owns
+the constants that make runs comparable (sequence length, time budget, evaluation
+size, vocabulary), the data (climbmix shards, the user's own corpus, or an offline
+smoke-test corpus), the BPE tokenizer, and at run time the tokenizer wrapper, the
+packing dataloader, the fixed metric `evaluate_bpb`, device helpers, the metrics
+logger and the watchdog.
+
+Usage:
+    uv run prepare.py                    # 10 climbmix train shards + the pinned val shard
+    uv run prepare.py --num-shards 4     # fewer shards
+    uv run prepare.py --data PATH        # your own .txt / .jsonl / .parquet corpus
+    uv run prepare.py --offline          # built-in smoke-test corpus (no network)
+
+Everything lands in ~/.cache/autoresearch (or $AUTORESEARCH_CACHE).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from bisect import bisect_right, insort
+from concurrent.futures import ThreadPoolExecutor
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schema
+
+# ---------------------------------------------------------------------------
+# Constants: fixed for every run so that val_bpb stays comparable
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN = 2048            # context length of training and of the evaluation
+# Training seconds per run (startup, compilation and evals excluded). Tests and benchmarks
+# shorten it with $AUTORESEARCH_TIME_BUDGET; every summary records the budget it ran with.
+TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))
+EVAL_TOKENS = 40 * 524288     # tokens behind the final val_bpb on CUDA (as in autoresearch)
+VAL_CURVE_TOKENS = 2 * 524288  # per validation-curve point on CUDA: ~5 % of the final eval's cost
+CPU_EVAL_TOKENS = 8 * MAX_SEQ_LEN  # final val_bpb off CUDA: a CPU run is a smoke test, not research
+CPU_VAL_CURVE_TOKENS = 2 * MAX_SEQ_LEN
+VOCAB_SIZE = 8192
+
+SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+# GPT-4 style split, but numbers in chunks of 1-2 digits (a small vocab should not spend merges on 3-digit numbers)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE", Path.home() / ".cache" / "autoresearch"))
+DATA_DIR = CACHE_DIR / "data"
+TOKENIZER_DIR = CACHE_DIR / "tokenizer"
+MANIFEST_PATH = CACHE_DIR / "manifest.json"
+
+# climbmix-400b-shuffle: the public parquet layout autoresearch uses; shard_06542 is the pinned val shard.
+BASE_URL = os.environ.get("AUTORESEARCH_DATA_URL",
+                          "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
+MAX_SHARD = 6542
+VAL_SHARD = MAX_SHARD
+DEFAULT_NUM_SHARDS = 10
+DOWNLOAD_WORKERS = 8
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_BACKOFF_S = 2.0      # doubles after every failed attempt: 2, 4, 8, 16 s
+DOWNLOAD_TIMEOUT_S = 60       # per socket operation, not per file
+PROBE_TIMEOUT_S = 10          # how long to wait before declaring the network absent
+
+TOKENIZER_MAX_CHARS = 1_000_000_000  # enough text for a stable 8k vocabulary, bounded prepare time
+TOKENIZER_DOC_CAP = 10_000           # chars taken from one document, so no single doc dominates
+
+USER_DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+VAL_FRACTION = 0.1            # share of --data / offline documents held out for validation
+TXT_DOC_CHARS = 8_000         # a long .txt is cut at paragraph breaks into documents of about this size
+ROWS_PER_FILE = 50_000        # documents per prepared train parquet file
+ROW_GROUP_SIZE = 1024         # documents per parquet row group: the dataloader's unit of shuffling
+
+WATCHDOG_BUDGET_FACTOR = 2.0  # a run is hung once it has used twice its budget ...
+WATCHDOG_GRACE_S = 600        # ... plus ten minutes for startup, compilation and evaluation
+TIMEOUT_EXIT_CODE = 124       # as timeout(1)
+
+RUN_METRICS = "metrics.jsonl"
+RUN_SUMMARY = "run_summary.json"
+
+
+class HarnessError(Exception):
+    """A user-facing problem: printed as one line (`error: ...`) with no traceback."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_parquet(path) -> int:
+    """Number of rows of a parquet file with a `text` column; HarnessError if it is not one."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise HarnessError(f"corrupt parquet file {path}: {e}") from None
+    if "text" not in pf.schema_arrow.names:
+        raise HarnessError(f"parquet file {path} has no 'text' column (columns: {pf.schema_arrow.names})")
+    return pf.metadata.num_rows
+
+
+def _write_parquet(path: Path, docs: list):
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table({"text": docs}), tmp, row_group_size=ROW_GROUP_SIZE)
+    os.replace(tmp, path)
+
+
+def _iter_parquet_texts(path, doc_cap=None):
+    pf = pq.ParquetFile(path)
+    for rg in range(pf.num_row_groups):
+        for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+            if text:
+                yield text[:doc_cap] if doc_cap else text
+
+
+# ---------------------------------------------------------------------------
+# Data source 1: climbmix shards over HTTP
+# ---------------------------------------------------------------------------
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def network_reachable(base_url: str = BASE_URL, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when the data server answers at all (even with an HTTP error)."""
+    try:
+        req = urllib.request.Request(f"{base_url}/{shard_name(VAL_SHARD)}", method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def download_shard(index: int, dest_dir: Path, base_url: str = BASE_URL,
+                   attempts: int = DOWNLOAD_ATTEMPTS, backoff_s: float = DOWNLOAD_BACKOFF_S) -> Path:
+    """Download one shard to a temporary name, verify it, then rename; retries with backoff."""
+    final = dest_dir / shard_name(index)
+    if final.exists():
+        try:
+            verify_parquet(final)
+            return final
+        except HarnessError:
+            final.unlink()  # a corrupt leftover: fetch it again
+    url = f"{base_url}/{shard_name(index)}"
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    last_error = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
+                expected = resp.headers.get("Content-Length")
+                written = 0
+                while block := resp.read(1 << 20):
+                    f.write(block)
+                    written += len(block)
+            if expected is not None and written != int(expected):
+                raise HarnessError(f"truncated download ({written} of {expected} bytes)")
+            verify_parquet(tmp)
+            os.replace(tmp, final)
+            return final
+        except (urllib.error.URLError, OSError, HarnessError) as e:
+            last_error = e
+            tmp.unlink(missing_ok=True)
+            print(f"  {shard_name(index)}: attempt {attempt + 1}/{attempts} failed: {e}", file=sys.stderr)
+    raise HarnessError(f"could not download {url} after {attempts} attempts ({last_error}); "
+                       f"check the network, or use --data PATH / --offline")
+
+
+def download_climbmix(num_shards: int, base_url: str = BASE_URL, **kwargs):
+    if not 1 <= num_shards <= MAX_SHARD:
+        raise HarnessError(f"--num-shards must be between 1 and {MAX_SHARD}, got {num_shards}")
+    dest = DATA_DIR / "climbmix"
+    dest.mkdir(parents=True, exist_ok=True)
+    indices = list(range(num_shards)) + [VAL_SHARD]
+    print(f"downloading {num_shards} train shards + val shard {VAL_SHARD} from {base_url} -> {dest}")
+    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(indices))) as pool:
+        futures = {i: pool.submit(download_shard, i, dest, base_url, **kwargs) for i in indices}
+    errors = []
+    for i, fut in futures.items():
+        if fut.exception() is not None:
+            errors.append(str(fut.exception()))
+    if errors:
+        raise HarnessError(f"{len(errors)} shard(s) failed: {errors[0]}")
+    paths = {i: fut.result() for i, fut in futures.items()}
+    return [paths[i] for i in range(num_shards)], [paths[VAL_SHARD]]
+
+
+# ---------------------------------------------------------------------------
+# Data sources 2 and 3: the user's corpus (--data) or the offline smoke-test corpus
+# ---------------------------------------------------------------------------
+
+def _txt_documents(text: str) -> list:
+    """A .txt file is one document, or, when long, paragraphs grouped into ~TXT_DOC_CHARS documents."""
+    text = text.strip()
+    if len(text) <= TXT_DOC_CHARS:
+        return [text] if text else []
+    docs, current = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        if current and len(current) + len(para) > TXT_DOC_CHARS:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current.strip():
+        docs.append(current)
+    return docs
+
+
+def _jsonl_documents(path: Path) -> list:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HarnessError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if isinstance(text, str) and text.strip():
+                docs.append(text)
+    return docs
+
+
+def read_user_documents(path) -> list:
+    """All documents of a file or directory of .txt / .jsonl / .parquet, in sorted file order."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise HarnessError(f"--data {path}: no such file or directory")
+    if root.is_file():
+        if root.suffix not in USER_DATA_SUFFIXES:
+            raise HarnessError(f"--data {path}: unsupported file type {root.suffix!r}; use {', '.join(USER_DATA_SUFFIXES)}")
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in USER_DATA_SUFFIXES)
+        if not files:
+            raise HarnessError(f"--data {path}: no {', '.join(USER_DATA_SUFFIXES)} files in this directory")
+    docs = []
+    for f in files:
+        try:
+            if f.suffix == ".txt":
+                docs += _txt_documents(f.read_text(encoding="utf-8", errors="replace"))
+            elif f.suffix == ".jsonl":
+                docs += _jsonl_documents(f)
+            else:
+                verify_parquet(f)
+                docs += list(_iter_parquet_texts(f))
+        except OSError as e:
+            raise HarnessError(f"--data: cannot read {f}: {e.strerror or e}") from None
+    if not docs:
+        raise HarnessError(f"--data {path}: no text found in {len(files)} file(s) "
+                           f"(.jsonl records need a 'text' field, .parquet files a 'text' column)")
+    return docs
+
+
+def offline_documents() -> list:
+    """Text every Python installation has: pydoc's topic help and the standard library's docstrings."""
+    import ast
+    import sysconfig
+    import pydoc_data.topics
+    docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately not valid Python 3 / UTF-8
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:  # one-liners teach the tokenizer nothing
+                    docs.append(doc)
+    return docs
+
+
+def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
+    """Deterministic train/val split by content hash: the same corpus always gives the same split."""
+    if len(docs) < 2:
+        raise HarnessError(f"need at least 2 documents to split into train and val, found {len(docs)}")
+    ranked = sorted(range(len(docs)), key=lambda i: hashlib.blake2b(docs[i].encode(), digest_size=8).digest())
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    val_ids = set(ranked[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+def write_local_corpus(source: str, docs: list):
+    """Write split documents as parquet under DATA_DIR/<source>, replacing what was there."""
+    dest = DATA_DIR / source
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.parquet"):
+        old.unlink()
+    train, val = split_documents(docs)
+    train_paths = []
+    for k in range(0, len(train), ROWS_PER_FILE):
+        path = dest / f"train_{k // ROWS_PER_FILE:05d}.parquet"
+        _write_parquet(path, train[k:k + ROWS_PER_FILE])
+        train_paths.append(path)
+    val_path = dest / "val.parquet"
+    _write_parquet(val_path, val)
+    return train_paths, [val_path]
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: trained with rustbpe, used through tiktoken
+# ---------------------------------------------------------------------------
+
+def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE, tokenizer_dir: Path = None) -> Path:
+    """Train BPE on an iterable of strings; save tokenizer.pkl and token_bytes.npy."""
+    import rustbpe
+    import tiktoken
+    tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+    n_merged = vocab_size - len(SPECIAL_TOKENS)
+    if n_merged < 256:
+        raise HarnessError(f"vocab size {vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(iter(texts), n_merged, pattern=SPLIT_PATTERN)
+    if bpe.vocab_size < n_merged:
+        raise HarnessError(f"too little text for a {vocab_size}-token vocabulary: it supports only "
+                           f"{bpe.vocab_size + len(SPECIAL_TOKENS)} tokens; add text or pass a smaller --vocab-size")
+    ranks = {bytes(b): r for b, r in bpe.get_mergeable_ranks()}
+    specials = {tok: n_merged + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(),
+                            mergeable_ranks=ranks, special_tokens=specials)
+    sample = "Round-trip check: 12345 héllo\n\tworld 🙂"
+    if enc.decode(enc.encode_ordinary(sample)) != sample:
+        raise HarnessError("trained tokenizer does not round-trip text; this is a bug in prepare.py")
+    # bits per byte needs each token's UTF-8 length; special tokens count 0 and are excluded
+    token_bytes = np.zeros(n_merged + len(SPECIAL_TOKENS), dtype=np.int32)
+    for b, r in ranks.items():
+        token_bytes[r] = len(b)
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    state = {"pattern": enc._pat_str, "mergeable_ranks": ranks, "special_tokens": specials}
+    with open(tokenizer_dir / "tokenizer.pkl.tmp", "wb") as f:
+        pickle.dump(state, f)
+    os.replace(tokenizer_dir / "tokenizer.pkl.tmp", tokenizer_dir / "tokenizer.pkl")
+    np.save(tokenizer_dir / "token_bytes.npy", token_bytes)
+    return tokenizer_dir / "tokenizer.pkl"
+
+
+class Tokenizer:
+    """Thin wrapper around a tiktoken Encoding trained by prepare.py."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        import tiktoken
+        path = Path(tokenizer_dir or TOKENIZER_DIR) / "tokenizer.pkl"
+        if not path.exists():
+            raise HarnessError(f"no tokenizer at {path}: run `uv run prepare.py` first")
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+        return cls(tiktoken.Encoding(name="autoresearch", pat_str=state["pattern"],
+                                     mergeable_ranks=state["mergeable_ranks"],
+                                     special_tokens=state["special_tokens"]))
+
+    def get_vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Encode a string (-> list of ids) or a list of strings (-> list of lists); special tokens as text."""
+        head = [] if prepend is None else [prepend]
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text)
+        return [head + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu", tokenizer_dir=None):
+    import torch
+    path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.npy"
+    if not path.exists():
+        raise HarnessError(f"no {path}: run `uv run prepare.py` first")
+    return torch.from_numpy(np.load(path).astype(np.int64)).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Manifest: what was prepared, so every run can say which data it used
+# ---------------------------------------------------------------------------
+
+def load_manifest(path: Path = None) -> dict:
+    path = Path(path or MANIFEST_PATH)
+    if not path.exists():
+        raise HarnessError(f"no prepared data ({path} is missing): run `uv run prepare.py` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path} is corrupt ({e.msg}): run `uv run prepare.py` again") from None
+
+
+def _file_entry(path: Path, tokenizer: Tokenizer) -> dict:
+    rows = verify_parquet(path)
+    n_tokens = 0
+    pf = pq.ParquetFile(path)
+    for rg in range(pf.num_row_groups):
+        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        n_tokens += sum(len(ids) + 1 for ids in tokenizer.encode([t for t in texts if t]))  # +1: BOS per doc
+    return {"path": str(path.relative_to(CACHE_DIR)), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path), "rows": rows, "tokens": n_tokens}
+
+
+def data_label(manifest: dict) -> str:
+    """How every output names the data: the offline corpus is always flagged as a smoke test."""
+    if manifest.get("smoke_test"):
+        return f"{manifest['source']} (SMOKE-TEST corpus, not for research)"
+    return manifest["source"]
+
+
+def build_manifest(source: str, train_paths, val_paths, description: str) -> dict:
+    tokenizer = Tokenizer.from_directory()
+    manifest = {
+        "source": source,
+        "smoke_test": source == "offline",
+        "description": description,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": sha256_file(TOKENIZER_DIR / "tokenizer.pkl"),
+        "token_bytes_sha256": sha256_file(TOKENIZER_DIR / "token_bytes.npy"),
+        "train_files": [_file_entry(p, tokenizer) for p in train_paths],
+        "val_files": [_file_entry(p, tokenizer) for p in val_paths],
+    }
+    manifest["train_tokens"] = sum(f["tokens"] for f in manifest["train_files"])
+    manifest["val_tokens"] = sum(f["tokens"] for f in manifest["val_files"])
+    # the hash covers content only (not the creation time), so re-preparing the same data keeps it
+    manifest["manifest_hash"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return manifest
+
+
+def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
+            vocab_size: int = VOCAB_SIZE) -> dict:
+    """Build data, tokenizer and manifest in CACHE_DIR; returns the manifest."""
+    if source == "climbmix":
+        train_paths, val_paths = download_climbmix(num_shards)
+        description = f"climbmix-400b-shuffle, {num_shards} train shards + val shard {VAL_SHARD}"
+    elif source == "custom":
+        docs = read_user_documents(data_path)
+        train_paths, val_paths = write_local_corpus("custom", docs)
+        description = f"user corpus from {Path(data_path).expanduser().resolve()} ({len(docs)} documents)"
+    elif source == "offline":
+        docs = offline_documents()
+        train_paths, val_paths = write_local_corpus("offline", docs)
+        description = (f"offline SMOKE-TEST corpus: Python {sys.version.split()[0]} pydoc topics and stdlib "
+                       f"docstrings ({len(docs)} documents); fine for trying the loop, useless for research")
+    else:
+        raise ValueError(f"unknown source {source!r}")
+
+    print(f"training a {vocab_size}-token BPE tokenizer on {len(train_paths)} train file(s)...")
+    t0 = time.time()
+
+    def tokenizer_texts():
+        budget = TOKENIZER_MAX_CHARS
+        for p in train_paths:
+            for text in _iter_parquet_texts(p, doc_cap=TOKENIZER_DOC_CAP):
+                yield text
+                budget -= len(text)
+                if budget <= 0:
+                    return
+
+    train_tokenizer(tokenizer_texts(), vocab_size)
+    print(f"tokenizer trained in {time.time() - t0:.1f}s -> {TOKENIZER_DIR}")
+    manifest = build_manifest(source, train_paths, val_paths, description)
+    tmp = MANIFEST_PATH.with_name(MANIFEST_PATH.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, MANIFEST_PATH)
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# Runtime: dataloader (BOS-aligned best-fit packing, no padding)
+# ---------------------------------------------------------------------------
+
+def split_files(split: str, manifest: dict = None) -> list:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    manifest = manifest or load_manifest()
+    return [CACHE_DIR / f["path"] for f in manifest[f"{split}_files"]]
+
+
+def _document_batches(split: str, seed: int):
+    """Yield (list of texts, epoch) forever, one parquet row group at a time.
+    Train visits row groups in a seed-dependent order that changes every epoch; val reads in file order."""
+    files = split_files(split)
+    parquet = {p: pq.ParquetFile(p) for p in files}
+    units = [(p, rg) for p in files for rg in range(parquet[p].num_row_groups)]
+    epoch = 1
+    while True:
+        order = list(units)
+        if split == "train":
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for path, rg in order:
+            texts = parquet[path].read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield [t for t in texts if t], epoch
+        epoch += 1
+
+
+def packed_rows(tokenizer: Tokenizer, row_len: int, split: str, seed: int = 0, buffer_size: int = 1000):
+    """Yield (row, epoch) forever: numpy int64 rows of exactly row_len tokens.
+
+    Every row starts at a document start (BOS). Documents are placed best-fit (the largest that fits
+    the space left); when none fits, the shortest is cropped to fill the row, so there is no padding."""
+    bos = tokenizer.get_bos_token_id()
+    docs = _document_batches(split, seed)
+    buffer = []   # sorted by length: (length, tiebreak, ids)
+    tiebreak = count()
+    epoch = 1
+    while True:
+        row = np.empty(row_len, dtype=np.int64)
+        pos = 0
+        while pos < row_len:
+            while len(buffer) < buffer_size:
+                texts, epoch = next(docs)
+                for ids in tokenizer.encode(texts, prepend=bos):
+                    insort(buffer, (len(ids), next(tiebreak), ids))
+            space = row_len - pos
+            i = bisect_right(buffer, (space, math.inf)) - 1
+            n, _, ids = buffer.pop(i if i >= 0 else 0)
+            take = min(n, space)
+            row[pos:pos + take] = ids[:take]
+            pos += take
+        yield row, epoch
+
+
+def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, device="cpu", seed: int = 0,
+                    buffer_size: int = 1000):
+    """Yield (inputs, targets, epoch) forever: (B, T) int64 tensors on `device`, targets = inputs shifted by one."""
+    import torch
+    device = torch.device(device)
+    rows_iter = packed_rows(tokenizer, T + 1, split, seed, buffer_size)
+    batch = np.empty((B, T + 1), dtype=np.int64)
+    while True:
+        for b in range(B):
+            batch[b], epoch = next(rows_iter)
+        cpu = torch.from_numpy(batch.copy())
+        if device.type == "cuda":
+            gpu = cpu.pin_memory().to(device, non_blocking=True)
+            yield gpu[:, :-1], gpu[:, 1:], epoch
+        else:
+            yield cpu[:, :-1].to(device), cpu[:, 1:].to(device), epoch
+
+
+# ---------------------------------------------------------------------------
+# Runtime: the metric. Do not change: it is what makes runs comparable.
+# ---------------------------------------------------------------------------
+
+_VAL_ROWS = {}  # (T, n_rows) -> int64 CPU tensor; the val slice is tokenized once per process
+
+
+def default_eval_tokens(device_type: str, curve: bool = False) -> int:
+    if device_type == "cuda":
+        return VAL_CURVE_TOKENS if curve else EVAL_TOKENS
+    return CPU_VAL_CURVE_TOKENS if curve else CPU_EVAL_TOKENS
+
+
+def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
+    import torch
+    key = (T, n_rows)
+    if key not in _VAL_ROWS:
+        rows = packed_rows(tokenizer, T + 1, "val")
+        _VAL_ROWS[key] = torch.from_numpy(np.stack([next(rows)[0] for _ in range(n_rows)]))
+    return _VAL_ROWS[key]
+
+
+def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False) -> float:
+    """Bits per byte of `model` on the first rows of the val split, at MAX_SEQ_LEN.
+
+    `model(x, y, reduction="none")` must return per-token losses in nats. Special tokens (BOS) have
+    0 bytes and are excluded from both sums, so the number does not depend on the vocabulary size.
+    `curve=True` evaluates the small fixed slice used for the validation curve during training."""
+    import torch
+    device = next(model.parameters()).device
+    n_rows = max(1, default_eval_tokens(device.type, curve) // MAX_SEQ_LEN)
+    rows = val_rows(tokenizer, n_rows)
+    token_bytes = get_token_bytes(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for i in range(0, n_rows, batch_size):
+            chunk = rows[i:i + batch_size].to(device, non_blocking=True)
+            x, y = chunk[:, :-1], chunk[:, 1:]
+            loss = model(x, y, reduction="none").reshape(-1)
+            nbytes = token_bytes[y.reshape(-1)]
+            total_nats += (loss.double() * (nbytes > 0)).sum()
+            total_bytes += nbytes.sum()
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+# ---------------------------------------------------------------------------
+# Runtime: devices
+# ---------------------------------------------------------------------------
+
+# Dense bf16 peak FLOP/s by GPU name; MFU is reported as 0 on anything not listed.
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12,
+                   "RTX 4090": 165.2e12, "A10G": 70e12, "L4": 121e12}
+
+
+def autodetect_device():
+    import torch
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of `device`, or None where unknown (CPU, MPS, unlisted GPUs)."""
+    import torch
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def device_description(device) -> str:
+    import torch
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+# ---------------------------------------------------------------------------
+# Runtime: the run logger (metrics.jsonl + run_summary.json) and the watchdog
+# ---------------------------------------------------------------------------
+
+_UPPER = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, str, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+def capture_config(namespace: dict) -> dict:
+    """Every UPPER_CASE constant of a module namespace (modules, classes and functions skipped)."""
+    return {k: _jsonable(v) for k, v in sorted(namespace.items())
+            if _UPPER.fullmatch(k) and not (callable(v) or type(v).__name__ == "module")}
+
+
+def harness_hash() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in schema.HARNESS_FILES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_state(cwd="."):
+    """(short commit, dirty) of the repository at cwd, or (None, None) outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
+class RunLogger:
+    """Writes metrics.jsonl (a fresh file per run, one flushed line per step) and run_summary.json.
+
+    Created first thing in train.py: it deletes the previous run's outputs at once, so a crash can
+    never leave an earlier summary behind to be mistaken for this run's result. An uncaught exception
+    (or SIGTERM) writes a summary with status "crash"; `finish` writes the final one atomically."""
+
+    def __init__(self, train_globals: dict, run_dir=".", t_start: float = None):
+        import signal
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / RUN_METRICS
+        self.summary_path = self.run_dir / RUN_SUMMARY
+        self.summary_path.unlink(missing_ok=True)
+        self.t_start = t_start or time.time()
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.t_start))
+        self._globals = train_globals
+        self._file = open(self.metrics_path, "w")
+        self._lock = threading.Lock()
+        self._last = None
+        self.summary = None
+        self.info = {}
+        commit, dirty = git_state(self.run_dir)
+        self.info.update(commit=commit, dirty=dirty)
+        self._previous_hook = sys.excepthook
+        sys.excepthook = self._excepthook
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def set(self, **fields):
+        """Record summary fields as soon as they are known, so even a failure summary has them."""
+        self.info.update(fields)
+
+    def log_step(self, record: dict):
+        problems = schema.step_record_problems(record)
+        if problems:
+            raise HarnessError(f"metrics record of step {record.get(schema.STEP)} breaks the contract: {problems[:3]}")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._last = record
+
+    def finish(self, status: str, **fields) -> dict:
+        """Write run_summary.json (first call wins: a watchdog and a crash cannot both write one)."""
+        assert status in schema.TRAIN_STATUSES, status
+        with self._lock:
+            if self.summary is not None:
+                return self.summary
+            last = self._last or {}
+            summary = {k: None for k in schema.SUMMARY_KEYS}
+            summary.update(num_steps=last.get(schema.STEP, -1) + 1, training_seconds=last.get(schema.TIME_S, 0.0))
+            summary.update(self.info)
+            summary.update(fields)
+            summary.update(status=status, started_at=self.started_at, total_seconds=time.time() - self.t_start,
+                           time_budget_s=TIME_BUDGET, harness_hash=harness_hash(),
+                           config=capture_config(self._globals))
+            try:
+                manifest = load_manifest()
+                summary["data"] = {"source": manifest["source"], "smoke_test": manifest["smoke_test"],
+                                   "manifest_hash": manifest["manifest_hash"]}
+            except HarnessError as e:
+                summary["data"] = {"error": str(e)}
+            tmp = self.summary_path.with_name(self.summary_path.name + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.summary_path)
+            self._file.flush()
+            self.summary = summary
+            return summary
+
+    def _excepthook(self, etype, value, tb):
+        self.finish("crash", error=f"{etype.__name__}: {value}")
+        if isinstance(value, HarnessError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            self._previous_hook(etype, value, tb)
+
+    def _on_sigterm(self, signum, frame):
+        raise KeyboardInterrupt("terminated by SIGTERM")
+
+
+class LayerStats:
+    """Per-parameter-matrix gradient norm, weight norm and update-to-weight ratio of one optimizer step.
+
+    Call `before_step()` after backward and `after_step()` after optimizer.step(); all norms are
+    computed on the device and copied to the host together, so a measurement costs one sync."""
+
+    def __init__(self, model):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+        self._grad_norms = self._before = None
+
+    def before_step(self):
+        import torch
+        params = [p for _, p in self.named]
+        self._grad_norms = torch._foreach_norm([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        self._before = [p.detach().clone() for p in params]
+
+    def after_step(self) -> dict:
+        import torch
+        params = [p.detach() for _, p in self.named]
+        weight_norms = torch._foreach_norm(params)
+        update_norms = torch._foreach_norm(torch._foreach_sub(params, self._before))
+        table = torch.stack([torch.stack(self._grad_norms), torch.stack(weight_norms),
+                             torch.stack(update_norms)]).float().cpu().tolist()  # the one sync
+        self._grad_norms = self._before = None
+        stats = {}
+        for i, (name, _) in enumerate(self.named):
+            grad, weight, update = table[0][i], table[1][i], table[2][i]
+            stats[schema.layer_key(name, "grad_norm")] = grad
+            stats[schema.layer_key(name, "weight_norm")] = weight
+            stats[schema.layer_key(name, "update_ratio")] = update / weight if weight > 0 else 0.0
+        return stats
+
+
+class Watchdog:
+    """Ends a run that has overrun its budget by a wide margin (a hang) with status "timeout"."""
+
+    def __init__(self, logger: RunLogger, limit_s: float = None):
+        self.logger = logger
+        self.limit_s = limit_s or float(os.environ.get(
+            "AUTORESEARCH_WATCHDOG_S", TIME_BUDGET * WATCHDOG_BUDGET_FACTOR + WATCHDOG_GRACE_S))
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+    def _watch(self):
+        if self._done.wait(self.limit_s):
+            return
+        message = f"watchdog: run exceeded {self.limit_s:.0f}s of wall time (budget {TIME_BUDGET:.0f}s), killing it as hung"
+        self.logger.finish("timeout", error=message)
+        print(f"\nFAIL: {message}", file=sys.stderr, flush=True)
+        os._exit(TIMEOUT_EXIT_CODE)
+
+    def stop(self):
+        self._done.set()
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for auto-log-research.")
+    parser.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
+                        help=f"climbmix train shards to download (default {DEFAULT_NUM_SHARDS})")
+    parser.add_argument("--data", metavar="PATH", help="your own corpus: a .txt/.jsonl/.parquet file or a directory of them")
+    parser.add_argument("--offline", action="store_true", help="use the built-in smoke-test corpus, no network")
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help=f"BPE vocabulary (default {VOCAB_SIZE})")
+    args = parser.parse_args(argv)
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        if args.data:
+            source = "custom"
+        elif args.offline:
+            source = "offline"
+        elif network_reachable():
+            source = "climbmix"
+        else:
+            print(f"no network: cannot reach {BASE_URL}; falling back to the offline SMOKE-TEST corpus "
+                  f"(not for research; use --data PATH for your own text)")
+            source = "offline"
+        manifest = prepare(source, args.num_shards, args.data, args.vocab_size)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"data: {data_label(manifest)}: {manifest['description']}")
+    print(f"train tokens: {manifest['train_tokens']:,}  val tokens: {manifest['val_tokens']:,}  "
+          f"vocab: {manifest['vocab_size']}  manifest: {MANIFEST_PATH} ({manifest['manifest_hash']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""
+The metrics and summary contract of auto-log-research, defined once.
+
+train.py writes `metrics.jsonl` (one JSON object per training step) and
+`run_summary.json` (one object per run) through the logger in prepare.py;
+analyze.py, the tests and program.md read them using the names below.
+Part of the fixed harness: the agent must not edit it. No torch import here,
+so analyze.py can use it without paying for torch.
+"""
+
+import math
+
+# ---------------------------------------------------------------------------
+# metrics.jsonl: one line per step
+# ---------------------------------------------------------------------------
+
+STEP = "step"                          # 0-based optimizer step
+TIME_S = "time_s"                      # training clock (s): excludes startup, compile warmup and evals
+TRAIN_LOSS = "train/loss"              # loss of this step's last micro-batch (nats/token)
+TRAIN_LOSS_SMOOTH = "train/loss_smooth"  # bias-corrected EMA of train/loss
+LR_MULTIPLIER = "train/lr_multiplier"  # schedule multiplier applied to every group's base lr
+MUON_MOMENTUM = "train/muon_momentum"
+WEIGHT_DECAY = "train/weight_decay"    # Muon weight decay in effect this step
+PROGRESS = "train/progress"            # fraction of TIME_BUDGET used, in [0, 1]
+STEP_TIME_MS = "perf/step_time_ms"     # wall time of this step (ms)
+TOKENS_PER_SEC = "perf/tokens_per_sec"
+MFU_PERCENT = "perf/mfu_percent"       # 0 where the device's peak FLOPs are unknown (CPU, MPS)
+
+REQUIRED_STEP_KEYS = (
+    STEP, TIME_S, TRAIN_LOSS, TRAIN_LOSS_SMOOTH, LR_MULTIPLIER, MUON_MOMENTUM,
+    WEIGHT_DECAY, PROGRESS, STEP_TIME_MS, TOKENS_PER_SEC, MFU_PERCENT,
+)
+
+# Periodic keys: present only on the steps where they were measured.
+VAL_BPB = "val/bpb"                    # bits per byte on the small fixed validation slice
+LAYER_PREFIX = "layer/"
+LAYER_STATS = ("grad_norm", "weight_norm", "update_ratio")
+
+
+def layer_key(param_name: str, stat: str) -> str:
+    """Metrics key of one per-parameter statistic, e.g. layer/h.0.attn.c_q.weight/grad_norm."""
+    assert stat in LAYER_STATS, f"unknown layer stat {stat!r}; expected one of {LAYER_STATS}"
+    return f"{LAYER_PREFIX}{param_name}/{stat}"
+
+
+def parse_layer_key(key: str):
+    """Inverse of layer_key: (param_name, stat), or None for a key that is not per-layer."""
+    if not key.startswith(LAYER_PREFIX):
+        return None
+    name, _, stat = key[len(LAYER_PREFIX):].rpartition("/")
+    return (name, stat) if name and stat in LAYER_STATS else None
+
+
+# ---------------------------------------------------------------------------
+# run_summary.json: one object per run
+# ---------------------------------------------------------------------------
+
+# Ledger statuses (results.tsv, runs.jsonl), set by analyze.py.
+STATUSES = ("pending", "keep", "discard", "rerun", "crash", "nan", "timeout", "invalid")
+# What train.py itself writes into run_summary.json: "ok" is a finished run awaiting a verdict.
+TRAIN_STATUSES = ("ok", "crash", "nan", "timeout")
+
+SUMMARY_KEYS = (
+    "status", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
+    "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
+    "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
+    "harness_hash", "config",
+)
+
+# The `---` block train.py prints at the end, in this order, so `grep "^val_bpb:" run.log` works.
+FINAL_BLOCK_KEYS = (
+    "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+    "total_tokens_M", "num_steps", "num_params_M", "depth",
+)
+
+# Files the harness consists of: their hash goes into every summary (metric integrity).
+HARNESS_FILES = ("prepare.py", "schema.py")
+
+
+# ---------------------------------------------------------------------------
+# Validation (pure functions: a list of problems, empty when the record is valid)
+# ---------------------------------------------------------------------------
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def step_record_problems(rec: dict) -> list:
+    problems = [f"missing {k}" for k in REQUIRED_STEP_KEYS if k not in rec]
+    for k, v in rec.items():
+        if k in REQUIRED_STEP_KEYS or k == VAL_BPB or parse_layer_key(k):
+            if not _finite_number(v):
+                problems.append(f"{k}={v!r} is not a finite number")
+        else:
+            problems.append(f"unknown key {k}")
+    return problems
+
+
+def summary_problems(summary: dict) -> list:
+    problems = [f"missing {k}" for k in SUMMARY_KEYS if k not in summary]
+    if summary.get("status") not in TRAIN_STATUSES:
+        problems.append(f"status {summary.get('status')!r} not in {TRAIN_STATUSES}")
+    if summary.get("status") == "ok" and not _finite_number(summary.get("val_bpb")):
+        problems.append("status ok but val_bpb is not a finite number")
+    if not isinstance(summary.get("config"), dict):
+        problems.append("config is not an object")
+    return problems
