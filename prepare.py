@@ -618,7 +618,7 @@ def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss.double() * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
-    return (total_nats / (math.log(2) * total_bytes)).item()
+    return (total_nats / (math.log(2) * total_bytes.double())).item()
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""
+Shared fixtures. Every test is hermetic: the prepare cache lives in a temporary directory, the data
+URL points at a closed local port (nothing is ever downloaded from the internet), and the prepared
+corpus is the offline smoke-test corpus with a small vocabulary so CPU runs stay fast.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Must happen before prepare.py is imported anywhere: its paths are read from the environment at import.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="alr-test-cache-"))
+os.environ["AUTORESEARCH_CACHE"] = str(SESSION_CACHE)
+os.environ["AUTORESEARCH_DATA_URL"] = "http://127.0.0.1:9"  # discard port: refused at once
+
+import prepare  # noqa: E402
+
+TEST_VOCAB = 1024  # small vocabulary: fast to train, small embedding tables for CPU smoke runs
+
+
+@pytest.fixture(scope="session")
+def prepared():
+    """The session cache, prepared once from the offline corpus; returns its manifest."""
+    return prepare.prepare("offline", vocab_size=TEST_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(prepared):
+    return prepare.Tokenizer.from_directory()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Point prepare.py's in-process paths at an empty cache of this test's own."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(prepare, "CACHE_DIR", cache)
+    monkeypatch.setattr(prepare, "DATA_DIR", cache / "data")
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", cache / "tokenizer")
+    monkeypatch.setattr(prepare, "MANIFEST_PATH", cache / "manifest.json")
+    cache.mkdir()
+    return cache
+
+
+def run_script(args, cwd, env_extra=None, timeout=600):
+    """Run a repository script with the test interpreter; returns CompletedProcess (text)."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def load_train_definitions(extra_globals=None) -> dict:
+    """The classes, functions and UPPER_CASE constants of train.py, without running its training.
+
+    train.py is a script (the agent's file, read top to bottom), so tests take it apart structurally:
+    imports, class and function definitions and hyperparameter assignments are executed; everything
+    else (the logger, the device switch, setup and the loop) is skipped."""
+    import ast
+    source = (ROOT / "train.py").read_text()
+    keep = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)):
+            keep.append(node)
+        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
+            keep.append(node)
+    namespace = {"__name__": "train_definitions", **(extra_globals or {})}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(ROOT / "train.py"), "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="session")
+def train_defs():
+    return load_train_definitions()

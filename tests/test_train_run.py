@@ -1,0 +1,178 @@
+"""train.py as a user runs it: a tiny-budget CPU run honours the metrics and summary contract, and
+crash, NaN and hang runs end with the right status and never leave an earlier run's summary behind."""
+
+import json
+import math
+import re
+import shutil
+import time
+
+import pytest
+
+import schema
+from conftest import ROOT, run_script
+
+HARNESS = ("train.py", "prepare.py", "schema.py")
+
+
+def workdir(tmp_path, replace=None, stale_summary=True):
+    """A copy of the scripts in tmp_path, optionally with train.py edited (old -> new, old must exist)."""
+    for name in HARNESS:
+        shutil.copy(ROOT / name, tmp_path / name)
+    if replace:
+        source = (tmp_path / "train.py").read_text()
+        for old, new in replace.items():
+            assert old in source, f"train.py no longer contains {old!r}: update this test's fault injection"
+            source = source.replace(old, new, 1)
+        (tmp_path / "train.py").write_text(source)
+    if stale_summary:  # what a previous, successful run left behind
+        (tmp_path / "run_summary.json").write_text(json.dumps({"status": "ok", "val_bpb": 0.5, "stale": True}))
+        (tmp_path / "metrics.jsonl").write_text('{"step": 999}\n')
+    return tmp_path
+
+
+def train(cwd, budget=4, **env):
+    return run_script(["train.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": str(budget), **env}, timeout=300)
+
+
+def read_metrics(cwd):
+    return [json.loads(line) for line in (cwd / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(cwd):
+    return json.loads((cwd / "run_summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(prepared, tmp_path_factory):
+    cwd = workdir(tmp_path_factory.mktemp("smoke"))
+    proc = train(cwd)
+    return cwd, proc
+
+
+def test_smoke_run_succeeds(smoke):
+    cwd, proc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA GPU" in proc.stdout  # the CPU configuration is announced
+
+
+def test_metrics_follow_the_contract(smoke):
+    cwd, _ = smoke
+    records = read_metrics(cwd)
+    assert len(records) >= 3
+    for rec in records:
+        assert schema.step_record_problems(rec) == [], rec
+    assert [r[schema.STEP] for r in records] == list(range(len(records)))  # fresh file, every step
+    times = [r[schema.TIME_S] for r in records]
+    assert times == sorted(times)
+    assert 0 <= records[0][schema.PROGRESS] and records[-1][schema.PROGRESS] == pytest.approx(1.0)
+    val = [r[schema.VAL_BPB] for r in records if schema.VAL_BPB in r]
+    assert len(val) >= 2
+    assert schema.VAL_BPB in records[-1]  # the curve always ends at the end of training
+    assert all(0 < v < 20 for v in val)
+
+
+def test_layer_stats_cover_every_matrix(smoke):
+    cwd, _ = smoke
+    records = read_metrics(cwd)
+    summary = read_summary(cwd)
+    every = summary["config"]["LAYER_STATS_EVERY"]
+    with_stats = [r[schema.STEP] for r in records if any(schema.parse_layer_key(k) for k in r)]
+    assert with_stats == [s for s in range(len(records)) if s % every == 0]
+    names = {schema.parse_layer_key(k)[0] for k in records[0] if schema.parse_layer_key(k)}
+    assert {"wte.weight", "lm_head.weight", "blocks.0.attn.c_q.weight", "blocks.1.mlp.c_fc.weight"} <= names
+    for name in names:
+        for stat in schema.LAYER_STATS:
+            assert schema.layer_key(name, stat) in records[0]
+    # step 0: the zero-initialised output projections get gradient, the inputs to them not yet
+    assert records[0][schema.layer_key("blocks.0.mlp.c_proj.weight", "grad_norm")] > 0
+    assert records[0][schema.layer_key("lm_head.weight", "update_ratio")] > 0
+
+
+def test_summary_follows_the_contract(smoke):
+    cwd, proc = smoke
+    summary = read_summary(cwd)
+    assert "stale" not in summary
+    assert schema.summary_problems(summary) == []
+    assert summary["status"] == "ok"
+    assert summary["num_steps"] == len(read_metrics(cwd))
+    assert summary["training_seconds"] >= 4
+    assert summary["total_seconds"] > summary["training_seconds"] + summary["startup_seconds"] * 0.99
+    assert summary["seed"] == 42 and summary["device"] == "cpu" and summary["depth"] == 2
+    assert summary["data"]["source"] == "offline" and summary["data"]["smoke_test"] is True
+    assert re.fullmatch(r"[0-9a-f]{16}", summary["harness_hash"])
+    config = summary["config"]
+    for name in ("DEPTH", "MATRIX_LR", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "SEED", "ADAM_BETAS"):
+        assert name in config
+    assert config["DEPTH"] == 2  # the values in effect (CPU configuration), not the file's defaults
+
+
+def test_final_block_is_greppable(smoke):
+    cwd, proc = smoke
+    summary = read_summary(cwd)
+    lines = proc.stdout.splitlines()
+    block = lines[lines.index("---") + 1:]
+    keys = [line.split(":")[0] for line in block]
+    assert keys[:len(schema.FINAL_BLOCK_KEYS)] == list(schema.FINAL_BLOCK_KEYS)
+    val_line = next(line for line in lines if line.startswith("val_bpb:"))
+    assert float(val_line.split()[1]) == pytest.approx(summary["val_bpb"], abs=1e-6)
+    assert "SMOKE-TEST" in block[-1]  # the data is labelled as a smoke-test corpus
+
+
+def test_a_constant_the_agent_adds_is_captured(prepared, tmp_path):
+    cwd = workdir(tmp_path, {"# Instrumentation and safety\n": "MY_NEW_KNOB = (3, 'x')\n# Instrumentation and safety\n"})
+    proc = train(cwd, budget=0.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(cwd)["config"]["MY_NEW_KNOB"] == [3, "x"]
+
+
+def test_seed_changes_the_run(prepared, smoke, tmp_path):
+    cwd = workdir(tmp_path)
+    proc = train(cwd, budget=0.5, SEED="7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(cwd)["seed"] == 7
+    first = read_metrics(cwd)[0][schema.TRAIN_LOSS]
+    assert first != read_metrics(smoke[0])[0][schema.TRAIN_LOSS]
+
+
+def test_crash_reports_crash_not_the_stale_result(prepared, tmp_path):
+    cwd = workdir(tmp_path, {"        train_loss = loss.detach()\n":
+                             "        train_loss = loss.detach()\n        if step == 1: raise RuntimeError('injected failure')\n"})
+    proc = train(cwd)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "injected failure" in proc.stderr
+    summary = read_summary(cwd)
+    assert summary["status"] == "crash" and summary["val_bpb"] is None
+    assert "injected failure" in summary["error"]
+    assert "stale" not in summary
+    records = read_metrics(cwd)
+    assert [r[schema.STEP] for r in records] == [0]  # the stale metrics are gone too
+
+
+@pytest.mark.parametrize("fault", [
+    {"        train_loss = loss.detach()\n": "        train_loss = loss.detach() * float('nan')\n"},
+    {"    loss_f = train_loss.item()": "    loss_f = train_loss.item() * (100 if step == 2 else 1)"},
+], ids=["nan", "exploding"])
+def test_divergence_stops_at_once_with_status_nan(prepared, tmp_path, fault):
+    cwd = workdir(tmp_path, fault)
+    proc = train(cwd, budget=60)
+    assert proc.returncode == 1
+    assert "FAIL" in proc.stdout
+    summary = read_summary(cwd)
+    assert summary["status"] == "nan" and summary["val_bpb"] is None
+    assert "diverged" in summary["error"]
+    records = read_metrics(cwd)
+    assert all(math.isfinite(r[schema.TRAIN_LOSS]) for r in records)
+    assert len(records) <= 2  # stopped at the bad step, not at the end of the budget
+
+
+def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
+    cwd = workdir(tmp_path, {"    optimizer.step()\n": "    optimizer.step()\n    if step == 2: time.sleep(3600)\n"})
+    t0 = time.time()
+    proc = train(cwd, budget=60, AUTORESEARCH_WATCHDOG_S="15")
+    assert time.time() - t0 < 120
+    assert proc.returncode == 124
+    assert "watchdog" in proc.stderr
+    summary = read_summary(cwd)
+    assert summary["status"] == "timeout" and summary["val_bpb"] is None
+    assert summary["num_steps"] == 2
