@@ -19,6 +19,7 @@ Everything lands in ~/.cache/autoresearch (or $AUTORESEARCH_CACHE).
 
 import argparse
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -111,14 +112,22 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-def verify_parquet(path) -> int:
-    """Number of rows of a parquet file with a `text` column; HarnessError if it is not one."""
+def verify_parquet(path, read_all: bool = False) -> int:
+    """Number of rows of a parquet file with a string `text` column; HarnessError if it is not one.
+    The footer check catches truncation; read_all also decodes every page (for fresh downloads)."""
     try:
         pf = pq.ParquetFile(path)
+        schema_ = pf.schema_arrow
+        if "text" not in schema_.names:
+            raise HarnessError(f"parquet file {path} has no 'text' column (columns: {schema_.names})")
+        text_type = schema_.field("text").type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+            raise HarnessError(f"parquet file {path}: the 'text' column holds {text_type}, not strings")
+        if read_all:
+            for rg in range(pf.num_row_groups):
+                pf.read_row_group(rg, columns=["text"])
     except (pa.ArrowException, OSError) as e:
         raise HarnessError(f"corrupt parquet file {path}: {e}") from None
-    if "text" not in pf.schema_arrow.names:
-        raise HarnessError(f"parquet file {path} has no 'text' column (columns: {pf.schema_arrow.names})")
     return pf.metadata.num_rows
 
 
@@ -181,10 +190,10 @@ def download_shard(index: int, dest_dir: Path, base_url: str = BASE_URL,
                     written += len(block)
             if expected is not None and written != int(expected):
                 raise HarnessError(f"truncated download ({written} of {expected} bytes)")
-            verify_parquet(tmp)
+            verify_parquet(tmp, read_all=True)
             os.replace(tmp, final)
             return final
-        except (urllib.error.URLError, OSError, HarnessError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, HarnessError) as e:
             last_error = e
             tmp.unlink(missing_ok=True)
             print(f"  {shard_name(index)}: attempt {attempt + 1}/{attempts} failed: {e}", file=sys.stderr)
@@ -272,6 +281,8 @@ def read_user_documents(path) -> list:
                 docs += list(_iter_parquet_texts(f))
         except OSError as e:
             raise HarnessError(f"--data: cannot read {f}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise HarnessError(f"--data: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not docs:
         raise HarnessError(f"--data {path}: no text found in {len(files)} file(s) "
                            f"(.jsonl records need a 'text' field, .parquet files a 'text' column)")
@@ -302,14 +313,17 @@ def offline_documents() -> list:
 
 
 def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
-    """Deterministic train/val split by content hash: the same corpus always gives the same split."""
+    """Deterministic train/val split by content hash: the same corpus always gives the same split, in
+    any file order, and copies of one text always land on the same side."""
     if len(docs) < 2:
         raise HarnessError(f"need at least 2 documents to split into train and val, found {len(docs)}")
-    ranked = sorted(range(len(docs)), key=lambda i: hashlib.blake2b(docs[i].encode(), digest_size=8).digest())
+    digests = [hashlib.blake2b(d.encode(), digest_size=8).digest() for d in docs]
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    val_ids = set(ranked[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
-    val = [d for i, d in enumerate(docs) if i in val_ids]
+    cutoff = sorted(digests)[n_val - 1]  # val = the documents with the n_val smallest hashes
+    train = [d for d, h in zip(docs, digests) if h > cutoff]
+    val = [d for d, h in zip(docs, digests) if h <= cutoff]
+    if not train:
+        raise HarnessError("every document is a copy of the same text: nothing left to train on")
     return train, val
 
 
@@ -466,6 +480,9 @@ def build_manifest(source: str, train_paths, val_paths, description: str) -> dic
 def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
             vocab_size: int = VOCAB_SIZE) -> dict:
     """Build data, tokenizer and manifest in CACHE_DIR; returns the manifest."""
+    # The manifest is what train.py trusts: remove it first, so a prepare that fails half way leaves
+    # "run prepare.py" behind, never an old manifest describing new files.
+    MANIFEST_PATH.unlink(missing_ok=True)
     if source == "climbmix":
         train_paths, val_paths = download_climbmix(num_shards)
         description = f"climbmix-400b-shuffle, {num_shards} train shards + val shard {VAL_SHARD}"

@@ -21,6 +21,7 @@ os.environ["AUTORESEARCH_CACHE"] = str(SESSION_CACHE)
 os.environ["AUTORESEARCH_DATA_URL"] = "http://127.0.0.1:9"  # discard port: refused at once
 
 import prepare  # noqa: E402
+from train_defs import load_train_definitions  # noqa: E402
 
 TEST_VOCAB = 1024  # small vocabulary: fast to train, small embedding tables for CPU smoke runs
 
@@ -53,25 +54,6 @@ def run_script(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def load_train_definitions(extra_globals=None) -> dict:
-    """The classes, functions and UPPER_CASE constants of train.py, without running its training.
-
-    train.py is a script (the agent's file, read top to bottom), so tests take it apart structurally:
-    imports, class and function definitions and hyperparameter assignments are executed; everything
-    else (the logger, the device switch, setup and the loop) is skipped."""
-    import ast
-    source = (ROOT / "train.py").read_text()
-    keep = []
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)):
-            keep.append(node)
-        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
-            keep.append(node)
-    namespace = {"__name__": "train_definitions", **(extra_globals or {})}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), str(ROOT / "train.py"), "exec"), namespace)
-    return namespace
 
 
 @pytest.fixture(scope="session")

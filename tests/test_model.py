@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_train_definitions
+from train_defs import load_train_definitions
 
 
 def tiny_config(defs, vocab=64, attention="sdpa", n_layer=2, window=8, T=32):

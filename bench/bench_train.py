@@ -1,0 +1,171 @@
+"""
+Benchmark train.py's speed and the cost of its instrumentation.
+
+Two measurements, written as JSON to stdout (commit it under bench/results/):
+1. components: the per-step cost of each piece of instrumentation, timed in-process on the model
+   train.py builds on this device (metrics line, per-layer statistics), next to the step time.
+2. end_to_end: whole `train.py` runs, alternating the real file with a copy whose instrumentation
+   is switched off (no per-step metrics lines, no per-layer statistics, no validation curve):
+   steps/s, tokens/s, MFU, step time and per-run overhead (total_seconds - training_seconds).
+
+Usage: uv run bench/bench_train.py [--budget 60] [--repeats 3] > bench/results/<device>-<date>.json
+Needs a prepared cache (uv run prepare.py).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+import prepare  # noqa: E402
+import schema  # noqa: E402
+from train_defs import load_train_definitions  # noqa: E402
+
+# Instrumentation off: the metrics line becomes a no-op, per-layer stats never fire, no curve points.
+UNINSTRUMENTED = {
+    "LAYER_STATS_EVERY = 50 ": "LAYER_STATS_EVERY = 10**9 ",
+    "    LAYER_STATS_EVERY = 10\n": "    LAYER_STATS_EVERY = 10**9\n",
+    "    if progress >= next_val or done:": "    if False:",
+    "    logger.log_step(record)\n": "",
+}
+
+
+def timeit(fn, n):
+    fn()  # warm up
+    prepare.synchronize(DEVICE)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    prepare.synchronize(DEVICE)
+    return (time.perf_counter() - t0) / n
+
+
+def components():
+    """Per-step cost of the metrics line and the per-layer statistics on train.py's own model."""
+    defs = load_train_definitions()
+    cpu = DEVICE.type != "cuda"
+    depth, head_dim = (2, 64) if cpu else (defs["DEPTH"], defs["HEAD_DIM"])
+    batch, seq = (8, 256) if cpu else (defs["DEVICE_BATCH_SIZE"], defs["SEQ_LEN"])
+    every = 10 if cpu else defs["LAYER_STATS_EVERY"]
+    dim = -(-depth * defs["ASPECT_RATIO"] // head_dim) * head_dim
+    config = defs["GPTConfig"](sequence_len=max(seq, prepare.MAX_SEQ_LEN), vocab_size=prepare.VOCAB_SIZE,
+                               n_layer=depth, n_head=dim // head_dim, n_embd=dim, window_pattern=defs["WINDOW_PATTERN"],
+                               short_window=64 if cpu else defs["SHORT_WINDOW"], softcap=defs["LOGIT_SOFTCAP"],
+                               ve_gate_channels=defs["VE_GATE_CHANNELS"], attention="sdpa")
+    model = defs["GPT"](config).to(DEVICE)
+    model.init_weights()
+    optimizer = defs["build_optimizer"](model, dim)
+    x = torch.randint(0, prepare.VOCAB_SIZE, (batch, seq), device=DEVICE)
+    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if not cpu else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    step_s = timeit(step, 5 if cpu else 20)
+    stats = prepare.LayerStats(model)
+    with autocast:
+        model(x, x).backward()
+
+    def layer_stats():
+        stats.before_step()
+        return stats.after_step()
+
+    layer_stats_s = timeit(layer_stats, 20)
+    record = {k: 1.0 for k in schema.REQUIRED_STEP_KEYS} | {schema.STEP: 1}
+    with tempfile.TemporaryDirectory() as d:
+        logger = RunLoggerNoHooks(d)
+        log_s = timeit(lambda: logger.log_step(record), 2000)
+        log_stats_s = timeit(lambda: logger.log_step(record | layer_stats()), 20) - layer_stats_s
+    per_step = log_s + (layer_stats_s + log_stats_s) / every
+    return {"step_ms": step_s * 1e3, "metrics_line_us": log_s * 1e6, "layer_stats_ms": layer_stats_s * 1e3,
+            "layer_stats_every": every, "layer_stats_line_us": log_stats_s * 1e6,
+            "instrumentation_per_step_ms": per_step * 1e3,
+            "instrumentation_overhead_percent": 100 * per_step / step_s,
+            "config": {"depth": depth, "dim": dim, "batch": batch, "seq_len": seq}}
+
+
+class RunLoggerNoHooks(prepare.RunLogger):
+    """The real logger, minus the process-wide excepthook and SIGTERM handler."""
+
+    def __init__(self, run_dir):
+        hook = sys.excepthook
+        super().__init__({}, run_dir=run_dir)
+        sys.excepthook = hook
+
+
+def run_train(src_dir, budget):
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("train.py", "prepare.py", "schema.py"):
+            shutil.copy(src_dir / name, Path(d) / name)
+        env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": str(budget)}
+        proc = subprocess.run([sys.executable, "train.py"], cwd=d, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"train.py failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads((Path(d) / "run_summary.json").read_text())
+        metrics = (Path(d) / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in metrics]
+    warm = summary["config"]["CLOCK_WARMUP_STEPS"]
+    timed = summary["num_steps"] - warm
+    return {
+        "num_steps": summary["num_steps"], "training_seconds": summary["training_seconds"],
+        "steps_per_s": timed / summary["training_seconds"],
+        "tokens_per_s": timed * summary["config"]["TOTAL_BATCH_SIZE"] / summary["training_seconds"],
+        "mfu_percent": summary["mfu_percent"], "startup_seconds": summary["startup_seconds"],
+        "overhead_seconds": summary["total_seconds"] - summary["training_seconds"],
+        "median_step_ms": statistics.median(s[schema.STEP_TIME_MS] for s in steps[warm:]) if steps else None,
+        "val_points": sum(schema.VAL_BPB in s for s in steps), "val_bpb": summary["val_bpb"],
+    }
+
+
+def end_to_end(budget, repeats):
+    with tempfile.TemporaryDirectory() as d:
+        plain = Path(d)
+        source = (ROOT / "train.py").read_text()
+        for old, new in UNINSTRUMENTED.items():
+            assert old in source, f"bench patch is stale: {old!r} not in train.py"
+            source = source.replace(old, new)
+        (plain / "train.py").write_text(source)
+        for name in ("prepare.py", "schema.py"):
+            shutil.copy(ROOT / name, plain / name)
+        runs = {"instrumented": [], "uninstrumented": []}
+        for _ in range(repeats):  # alternate so drift in machine speed hits both alike
+            runs["instrumented"].append(run_train(ROOT, budget))
+            runs["uninstrumented"].append(run_train(plain, budget))
+    med = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in runs.items()}
+    return {"budget_s": budget, "runs": runs, "median_steps_per_s": med,
+            "instrumentation_slowdown_percent": 100 * (med["uninstrumented"] / med["instrumented"] - 1)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--budget", type=float, default=60, help="training seconds per end-to-end run")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per variant")
+    args = parser.parse_args()
+    DEVICE = prepare.autodetect_device()
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "device": prepare.device_description(DEVICE),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "data": prepare.data_label(prepare.load_manifest()),
+        "components": components(),
+        "end_to_end": end_to_end(args.budget, args.repeats),
+    }
+    print(json.dumps(result, indent=2))
