@@ -439,7 +439,7 @@ def load_manifest(path: Path = None) -> dict:
         raise HarnessError(f"{path} is corrupt ({e.msg}): run `uv run prepare.py` again") from None
 
 
-def _file_entry(path: Path, tokenizer: Tokenizer) -> dict:
+def _file_entry(path: Path, tokenizer: Tokenizer, sha256: str) -> dict:
     rows = verify_parquet(path)
     n_tokens = 0
     pf = pq.ParquetFile(path)
@@ -447,7 +447,7 @@ def _file_entry(path: Path, tokenizer: Tokenizer) -> dict:
         texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
         n_tokens += sum(len(ids) + 1 for ids in tokenizer.encode([t for t in texts if t]))  # +1: BOS per doc
     return {"path": str(path.relative_to(CACHE_DIR)), "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "rows": rows, "tokens": n_tokens}
+            "sha256": sha256, "rows": rows, "tokens": n_tokens}
 
 
 def data_label(manifest: dict) -> str:
@@ -457,7 +457,7 @@ def data_label(manifest: dict) -> str:
     return manifest["source"]
 
 
-def build_manifest(source: str, train_paths, val_paths, description: str) -> dict:
+def build_manifest(source: str, train_paths, val_paths, description: str, hashes: dict) -> dict:
     tokenizer = Tokenizer.from_directory()
     manifest = {
         "source": source,
@@ -466,8 +466,8 @@ def build_manifest(source: str, train_paths, val_paths, description: str) -> dic
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer_sha256": sha256_file(TOKENIZER_DIR / "tokenizer.pkl"),
         "token_bytes_sha256": sha256_file(TOKENIZER_DIR / "token_bytes.npy"),
-        "train_files": [_file_entry(p, tokenizer) for p in train_paths],
-        "val_files": [_file_entry(p, tokenizer) for p in val_paths],
+        "train_files": [_file_entry(p, tokenizer, hashes[p]) for p in train_paths],
+        "val_files": [_file_entry(p, tokenizer, hashes[p]) for p in val_paths],
     }
     manifest["train_tokens"] = sum(f["tokens"] for f in manifest["train_files"])
     manifest["val_tokens"] = sum(f["tokens"] for f in manifest["val_files"])
@@ -498,6 +498,27 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
     else:
         raise ValueError(f"unknown source {source!r}")
 
+    hashes = {p: sha256_file(p) for p in [*train_paths, *val_paths]}
+    # what the tokenizer depends on: when none of it changed, retraining (minutes on climbmix) is skipped
+    trained_on = {"vocab_size": vocab_size, "pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS,
+                  "max_chars": TOKENIZER_MAX_CHARS, "doc_cap": TOKENIZER_DOC_CAP,
+                  "train_sha256": [hashes[p] for p in train_paths]}
+    stamp = TOKENIZER_DIR / "trained_on.json"
+    if (stamp.exists() and json.loads(stamp.read_text()) == trained_on
+            and (TOKENIZER_DIR / "tokenizer.pkl").exists() and (TOKENIZER_DIR / "token_bytes.npy").exists()):
+        print(f"tokenizer is up to date with this data, keeping it: {TOKENIZER_DIR}")
+    else:
+        stamp.unlink(missing_ok=True)
+        _train_tokenizer_on(train_paths, vocab_size)
+        stamp.write_text(json.dumps(trained_on, indent=2) + "\n")
+    manifest = build_manifest(source, train_paths, val_paths, description, hashes)
+    tmp = MANIFEST_PATH.with_name(MANIFEST_PATH.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, MANIFEST_PATH)
+    return manifest
+
+
+def _train_tokenizer_on(train_paths, vocab_size: int):
     print(f"training a {vocab_size}-token BPE tokenizer on {len(train_paths)} train file(s)...")
     t0 = time.time()
 
@@ -512,11 +533,6 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
 
     train_tokenizer(tokenizer_texts(), vocab_size)
     print(f"tokenizer trained in {time.time() - t0:.1f}s -> {TOKENIZER_DIR}")
-    manifest = build_manifest(source, train_paths, val_paths, description)
-    tmp = MANIFEST_PATH.with_name(MANIFEST_PATH.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, MANIFEST_PATH)
-    return manifest
 
 
 # ---------------------------------------------------------------------------

@@ -233,9 +233,15 @@ def test_prepare_custom_in_process(isolated_cache, mixed_corpus):
     assert tokenizer.get_vocab_size() == SMALL_VOCAB
     sample = expected[0][:500]
     assert tokenizer.decode(tokenizer.encode(sample)) == sample
-    # preparing the same corpus again gives the same content hash
+    # preparing the same corpus again gives the same content hash, and keeps the trained tokenizer
+    tokenizer_mtime = (isolated_cache / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns
     again = prepare.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB)
     assert again["manifest_hash"] == manifest["manifest_hash"]
+    assert (isolated_cache / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns == tokenizer_mtime
+    # another vocabulary is a new tokenizer
+    bigger = prepare.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB + 20)
+    assert prepare.Tokenizer.from_directory().get_vocab_size() == SMALL_VOCAB + 20
+    assert bigger["tokenizer_sha256"] != manifest["tokenizer_sha256"]
 
 
 def test_failed_prepare_leaves_no_stale_manifest(isolated_cache, tmp_path):
