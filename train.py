@@ -73,6 +73,7 @@ LAYER_STATS_EVERY = 50     # steps between per-layer statistics
 CLOCK_WARMUP_STEPS = 10    # first steps kept off the training clock: they pay for compilation
 EVAL_BATCH_SIZE = 128      # rows per evaluation batch (speed only: the metric does not depend on it)
 LOSS_EXPLODE_FACTOR = 2.0  # stop as "nan" once the loss exceeds this multiple of a uniform guess, ln(vocab)
+PRINT_EVERY_S = 5.0        # progress-line cadence when stdout is a file, so run.log stays short and readable
 
 # ---------------------------------------------------------------------------
 # Device
@@ -462,7 +463,6 @@ print(f"device: {device_description(device)} | attention: {ATTENTION_BACKEND} | 
 startup_seconds = time.time() - t_start
 logger.set(startup_seconds=startup_seconds)
 interactive = sys.stdout.isatty()
-PRINT_EVERY_S = 5.0        # progress line cadence when stdout is a file (run.log stays readable)
 step = 0
 training_time = 0.0        # the clock TIME_BUDGET is measured against
 loss_ema = 0.0
