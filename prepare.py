@@ -137,12 +137,16 @@ def _write_parquet(path: Path, docs: list):
     os.replace(tmp, path)
 
 
+def _row_group_texts(pf: pq.ParquetFile, rg: int) -> list:
+    """The non-empty texts of one row group: the unit every reader of prepared data works in."""
+    return [t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t]
+
+
 def _iter_parquet_texts(path, doc_cap=None):
     pf = pq.ParquetFile(path)
     for rg in range(pf.num_row_groups):
-        for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
-            if text:
-                yield text[:doc_cap] if doc_cap else text
+        for text in _row_group_texts(pf, rg):
+            yield text[:doc_cap] if doc_cap else text
 
 
 # ---------------------------------------------------------------------------
@@ -444,8 +448,7 @@ def _file_entry(path: Path, tokenizer: Tokenizer, sha256: str) -> dict:
     n_tokens = 0
     pf = pq.ParquetFile(path)
     for rg in range(pf.num_row_groups):
-        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-        n_tokens += sum(len(ids) + 1 for ids in tokenizer.encode([t for t in texts if t]))  # +1: BOS per doc
+        n_tokens += sum(len(ids) + 1 for ids in tokenizer.encode(_row_group_texts(pf, rg)))  # +1: BOS per doc
     return {"path": str(path.relative_to(CACHE_DIR)), "bytes": path.stat().st_size,
             "sha256": sha256, "rows": rows, "tokens": n_tokens}
 
@@ -558,8 +561,7 @@ def _document_batches(split: str, seed: int):
         if split == "train":
             random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for path, rg in order:
-            texts = parquet[path].read_row_group(rg, columns=["text"]).column("text").to_pylist()
-            yield [t for t in texts if t], epoch
+            yield _row_group_texts(parquet[path], rg), epoch
         epoch += 1
 
 
