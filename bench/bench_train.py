@@ -53,22 +53,24 @@ def timeit(fn, n):
     return (time.perf_counter() - t0) / n
 
 
-def components():
-    """Per-step cost of the metrics line and the per-layer statistics on train.py's own model."""
+def components(c: dict, vocab_size: int):
+    """Per-step cost of the metrics line and the per-layer statistics on train.py's own model.
+
+    `c` is the `config` of a real run's summary: the constants in effect on this device (the CPU
+    configuration included), so the model here is the one train.py trained."""
     defs = load_train_definitions()
-    cpu = DEVICE.type != "cuda"
-    depth, head_dim = (2, 64) if cpu else (defs["DEPTH"], defs["HEAD_DIM"])
-    batch, seq = (8, 256) if cpu else (defs["DEVICE_BATCH_SIZE"], defs["SEQ_LEN"])
-    every = 10 if cpu else defs["LAYER_STATS_EVERY"]
-    dim = -(-depth * defs["ASPECT_RATIO"] // head_dim) * head_dim
-    config = defs["GPTConfig"](sequence_len=max(seq, prepare.MAX_SEQ_LEN), vocab_size=prepare.VOCAB_SIZE,
-                               n_layer=depth, n_head=dim // head_dim, n_embd=dim, window_pattern=defs["WINDOW_PATTERN"],
-                               short_window=64 if cpu else defs["SHORT_WINDOW"], softcap=defs["LOGIT_SOFTCAP"],
-                               ve_gate_channels=defs["VE_GATE_CHANNELS"], attention="sdpa")
+    depth, head_dim, batch, seq = c["DEPTH"], c["HEAD_DIM"], c["DEVICE_BATCH_SIZE"], c["SEQ_LEN"]
+    every = c["LAYER_STATS_EVERY"]
+    dim = -(-depth * c["ASPECT_RATIO"] // head_dim) * head_dim
+    config = defs["GPTConfig"](sequence_len=max(seq, prepare.MAX_SEQ_LEN), vocab_size=vocab_size,
+                               n_layer=depth, n_head=dim // head_dim, n_embd=dim, window_pattern=c["WINDOW_PATTERN"],
+                               short_window=c["SHORT_WINDOW"], softcap=c["LOGIT_SOFTCAP"],
+                               ve_gate_channels=c["VE_GATE_CHANNELS"], attention="sdpa")
     model = defs["GPT"](config).to(DEVICE)
     model.init_weights()
     optimizer = defs["build_optimizer"](model, dim)
-    x = torch.randint(0, prepare.VOCAB_SIZE, (batch, seq), device=DEVICE)
+    x = torch.randint(0, vocab_size, (batch, seq), device=DEVICE)
+    cpu = DEVICE.type != "cuda"
     autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if not cpu else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -112,6 +114,7 @@ class RunLoggerNoHooks(prepare.RunLogger):
 
 
 def run_train(src_dir, budget):
+    """One train.py run from a copy of src_dir: (speed figures, the summary's config)."""
     with tempfile.TemporaryDirectory() as d:
         for name in ("train.py", "prepare.py", "schema.py"):
             shutil.copy(src_dir / name, Path(d) / name)
@@ -132,7 +135,7 @@ def run_train(src_dir, budget):
         "overhead_seconds": summary["total_seconds"] - summary["training_seconds"],
         "median_step_ms": statistics.median(s[schema.STEP_TIME_MS] for s in steps[warm:]) if steps else None,
         "val_points": sum(schema.VAL_BPB in s for s in steps), "val_bpb": summary["val_bpb"],
-    }
+    }, summary["config"]
 
 
 def end_to_end(budget, repeats):
@@ -147,11 +150,12 @@ def end_to_end(budget, repeats):
             shutil.copy(ROOT / name, plain / name)
         runs = {"instrumented": [], "uninstrumented": []}
         for _ in range(repeats):  # alternate so drift in machine speed hits both alike
-            runs["instrumented"].append(run_train(ROOT, budget))
-            runs["uninstrumented"].append(run_train(plain, budget))
+            run, config = run_train(ROOT, budget)
+            runs["instrumented"].append(run)
+            runs["uninstrumented"].append(run_train(plain, budget)[0])
     med = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in runs.items()}
     return {"budget_s": budget, "runs": runs, "median_steps_per_s": med,
-            "instrumentation_slowdown_percent": 100 * (med["uninstrumented"] / med["instrumented"] - 1)}
+            "instrumentation_slowdown_percent": 100 * (med["uninstrumented"] / med["instrumented"] - 1)}, config
 
 
 if __name__ == "__main__":
@@ -160,12 +164,14 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per variant")
     args = parser.parse_args()
     DEVICE = prepare.autodetect_device()
+    manifest = prepare.load_manifest()
+    e2e, run_config = end_to_end(args.budget, args.repeats)
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": prepare.device_description(DEVICE),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "data": prepare.data_label(prepare.load_manifest()),
-        "components": components(),
-        "end_to_end": end_to_end(args.budget, args.repeats),
+        "data": prepare.data_label(manifest),
+        "components": components(run_config, manifest["vocab_size"]),
+        "end_to_end": e2e,
     }
     print(json.dumps(result, indent=2))
