@@ -632,12 +632,13 @@ def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
     return _VAL_ROWS[key]
 
 
-def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False) -> float:
-    """Bits per byte of `model` on the first rows of the val split, at MAX_SEQ_LEN.
+def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False):
+    """(bits per byte, nats per token) of `model` on the first rows of the val split, at MAX_SEQ_LEN.
 
     `model(x, y, reduction="none")` must return per-token losses in nats. Special tokens (BOS) have
-    0 bytes and are excluded from both sums, so the number does not depend on the vocabulary size.
-    `curve=True` evaluates the small fixed slice used for the validation curve during training."""
+    0 bytes and are excluded from all sums, so bpb does not depend on the vocabulary size; nats per
+    token is in the units of train/loss, for the train/val gap. `curve=True` evaluates the small
+    fixed slice used for the validation curve during training."""
     import torch
     device = next(model.parameters()).device
     n_rows = max(1, default_eval_tokens(device.type, curve) // MAX_SEQ_LEN)
@@ -645,6 +646,7 @@ def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
     token_bytes = get_token_bytes(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in range(0, n_rows, batch_size):
             chunk = rows[i:i + batch_size].to(device, non_blocking=True)
@@ -653,7 +655,15 @@ def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss.double() * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
-    return (total_nats / (math.log(2) * total_bytes.double())).item()
+            total_tokens += (nbytes > 0).sum()
+    bpb, nats_per_token = torch.stack([total_nats / (math.log(2) * total_bytes.double()),
+                                       total_nats / total_tokens.double()]).tolist()  # one sync
+    return bpb, nats_per_token
+
+
+def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False) -> float:
+    """The metric: bits per byte on the val split (see evaluate_val)."""
+    return evaluate_val(model, tokenizer, batch_size, curve)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +777,8 @@ class RunLogger:
         self.info = {}
         commit, dirty = git_state(self.run_dir)
         self.info.update(commit=commit, dirty=dirty)
+        source = train_globals.get("__file__")  # the exact code that ran, so analyze.py can tell
+        self.info["train_sha256"] = sha256_file(source) if source else None
         self._previous_hook = sys.excepthook
         sys.excepthook = self._excepthook
         if threading.current_thread() is threading.main_thread():

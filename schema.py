@@ -33,6 +33,7 @@ REQUIRED_STEP_KEYS = (
 
 # Periodic keys: present only on the steps where they were measured.
 VAL_BPB = "val/bpb"                    # bits per byte on the small fixed validation slice
+VAL_LOSS = "val/loss"                  # nats per token on the same slice: same units as train/loss
 LAYER_PREFIX = "layer/"
 LAYER_STATS = ("grad_norm", "weight_norm", "update_ratio")
 
@@ -64,7 +65,7 @@ SUMMARY_KEYS = (
     "status", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
-    "harness_hash", "config",
+    "harness_hash", "train_sha256", "config",
 )
 
 # The `---` block train.py prints at the end, in this order, so `grep "^val_bpb:" run.log` works.
@@ -88,7 +89,7 @@ def _finite_number(v) -> bool:
 def step_record_problems(rec: dict) -> list:
     problems = [f"missing {k}" for k in REQUIRED_STEP_KEYS if k not in rec]
     for k, v in rec.items():
-        if k in REQUIRED_STEP_KEYS or k == VAL_BPB or parse_layer_key(k):
+        if k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or parse_layer_key(k):
             if not _finite_number(v):
                 problems.append(f"{k}={v!r} is not a finite number")
         else:

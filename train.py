@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import schema
 from prepare import (MAX_SEQ_LEN, TIME_BUDGET, HarnessError, LayerStats, RunLogger, Tokenizer, Watchdog,
-                     autodetect_device, data_label, device_description, evaluate_bpb, load_manifest,
-                     make_dataloader, peak_flops, peak_memory_mb, synchronize)
+                     autodetect_device, data_label, device_description, evaluate_bpb, evaluate_val,
+                     load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize)
 
 # First thing: delete the previous run's summary and start a fresh metrics.jsonl, so a crash
 # from here on can never leave an earlier result behind.
@@ -522,7 +522,8 @@ while True:
     if progress >= next_val or done:  # validation-curve point, off the training clock
         model.eval()
         with autocast:
-            record[schema.VAL_BPB] = evaluate_bpb(compiled, tokenizer, EVAL_BATCH_SIZE, curve=True)
+            record[schema.VAL_BPB], record[schema.VAL_LOSS] = evaluate_val(compiled, tokenizer, EVAL_BATCH_SIZE,
+                                                                           curve=True)
         model.train()
         next_val = (math.floor(progress / VAL_EVERY) + 1) * VAL_EVERY
     logger.log_step(record)

@@ -62,3 +62,14 @@ def test_uniform_model_scores_log_vocab_per_token(prepared, tokenizer):
     rows = prepare.val_rows(tokenizer, n_rows)
     expected = hand_bpb(tokenizer, rows, lambda t: math.log(tokenizer.get_vocab_size()))
     assert prepare.evaluate_bpb(Uniform(), tokenizer, batch_size=4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_val_loss_is_mean_nats_per_counted_token(prepared, tokenizer):
+    n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    rows = prepare.val_rows(tokenizer, n_rows)
+    bos = tokenizer.get_bos_token_id()
+    targets = [t for row in rows.tolist() for t in row[1:] if t != bos]
+    expected = sum((t % 7) * 0.25 + 0.5 for t in targets) / len(targets)
+    bpb, loss = prepare.evaluate_val(ToyModel(), tokenizer, batch_size=3)
+    assert loss == pytest.approx(expected, rel=1e-9)
+    assert bpb == prepare.evaluate_bpb(ToyModel(), tokenizer, batch_size=3)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import prepare
 import schema
 from conftest import ROOT, run_script
 
@@ -70,6 +71,7 @@ def test_metrics_follow_the_contract(smoke):
     assert len(val) >= 2
     assert schema.VAL_BPB in records[-1]  # the curve always ends at the end of training
     assert all(0 < v < 20 for v in val)
+    assert all((schema.VAL_BPB in r) == (schema.VAL_LOSS in r) for r in records)  # measured together
 
 
 def test_layer_stats_cover_every_matrix(smoke):
@@ -101,6 +103,7 @@ def test_summary_follows_the_contract(smoke):
     assert summary["seed"] == 42 and summary["device"] == "cpu" and summary["depth"] == 2
     assert summary["data"]["source"] == "offline" and summary["data"]["smoke_test"] is True
     assert re.fullmatch(r"[0-9a-f]{16}", summary["harness_hash"])
+    assert summary["train_sha256"] == prepare.sha256_file(cwd / "train.py")
     config = summary["config"]
     for name in ("DEPTH", "MATRIX_LR", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "SEED", "ADAM_BETAS"):
         assert name in config
