@@ -1,0 +1,348 @@
+"""
+Text for people and agents: analysis.md of a run, the short stdout summary, `status`, `compare`, and
+the "## Current Best" block of insights.md. Rendering only: every number arrives computed.
+"""
+
+import time
+
+import numpy as np
+
+from analysis import stats, verdict
+
+STDOUT_MAX_LINES = 15         # what the agent reads after every run; the rest is in analysis.md
+MAX_CONFIG_ROWS = 40          # a config diff longer than this is cut (the full one is in run_summary.json)
+MAX_TABLE_ROWS = 12           # rows of the validation and layer tables
+BEST_BEGIN = "<!-- current-best:begin (maintained by `uv run analyze.py keep`; edits here are overwritten) -->"
+BEST_END = "<!-- current-best:end -->"
+NEXT_ACTION = {
+    "keep": "uv run analyze.py keep",
+    "rerun": "SEED=<another seed> uv run train.py > run.log 2>&1 && uv run analyze.py",
+    "discard": "uv run analyze.py discard",
+    "crash": "read the traceback below, fix train.py or discard: uv run analyze.py discard",
+}
+
+
+def _f(value, digits: int = 6, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _sigma_units(delta, sigma) -> str:
+    return f" ({delta / sigma:+.1f}σ)" if delta is not None and sigma else ""
+
+
+def _noise_sigma(noise: dict):
+    return noise["sigma"] if noise.get("trusted") else None
+
+
+def _pooled_mean(records) -> float:
+    return float(np.mean([r["val_bpb"] for r in records]))
+
+
+def result_lines(ctx: dict) -> list:
+    """val_bpb and its deltas, as markdown bullets (also the core of the stdout summary)."""
+    record, decision, noise = ctx["record"], ctx["decision"], ctx["noise"]
+    value = record.get("val_bpb")
+    sigma = decision.get("sigma") or _noise_sigma(noise)
+    lines = []
+    if value is None:
+        lines.append(f"val_bpb: **none** — the run ended with status `{record['status']}`"
+                     + (f": {record['error']}" if record.get("error") else ""))
+    else:
+        lines.append(f"val_bpb: **{value:.6f}**")
+    best_records = ctx["best_records"]
+    if best_records and value is not None:
+        mean = _pooled_mean(best_records)
+        delta = value - mean
+        lines.append(f"vs best {ctx['best']['run_id']} (pooled mean {mean:.6f} over {len(best_records)} run(s)): "
+                     f"{delta:+.6f}{_sigma_units(delta, sigma)}")
+        if decision.get("n_candidate", 1) > 1 and "delta" in decision:
+            lines.append(f"this code pooled over {decision['n_candidate']} runs: {decision['candidate_mean']:.6f}, "
+                         f"{decision['delta']:+.6f}{_sigma_units(decision['delta'], sigma)} vs the best")
+    elif value is not None:
+        lines.append("vs best: no best yet")
+    previous = ctx["previous"]
+    if previous:
+        prev_value = previous.get("val_bpb")
+        if prev_value is not None and value is not None:
+            lines.append(f"vs previous {previous['run_id']} ({prev_value:.6f}): {value - prev_value:+.6f}"
+                         f"{_sigma_units(value - prev_value, sigma)}")
+        else:
+            lines.append(f"vs previous {previous['run_id']}: n/a (status {previous['status']})")
+    if sigma:
+        source = decision.get("sigma_source") or f"pooled from repeats ({noise['df']} df)"
+        lines.append(f"noise σ (one run, seed to seed): {sigma:.6f} — {source}")
+    else:
+        lines.append(f"noise σ: no estimate yet ({noise['df']} df < {verdict.MIN_NOISE_DF}): "
+                     f"run the same commit with other SEEDs")
+    return lines
+
+
+def stdout_lines(ctx: dict, analysis_path) -> list:
+    record, decision = ctx["record"], ctx["decision"]
+    lines = [f"run {record['run_id']} (commit {record['commit']}, seed {record.get('seed')}): status {record['status']}"]
+    lines += result_lines(ctx)
+    lines.append(f"verdict: {decision['verdict'].upper()} — {decision['reason']}")
+    lines.append(f"next: {NEXT_ACTION[decision['verdict']]}")
+    lines += [f"note: {n}" for n in record.get("notes", [])][:3]
+    lines.append(f"analysis: {analysis_path}")
+    return [line.replace("**", "") for line in lines[:STDOUT_MAX_LINES]]  # markdown emphasis is for analysis.md
+
+
+# ---------------------------------------------------------------------------
+# analysis.md
+# ---------------------------------------------------------------------------
+
+def _verdict_section(ctx) -> list:
+    d = ctx["decision"]
+    out = [f"**{d['verdict'].upper()}** — {d['reason']}.", ""]
+    if "delta" in d:
+        welch = f"{d['p_welch']:.3g}" if d.get("p_welch") is not None else "n/a (needs repeats on both sides)"
+        out += [
+            "| | value |", "|---|---|",
+            f"| candidate mean (runs) | {d['candidate_mean']:.6f} ({d['n_candidate']}) |",
+            f"| best mean (runs) | {d['best_mean']:.6f} ({d['n_best']}) |",
+            f"| difference | {d['delta']:+.6f} |",
+            f"| noise σ per run | {d['sigma']:.6f} ({d['sigma_source']}) |",
+            f"| standard error of the difference | {d['se']:.6f} |",
+            f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below {verdict.KEEP_ALPHA}) |",
+            f"| one-sided Welch p | {welch} (keep below {verdict.KEEP_P_VALUE}) |", ""]
+    out.append(f"Next: `{NEXT_ACTION[d['verdict']]}`")
+    if d["verdict"] == "rerun":
+        out.append(f"(a candidate within the noise after {verdict.MAX_RUNS_PER_CANDIDATE} runs is discarded)")
+    return out
+
+
+def _config_section(ctx) -> list:
+    diff = ctx["config_diff"]
+    if diff is None:
+        return ["No best run yet to compare with."]
+    if not diff:
+        return [f"Identical to the best {ctx['best']['run_id']} over every captured constant."]
+    out = [f"| constant | best {ctx['best']['run_id']} | this run |", "|---|---|---|"]
+    out += [f"| `{k}` | `{a}` | `{b}` |" for k, a, b in diff[:MAX_CONFIG_ROWS]]
+    if len(diff) > MAX_CONFIG_ROWS:
+        out.append(f"| … {len(diff) - MAX_CONFIG_ROWS} more | | |")
+    return out
+
+
+def _performance_section(ctx) -> list:
+    r, t = ctx["record"], ctx["trajectory"]
+    st = t["step_time"]
+    vram = r.get("peak_vram_mb")
+    out = [f"- MFU: {_f(r.get('mfu_percent'), 1)} % (0 where the device's peak FLOPs are unknown)",
+           f"- tokens: {_f(r.get('total_tokens_M'), 1)} M in {r.get('num_steps')} steps; "
+           f"median {_f(t['tokens_per_sec'], 0)} tokens/s",
+           f"- peak VRAM: {_f(vram / 1024 if vram is not None else None, 2)} GB",
+           f"- time: {_f(r.get('training_seconds'), 1)} s training, {_f(r.get('startup_seconds'), 1)} s startup, "
+           f"{_f(r.get('total_seconds'), 1)} s total (budget {r.get('time_budget_s')} s)"]
+    if st["ok"]:
+        stability = "stable" if st["cv"] < 0.1 else "unstable"
+        out.append(f"- step time: median {st['median_ms']:.0f} ms (p10 {st['p10_ms']:.0f}, p90 {st['p90_ms']:.0f}, "
+                   f"max {st['max_ms']:.0f}); CV {st['cv']:.2f} ({stability}); {st['slow_steps']} steps over 2× the median")
+    else:
+        out.append(f"- step time: {st['reason']}")
+    return out
+
+
+def _trajectory_section(ctx) -> list:
+    t = ctx["trajectory"]
+    out = [f"Over {t['n_timed']} timed steps ({t['warmup_steps']} clock-warmup steps excluded).", ""]
+    tail = t["tail"]
+    if tail["ok"]:
+        state = "**still improving**" if tail["improving"] else "**not improving** (flat or noisy)"
+        out.append(f"- tail (steps {tail['from_step']}–{tail['to_step']}): slope {tail['slope'] * 1000:+.4f} "
+                   f"nats per 1000 steps (± {tail['stderr'] * 1000:.4f}), one-sided p = {tail['p_value']:.3g} → "
+                   f"{state}; the loss moved {tail['change_over_tail']:+.4f} over the tail")
+    else:
+        out.append(f"- tail slope: not computed ({tail['reason']})")
+    pl = t["power_law"]
+    if pl["ok"]:
+        out.append(f"- power-law fit L(s) = {pl['l_inf']:.3f} + {pl['a']:.3g}·s^-{pl['alpha']:.3f} (R² = {pl['r2']:.3f}): "
+                   f"{pl['at_last']:.4f} at the last step; {pl['extrapolate_factor']:.0f}× the steps would reach about "
+                   f"{pl['at_extrapolated']:.4f} (schedules scale with the budget, so read it as a trend)")
+    else:
+        out.append(f"- power-law fit: not available ({pl['reason']})")
+    div = t.get("divergence")
+    if div is None:
+        out.append("- divergence from the best: no best run to compare with")
+    elif not div["ok"]:
+        out.append(f"- divergence from the best: not computed ({div['reason']})")
+    elif div["diverged"]:
+        out.append(f"- divergence from the best: the curves parted at step {div['separated_at']} and this run has "
+                   f"been **{div['direction']}** beyond the noise (±{div['threshold']:.4f}) since step "
+                   f"{div['beyond_noise_from']}; gap over the last 10 % of shared steps {div['final_gap']:+.4f} nats/token")
+    else:
+        out.append(f"- divergence from the best: none — within ±{div['threshold']:.4f} nats/token at the end of "
+                   f"{div['shared_steps']} shared steps (final gap {div['final_gap']:+.4f})")
+    spikes = t["spikes"]
+    if spikes:
+        out.append(f"- loss spikes: {len(spikes)} (robust z > {stats.SPIKE_Z:g} against the trailing {stats.SPIKE_WINDOW} steps)")
+        for s in spikes[:MAX_TABLE_ROWS]:
+            rec = f"back to baseline after {s['recovered_after']} steps" if s["recovered_after"] is not None else "not recovered"
+            out.append(f"  - step {s['step']}: loss {s['loss']:.3f} vs {s['baseline']:.3f} (z {s['z']:.0f}); {rec}")
+    else:
+        out.append(f"- loss spikes: none (robust z > {stats.SPIKE_Z:g})")
+    val = t["val"]
+    out.append("")
+    if val:
+        out += ["Validation curve (small fixed slice; the final val_bpb uses the full eval set):", "",
+                "| step | time (s) | val bpb | val loss | train loss (EMA) | gap (val − train) |", "|---|---|---|---|---|---|"]
+        for i in sorted(set(np.linspace(0, len(val) - 1, min(len(val), MAX_TABLE_ROWS)).round().astype(int))):
+            row = val[i]
+            out.append(f"| {row['step']} | {row['time_s']:.0f} | {row['val_bpb']:.4f} | {_f(row['val_loss'], 4)} | "
+                       f"{row['train_loss_smooth']:.4f} | {_f(row['gap'], 4, signed=True)} |")
+        gaps = [v["gap"] for v in val if v["gap"] is not None]
+        if len(gaps) >= 2:
+            trend = "widening (overfitting or train/val shift)" if gaps[-1] > gaps[0] + 0.02 else \
+                "narrowing" if gaps[-1] < gaps[0] - 0.02 else "steady"
+            out.append(f"\ntrain/val gap {gaps[0]:+.4f} → {gaps[-1]:+.4f} nats/token: {trend}")
+    else:
+        out.append("No validation points in metrics.jsonl.")
+    return out
+
+
+def _layers_section(ctx) -> list:
+    layers = ctx["trajectory"]["layers"]
+    if not layers["n_params"]:
+        return ["No per-layer statistics in metrics.jsonl."]
+    out = [f"{layers['n_params']} parameter matrices measured."]
+    if layers["outliers"]:
+        out.append("")
+        out.append(f"Outlier layers (robust z > {stats.LAYER_OUTLIER_Z:g} against the same matrix in other layers, median over the run):")
+        for o in layers["outliers"][:MAX_TABLE_ROWS]:
+            out.append(f"- `{o['name']}` {o['stat']}: {o['value']:.3g} = {o['ratio']:.2f}× the typical {o['typical']:.3g} (z {o['z']:+.1f})")
+    else:
+        out.append("No outlier layers in gradient norm or update ratio.")
+    if layers["kinds_with_too_few_layers"]:
+        out.append(f"(outliers need ≥ {stats.MIN_LAYERS_FOR_OUTLIERS} layers of a kind; "
+                   f"{len(layers['kinds_with_too_few_layers'])} kinds have fewer)")
+    flagged = [d for d in layers["drift"] if d["flag"]]
+    out.append("")
+    if flagged:
+        out.append(f"Weight norms that changed by {stats.NORM_CHANGE_FLAG:g}× or more over the run:")
+        for d in flagged[:MAX_TABLE_ROWS]:
+            out.append(f"- `{d['name']}`: {d['first']:.3g} → {d['last']:.3g} ({d['ratio']:.2f}×)")
+    elif layers["drift"]:
+        ratios = [d["ratio"] for d in layers["drift"]]
+        out.append(f"Weight norms stayed within {stats.NORM_CHANGE_FLAG:g}× of their start "
+                   f"(last/first from {min(ratios):.2f} to {max(ratios):.2f}).")
+    return out
+
+
+def analysis_md(ctx: dict) -> str:
+    r = ctx["record"]
+    data = r.get("data") or {}
+    out = [f"# Run {r['run_id']} — {r['description']}", "",
+           f"commit `{r['commit']}` · seed {r.get('seed')} · status **{r['status']}** · device {r.get('device')} · "
+           f"started {r.get('started_at')} · data {data.get('source')}"
+           + (" (SMOKE-TEST corpus)" if data.get("smoke_test") else ""), ""]
+    for note in r.get("notes", []):
+        out.append(f"> note: {note}")
+    out += ["", "## Result", ""] + [f"- {line}" for line in result_lines(ctx)]
+    out += ["", "## Verdict", ""] + _verdict_section(ctx)
+    if ctx.get("traceback"):
+        out += ["", "## Crash", "", "The end of run.log:", "", "```", ctx["traceback"], "```"]
+    out += ["", "## Configuration vs best", ""] + _config_section(ctx)
+    out += ["", "## Performance", ""] + _performance_section(ctx)
+    out += ["", "## Loss trajectory", ""] + _trajectory_section(ctx)
+    out += ["", "## Per-layer statistics", ""] + _layers_section(ctx)
+    out += ["", "## Plots", "", "Each overlays this run with the best and the previous run:", ""]
+    out += [f"- [{name}]({name})" for name in ctx["plots"]]
+    out += ["", "Files: run_summary.json, metrics.jsonl, run.log, train.py (snapshot), diff.patch (against the best).",
+            "", "## Agent Investigation Notes", "", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# insights.md, status, compare
+# ---------------------------------------------------------------------------
+
+INSIGHTS_TEMPLATE = """# Insights
+
+{block}
+
+## Validated findings
+
+## Disproved ideas
+"""
+
+
+def current_best_block(best_records: list) -> str:
+    first = best_records[0]
+    values = [r["val_bpb"] for r in best_records]
+    sd = f", sd {np.std(values, ddof=1):.6f}" if len(values) > 1 else ""
+    return "\n".join([
+        BEST_BEGIN, "## Current Best", "",
+        f"- commit: `{first['commit']}` — {first.get('description')}",
+        f"- val_bpb: {np.mean(values):.6f} (mean of {len(values)} run(s){sd})",
+        f"- runs pooled: {len(values)} ({', '.join(r['run_id'] for r in best_records)})",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
+        f"- device: {first.get('device')}, budget {first.get('time_budget_s')} s",
+        BEST_END])
+
+
+def with_current_best(text, best_records: list) -> str:
+    """insights.md with its Current Best block replaced (or placed at the top; created if needed)."""
+    block = current_best_block(best_records)
+    if not text:
+        return INSIGHTS_TEMPLATE.format(block=block)
+    if BEST_BEGIN in text and BEST_END in text:
+        head, rest = text.split(BEST_BEGIN, 1)
+        return head + block + rest.split(BEST_END, 1)[1]
+    lines = text.splitlines(keepends=True)
+    at = 1 if lines and lines[0].startswith("# ") else 0
+    return "".join(lines[:at]) + "\n" + block + "\n\n" + "".join(lines[at:]).lstrip("\n")
+
+
+def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int) -> str:
+    counts = {}
+    for r in ledger:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out = []
+    if best_records:
+        out.append(f"best: {best_records[0]['commit']} val_bpb {_pooled_mean(best_records):.6f} "
+                   f"(pooled over {len(best_records)} run(s): {', '.join(r['run_id'] for r in best_records)}) "
+                   f"— {best_records[0].get('description')}")
+    else:
+        out.append("best: none yet (`uv run analyze.py keep` marks the baseline)")
+    if noise["trusted"]:
+        out.append(f"noise: σ = {noise['sigma']:.6f} per run ({noise['df']} df from {noise['n_groups']} repeated commit(s))")
+    else:
+        out.append(f"noise: no estimate yet ({noise['df']} df < {verdict.MIN_NOISE_DF}): run the same commit with other SEEDs")
+    out.append("runs: " + ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: -counts[s]))
+               + f" ({len(ledger)} total)")
+    out.append(f"latest {min(last_n, len(ledger))}:")
+    for r in ledger[-last_n:]:
+        value = f"{r['val_bpb']:.6f}" if r.get("val_bpb") is not None else "—"
+        out.append(f"  {r['run_id']:<14} {value:>9}  {r['status']:<8} {r.get('verdict') or '':<8} {r.get('description') or ''}")
+    if orphans:
+        out.append(f"archives without a ledger row (an interrupted analyze): {', '.join(orphans)}")
+    return "\n".join(out)
+
+
+def compare_md(a: dict, b: dict, diff: list, traj: dict, plot_path) -> str:
+    out = [f"# {a['run_id']} vs {b['run_id']}", "",
+           f"- {a['run_id']}: {a.get('description')} (status {a['status']})",
+           f"- {b['run_id']}: {b.get('description')} (status {b['status']})", "",
+           "| metric | " + a["run_id"] + " | " + b["run_id"] + " | difference |", "|---|---|---|---|"]
+    for key in ("val_bpb", "num_steps", "total_tokens_M", "mfu_percent", "peak_vram_mb", "training_seconds",
+                "num_params_M"):
+        va, vb = a.get(key), b.get(key)
+        both = isinstance(va, (int, float)) and isinstance(vb, (int, float))
+        out.append(f"| {key} | {va if va is not None else '—'} | {vb if vb is not None else '—'} | "
+                   f"{f'{va - vb:+.6g}' if both else '—'} |")
+    out += ["", "Configuration (changed constants):", ""]
+    out += [f"- `{k}`: {vb} → {va}" for k, vb, va in diff] or ["- identical"]
+    div = traj.get("divergence")
+    out.append("")
+    if div and div.get("ok") and div["diverged"]:
+        out.append(f"Loss curves parted at step {div['separated_at']}; {a['run_id']} has been {div['direction']} "
+                   f"beyond the noise since step {div['beyond_noise_from']} (final gap {div['final_gap']:+.4f} nats/token).")
+    elif div and div.get("ok"):
+        out.append(f"Loss curves stay within ±{div['threshold']:.4f} nats/token (final gap {div['final_gap']:+.4f}).")
+    else:
+        out.append(f"Loss curves not compared: {div['reason'] if div else 'no metrics'}.")
+    out += ["", f"Overlay: {plot_path}"]
+    return "\n".join(out)

@@ -1,0 +1,151 @@
+"""
+The noise estimate and the verdict on a run: keep, rerun, discard or crash (pure functions).
+
+One 5-minute run is noisy: a new seed alone moves val_bpb. The noise is measured from repeated runs
+of the same train.py (SEED=... uv run train.py), pooled over every such group, and a candidate is
+kept only when it beats the best by more than that noise allows. Candidates that look better but
+are within the noise are rerun with another seed and re-decided on all their runs pooled.
+"""
+
+import math
+import warnings
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------
+
+# A keep needs the improvement to be unlikely under the noise alone: a one-sided test of the
+# difference of pooled means, Student's t with the noise estimate's degrees of freedom (a normal z
+# under the fallback noise), below KEEP_ALPHA. 0.01 rather than the textbook 0.05 because a candidate
+# may be looked at up to MAX_RUNS_PER_CANDIDATE times (rerun, re-decide): the chance that a change with
+# no effect is ever kept stays small (simulated in tests/test_verdict.py) instead of growing per look.
+KEEP_ALPHA = 0.01
+# With repeats on both sides, the one-sided Welch t-test (unequal variances) must agree as well.
+KEEP_P_VALUE = 0.05
+# The pooled noise estimate is trusted from 2 degrees of freedom on (the baseline run three times).
+MIN_NOISE_DF = 2
+# Without that, the noise is assumed to be this fraction of the best val_bpb: on purpose much larger
+# than the seed-to-seed spread of a healthy 5-minute run, so that only large gains are kept unmeasured.
+FALLBACK_NOISE_FRACTION = 0.005
+# A candidate still within the noise after this many runs is discarded: any effect it has is too
+# small to resolve at the price of more 5-minute runs.
+MAX_RUNS_PER_CANDIDATE = 4
+
+VERDICTS = ("keep", "rerun", "discard", "crash")
+FAILED_STATUSES = ("crash", "nan", "timeout")   # train.py's failure statuses, kept as the ledger status
+NOT_COUNTED = FAILED_STATUSES + ("invalid",)     # never pooled, never the best
+
+
+# ---------------------------------------------------------------------------
+# Groups of runs in the ledger
+# ---------------------------------------------------------------------------
+
+def code_key(record: dict):
+    """Runs of the same train.py (same sha256 of what ran) are repeats: their val_bpb are pooled."""
+    return record.get("train_sha256") or record.get("commit")
+
+
+def comparable_key(record: dict) -> tuple:
+    """Only runs on the same device, budget, harness and data are compared or pooled."""
+    return (record.get("device"), record.get("time_budget_s"), record.get("harness_hash"),
+            (record.get("data") or {}).get("manifest_hash"))
+
+
+def finished(record: dict) -> bool:
+    value = record.get("val_bpb")
+    return (record.get("status") not in NOT_COUNTED and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def pools(ledger: list, comparable: tuple) -> dict:
+    """{code key: [finished records]} of the runs comparable with `comparable`, in ledger order."""
+    groups = {}
+    for record in ledger:
+        if finished(record) and comparable_key(record) == comparable:
+            groups.setdefault(code_key(record), []).append(record)
+    return groups
+
+
+def best_pool(ledger: list, comparable: tuple):
+    """(code key, records) of the kept code with the lowest pooled mean val_bpb, or None."""
+    kept = [(float(np.mean([r["val_bpb"] for r in records])), key, records)
+            for key, records in pools(ledger, comparable).items()
+            if any(r.get("status") == "keep" for r in records)]
+    if not kept:
+        return None
+    _, key, records = min(kept, key=lambda t: t[0])
+    return key, records
+
+
+def noise_estimate(groups) -> dict:
+    """Pooled within-group standard deviation of val_bpb over groups of repeated runs of the same code.
+
+    `groups` is an iterable of lists of val_bpb; groups with one run carry no information. The pooled
+    variance is sum((n_i - 1) s_i^2) / sum(n_i - 1), with that sum as its degrees of freedom."""
+    ss, df, used = 0.0, 0, 0
+    for values in groups:
+        values = np.asarray(values, float)
+        if len(values) >= 2:
+            ss += float(((values - values.mean()) ** 2).sum())
+            df += len(values) - 1
+            used += 1
+    if df == 0:
+        return {"sigma": None, "df": 0, "n_groups": 0, "trusted": False}
+    return {"sigma": math.sqrt(ss / df), "df": df, "n_groups": used, "trusted": df >= MIN_NOISE_DF}
+
+
+def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False) -> dict:
+    """The verdict on a candidate, with every number behind it.
+
+    candidate: val_bpb of every finished run of the candidate's code (this run included).
+    best: val_bpb of every finished run of the best code, or None when nothing is kept yet.
+    noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any.
+    same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best."""
+    from scipy import stats  # here, not at the top: see analysis/stats.py
+    if failed:
+        return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
+    candidate = np.asarray(candidate, float)
+    out = {"n_candidate": len(candidate), "candidate_mean": float(candidate.mean())}
+    if best is None or len(best) == 0:
+        return {**out, "verdict": "keep", "reason": "no best yet: this run becomes the baseline"}
+    if same_as_best:
+        return {**out, "verdict": "keep",
+                "reason": f"same train.py as the best: a repeat, pooled into it ({len(candidate)} runs)"}
+    best = np.asarray(best, float)
+    best_mean = float(best.mean())
+    noise = noise or noise_estimate([])
+    if noise["trusted"]:
+        sigma, df = noise["sigma"], noise["df"]
+        sigma_source = f"pooled from repeats ({df} df)"
+    else:
+        sigma, df = FALLBACK_NOISE_FRACTION * best_mean, None
+        sigma_source = (f"no noise estimate yet ({noise['df']} df < {MIN_NOISE_DF}): assumed "
+                        f"{FALLBACK_NOISE_FRACTION:.1%} of the best val_bpb")
+    delta = out["candidate_mean"] - best_mean
+    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
+    z = delta / se if se > 0 else (-math.inf if delta < 0 else math.inf if delta > 0 else 0.0)
+    p_noise = float(stats.t.cdf(z, df) if df else stats.norm.cdf(z))  # one-sided: H1 candidate < best
+    p_welch = None
+    if len(candidate) >= 2 and len(best) >= 2:
+        with warnings.catch_warnings():  # identical values: scipy warns and returns NaN, handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = stats.ttest_ind(candidate, best, equal_var=False, alternative="less").pvalue
+        p_welch = float(p) if np.isfinite(p) else None
+    out.update(n_best=len(best), best_mean=best_mean, delta=delta, sigma=sigma, sigma_source=sigma_source,
+               delta_sigma=delta / sigma if sigma > 0 else None, se=se, z=z, p_value=p_noise, p_welch=p_welch,
+               keep_alpha=KEEP_ALPHA, keep_p_welch=KEEP_P_VALUE)
+    p_text = f"p = {p_noise:.3g}" + (f", Welch p = {p_welch:.3g}" if p_welch is not None else "")
+    if delta >= 0:
+        return {**out, "verdict": "discard", "reason": f"not better than the best ({p_text})"}
+    beyond_noise = p_noise < KEEP_ALPHA
+    test_agrees = p_welch is None or p_welch < KEEP_P_VALUE
+    if beyond_noise and test_agrees:
+        return {**out, "verdict": "keep", "reason": f"better than the best beyond the noise ({p_text})"}
+    why = (f"p = {p_noise:.3g} >= {KEEP_ALPHA}" if not beyond_noise else f"Welch p = {p_welch:.3g} >= {KEEP_P_VALUE}")
+    if len(candidate) >= MAX_RUNS_PER_CANDIDATE:
+        return {**out, "verdict": "discard",
+                "reason": f"better than the best but still within the noise after {len(candidate)} runs ({why})"}
+    return {**out, "verdict": "rerun",
+            "reason": f"better than the best but within the noise ({why}): run it again with another SEED"}

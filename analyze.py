@@ -1,0 +1,407 @@
+"""
+Post-run analysis and bookkeeping of the experiment store (fixed harness: the agent must not edit it).
+
+    uv run analyze.py                 archive the run in the working directory, judge it, write analysis.md
+    uv run analyze.py keep [RUN_ID]   mark the (latest) run keep; rewrite insights.md's Current Best block
+    uv run analyze.py discard [RUN_ID]  mark it discard; restore train.py to the best with a new commit
+    uv run analyze.py compare A B     two archived runs side by side
+    uv run analyze.py status          current best, latest runs, noise estimate, counts
+
+It reads what train.py leaves behind (run_summary.json, metrics.jsonl, run.log) and never reports a
+number a run did not produce: a run without its own summary is a crash, whatever files are lying
+around. The statistics, the verdict, the plots and the store live in the analysis/ package; this
+file is the command line and the order of things. No torch import: analysis takes seconds.
+"""
+
+import argparse
+import difflib
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import schema
+from analysis import gitops, plots, report, stats, verdict
+from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, Store, StoreError, atomic_write,
+                            load_run, sha256_bytes, traceback_tail)
+
+STATUS_LAST_N = 10            # runs listed by `analyze.py status`
+LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
+
+
+# ---------------------------------------------------------------------------
+# What the run in the working directory is
+# ---------------------------------------------------------------------------
+
+def _epoch(stamp: str):
+    try:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z"))
+    except (TypeError, ValueError):
+        return None
+
+
+def classify(run: dict, ledger: list) -> dict:
+    """Decide which of the files found belong to this run, and its status.
+
+    Files already archived (matched by run.log / metrics.jsonl hash, or the summary's start time and
+    code) are an earlier run's: a new run.log next to an old summary means this run died before
+    train.py's logger started, which is a crash, never the old number."""
+    summary, records, log = run["summary"], run["records"], run["log"]
+    notes = []
+    if summary is None and log is None and not records and run["summary_problem"] is None:
+        raise StoreError(f"no run to analyze in {run['dir'].resolve()}: run `uv run train.py > run.log 2>&1` first")
+    archived = {}
+    for r in ledger:
+        for key in ("run_log_sha256", "metrics_sha256"):
+            if r.get(key):
+                archived[key, r[key]] = r["run_id"]
+    log_of = archived.get(("run_log_sha256", run["run_log_sha256"])) if log is not None else None
+    summary_of = None
+    if summary is not None and summary.get("started_at"):
+        summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
+                           and r.get("train_sha256") == summary.get("train_sha256")), None)
+    if (log_of or log is None) and (summary is None or summary_of) and not (log is None and summary is None):
+        raise StoreError(f"this run is already archived as {log_of or summary_of}: train again "
+                         f"(`uv run train.py > run.log 2>&1`) before analyzing")
+    if summary_of:
+        notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run wrote none, "
+                     f"so it failed before train.py's logger started; that earlier result is ignored")
+        summary = None
+    if archived.get(("metrics_sha256", run["metrics_sha256"])):
+        notes.append(f"metrics.jsonl belongs to run {archived['metrics_sha256', run['metrics_sha256']]}; ignored")
+        records = []
+    elif run["metrics_problems"] and (summary or records):
+        notes.extend(run["metrics_problems"][:3])
+    if log_of:
+        notes.append(f"run.log belongs to run {log_of}, not to this run: capture it with "
+                     f"`uv run train.py > run.log 2>&1`")
+        log = None
+    elif log is not None and summary is not None:
+        start = _epoch(summary.get("started_at"))
+        if start is not None and run["log_mtime"] < start - LOG_CLOCK_SLACK_S:
+            notes.append("run.log was last written before this run started, so it is not this run's; "
+                         "capture it with `uv run train.py > run.log 2>&1`")
+            log = None
+
+    error = None
+    if summary is None:
+        status = "crash"
+        error = run["summary_problem"] or (
+            traceback_tail(log, 1) if log and "Traceback" in log else
+            "no run_summary.json: the process died without writing one (killed, out of memory, or it failed "
+            "before train.py's logger started)" + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
+                                                   if log and log.strip() else ""))
+    elif summary.get("status") == "ok":
+        status = "ok"
+        if not verdict.finished({"val_bpb": summary.get("val_bpb")}):
+            status, error = "crash", "run_summary.json says ok but has no finite val_bpb"
+    elif summary.get("status") in verdict.FAILED_STATUSES:
+        status, error = summary["status"], summary.get("error")
+    else:
+        status, error = "crash", f"run_summary.json has an unknown status {summary.get('status')!r}"
+    return {"summary": summary, "records": records, "log": log, "status": status, "error": error, "notes": notes}
+
+
+def ran_code(run_dir: Path, summary) -> tuple:
+    """(train.py text, exact) of the code that ran: the working copy or the commit's, whichever matches
+    the summary's train_sha256; else the working copy, flagged as possibly not what ran."""
+    candidates = []
+    for folder in dict.fromkeys((run_dir, Path("."))):
+        if (folder / gitops.TRAIN_PY).exists():
+            candidates.append((folder / gitops.TRAIN_PY).read_text())
+    committed = gitops.show((summary or {}).get("commit"))
+    if committed is not None:
+        candidates.append(committed)
+    wanted = (summary or {}).get("train_sha256")
+    for text in candidates:
+        if wanted and sha256_bytes(text.encode()) == wanted:
+            return text, True
+    if not candidates:
+        raise StoreError("no train.py in the working directory to archive")
+    return candidates[0], wanted is None
+
+
+def unified_diff(old: str, new: str, old_label: str, new_label: str) -> str:
+    ensure = (lambda t: t if t.endswith("\n") else t + "\n")
+    return "".join(difflib.unified_diff(ensure(old).splitlines(True), ensure(new).splitlines(True),
+                                        fromfile=f"a/train.py ({old_label})", tofile=f"b/train.py ({new_label})"))
+
+
+# ---------------------------------------------------------------------------
+# Statistics of one run, against the best
+# ---------------------------------------------------------------------------
+
+def trajectory(records: list, config: dict, other_records: list = None) -> dict:
+    warmup = int(config.get("CLOCK_WARMUP_STEPS", 0) or 0)
+    timed = stats.timed_steps(records, warmup)
+    steps, loss = stats.series(timed, schema.TRAIN_LOSS)
+    out = {"n_records": len(records), "n_timed": len(timed), "warmup_steps": warmup,
+           "tail": stats.tail_slope(steps, loss),
+           "power_law": stats.fit_power_law(steps, loss),
+           "spikes": stats.loss_spikes(*stats.series(records, schema.TRAIN_LOSS)),
+           "val": stats.train_val_gap(records),
+           "step_time": stats.step_time_stats(stats.series(timed, schema.STEP_TIME_MS)[1]),
+           "layers": stats.layer_findings(stats.layer_table(records))}
+    tps = stats.series(timed, schema.TOKENS_PER_SEC)[1]
+    out["tokens_per_sec"] = float(np.median(tps)) if len(tps) else None
+    if other_records:
+        out["divergence"] = stats.divergence(*stats.series(records, schema.TRAIN_LOSS),
+                                             *stats.series(other_records, schema.TRAIN_LOSS))
+    return out
+
+
+def config_diff(a: dict, b: dict) -> list:
+    """[(key, value in a, value in b)] over the union of captured keys, where they differ."""
+    missing = "(absent)"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def best_and_noise(record: dict, ledger: list) -> tuple:
+    """(best records or None, noise estimate) for a new ledger record, from the runs comparable with it.
+
+    The best's pool includes the new run when it repeats the best's code."""
+    comparable = verdict.comparable_key(record)
+    groups = verdict.pools(ledger + [record], comparable)
+    noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
+    best = verdict.best_pool(ledger, comparable)
+    return (groups[best[0]] if best else None), noise
+
+
+def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
+    if record["status"] in verdict.NOT_COUNTED:
+        return verdict.decide([], failed=record["status"])
+    candidate = verdict.pools(ledger + [record], verdict.comparable_key(record))[verdict.code_key(record)]
+    same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
+    return verdict.decide([r["val_bpb"] for r in candidate],
+                          [r["val_bpb"] for r in best_records] if best_records else None, noise, same_as_best=same)
+
+
+def archive(store: Store, args, run: dict, facts: dict) -> dict:
+    """Copy this run's own files into a fresh archive folder; return its ledger record (no verdict yet)."""
+    summary = facts["summary"] or {}
+    commit = summary.get("commit") or gitops.head()
+    code, exact = ran_code(Path(args.run_dir), facts["summary"])
+    if not exact:
+        facts["notes"].append("train.py changed since the run started: the archived snapshot may differ from what ran")
+    run_id = store.allocate_run_id(commit)
+    folder = store.run_path(run_id)
+    own = {"run_summary.json": facts["summary"] is not None, "metrics.jsonl": bool(facts["records"]),
+           "run.log": facts["log"] is not None}
+    for name in RUN_FILES:
+        if own[name]:
+            shutil.copy2(Path(args.run_dir) / name, folder / name)
+    atomic_write(folder / gitops.TRAIN_PY, code)
+    description = args.message or gitops.subject(commit) or "(no description)"
+    if summary.get("dirty"):
+        description += " (uncommitted changes)"
+    record = {k: summary.get(k) for k in schema.SUMMARY_KEYS}
+    record.update({k: v for k, v in summary.items() if k not in record})
+    record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
+                  status="pending" if facts["status"] == "ok" else facts["status"],
+                  description=description, error=facts["error"], notes=facts["notes"],
+                  analyzed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  train_sha256=summary.get("train_sha256") or sha256_bytes(code.encode()),
+                  run_log_sha256=run["run_log_sha256"] if own["run.log"] else None,
+                  metrics_sha256=run["metrics_sha256"] if own["metrics.jsonl"] else None)
+    if facts["status"] != "ok":
+        record["val_bpb"] = None  # never a number this run did not produce
+    return record
+
+
+def write_diff(store: Store, record: dict, base):
+    """diff.patch: the archived train.py against the best's (or, with no best yet, the previous run's)."""
+    folder = store.run_path(record["run_id"])
+    code = (folder / gitops.TRAIN_PY).read_text()
+    base_file = store.run_path(base[0]["run_id"]) / gitops.TRAIN_PY if base else None
+    if base_file is None or not base_file.exists():
+        atomic_write(folder / "diff.patch", "# nothing to compare against: no best and no previous run\n")
+        return
+    header = f"# train.py of run {record['run_id']} against {base[1]} {base[0]['run_id']}\n"
+    atomic_write(folder / "diff.patch", header + unified_diff(base_file.read_text(), code, base[0]["run_id"],
+                                                               record["run_id"]))
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def cmd_analyze(args) -> int:
+    store = Store(".")
+    run = load_run(args.run_dir)
+    with store.lock():
+        ledger = store.read_ledger()
+        facts = classify(run, ledger)
+        record = archive(store, args, run, facts)
+        folder = store.run_path(record["run_id"])
+        best_records, noise = best_and_noise(record, ledger)
+        # the best's representative for overlays and diffs: its latest run other than this one
+        best = next((r for r in reversed(best_records or []) if r["run_id"] != record["run_id"]), None)
+        previous = ledger[-1] if ledger else None
+        write_diff(store, record, (best, "the best") if best else (previous, "the previous run") if previous else None)
+
+        # figures in a forked process while this one computes the statistics (analysis has a time budget)
+        best_metrics = store.archived_records(best["run_id"]) if best else None
+        overlay = [(f"this run {record['run_id']}", facts["records"])]
+        if best:
+            overlay.append((f"best {best['run_id']}", best_metrics))
+        if previous and previous is not best:
+            overlay.append((f"previous {previous['run_id']}", store.archived_records(previous["run_id"])))
+        figure_jobs = [(folder / name, builder, fargs) for name, builder, fargs in plots.run_figure_jobs(overlay)]
+        figure_jobs.append((store.path(PROGRESS_PNG), plots.progress_figure, (ledger + [record],)))
+        wait_for_plots = plots.render_in_background(figure_jobs)
+
+        decision = judge(record, ledger, best_records, noise)
+        if decision["verdict"] == "rerun":
+            record["status"] = "rerun"
+        record.update(verdict=decision["verdict"], verdict_reason=decision["reason"],
+                      delta_best=decision.get("delta"), delta_sigma=decision.get("delta_sigma"),
+                      p_value=decision.get("p_value"), n_pooled=decision.get("n_candidate"),
+                      best_run_id=best["run_id"] if best else None, noise_sigma=noise["sigma"], noise_df=noise["df"])
+        context = {"record": record, "decision": decision, "noise": noise, "best": best,
+                   "best_records": best_records, "previous": previous,
+                   "trajectory": trajectory(facts["records"], record.get("config") or {}, best_metrics),
+                   "config_diff": config_diff(best.get("config") or {}, record.get("config") or {}) if best else None,
+                   "traceback": traceback_tail(facts["log"]) if facts["status"] != "ok" and facts["log"] else None,
+                   "plots": [path.name for path, _, _ in figure_jobs[:-1]]}
+        atomic_write(folder / "analysis.md", report.analysis_md(context))
+        store.write_ledger(ledger + [record])
+        wait_for_plots()
+    print("\n".join(report.stdout_lines(context, folder / "analysis.md")))
+    return 0
+
+
+def _target(store: Store, ledger: list, run_id) -> dict:
+    if not ledger:
+        raise StoreError("no run to act on: the store is empty (run `uv run analyze.py` after a training run)")
+    return store.find(ledger, run_id) if run_id else ledger[-1]
+
+
+def cmd_keep(args) -> int:
+    store = Store(".")
+    gitops.require_repo()
+    gitops.refuse_unsafe_tree()
+    with store.lock():
+        ledger = store.read_ledger()
+        target = _target(store, ledger, args.run_id)
+        if target["status"] in verdict.NOT_COUNTED:
+            raise StoreError(f"run {target['run_id']} has status {target['status']}: only a finished run can be kept")
+        committed = gitops.show(target["commit"])
+        if committed is None or sha256_bytes(committed.encode()) != target["train_sha256"]:
+            raise StoreError(f"run {target['run_id']} did not run a committed train.py (commit {target['commit']}): "
+                             f"commit train.py and run it again before keeping it")
+        comparable = verdict.comparable_key(target)
+        group = verdict.pools(ledger, comparable)[verdict.code_key(target)]
+        for record in group:
+            record["status"] = "keep"
+        store.write_ledger(ledger)
+        best_key, best_records = verdict.best_pool(ledger, comparable)
+        insights = store.path(INSIGHTS)
+        old = insights.read_text() if insights.exists() else None
+        atomic_write(insights, report.with_current_best(old, best_records))
+        plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+    mean = np.mean([r["val_bpb"] for r in group])
+    print(f"kept {target['run_id']} (commit {target['commit']}): val_bpb {mean:.6f} pooled over {len(group)} run(s)")
+    if target["verdict"] != "keep":
+        print(f"note: the verdict was {target['verdict']} ({target['verdict_reason']}); kept on your call")
+    if best_key != verdict.code_key(target):
+        print(f"note: {best_records[-1]['run_id']} remains the best (lower pooled val_bpb); discard reverts to it")
+    print(f"updated {insights}")
+    return 0
+
+
+def cmd_discard(args) -> int:
+    store = Store(".")
+    gitops.require_repo()
+    gitops.refuse_unsafe_tree()
+    with store.lock():
+        ledger = store.read_ledger()
+        target = _target(store, ledger, args.run_id)
+        if target["status"] == "keep":
+            raise StoreError(f"run {target['run_id']} is kept; a kept run is never discarded")
+        best = verdict.best_pool(ledger, verdict.comparable_key(target))
+        if best is None:
+            raise StoreError("no best yet to revert to: keep a baseline first (`uv run analyze.py keep`)")
+        best_run = best[1][0]
+        best_code = store.run_path(best_run["run_id"]) / gitops.TRAIN_PY
+        if not best_code.exists():
+            raise StoreError(f"the best run's snapshot {best_code} is missing; restore it from git "
+                             f"(git show {best_run['commit']}:train.py)")
+        for record in ledger:
+            if verdict.code_key(record) == verdict.code_key(target) and record["status"] in ("pending", "rerun"):
+                record["status"] = "discard"
+        store.write_ledger(ledger)
+        plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+        working = Path(gitops.TRAIN_PY)
+        wanted = best_code.read_text()
+        current = working.read_text() if working.exists() else None
+        if current is not None and current not in (wanted, gitops.show("HEAD")) and \
+                sha256_bytes(current.encode()) != target.get("train_sha256"):
+            keep_copy = store.run_path(target["run_id"]) / "train.py.uncommitted"
+            atomic_write(keep_copy, current)
+            print(f"saved uncommitted train.py edits to {keep_copy}")
+        if current == wanted and gitops.show("HEAD") == wanted:
+            print(f"discarded {target['run_id']}; train.py is already the best's ({best_run['commit']})")
+            return 0
+        atomic_write(working, wanted)
+        sha = gitops.commit_train_py(f"revert to best {best_run['commit']}")
+    print(f"discarded {target['run_id']}; train.py restored to best {best_run['commit']} in commit {sha}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    store = Store(".")
+    ledger = store.read_ledger()
+    a, b = store.find(ledger, args.a), store.find(ledger, args.b)
+    ra, rb = store.archived_records(a["run_id"]), store.archived_records(b["run_id"])
+    traj = trajectory(ra, a.get("config") or {}, rb)
+    out_dir = store.path(COMPARE_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{a['run_id']}_vs_{b['run_id']}.png"
+    plots.render([(path, plots.line_figure, (plots.PLOTS[0], [(a["run_id"], ra), (b["run_id"], rb)]))])
+    print(report.compare_md(a, b, config_diff(b.get("config") or {}, a.get("config") or {}), traj, path))
+    return 0
+
+
+def cmd_status(args) -> int:
+    store = Store(".")
+    ledger = store.read_ledger()
+    if not ledger:
+        print("no runs yet: `uv run train.py > run.log 2>&1 && uv run analyze.py`")
+        return 0
+    comparable = verdict.comparable_key(ledger[-1])
+    groups = verdict.pools(ledger, comparable)
+    noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
+    best = verdict.best_pool(ledger, comparable)
+    print(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger), args.n))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--run-dir", default=".", help="where train.py wrote its files (default: here)")
+    parser.add_argument("-m", "--message", help="description for results.tsv (default: the commit's subject)")
+    sub = parser.add_subparsers(dest="command")
+    keep = sub.add_parser("keep", help="mark a run keep and update insights.md's Current Best")
+    keep.add_argument("run_id", nargs="?", help="default: the latest run")
+    discard = sub.add_parser("discard", help="mark a run discard and restore train.py to the best")
+    discard.add_argument("run_id", nargs="?", help="default: the latest run")
+    compare = sub.add_parser("compare", help="two archived runs side by side")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    status = sub.add_parser("status", help="best, latest runs, noise, counts")
+    status.add_argument("-n", type=int, default=STATUS_LAST_N, help="how many latest runs to list")
+    args = parser.parse_args(argv)
+    command = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compare": cmd_compare,
+               "status": cmd_status}[args.command]
+    try:
+        return command(args)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

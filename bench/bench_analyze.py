@@ -1,0 +1,113 @@
+"""
+How long `uv run analyze.py` takes on one run with a history of 500 archived runs, plots included
+(issue: <= 3 s on the 2-core CPU machine).
+
+The history is written straight into a store in a temporary git repository (500 ledger rows and
+archive folders; the best and the previous run carry full metrics, the only archives analyze.py
+reads). The analysed run is a synthetic 5-minute GPU run in train.py's format: 1,000 steps, per-layer
+statistics for a depth-8 model every 50 steps, 10 validation points. Each repetition times the whole
+`python analyze.py` process (interpreter start and imports included) on a fresh run.
+
+Usage: uv run bench/bench_analyze.py [--runs 500] [--repeats 5] [--out bench/results/NAME.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import synthetic  # noqa: E402
+from analysis.store import Store  # noqa: E402
+
+STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
+DEPTH = 8               # the default DEPTH: 2 + 8 * 6 parameter matrices in the per-layer stats
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def build_history(repo: Path, n_runs: int):
+    store = Store(repo)
+    ledger = []
+    full = synthetic.make_records(n_steps=STEPS, depth=DEPTH, seed=1)
+    for i in range(n_runs):
+        run_id = f"{i:07x}"
+        kept = i % 10 == 0
+        value = 1.0 - 0.0001 * i if kept else 1.0 + 0.001 * (i % 7)
+        summary = synthetic.make_summary(full, value, commit=run_id, train_sha256=f"{i:064x}", seed=42 + i % 3)
+        record = {**summary, "run_id": run_id, "status": "keep" if kept else "discard", "train_status": "ok",
+                  "description": f"experiment {i}: a change to the model", "verdict": "keep" if kept else "discard"}
+        folder = store.run_path(run_id)
+        folder.mkdir(parents=True)
+        (folder / "run_summary.json").write_text(json.dumps(summary))
+        shutil.copy(repo / "train.py", folder / "train.py")
+        if i >= n_runs - 10:  # the best and the previous run: full metrics
+            synthetic.write_run(folder, full, summary, "log\n")
+        ledger.append(record)
+    store.write_ledger(ledger)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    repo = Path(tempfile.mkdtemp(prefix="alr-bench-analyze-"))
+    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
+    git("init", "-q", cwd=repo)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "bench"], cwd=repo, check=True, env=env)
+    t0 = time.perf_counter()
+    build_history(repo, args.runs)
+    print(f"history of {args.runs} runs written in {time.perf_counter() - t0:.1f} s")
+
+    times = []
+    for k in range(args.repeats):
+        records = synthetic.make_records(n_steps=STEPS, depth=DEPTH, seed=100 + k)
+        summary = synthetic.make_summary(records, 0.99 + 0.001 * k, commit="f00dcafe"[:7], seed=k,
+                                         train_sha256=f"{10_000 + k:064x}",
+                                         started_at=f"2026-11-22T00:00:{k:02d}+0000")
+        synthetic.write_run(repo, records, summary, f"bench run {k}\n")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "analyze.py"], cwd=repo, capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if proc.returncode != 0:
+            sys.exit(f"analyze.py failed: {proc.stderr.strip()}")
+        print(f"repeat {k + 1}: {times[-1]:.2f} s")
+    ledger_rows = len(Store(repo).read_ledger())
+    result = {
+        "benchmark": "bench/bench_analyze.py", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "python": platform.python_version(), "history_runs": args.runs, "steps": STEPS, "depth": DEPTH,
+        "ledger_rows_after": ledger_rows, "seconds": times,
+        "median_s": statistics.median(times), "max_s": max(times),
+        "last_stdout": proc.stdout.strip().splitlines(),
+    }
+    print(f"median {result['median_s']:.2f} s, max {result['max_s']:.2f} s over {args.repeats} runs "
+          f"with {args.runs} archived")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(repo)
+
+
+if __name__ == "__main__":
+    main()

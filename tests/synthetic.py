@@ -1,0 +1,99 @@
+"""
+Synthetic training runs with known answers, written in the exact format train.py writes (schema.py):
+a planted power-law loss curve with noise, optional spikes and offsets, a validation curve,
+per-layer statistics, run_summary.json and a run.log. Used by the analyze.py tests and its benchmark.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+import schema
+
+LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
+               "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def param_names(depth: int) -> list:
+    return ["wte.weight", "lm_head.weight"] + [f"blocks.{i}.{k}" for i in range(depth) for k in LAYER_KINDS]
+
+
+def make_records(n_steps=400, l_inf=3.0, a=6.0, alpha=0.5, noise=0.02, seed=0, step_ms=300.0,
+                 tokens_per_step=524288, warmup_steps=2, val_every=0.1, layer_every=50, depth=4,
+                 spikes=(), offset=None, grad_scale=None, norm_growth=None, budget_s=None):
+    """Records of one run. spikes: [(step, height)] added to the raw loss; offset: (step, delta) added to
+    the loss from that step on; grad_scale: {param name: factor} on its gradient norm;
+    norm_growth: {param name: factor} its weight norm grows by, linearly over the run."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(n_steps)
+    loss = l_inf + a * (steps + 1.0) ** -alpha + rng.normal(0, noise, n_steps)
+    for step, height in spikes:
+        loss[step] += height
+    if offset:
+        loss[offset[0]:] += offset[1]
+    budget = budget_s or (n_steps - warmup_steps) * step_ms / 1000
+    names = param_names(depth)
+    grad_scale, norm_growth = grad_scale or {}, norm_growth or {}
+    records, ema, t, next_val = [], 0.0, 0.0, val_every
+    for s in steps:
+        dt = step_ms * (1 + 0.02 * rng.standard_normal())
+        if s >= warmup_steps:
+            t += dt / 1000
+        progress = min(t / budget, 1.0)
+        ema = 0.9 * ema + 0.1 * loss[s]
+        rec = {schema.STEP: int(s), schema.TIME_S: t, schema.TRAIN_LOSS: float(loss[s]),
+               schema.TRAIN_LOSS_SMOOTH: ema / (1 - 0.9 ** (s + 1)), schema.LR_MULTIPLIER: 1.0 - 0.5 * progress,
+               schema.MUON_MOMENTUM: 0.85 + 0.1 * min(s / 300, 1.0), schema.WEIGHT_DECAY: 0.2 * (1 - progress),
+               schema.PROGRESS: progress, schema.STEP_TIME_MS: dt, schema.TOKENS_PER_SEC: tokens_per_step / (dt / 1000),
+               schema.MFU_PERCENT: 40.0}
+        if s % layer_every == 0:
+            for j, name in enumerate(names):
+                frac = s / max(n_steps - 1, 1)
+                rec[schema.layer_key(name, "grad_norm")] = 0.1 * (1 + 0.05 * j % 3) * grad_scale.get(name, 1.0) \
+                    * math.exp(0.05 * rng.standard_normal())
+                rec[schema.layer_key(name, "weight_norm")] = 10.0 * (1 + (norm_growth.get(name, 1.0) - 1) * frac)
+                rec[schema.layer_key(name, "update_ratio")] = 0.01 * math.exp(0.05 * rng.standard_normal())
+        if progress >= next_val or s == n_steps - 1:
+            rec[schema.VAL_BPB] = float((l_inf + a * (s + 1.0) ** -alpha) / math.log(2) / 4.0)
+            rec[schema.VAL_LOSS] = float(l_inf + a * (s + 1.0) ** -alpha + 0.05)
+            next_val = (math.floor(progress / val_every) + 1) * val_every
+        records.append(rec)
+    return records
+
+
+def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, status="ok", seed=42,
+                 device="NVIDIA H100 80GB HBM3", started_at=None, budget_s=300.0, config=None, error=None, **extra):
+    last = records[-1] if records else {}
+    summary = {k: None for k in schema.SUMMARY_KEYS}
+    summary.update(
+        status=status, val_bpb=val_bpb if status == "ok" else None, training_seconds=last.get(schema.TIME_S, 0.0),
+        total_seconds=last.get(schema.TIME_S, 0.0) + 30, startup_seconds=20.0, peak_vram_mb=40000.0,
+        mfu_percent=40.0, total_tokens_M=len(records) * 0.524288, num_steps=len(records), num_params_M=50.0,
+        depth=4, seed=seed, device=device, torch_version="2.11.0", commit=commit, dirty=False,
+        data={"source": "climbmix-400b-shuffle", "smoke_test": False, "manifest_hash": "feedfacefeedface"},
+        harness_hash="0123456789abcdef", train_sha256=train_sha256,
+        started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
+        config=config or {"DEPTH": 4, "MATRIX_LR": 0.04, "CLOCK_WARMUP_STEPS": 2, "SEED": seed})
+    if error:
+        summary["error"] = error
+    summary.update(extra)
+    return summary
+
+
+def write_run(folder, records=None, summary=None, log=None, truncate_metrics=False):
+    """Write the files train.py leaves behind into `folder` (None: that file is absent)."""
+    folder = Path(folder)
+    for name in ("metrics.jsonl", "run_summary.json", "run.log"):
+        (folder / name).unlink(missing_ok=True)
+    if records is not None:
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if truncate_metrics:
+            text = text[:-len(json.dumps(records[-1])) // 2 - 1]  # a half-written last line
+        (folder / "metrics.jsonl").write_text(text)
+    if summary is not None:
+        (folder / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    if log is not None:
+        (folder / "run.log").write_text(log)

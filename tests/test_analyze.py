@@ -1,0 +1,412 @@
+"""analyze.py as the agent runs it, in temporary git repositories holding synthetic runs: archives,
+crash handling, the ledger, the verdict, the bookkeeping commands and their refusals, and plots."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import schema
+import synthetic
+from analysis import plots, report, stats
+from analysis.store import Store, read_metrics
+from conftest import ROOT
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+HARNESS = ("analyze.py", "schema.py", "prepare.py", "train.py")
+CRASH_LOG = """step 00010 (3.0%) | loss: 5.1
+Traceback (most recent call last):
+  File "train.py", line 400, in <module>
+    loss = compiled(x, y)
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB
+"""
+
+
+def git(repo, *args) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+def analyze(repo, *args):
+    return subprocess.run([sys.executable, "analyze.py", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}, timeout=120)
+
+
+def head(repo) -> str:
+    return git(repo, "rev-parse", "--short", "HEAD").strip()
+
+
+def train_sha(repo) -> str:
+    import hashlib
+    return hashlib.sha256((repo / "train.py").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    for name in HARNESS:
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "analysis", tmp_path / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "baseline")
+    return tmp_path
+
+
+def fake_run(repo, val_bpb=1.0, seed=42, status="ok", log=None, n_steps=300, offset=None, **kw):
+    """Write the files of a finished run of the committed train.py, as train.py would."""
+    records = synthetic.make_records(n_steps=n_steps, seed=seed, offset=offset)
+    summary = synthetic.make_summary(records, val_bpb, commit=head(repo), train_sha256=train_sha(repo), seed=seed,
+                                     status=status, **kw)
+    synthetic.write_run(repo, records, summary, log if log is not None else f"run seed {seed}\nval_bpb: {val_bpb}\n")
+    return records, summary
+
+
+def commit_change(repo, old, new, message):
+    source = (repo / "train.py").read_text()
+    assert old in source
+    (repo / "train.py").write_text(source.replace(old, new, 1))
+    git(repo, "commit", "-qam", message)
+
+
+def ledger(repo):
+    return Store(repo).read_ledger()
+
+
+def baseline(repo, values=(1.0, 1.002, 0.998)):
+    """The baseline run three times with different seeds, kept."""
+    for i, v in enumerate(values):
+        fake_run(repo, v, seed=42 + i)
+        assert analyze(repo).returncode == 0
+    assert analyze(repo, "keep").returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# Archive and ledger
+# ---------------------------------------------------------------------------
+
+def test_run_is_archived_with_ledger_row(repo):
+    records, summary = fake_run(repo, 0.995)
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) <= report.STDOUT_MAX_LINES
+    assert "0.995000" in proc.stdout and "verdict: KEEP" in proc.stdout
+    run_id = head(repo)
+    folder = repo / ".auto-log-research" / run_id
+    for name in ("run_summary.json", "metrics.jsonl", "run.log", "train.py", "diff.patch", "analysis.md",
+                 "loss_vs_step.png", "loss_vs_time.png", "val_bpb.png", "schedules.png", "perf.png",
+                 "layer_grad_norm.png"):
+        assert (folder / name).exists(), name
+    assert (repo / ".auto-log-research" / "progress.png").exists()
+    assert (folder / "train.py").read_text() == (repo / "train.py").read_text()
+    rows = Store(repo).read_results_tsv()
+    assert list(rows[0])[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert rows == [rows[0]] and rows[0]["val_bpb"] == "0.995" and rows[0]["status"] == "pending"
+    assert rows[0]["description"] == "baseline" and rows[0]["run_id"] == run_id
+    entry = ledger(repo)[0]
+    assert entry["config"] == summary["config"] and entry["verdict"] == "keep"
+
+
+def test_analysis_md_sections_in_order(repo):
+    baseline(repo)
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.97, seed=1, offset=(150, -0.1))
+    assert analyze(repo).returncode == 0
+    text = (repo / ".auto-log-research" / head(repo) / "analysis.md").read_text()
+    sections = ["## Result", "## Verdict", "## Configuration vs best", "## Performance", "## Loss trajectory",
+                "## Per-layer statistics", "## Plots", "## Agent Investigation Notes"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions)
+    assert text.rstrip().endswith("## Agent Investigation Notes")
+    assert "σ)" in text  # deltas in noise units
+    assert "parted at step" in text  # the planted offset at step 150
+    assert "power-law fit" in text and "tail (steps" in text
+    patch = (repo / ".auto-log-research" / head(repo) / "diff.patch").read_text()
+    assert "-MATRIX_LR = 0.04" in patch and "+MATRIX_LR = 0.05" in patch
+
+
+def test_repeats_get_their_own_run_ids(repo):
+    for seed in (1, 2, 3):
+        fake_run(repo, 1.0 + seed / 1000, seed=seed)
+        assert analyze(repo).returncode == 0
+    c = head(repo)
+    assert [r["run_id"] for r in ledger(repo)] == [c, f"{c}-2", f"{c}-3"]
+
+
+def test_description_is_sanitised(repo):
+    fake_run(repo)
+    assert analyze(repo, "-m", "two\tcolumns\nand lines").returncode == 0
+    row = Store(repo).read_results_tsv()[0]
+    assert row["description"] == "two columns and lines" and row["status"] == "pending"
+
+
+def test_analyzing_the_same_run_twice_is_refused(repo):
+    fake_run(repo)
+    assert analyze(repo).returncode == 0
+    proc = analyze(repo)
+    assert proc.returncode != 0 and "already archived" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert len(ledger(repo)) == 1
+
+
+def test_no_run_is_refused(repo):
+    proc = analyze(repo)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: no run to analyze")
+
+
+# ---------------------------------------------------------------------------
+# Crashes: never a number the run did not produce
+# ---------------------------------------------------------------------------
+
+def test_crash_without_summary_is_archived_with_traceback(repo):
+    records = synthetic.make_records(n_steps=20)
+    synthetic.write_run(repo, records, None, CRASH_LOG, truncate_metrics=True)
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: CRASH" in proc.stdout
+    entry = ledger(repo)[0]
+    assert entry["status"] == "crash" and entry["val_bpb"] is None
+    assert "OutOfMemoryError" in entry["error"]
+    text = (repo / ".auto-log-research" / entry["run_id"] / "analysis.md").read_text()
+    assert "## Crash" in text and "torch.OutOfMemoryError: CUDA out of memory" in text
+    assert "truncated" in text  # the half-written last metrics line is reported
+    assert Store(repo).read_results_tsv()[0]["val_bpb"] == ""
+
+
+def test_stale_summary_of_an_earlier_run_is_never_reported(repo):
+    fake_run(repo, 0.9)
+    assert analyze(repo).returncode == 0
+    # the next run dies before train.py's logger starts (a syntax error): run.log is new, the rest is old
+    (repo / "run.log").write_text('  File "train.py", line 3\n    def (\nSyntaxError: invalid syntax\n')
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    latest = ledger(repo)[-1]
+    assert latest["status"] == "crash" and latest["val_bpb"] is None
+    assert "val_bpb: none" in proc.stdout and "SyntaxError: invalid syntax" in latest["error"]
+    assert any("belongs to run" in n for n in latest["notes"])
+    assert not (repo / ".auto-log-research" / latest["run_id"] / "run_summary.json").exists()
+
+
+@pytest.mark.parametrize("status", ["nan", "timeout"])
+def test_failed_statuses_are_kept_and_judged_crash(repo, status):
+    fake_run(repo, status=status, error="loss nan at step 40", log="step 40\nFAIL: loss nan\n")
+    assert analyze(repo).returncode == 0
+    entry = ledger(repo)[0]
+    assert entry["status"] == status and entry["verdict"] == "crash" and entry["val_bpb"] is None
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and f"status {status}" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Verdicts through the whole command
+# ---------------------------------------------------------------------------
+
+def test_seed_only_change_is_not_kept_and_a_real_gain_is(repo):
+    baseline(repo)
+    commit_change(repo, "# Model", "# Model (a comment: no effect on training)", "comment only")
+    fake_run(repo, 0.9995, seed=7)
+    proc = analyze(repo)
+    assert "verdict: RERUN" in proc.stdout
+    assert ledger(repo)[-1]["status"] == "rerun"
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.96, seed=8)
+    proc = analyze(repo)
+    assert "verdict: KEEP" in proc.stdout, proc.stdout
+    assert "σ" in proc.stdout
+
+
+def test_rerun_pools_the_runs_of_the_same_code(repo):
+    baseline(repo)
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.045", "matrix lr 0.045")
+    for seed, value in ((1, 0.9975), (2, 0.9972), (3, 0.9978)):
+        fake_run(repo, value, seed=seed)
+        analyze(repo)
+    last = ledger(repo)[-1]
+    assert last["n_pooled"] == 3
+    assert last["verdict"] in ("keep", "rerun")
+
+
+# ---------------------------------------------------------------------------
+# keep / discard / compare / status
+# ---------------------------------------------------------------------------
+
+def test_keep_then_discard_gives_the_right_history_and_files(repo):
+    baseline(repo)
+    base_commit = head(repo)
+    insights = (repo / ".auto-log-research" / "insights.md").read_text()
+    assert insights.startswith("# Insights") and "## Current Best" in insights
+    assert f"`{base_commit}`" in insights and "mean of 3 run(s)" in insights and "1.000000" in insights
+    assert {r["status"] for r in ledger(repo)} == {"keep"}
+
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 12 ", "depth 12")
+    bad_commit = head(repo)
+    fake_run(repo, 1.05, seed=9)
+    proc = analyze(repo)
+    assert "verdict: DISCARD" in proc.stdout
+    proc = analyze(repo, "discard")
+    assert proc.returncode == 0, proc.stderr
+    log = git(repo, "log", "--format=%s").splitlines()
+    assert log[:3] == [f"revert to best {base_commit}", "depth 12", "baseline"]
+    assert (repo / "train.py").read_text() == git(repo, "show", f"{base_commit}:train.py")
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    statuses = [r["status"] for r in Store(repo).read_results_tsv()]
+    assert statuses == ["keep", "keep", "keep", "discard"]
+    # the discarded change is still in the archive
+    assert "+DEPTH = 12" in (repo / ".auto-log-research" / bad_commit / "diff.patch").read_text()
+    # the user's own notes in insights.md survive a new keep
+    path = repo / ".auto-log-research" / "insights.md"
+    path.write_text(path.read_text() + "\n- wider is better at this budget (runs a, b)\n")
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.95, seed=10)
+    analyze(repo)
+    assert analyze(repo, "keep").returncode == 0
+    text = path.read_text()
+    assert text.count("## Current Best") == 1 and f"`{head(repo)}`" in text and "0.950000" in text
+    assert "wider is better at this budget" in text
+
+
+def test_keep_and_discard_refuse_unsafe_situations(repo):
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and "no run to act on" in proc.stderr
+    fake_run(repo)
+    analyze(repo)
+    proc = analyze(repo, "discard")
+    assert proc.returncode != 0 and "no best yet" in proc.stderr
+    proc = analyze(repo, "keep", "deadbee")
+    assert proc.returncode != 0 and "unknown run id 'deadbee'" in proc.stderr
+    (repo / "prepare.py").write_text((repo / "prepare.py").read_text() + "\n# edited\n")
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and "uncommitted changes other than train.py (prepare.py)" in proc.stderr
+    for p in (proc,):
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert ledger(repo)[0]["status"] == "pending"
+
+
+def test_keep_refuses_a_run_of_uncommitted_code(repo):
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace("DEPTH = 8 ", "DEPTH = 9 "))
+    fake_run(repo, dirty=True)
+    analyze(repo)
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and "did not run a committed train.py" in proc.stderr
+
+
+def test_compare_and_status(repo):
+    baseline(repo)
+    a = ledger(repo)[0]["run_id"]
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.97, seed=3, offset=(100, -0.1))
+    analyze(repo)
+    b = head(repo)
+    proc = analyze(repo, "compare", b, a)
+    assert proc.returncode == 0, proc.stderr
+    assert "- `SEED`: 42 → 3" in proc.stdout  # the config diff (only the seed differs) ...
+    assert "parted at step" in proc.stdout and "lower" in proc.stdout  # ... but not a loss curve
+    assert (repo / ".auto-log-research" / "compare" / f"{b}_vs_{a}.png").exists()
+    assert analyze(repo, "compare", b, "nope").returncode != 0
+    proc = analyze(repo, "status")
+    assert proc.returncode == 0
+    assert f"best: {a}" in proc.stdout and "3 keep" in proc.stdout and "1 pending" in proc.stdout
+    assert "noise: σ =" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Concurrency and interruption
+# ---------------------------------------------------------------------------
+
+def test_concurrent_analyze_processes_never_lose_a_row(repo):
+    procs = []
+    for i in range(5):
+        run_dir = repo / f"run{i}"
+        run_dir.mkdir()
+        records = synthetic.make_records(n_steps=100, seed=i)
+        synthetic.write_run(run_dir, records, synthetic.make_summary(records, 1.0 + i / 100, commit=head(repo),
+                                                                     train_sha256=train_sha(repo), seed=i,
+                                                                     started_at=f"2026-11-22T10:00:0{i}+0000"),
+                            f"run {i}\n")
+        procs.append(subprocess.Popen([sys.executable, "analyze.py", "--run-dir", str(run_dir)], cwd=repo,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, **GIT_ENV}))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    rows = Store(repo).read_results_tsv()
+    assert sorted(float(r["val_bpb"]) for r in rows) == [1.0, 1.01, 1.02, 1.03, 1.04]
+    assert len({r["run_id"] for r in rows}) == 5
+    assert len(ledger(repo)) == 5
+
+
+def test_an_interrupted_write_leaves_the_ledger_intact(repo, monkeypatch):
+    fake_run(repo)
+    analyze(repo)
+    store = Store(repo)
+    before = store.path("results.tsv").read_text(), store.path("runs.jsonl").read_text()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_ledger(store.read_ledger() + [{**store.read_ledger()[0], "run_id": "x"}])
+    monkeypatch.undo()
+    assert (store.path("results.tsv").read_text(), store.path("runs.jsonl").read_text()) == before
+
+
+# ---------------------------------------------------------------------------
+# Plots: the data drawn, not only the files
+# ---------------------------------------------------------------------------
+
+def test_run_figures_plot_this_best_and_previous_series():
+    this, best, prev = (synthetic.make_records(n_steps=120, seed=s) for s in (1, 2, 3))
+    figures = plots.run_figures([("this", this), ("best", best), ("previous", prev)])
+    assert set(figures) == {p.file for p in plots.PLOTS} | {plots.LAYER_HEATMAP}
+    for plot in plots.PLOTS:
+        fig = figures[plot.file]
+        for ax, panel in zip(fig.axes, plot.panels):
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            for label, records in (("this", this), ("best", best), ("previous", prev)):
+                x, y = stats.series(records, panel.key, plot.x)
+                assert np.allclose(lines[label].get_xdata(), x) and np.allclose(lines[label].get_ydata(), y), \
+                    (plot.file, panel.key, label)
+    val = {line.get_label(): line for line in figures["val_bpb.png"].axes[0].get_lines()}
+    assert len(val["this"].get_xdata()) == sum(schema.VAL_BPB in r for r in this)
+    raw = {line.get_label(): line for line in figures["loss_vs_step.png"].axes[0].get_lines()}["this (raw)"]
+    assert np.allclose(raw.get_ydata(), [r[schema.TRAIN_LOSS] for r in this])
+
+
+def test_layer_heatmap_shows_log_grad_norms_of_each_run():
+    this, best = synthetic.make_records(n_steps=101, seed=1), synthetic.make_records(n_steps=101, seed=2)
+    fig = plots.layer_heatmap([("this", this), ("best", best)])
+    images = [ax.get_images()[0] for ax in fig.axes if ax.get_images()]
+    assert len(images) == 2
+    table = stats.layer_table(this)
+    names = sorted(table)
+    expected = np.log10([table[n]["grad_norm"][1] for n in names])
+    assert np.allclose(images[0].get_array(), expected)
+
+
+def test_progress_plot_highlights_kept_runs_and_running_best():
+    values = [1.0, 1.01, None, 0.99, 0.995, 0.98]
+    statuses = ["keep", "discard", "crash", "keep", "discard", "keep"]
+    led = [{"run_id": f"r{i}", "val_bpb": v, "status": s, "description": f"idea {i}"}
+           for i, (v, s) in enumerate(zip(values, statuses))]
+    fig = plots.progress_figure(led)
+    ax = fig.axes[0]
+    scatters = {c.get_label(): c.get_offsets() for c in ax.collections}
+    assert np.allclose(scatters["kept"], [[1, 1.0], [4, 0.99], [6, 0.98]])
+    assert np.allclose(scatters["crash / nan / timeout"][:, 0], [3])
+    best = {line.get_label(): line for line in ax.get_lines()}["running best"]
+    assert np.allclose(best.get_ydata(), [1.0, 1.0, 1.0, 0.99, 0.99, 0.98])
+    assert [t.get_text() for t in ax.texts if t.get_text().startswith("idea")] == ["idea 0", "idea 3", "idea 5"]
+
+
+def test_metrics_reader_keeps_complete_lines_of_a_truncated_file(tmp_path):
+    records = synthetic.make_records(n_steps=10)
+    synthetic.write_run(tmp_path, records, truncate_metrics=True)
+    got, problems = read_metrics(tmp_path / "metrics.jsonl")
+    assert got == json.loads(json.dumps(records[:-1]))
+    assert problems == ["line 10 of metrics.jsonl is truncated"]

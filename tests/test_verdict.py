@@ -1,0 +1,82 @@
+"""The noise estimate and the verdict on planted noise (analysis/verdict.py)."""
+
+import numpy as np
+import pytest
+
+from analysis import verdict
+
+SIGMA = 0.002  # seed-to-seed noise of the simulated runs
+
+
+def test_noise_estimate_pools_within_group_variance():
+    a, b = [1.0, 1.002, 1.004], [2.0, 2.004]
+    noise = verdict.noise_estimate([a, b, [5.0]])  # a single run carries no information
+    ss = np.var(a) * 3 + np.var(b) * 2
+    assert noise["df"] == 3 and noise["n_groups"] == 2 and noise["trusted"]
+    assert noise["sigma"] == pytest.approx(np.sqrt(ss / 3))
+    assert verdict.noise_estimate([[1.0], [2.0]]) == {"sigma": None, "df": 0, "n_groups": 0, "trusted": False}
+    assert not verdict.noise_estimate([[1.0, 1.1]])["trusted"]  # 1 df < MIN_NOISE_DF
+
+
+def test_no_best_keeps_the_baseline_and_failures_are_crash():
+    assert verdict.decide([1.0])["verdict"] == "keep"
+    assert verdict.decide([], failed="nan")["verdict"] == "crash"
+
+
+def test_worse_is_discarded_and_clearly_better_is_kept():
+    noise = verdict.noise_estimate([[1.0, 1.002, 0.998]])
+    assert verdict.decide([1.01], [1.0, 1.002, 0.998], noise)["verdict"] == "discard"
+    kept = verdict.decide([0.97], [1.0, 1.002, 0.998], noise)
+    assert kept["verdict"] == "keep" and kept["p_value"] < verdict.KEEP_ALPHA and kept["delta"] < 0
+
+
+def test_within_noise_is_rerun_then_discarded_after_the_cap():
+    best = [1.0, 1.002, 0.998]
+    noise = verdict.noise_estimate([best])
+    assert verdict.decide([0.999], best, noise)["verdict"] == "rerun"
+    capped = verdict.decide([0.999] * verdict.MAX_RUNS_PER_CANDIDATE, best, noise)
+    assert capped["verdict"] == "discard" and "within the noise" in capped["reason"]
+
+
+def test_welch_test_reported_with_repeats_on_both_sides():
+    best, cand = [1.0, 1.002, 0.998], [0.990, 0.991]
+    d = verdict.decide(cand, best, verdict.noise_estimate([best, cand]))
+    assert d["p_welch"] is not None and 0 < d["p_welch"] < 0.05
+    assert verdict.decide([0.99], best, verdict.noise_estimate([best]))["p_welch"] is None
+
+
+def test_without_noise_estimate_the_fallback_margin_is_conservative():
+    d = verdict.decide([0.996], [1.0], verdict.noise_estimate([]))
+    assert "no noise estimate" in d["sigma_source"]
+    assert d["sigma"] == pytest.approx(verdict.FALLBACK_NOISE_FRACTION * 1.0)
+    assert d["verdict"] == "rerun"  # 0.4 % better is not enough unmeasured
+
+
+def test_same_code_as_best_is_pooled_not_judged():
+    d = verdict.decide([1.01, 1.0], [1.01, 1.0], verdict.noise_estimate([[1.01, 1.0]]), same_as_best=True)
+    assert d["verdict"] == "keep" and "repeat" in d["reason"]
+
+
+def simulate(effect_sigmas: float, trials: int, seed: int) -> float:
+    """The loop as program.md runs it: a 3-seed baseline, then a candidate rerun while the verdict says so."""
+    rng = np.random.default_rng(seed)
+    keeps = 0
+    for _ in range(trials):
+        best = list(rng.normal(1.0, SIGMA, 3))
+        candidate = []
+        while True:
+            candidate.append(rng.normal(1.0 - effect_sigmas * SIGMA, SIGMA))
+            d = verdict.decide(candidate, best, verdict.noise_estimate([best, candidate]))
+            if d["verdict"] != "rerun":
+                keeps += d["verdict"] == "keep"
+                break
+    return keeps / trials
+
+
+def test_a_seed_only_change_is_rarely_kept():
+    # the candidate is the baseline under another seed: every keep is a false keep
+    assert simulate(0.0, trials=600, seed=0) <= 0.05
+
+
+def test_a_real_improvement_is_usually_kept():
+    assert simulate(4.0, trials=300, seed=1) >= 0.85
