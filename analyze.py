@@ -15,10 +15,11 @@ file is the command line and the order of things. No torch import: analysis take
 
 import argparse
 import difflib
-import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last wr
 
 def _epoch(stamp: str):
     try:
-        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z"))
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
     except (TypeError, ValueError):
         return None
 
@@ -59,19 +60,22 @@ def classify(run: dict, ledger: list) -> dict:
             if r.get(key):
                 archived[key, r[key]] = r["run_id"]
     log_of = archived.get(("run_log_sha256", run["run_log_sha256"])) if log is not None else None
+    metrics_of = archived.get(("metrics_sha256", run["metrics_sha256"])) if records else None
     summary_of = None
     if summary is not None and summary.get("started_at"):
         summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
                            and r.get("train_sha256") == summary.get("train_sha256")), None)
-    if (log_of or log is None) and (summary is None or summary_of) and not (log is None and summary is None):
-        raise StoreError(f"this run is already archived as {log_of or summary_of}: train again "
+    anything_new = ((log is not None and not log_of) or (summary is not None and not summary_of)
+                    or (records and not metrics_of) or run["summary_problem"])
+    if not anything_new:
+        raise StoreError(f"this run is already archived as {log_of or summary_of or metrics_of}: train again "
                          f"(`uv run train.py > run.log 2>&1`) before analyzing")
     if summary_of:
         notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run wrote none, "
                      f"so it failed before train.py's logger started; that earlier result is ignored")
         summary = None
-    if archived.get(("metrics_sha256", run["metrics_sha256"])):
-        notes.append(f"metrics.jsonl belongs to run {archived['metrics_sha256', run['metrics_sha256']]}; ignored")
+    if metrics_of:
+        notes.append(f"metrics.jsonl belongs to run {metrics_of} (already archived); ignored")
         records = []
     elif run["metrics_problems"] and (summary or records):
         notes.extend(run["metrics_problems"][:3])
@@ -237,6 +241,9 @@ def cmd_analyze(args) -> int:
         record = archive(store, args, run, facts)
         folder = store.run_path(record["run_id"])
         best_records, noise = best_and_noise(record, ledger)
+        if best_records is None and facts["status"] == "ok" and any(r["status"] == "keep" for r in ledger):
+            record["notes"].append("kept runs exist, but none on this device, budget, harness and data: "
+                                   "this run is judged as a new baseline")
         # the best's representative for overlays and diffs: its latest run other than this one
         best = next((r for r in reversed(best_records or []) if r["run_id"] != record["run_id"]), None)
         previous = ledger[-1] if ledger else None
@@ -273,19 +280,26 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _target(store: Store, ledger: list, run_id) -> dict:
-    if not ledger:
-        raise StoreError("no run to act on: the store is empty (run `uv run analyze.py` after a training run)")
-    return store.find(ledger, run_id) if run_id else ledger[-1]
-
-
-def cmd_keep(args) -> int:
+@contextmanager
+def bookkeeping(run_id):
+    """(store, ledger, target run) under the store lock, for keep and discard, after the safety checks."""
     store = Store(".")
     gitops.require_repo()
     gitops.refuse_unsafe_tree()
     with store.lock():
         ledger = store.read_ledger()
-        target = _target(store, ledger, args.run_id)
+        if not ledger:
+            raise StoreError("no run to act on: the store is empty (run `uv run analyze.py` after a training run)")
+        yield store, ledger, (store.find(ledger, run_id) if run_id else ledger[-1])
+
+
+def save_ledger(store: Store, ledger: list):
+    store.write_ledger(ledger)
+    plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+
+
+def cmd_keep(args) -> int:
+    with bookkeeping(args.run_id) as (store, ledger, target):
         if target["status"] in verdict.NOT_COUNTED:
             raise StoreError(f"run {target['run_id']} has status {target['status']}: only a finished run can be kept")
         committed = gitops.show(target["commit"])
@@ -296,12 +310,11 @@ def cmd_keep(args) -> int:
         group = verdict.pools(ledger, comparable)[verdict.code_key(target)]
         for record in group:
             record["status"] = "keep"
-        store.write_ledger(ledger)
+        save_ledger(store, ledger)
         best_key, best_records = verdict.best_pool(ledger, comparable)
         insights = store.path(INSIGHTS)
         old = insights.read_text() if insights.exists() else None
         atomic_write(insights, report.with_current_best(old, best_records))
-        plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
     mean = np.mean([r["val_bpb"] for r in group])
     print(f"kept {target['run_id']} (commit {target['commit']}): val_bpb {mean:.6f} pooled over {len(group)} run(s)")
     if target["verdict"] != "keep":
@@ -313,12 +326,7 @@ def cmd_keep(args) -> int:
 
 
 def cmd_discard(args) -> int:
-    store = Store(".")
-    gitops.require_repo()
-    gitops.refuse_unsafe_tree()
-    with store.lock():
-        ledger = store.read_ledger()
-        target = _target(store, ledger, args.run_id)
+    with bookkeeping(args.run_id) as (store, ledger, target):
         if target["status"] == "keep":
             raise StoreError(f"run {target['run_id']} is kept; a kept run is never discarded")
         best = verdict.best_pool(ledger, verdict.comparable_key(target))
@@ -332,20 +340,17 @@ def cmd_discard(args) -> int:
         for record in ledger:
             if verdict.code_key(record) == verdict.code_key(target) and record["status"] in ("pending", "rerun"):
                 record["status"] = "discard"
-        store.write_ledger(ledger)
-        plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
-        working = Path(gitops.TRAIN_PY)
-        wanted = best_code.read_text()
+        save_ledger(store, ledger)
+        working, wanted, committed = Path(gitops.TRAIN_PY), best_code.read_text(), gitops.show("HEAD")
         current = working.read_text() if working.exists() else None
-        if current is not None and current not in (wanted, gitops.show("HEAD")) and \
-                sha256_bytes(current.encode()) != target.get("train_sha256"):
+        if current not in (None, wanted, committed) and sha256_bytes(current.encode()) != target["train_sha256"]:
             keep_copy = store.run_path(target["run_id"]) / "train.py.uncommitted"
             atomic_write(keep_copy, current)
             print(f"saved uncommitted train.py edits to {keep_copy}")
-        if current == wanted and gitops.show("HEAD") == wanted:
-            print(f"discarded {target['run_id']}; train.py is already the best's ({best_run['commit']})")
-            return 0
         atomic_write(working, wanted)
+        if committed == wanted:
+            print(f"discarded {target['run_id']}; train.py is the best's ({best_run['commit']}), nothing to commit")
+            return 0
         sha = gitops.commit_train_py(f"revert to best {best_run['commit']}")
     print(f"discarded {target['run_id']}; train.py restored to best {best_run['commit']} in commit {sha}")
     return 0
@@ -371,7 +376,8 @@ def cmd_status(args) -> int:
     if not ledger:
         print("no runs yet: `uv run train.py > run.log 2>&1 && uv run analyze.py`")
         return 0
-    comparable = verdict.comparable_key(ledger[-1])
+    latest = next((r for r in reversed(ledger) if verdict.finished(r)), ledger[-1])
+    comparable = verdict.comparable_key(latest)
     groups = verdict.pools(ledger, comparable)
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable)

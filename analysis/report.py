@@ -221,12 +221,12 @@ def _layers_section(ctx) -> list:
     flagged = [d for d in layers["drift"] if d["flag"]]
     out.append("")
     if flagged:
-        out.append(f"Weight norms that changed by {stats.NORM_CHANGE_FLAG:g}× or more over the run:")
+        out.append(f"Weight norms that changed by {stats.NORM_CHANGE_FLAG:g}× or more from a quarter into the run to its end:")
         for d in flagged[:MAX_TABLE_ROWS]:
-            out.append(f"- `{d['name']}`: {d['first']:.3g} → {d['last']:.3g} ({d['ratio']:.2f}×)")
+            out.append(f"- `{d['name']}`: {d['first']:.3g} at step {d['from_step']} → {d['last']:.3g} ({d['ratio']:.2f}×)")
     elif layers["drift"]:
         ratios = [d["ratio"] for d in layers["drift"]]
-        out.append(f"Weight norms stayed within {stats.NORM_CHANGE_FLAG:g}× of their start "
+        out.append(f"Weight norms stayed within {stats.NORM_CHANGE_FLAG:g}× from a quarter into the run to its end "
                    f"(last/first from {min(ratios):.2f} to {max(ratios):.2f}).")
     return out
 

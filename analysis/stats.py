@@ -34,6 +34,7 @@ LAYER_OUTLIER_Z = 3.0        # robust z (median / MAD over layers, log scale) of
 LAYER_OUTLIER_RATIO = 2.0    # ... and at least 2x off the typical layer: near-identical layers have a tiny MAD
 MIN_LAYERS_FOR_OUTLIERS = 3  # a median over fewer layers says nothing
 NORM_CHANGE_FLAG = 2.0       # a weight norm that grew or shrank by this factor over the run is reported
+DRIFT_SKIP_FRACTION_INV = 4  # drift is measured from a quarter into the run, past the initial transient
 MAD_TO_SD = 1.4826           # MAD of a normal distribution times this is its standard deviation
 
 
@@ -222,7 +223,8 @@ def layer_findings(table: dict) -> dict:
 
     Outliers compare the same matrix across layers (blocks.*.mlp.c_fc.weight over every block),
     on the log of its median over the run, so different shapes are never compared with each other.
-    Drift is each parameter's weight norm at its last measurement over its first."""
+    Drift is each parameter's weight norm at its last measurement over the one a quarter into the run
+    (zero-initialised projections grow by orders of magnitude at first; that is not drift)."""
     kinds = {}
     for name in table:
         kind, index = layer_kind(name)
@@ -249,11 +251,12 @@ def layer_findings(table: dict) -> dict:
     for name, by_stat in sorted(table.items()):
         if "weight_norm" not in by_stat or len(by_stat["weight_norm"][1]) < 2:
             continue
-        values = by_stat["weight_norm"][1]
-        first, last = float(values[0]), float(values[-1])
-        if first > 0:
+        steps, values = by_stat["weight_norm"]
+        start = len(values) // DRIFT_SKIP_FRACTION_INV
+        first, last = float(values[start]), float(values[-1])
+        if first > 0 and start < len(values) - 1:
             ratio = last / first
-            drift.append({"name": name, "first": first, "last": last, "ratio": ratio,
+            drift.append({"name": name, "from_step": int(steps[start]), "first": first, "last": last, "ratio": ratio,
                           "flag": bool(ratio >= NORM_CHANGE_FLAG or ratio <= 1 / NORM_CHANGE_FLAG)})
     return {"outliers": outliers, "kinds_with_too_few_layers": too_few, "drift": drift,
             "n_params": len(table)}

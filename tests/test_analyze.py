@@ -410,3 +410,38 @@ def test_metrics_reader_keeps_complete_lines_of_a_truncated_file(tmp_path):
     got, problems = read_metrics(tmp_path / "metrics.jsonl")
     assert got == json.loads(json.dumps(records[:-1]))
     assert problems == ["line 10 of metrics.jsonl is truncated"]
+
+
+# ---------------------------------------------------------------------------
+# A real tiny CPU train.py run, end to end
+# ---------------------------------------------------------------------------
+
+def test_real_cpu_run_end_to_end(prepared, repo):
+    env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
+    with open(repo / "run.log", "w") as log:
+        train = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+                               env=env, timeout=300)
+    assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
+    summary = json.loads((repo / "run_summary.json").read_text())
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert f"val_bpb: {summary['val_bpb']:.6f}" in proc.stdout and "verdict: KEEP" in proc.stdout
+    entry = ledger(repo)[0]
+    assert entry["status"] == "pending" and entry["device"] == "cpu" and entry["train_sha256"] == train_sha(repo)
+    folder = repo / ".auto-log-research" / entry["run_id"]
+    text = (folder / "analysis.md").read_text()
+    assert "SMOKE-TEST" in text and "## Per-layer statistics" in text and "parameter matrices measured" in text
+    assert "Validation curve" in text and "gap (val − train)" in text
+    for plot in plots.PLOTS:
+        assert (folder / plot.file).stat().st_size > 1000
+    assert analyze(repo, "keep").returncode == 0
+    assert "## Current Best" in (repo / ".auto-log-research" / "insights.md").read_text()
+
+
+def test_analyze_imports_no_torch(repo):
+    fake_run(repo)
+    code = ("import sys, analyze; rc = analyze.main([]); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
