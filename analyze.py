@@ -27,7 +27,7 @@ import numpy as np
 import schema
 from analysis import gitops, plots, report, stats, verdict
 from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, Store, StoreError, atomic_write,
-                            load_run, sha256_bytes, traceback_tail)
+                            failure_line, load_run, sha256_bytes, traceback_tail)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
 LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
@@ -93,8 +93,7 @@ def classify(run: dict, ledger: list) -> dict:
     error = None
     if summary is None:
         status = "crash"
-        error = run["summary_problem"] or (
-            traceback_tail(log, 1) if log and "Traceback" in log else
+        error = run["summary_problem"] or failure_line(log) or (
             "no run_summary.json: the process died without writing one (killed, out of memory, or it failed "
             "before train.py's logger started)" + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
                                                    if log and log.strip() else ""))

@@ -125,7 +125,7 @@ def heatmap_grid(table: dict, names: list):
     steps = next(iter(table.values()))["grad_norm"][0]
     rows = []
     for name in names:
-        s, v = table.get(name, {}).get("grad_norm", (np.empty(0), np.empty(0)))
+        _, v = table.get(name, {}).get("grad_norm", (np.empty(0), np.empty(0)))
         rows.append(v if len(v) == len(steps) else np.full(len(steps), np.nan))
     with np.errstate(divide="ignore", invalid="ignore"):
         return steps, np.where(np.array(rows) > 0, np.log10(np.array(rows)), np.nan)

@@ -92,14 +92,31 @@ def read_metrics(path: Path):
     return records, problems
 
 
+def _last_traceback(lines: list):
+    """(start, end) of the last Python traceback in log lines, end just past its exception line
+    (output printed after it, such as exit-time warnings, is not part of it); None without one."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return None
+    end = next((i + 1 for i in range(starts[-1] + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
+               len(lines))
+    return starts[-1], end
+
+
 def traceback_tail(log_text: str, n: int = TRACEBACK_LINES) -> str:
     """The last traceback in a log (its last `n` lines), else the log's last `n` lines."""
     if not log_text:
         return ""
     lines = log_text.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
-    tail = lines[starts[-1]:] if starts else lines
-    return "\n".join(tail[-n:])
+    span = _last_traceback(lines)
+    return "\n".join((lines[span[0]:span[1]] if span else lines)[-n:])
+
+
+def failure_line(log_text: str):
+    """The exception line of the last traceback in a log, or None."""
+    lines = (log_text or "").rstrip().splitlines()
+    span = _last_traceback(lines)
+    return lines[span[1] - 1] if span else None
 
 
 def load_run(run_dir) -> dict:
