@@ -1,0 +1,334 @@
+"""supervise.py, the overnight loop: stop rules, the claude backend against a stand-in executable, the api
+backend against a local server speaking the Messages API that drives the real loop (edit, train,
+analyze, keep / discard, revert), Ctrl-C in the middle of a run, and program.md's commands."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import supervise
+from analysis.store import Store
+from conftest import ROOT
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+SECRET = "sk-ant-test-DO-NOT-WRITE-4f9c2e"
+PY = shlex.quote(sys.executable)
+
+
+def git(repo, *args) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("analyze.py", "schema.py", "prepare.py", "train.py", "supervise.py", "program.md"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    return repo
+
+
+def supervise_proc(repo, *args, env=None):
+    return subprocess.Popen([sys.executable, "supervise.py", *args], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **GIT_ENV, **(env or {})})
+
+
+# ---------------------------------------------------------------------------
+# Stop rules
+# ---------------------------------------------------------------------------
+
+def rows(*statuses):
+    return [{"status": s, "analyzed_at": "2026-11-22T01:00:00+0000", "error": "boom"} for s in statuses]
+
+
+def test_stop_rules():
+    rules = supervise.StopRules(max_consecutive_crashes=3, max_without_keep=4, max_experiments=10)
+    now = time.time()
+    assert supervise.stop_reason(rows("keep", "crash", "crash"), rules, now, now) is None
+    assert "3 crashes in a row" in supervise.stop_reason(rows("keep", "crash", "nan", "timeout"), rules, now, now)
+    assert "no keep in the last 4" in supervise.stop_reason(rows("keep", "discard", "crash", "discard", "rerun"),
+                                                            rules, now, now)
+    assert "budget" in supervise.stop_reason(rows(*["keep"] * 10), rules, now, now)
+    assert "deadline" in supervise.stop_reason([], supervise.StopRules(deadline=now - 1), now, now)
+    hours = supervise.StopRules(max_hours_without_keep=1.0)
+    assert supervise.stop_reason(rows("discard"), hours, now, now - 1800) is None
+    assert "no keep for 2.0 hours" in supervise.stop_reason(rows("discard"), hours, now, now - 7200)
+
+
+# ---------------------------------------------------------------------------
+# Backend claude, with a stand-in executable
+# ---------------------------------------------------------------------------
+
+STAND_IN = """#!/bin/sh
+n=$(cat "$CALLS/n" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$CALLS/n"
+cat > "$CALLS/stdin.$n"
+echo "stand-in claude called with: $*"
+sleep "${SLEEP:-0}"
+exit 3
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    (bin_dir / "claude").write_text(STAND_IN)
+    (bin_dir / "claude").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}, calls
+
+
+def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, stand_in):
+    env, calls = stand_in
+    proc = supervise_proc(repo, "--backend", "claude", "--restart-delay", "0", env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    n = int((calls / "n").read_text())
+    assert n == supervise.MAX_QUICK_EXITS
+    assert (calls / "stdin.1").read_text() == (repo / "program.md").read_text()
+    resume = (calls / "stdin.2").read_text()
+    assert resume == supervise.RESUME_PROMPT
+    for name in ("insights.md", "ideas_queue.md", "results.tsv", "program.md"):
+        assert name in resume
+    store = repo / ".auto-log-research"
+    assert "stand-in claude called with: -p --dangerously-skip-permissions" in (store / "supervisor.log").read_text()
+    last = (store / "status.log").read_text().strip().splitlines()[-1]
+    assert f"claude exited {n} times in a row" in last and "stopped" in last
+
+
+def test_claude_backend_is_stopped_at_the_deadline(repo, stand_in):
+    env, calls = stand_in
+    t0 = time.time()
+    proc = supervise_proc(repo, "--backend", "claude", "--hours", str(3 / 3600), env={**env, "SLEEP": "60"})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert time.time() - t0 < 40  # the 60 s session was terminated, not waited for
+    assert int((calls / "n").read_text()) == 1
+    assert "deadline reached" in (repo / ".auto-log-research" / "status.log").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Backend api, against a local Messages API server with scripted tool-use turns
+# ---------------------------------------------------------------------------
+
+class FakeMessagesAPI:
+    """Speaks POST /v1/messages. Each request gets the next scripted turn (a list of content blocks);
+    the first request is answered 429 once, to prove the retry."""
+
+    def __init__(self, turns):
+        self.turns, self.requests, self.headers, self.rate_limited = list(turns), [], [], False
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if not api.rate_limited:
+                    api.rate_limited = True
+                    return self.reply(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
+                                      {"retry-after": "0"})
+                api.requests.append(body)
+                api.headers.append(self.headers.get("x-api-key")  # the SDK sends one or the other
+                                   or self.headers.get("authorization", "").removeprefix("Bearer "))
+                blocks = api.turns.pop(0) if api.turns else [{"type": "text", "text": "no more script"}]
+                for i, b in enumerate(blocks):
+                    if b["type"] == "tool_use":
+                        b.setdefault("id", f"toolu_{len(api.requests)}_{i}")
+                stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
+                self.reply(200, {"id": f"msg_{len(api.requests)}", "type": "message", "role": "assistant",
+                                 "model": body["model"], "content": blocks, "stop_reason": stop,
+                                 "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
+
+            def reply(self, code, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def bash(command):
+    return {"type": "tool_use", "name": "bash", "input": {"command": command, "timeout_s": 300}}
+
+
+def done(text="experiment done"):
+    return [{"type": "text", "text": text}]
+
+
+TRAIN_ANALYZE = f"{PY} train.py > run.log 2>&1; {PY} analyze.py"
+
+
+def three_experiments():
+    return [
+        # 1: the baseline, kept; the agent writes its ideas queue (and looks for the key, in vain)
+        [bash("env | grep -c ANTHROPIC_API_KEY")],
+        [bash(f"{TRAIN_ANALYZE} && {PY} analyze.py keep")],
+        [{"type": "tool_use", "name": "write_file",
+          "input": {"path": ".auto-log-research/ideas_queue.md", "content": "# Ideas queue\n1. higher matrix lr\n"}}],
+        done("baseline kept"),
+        # 2: a change, committed, trained, discarded (reverted to the best)
+        [{"type": "text", "text": "trying a higher Muon lr"},
+         {"type": "tool_use", "name": "edit_file",
+          "input": {"path": "train.py", "old": "MATRIX_LR = 0.04", "new": "MATRIX_LR = 0.4"}}],
+        [bash('git commit -qam "matrix lr 0.4: faster progress in 5 minutes?"')],
+        [bash(f"{TRAIN_ANALYZE} && {PY} analyze.py discard")],
+        done("discarded"),
+        # 3: a change that crashes, discarded
+        [{"type": "tool_use", "name": "edit_file",
+          "input": {"path": "train.py", "old": "startup_seconds = time.time() - t_start",
+                    "new": "raise RuntimeError('planted bug')"}}],
+        [bash('git commit -qam "a planted bug"')],
+        [bash(f"{TRAIN_ANALYZE}; {PY} analyze.py discard")],
+        done("crashed, discarded"),
+    ]
+
+
+def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
+    api = FakeMessagesAPI(three_experiments())
+    try:
+        proc = supervise_proc(repo, "--backend", "api", "--max-experiments", "3", "--model", "test-model",
+                              env={"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
+                                   "AUTORESEARCH_TIME_BUDGET": "3"})
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        api.close()
+    assert proc.returncode == 0, out + (repo / ".auto-log-research" / "supervisor.log").read_text()[-3000:]
+    # git: the baseline, two experiments, each reverted to the best
+    subjects = git(repo, "log", "--format=%s").splitlines()
+    base = git(repo, "log", "--format=%h", "-1", "HEAD~4").strip()
+    assert subjects == [f"revert to best {base}", "a planted bug", f"revert to best {base}",
+                        "matrix lr 0.4: faster progress in 5 minutes?", "baseline"]
+    assert (repo / "train.py").read_text() == (ROOT / "train.py").read_text()
+    # the ledger, the archives and insights.md
+    store = Store(repo)
+    rows = store.read_results_tsv()
+    assert [r["status"] for r in rows] == ["keep", "discard", "crash"]
+    assert rows[1]["description"] == "matrix lr 0.4: faster progress in 5 minutes?"
+    for r in rows:
+        assert (store.run_path(r["run_id"]) / "analysis.md").exists()
+    assert "MATRIX_LR = 0.4" in (store.run_path(rows[1]["run_id"]) / "diff.patch").read_text()
+    assert f"`{base}`" in store.path("insights.md").read_text()
+    assert store.path("ideas_queue.md").read_text().startswith("# Ideas queue")
+    # every experiment started from a fresh, compact context
+    firsts = [r for r in api.requests if len(r["messages"]) == 1]
+    assert len(firsts) == 3
+    assert "none yet" in firsts[0]["messages"][0]["content"]
+    assert "## Current Best" in firsts[1]["messages"][0]["content"]
+    assert all(len(r["messages"]) <= 7 for r in api.requests)
+    assert all(r["system"] == (repo / "program.md").read_text() for r in api.requests)
+    # the key: sent to the API, hidden from commands, written nowhere
+    assert api.headers and all(key == SECRET for key in api.headers)
+    log = (repo / ".auto-log-research" / "supervisor.log").read_text()
+    assert "exit code 1\n0" in log  # `env | grep -c ANTHROPIC_API_KEY` found nothing
+    for path in repo.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert "experiment budget used (3 runs)" in (repo / ".auto-log-research" / "status.log").read_text()
+
+
+def test_ctrl_c_in_the_middle_of_a_run_leaves_no_corrupt_file(prepared, repo):
+    api = FakeMessagesAPI([[bash(f"{TRAIN_ANALYZE}")], done()])
+    try:
+        proc = supervise_proc(repo, "--backend", "api", env={"ANTHROPIC_API_KEY": SECRET,
+                                                            "ANTHROPIC_BASE_URL": api.url,
+                                                            "AUTORESEARCH_TIME_BUDGET": "120"})
+        metrics = repo / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.5)
+        assert metrics.exists(), "training never started"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        api.close()
+    assert proc.returncode == 130, out
+    assert supervise.training_processes(repo) == []
+    summary = json.loads((repo / "run_summary.json").read_text())  # written whole, by the SIGTERM handler
+    assert summary["status"] == "crash"
+    for line in metrics.read_text().splitlines():
+        json.loads(line)
+    assert not (repo / ".git" / "index.lock").exists()
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    assert "stopped by Ctrl-C" in (repo / ".auto-log-research" / "status.log").read_text().splitlines()[-1]
+
+
+def test_api_backend_needs_a_key(repo):
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    proc = subprocess.run([sys.executable, "supervise.py", "--backend", "api"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ANTHROPIC_API_KEY" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# program.md: every command and file it names is real
+# ---------------------------------------------------------------------------
+
+def program_commands() -> list:
+    text = (ROOT / "program.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    inline = re.findall(r"`((?:uv run|git|SEED=|mkdir)[^`]*)`", text)
+    commands = [line.strip() for b in blocks for line in b.splitlines() if line.strip()] + inline
+    return [part.strip() for c in commands for part in c.split("&&")]
+
+
+def test_program_md_commands_exist_and_run(repo):
+    commands = program_commands()
+    assert any("analyze.py keep" in c for c in commands) and any("analyze.py discard" in c for c in commands)
+    checked = set()
+    for command in commands:
+        words = shlex.split(command)
+        words = words[:next((i for i, w in enumerate(words) if w.startswith(">") or w == "2>&1"), len(words))]
+        words = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S*", w)]  # SEED=1 ...
+        if words[:2] == ["uv", "run"]:
+            target = words[2]
+            if target.endswith(".py"):
+                assert (ROOT / target).exists(), command
+                if target == "analyze.py" and len(words) > 3:
+                    sub = words[3]
+                    if (target, sub) not in checked:  # every subcommand parses
+                        checked.add((target, sub))
+                        proc = subprocess.run([sys.executable, target, sub, "--help"], cwd=repo,
+                                              capture_output=True, text=True, timeout=60)
+                        assert proc.returncode == 0, (command, proc.stderr)
+            else:
+                assert target == "python", command
+        elif words[0] == "git":
+            assert words[1] in ("checkout", "commit", "status", "log"), command
+        else:
+            assert words[0] == "mkdir", command
+    # the status command runs in a fresh repository
+    proc = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for name in ("train.py", "prepare.py", "schema.py", "analyze.py", "analysis/", "pyproject.toml",
+                 "README.md"):
+        assert name in (ROOT / "program.md").read_text() and Path(ROOT / name.rstrip("/")).exists(), name
