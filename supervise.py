@@ -42,6 +42,7 @@ API_MAX_TOKENS = 8192
 MAX_TURNS_PER_EXPERIMENT = 60        # tool calls in one api experiment before it is cut off
 TOOL_OUTPUT_CHARS = 12_000           # the tail of a command's output returned to the model
 DEFAULT_TOOL_TIMEOUT_S = 600         # a shell command's default limit (training has its own, below)
+CTRL_C = "stopped by Ctrl-C"
 RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
 Read program.md and follow its loop. The state of the research is on disk, not in your memory:
 - .auto-log-research/insights.md (the Current Best block and validated findings),
@@ -182,7 +183,7 @@ class Supervisor:
         return self.stopping is not None
 
     def on_sigint(self, signum, frame):
-        self.stopping = "stopped by Ctrl-C"
+        self.stopping = CTRL_C
         if self.current is not None and self.current.poll() is None:  # a tool command (its own session)
             try:
                 os.killpg(self.current.pid, signal.SIGTERM)
@@ -197,7 +198,7 @@ class Supervisor:
                 pass
         self.status(f"stopped: {self.stopping}")
         self.write_log(f"=== stopped: {self.stopping}")
-        return 130 if self.stopping == "stopped by Ctrl-C" else 0
+        return 130 if self.stopping == CTRL_C else 0
 
 
 # ---------------------------------------------------------------------------
@@ -380,7 +381,7 @@ def run_api(sup: Supervisor) -> int:
                 if block["type"] == "text":
                     sup.write_log(f"[assistant] {block['text']}")
             calls = [b for b in content if b["type"] == "tool_use"]
-            if not calls:
+            if not calls or sup.stopping == CTRL_C:
                 break
             results = []
             for call in calls:
@@ -390,8 +391,8 @@ def run_api(sup: Supervisor) -> int:
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text,
                                 "is_error": is_error})
             messages.append({"role": "user", "content": results})
-            if sup.check():
-                break
+            if sup.check() and sup.stopping == CTRL_C:
+                break  # any other stop rule lets the agent finish this experiment (keep or discard it) first
         else:
             sup.write_log(f"experiment {experiment} cut off after {MAX_TURNS_PER_EXPERIMENT} turns")
     return sup.finish()
