@@ -9,8 +9,10 @@ Post-run analysis and bookkeeping of the experiment store (fixed harness: the ag
 
 It reads what train.py leaves behind (run_summary.json, metrics.jsonl, run.log) and never reports a
 number a run did not produce: a run without its own summary is a crash, whatever files are lying
-around. The statistics, the verdict, the plots and the store live in the analysis/ package; this
-file is the command line and the order of things. No torch import: analysis takes seconds.
+around; a finished run whose harness, data or training clock does not check out
+(analysis/integrity.py) is archived as invalid, never kept or counted. The statistics, the verdict,
+the plots and the store live in the analysis/ package; this file is the command line and the order
+of things. No torch import: analysis takes seconds.
 """
 
 import argparse
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import schema
-from analysis import gitops, plots, report, stats, verdict
+from analysis import gitops, integrity, plots, report, stats, verdict
 from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, Store, StoreError, atomic_write,
                             failure_line, load_run, sha256_bytes, traceback_tail)
 
@@ -238,9 +240,16 @@ def cmd_analyze(args) -> int:
         ledger = store.read_ledger()
         facts = classify(run, ledger)
         record = archive(store, args, run, facts)
+        if facts["status"] == "ok":
+            # a number from a touched evaluation or clock is kept for reference, never counted
+            problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."), schema.cache_dir(),
+                                                    ledger[0] if ledger else None)
+            record["integrity"] = problems
+            if problems:
+                record["status"] = "invalid"
         folder = store.run_path(record["run_id"])
         best_records, noise = best_and_noise(record, ledger)
-        if best_records is None and facts["status"] == "ok" and any(r["status"] == "keep" for r in ledger):
+        if best_records is None and record["status"] == "pending" and any(r["status"] == "keep" for r in ledger):
             record["notes"].append("kept runs exist, but none on this device, budget, harness and data: "
                                    "this run is judged as a new baseline")
         # the best's representative for overlays and diffs: its latest run other than this one
@@ -299,6 +308,9 @@ def save_ledger(store: Store, ledger: list):
 
 def cmd_keep(args) -> int:
     with bookkeeping(args.run_id) as (store, ledger, target):
+        if target["status"] == "invalid":
+            raise StoreError(f"run {target['run_id']} is invalid and can never be kept: "
+                             f"{(target.get('integrity') or ['see its analysis.md'])[0]}")
         if target["status"] in verdict.NOT_COUNTED:
             raise StoreError(f"run {target['run_id']} has status {target['status']}: only a finished run can be kept")
         committed = gitops.show(target["commit"])

@@ -62,7 +62,7 @@ BOS_TOKEN = SPECIAL_TOKENS[0]
 # GPT-4 style split, but numbers in chunks of 1-2 digits (a small vocab should not spend merges on 3-digit numbers)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE", Path.home() / ".cache" / "autoresearch"))
+CACHE_DIR = schema.cache_dir()
 DATA_DIR = CACHE_DIR / "data"
 TOKENIZER_DIR = CACHE_DIR / "tokenizer"
 MANIFEST_PATH = CACHE_DIR / "manifest.json"
@@ -104,12 +104,7 @@ class HarnessError(Exception):
 # Small helpers
 # ---------------------------------------------------------------------------
 
-def sha256_file(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = schema.sha256_file  # defined once in schema.py: analyze.py re-checks hashes without importing prepare
 
 
 def verify_parquet(path, read_all: bool = False) -> int:
@@ -475,7 +470,7 @@ def build_manifest(source: str, train_paths, val_paths, description: str, hashes
     manifest["train_tokens"] = sum(f["tokens"] for f in manifest["train_files"])
     manifest["val_tokens"] = sum(f["tokens"] for f in manifest["val_files"])
     # the hash covers content only (not the creation time), so re-preparing the same data keeps it
-    manifest["manifest_hash"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    manifest["manifest_hash"] = schema.manifest_hash(manifest)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return manifest
 
@@ -735,11 +730,7 @@ def capture_config(namespace: dict) -> dict:
 
 
 def harness_hash() -> str:
-    here = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for name in schema.HARNESS_FILES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
-    return h.hexdigest()[:16]
+    return schema.harness_hash(Path(__file__).resolve().parent)
 
 
 def git_state(cwd="."):

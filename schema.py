@@ -8,7 +8,11 @@ Part of the fixed harness: the agent must not edit it. No torch import here,
 so analyze.py can use it without paying for torch.
 """
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 
 # ---------------------------------------------------------------------------
 # metrics.jsonl: one line per step
@@ -76,6 +80,40 @@ FINAL_BLOCK_KEYS = (
 
 # Files the harness consists of: their hash goes into every summary (metric integrity).
 HARNESS_FILES = ("prepare.py", "schema.py")
+HASH_CHUNK_BYTES = 1 << 20    # files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
+
+
+# ---------------------------------------------------------------------------
+# Identity of the harness and of the prepared data (shared by prepare.py and analyze.py, which must
+# compute them identically and must not import each other's dependencies)
+# ---------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where prepare.py writes data, tokenizer and manifest.json: $AUTORESEARCH_CACHE or ~/.cache/autoresearch."""
+    return Path(os.environ.get("AUTORESEARCH_CACHE", Path.home() / ".cache" / "autoresearch"))
+
+
+def sha256_file(path, chunk: int = HASH_CHUNK_BYTES) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def harness_hash(root) -> str:
+    """16 hex digits of sha256 over every HARNESS_FILES name and content in `root` (a summary's harness_hash)."""
+    h = hashlib.sha256()
+    for name in HARNESS_FILES:
+        h.update(name.encode() + b"\0" + (Path(root) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def manifest_hash(manifest: dict) -> str:
+    """16 hex digits of sha256 over a manifest's content: everything but its own hash and creation time,
+    so re-preparing the same data keeps the hash, and an edited manifest.json no longer matches it."""
+    content = {k: v for k, v in manifest.items() if k not in ("manifest_hash", "created")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------

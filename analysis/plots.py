@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import schema
-from analysis import stats
+from analysis import stats, verdict
 from analysis.store import StoreError, atomic_write
 
 DPI = 90                      # small files the agent can read quickly; enough to see the curves
@@ -212,8 +212,8 @@ def progress_figure(ledger: list):
     fig = new_figure(figsize=(10, 4.5), dpi=DPI)
     ax = fig.subplots()
     index = np.arange(1, len(ledger) + 1)
-    values = np.array([r["val_bpb"] if isinstance(r.get("val_bpb"), (int, float)) else np.nan for r in ledger],
-                      dtype=float)
+    # failed and invalid runs are marked with a cross, never drawn at a number that does not count
+    values = np.array([r["val_bpb"] if verdict.finished(r) else np.nan for r in ledger], dtype=float)
     kept = np.array([r.get("status") == "keep" for r in ledger], dtype=bool)
     failed = np.isnan(values)
     ax.scatter(index[~kept & ~failed], values[~kept & ~failed], s=14, color="tab:gray", alpha=0.6, label="run")
@@ -221,7 +221,9 @@ def progress_figure(ledger: list):
     finite = values[~failed]
     if failed.any():
         floor = np.nanmax(finite) if len(finite) else 0.0
-        ax.scatter(index[failed], np.full(failed.sum(), floor), marker="x", color="tab:red", label="crash / nan / timeout")
+        invalid = " / invalid" if any(r.get("status") == "invalid" for r in ledger) else ""
+        ax.scatter(index[failed], np.full(failed.sum(), floor), marker="x", color="tab:red",
+                   label=f"crash / nan / timeout{invalid}")
     best = np.minimum.accumulate(np.where(kept, values, np.inf))
     shown = np.isfinite(best)
     if shown.any():

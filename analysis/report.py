@@ -19,7 +19,13 @@ NEXT_ACTION = {
     "rerun": "SEED=<another seed> uv run train.py > run.log 2>&1 && uv run analyze.py",
     "discard": "uv run analyze.py discard",
     "crash": "read the traceback below, fix train.py or discard: uv run analyze.py discard",
+    "invalid": "undo what the integrity problems name (git checkout the harness files), "
+               "then: uv run analyze.py discard",
 }
+
+
+def next_action(record: dict, decision: dict) -> str:
+    return NEXT_ACTION["invalid" if record.get("status") == "invalid" else decision["verdict"]]
 
 
 def _f(value, digits: int = 6, signed: bool = False) -> str:
@@ -49,6 +55,8 @@ def result_lines(ctx: dict) -> list:
     if value is None:
         lines.append(f"val_bpb: **none** — the run ended with status `{record['status']}`"
                      + (f": {record['error']}" if record.get("error") else ""))
+    elif record["status"] == "invalid":
+        lines.append(f"val_bpb: **{value:.6f}** — INVALID, never counted: the run broke metric integrity")
     else:
         lines.append(f"val_bpb: **{value:.6f}**")
     best_records = ctx["best_records"]
@@ -65,7 +73,7 @@ def result_lines(ctx: dict) -> list:
     previous = ctx["previous"]
     if previous:
         prev_value = previous.get("val_bpb")
-        if prev_value is not None and value is not None:
+        if verdict.finished(previous) and value is not None:  # never a delta against a number that does not count
             lines.append(f"vs previous {previous['run_id']} ({prev_value:.6f}): {value - prev_value:+.6f}"
                          f"{_sigma_units(value - prev_value, sigma)}")
         else:
@@ -82,9 +90,13 @@ def result_lines(ctx: dict) -> list:
 def stdout_lines(ctx: dict, analysis_path) -> list:
     record, decision = ctx["record"], ctx["decision"]
     lines = [f"run {record['run_id']} (commit {record['commit']}, seed {record.get('seed')}): status {record['status']}"]
+    problems = record.get("integrity") or []
+    if problems:
+        more = f" (and {len(problems) - 1} more in analysis.md)" if len(problems) > 1 else ""
+        lines.append(f"INVALID: {problems[0]}{more}")
     lines += result_lines(ctx)
     lines.append(f"verdict: {decision['verdict'].upper()} — {decision['reason']}")
-    lines.append(f"next: {NEXT_ACTION[decision['verdict']]}")
+    lines.append(f"next: {next_action(record, decision)}")
     lines += [f"note: {n}" for n in record.get("notes", [])][:3]
     lines.append(f"analysis: {analysis_path}")
     return [line.replace("**", "") for line in lines[:STDOUT_MAX_LINES]]  # markdown emphasis is for analysis.md
@@ -108,7 +120,7 @@ def _verdict_section(ctx) -> list:
             f"| standard error of the difference | {d['se']:.6f} |",
             f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below {verdict.KEEP_ALPHA}) |",
             f"| one-sided Welch p | {welch} (keep below {verdict.KEEP_P_VALUE}) |", ""]
-    out.append(f"Next: `{NEXT_ACTION[d['verdict']]}`")
+    out.append(f"Next: `{next_action(ctx['record'], d)}`")
     if d["verdict"] == "rerun":
         out.append(f"(a candidate within the noise after {verdict.MAX_RUNS_PER_CANDIDATE} runs is discarded)")
     return out
@@ -242,6 +254,9 @@ def analysis_md(ctx: dict) -> str:
         out.append(f"> note: {note}")
     out += ["", "## Result", ""] + [f"- {line}" for line in result_lines(ctx)]
     out += ["", "## Verdict", ""] + _verdict_section(ctx)
+    if r.get("integrity"):
+        out += ["", "## Integrity", "", "**INVALID**: this run's val_bpb is not comparable and is never kept, pooled "
+                "or counted as the best. What does not check out:", ""] + [f"- {p}" for p in r["integrity"]]
     if ctx.get("traceback"):
         out += ["", "## Crash", "", "The end of run.log:", "", "```", ctx["traceback"], "```"]
     out += ["", "## Configuration vs best", ""] + _config_section(ctx)

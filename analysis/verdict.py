@@ -101,9 +101,14 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
     best: val_bpb of every finished run of the best code, or None when nothing is kept yet.
-    noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any.
+    noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any
+    ("invalid": it broke metric integrity, see analysis/integrity.py, and is discarded).
     same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best."""
     from scipy import stats  # here, not at the top: see analysis/stats.py
+    if failed == "invalid":
+        return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
+                                                "clock does not check out, so this val_bpb is never kept, pooled or "
+                                                "counted as the best"}
     if failed:
         return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
     candidate = np.asarray(candidate, float)

@@ -6,7 +6,9 @@ The history is written straight into a store in a temporary git repository (500 
 archive folders; the best and the previous run carry full metrics, the only archives analyze.py
 reads). The analysed run is a synthetic 5-minute GPU run in train.py's format: 1,000 steps, per-layer
 statistics for a depth-8 model every 50 steps, 10 validation points. Each repetition times the whole
-`python analyze.py` process (interpreter start and imports included) on a fresh run.
+`python analyze.py` process (interpreter start and imports included) on a fresh run, integrity checks
+included: the runs are on a temporary prepare cache whose validation file is as large as a real one,
+so the tokenizer and validation hashes cost what they cost on the real data.
 
 Usage: uv run bench/bench_analyze.py [--runs 500] [--repeats 5] [--out bench/results/NAME.json]
 """
@@ -26,18 +28,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import schema  # noqa: E402
 import synthetic  # noqa: E402
 from analysis.store import Store  # noqa: E402
 
 STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
 DEPTH = 8               # the default DEPTH: 2 + 8 * 6 parameter matrices in the per-layer stats
+VAL_BYTES = 100 << 20   # the validation data analyze.py re-hashes on every run: about one climbmix parquet shard
 
 
 def git(*args, cwd):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def build_history(repo: Path, n_runs: int):
+def build_cache(cache: Path):
+    """A prepare cache: tokenizer files and a VAL_BYTES validation file, with the manifest prepare.py writes."""
+    files = {"tokenizer/tokenizer.pkl": os.urandom(150_000), "tokenizer/token_bytes.npy": os.urandom(65_664),
+             "data/climbmix/shard_06542.parquet": os.urandom(VAL_BYTES)}
+    for rel, data in files.items():
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / rel).write_bytes(data)
+    manifest = {"source": "climbmix", "smoke_test": False, "vocab_size": 8192,
+                "tokenizer_sha256": schema.sha256_file(cache / "tokenizer/tokenizer.pkl"),
+                "token_bytes_sha256": schema.sha256_file(cache / "tokenizer/token_bytes.npy"), "train_files": [],
+                "val_files": [{"path": "data/climbmix/shard_06542.parquet", "bytes": VAL_BYTES,
+                               "sha256": schema.sha256_file(cache / "data/climbmix/shard_06542.parquet")}]}
+    manifest["manifest_hash"] = schema.manifest_hash(manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def build_history(repo: Path, n_runs: int, commit: str):
     store = Store(repo)
     ledger = []
     full = synthetic.make_records(n_steps=STEPS, depth=DEPTH, seed=1)
@@ -45,7 +65,7 @@ def build_history(repo: Path, n_runs: int):
         run_id = f"{i:07x}"
         kept = i % 10 == 0
         value = 1.0 - 0.0001 * i if kept else 1.0 + 0.001 * (i % 7)
-        summary = synthetic.make_summary(full, value, commit=run_id, train_sha256=f"{i:064x}", seed=42 + i % 3)
+        summary = synthetic.make_summary(full, value, commit=commit, train_sha256=f"{i:064x}", seed=42 + i % 3)
         record = {**summary, "run_id": run_id, "status": "keep" if kept else "discard", "train_status": "ok",
                   "description": f"experiment {i}: a change to the model", "verdict": "keep" if kept else "discard"}
         folder = store.run_path(run_id)
@@ -66,6 +86,9 @@ def main():
     args = parser.parse_args()
 
     repo = Path(tempfile.mkdtemp(prefix="alr-bench-analyze-"))
+    cache = Path(tempfile.mkdtemp(prefix="alr-bench-cache-"))
+    build_cache(cache)
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)  # for the summaries written here and the analyze.py processes
     for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
@@ -76,7 +99,9 @@ def main():
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "bench"], cwd=repo, check=True, env=env)
     t0 = time.perf_counter()
-    build_history(repo, args.runs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    build_history(repo, args.runs, commit)  # the first run's commit is the harness every later run is checked against
     print(f"history of {args.runs} runs written in {time.perf_counter() - t0:.1f} s")
 
     times = []
@@ -91,12 +116,15 @@ def main():
         times.append(time.perf_counter() - t)
         if proc.returncode != 0:
             sys.exit(f"analyze.py failed: {proc.stderr.strip()}")
+        if "INVALID" in proc.stdout:
+            sys.exit(f"the benchmark run was judged invalid, so it did not time a normal analysis:\n{proc.stdout}")
         print(f"repeat {k + 1}: {times[-1]:.2f} s")
     ledger_rows = len(Store(repo).read_ledger())
     result = {
         "benchmark": "bench/bench_analyze.py", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(), "history_runs": args.runs, "steps": STEPS, "depth": DEPTH,
+        "val_bytes_hashed": VAL_BYTES,
         "ledger_rows_after": ledger_rows, "seconds": times,
         "median_s": statistics.median(times), "max_s": max(times),
         "last_stdout": proc.stdout.strip().splitlines(),
@@ -107,6 +135,7 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(repo)
+    shutil.rmtree(cache)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 Synthetic training runs with known answers, written in the exact format train.py writes (schema.py):
 a planted power-law loss curve with noise, optional spikes and offsets, a validation curve,
 per-layer statistics, run_summary.json and a run.log. Used by the analyze.py tests and its benchmark.
+
+A synthetic summary passes analyze.py's integrity checks like an honest run would: its harness_hash is
+this repository's, its data is whatever the prepare cache ($AUTORESEARCH_CACHE) holds, and its
+training_seconds is the sum of its timed step times.
 """
 
 import json
@@ -12,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import schema
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -64,6 +70,16 @@ def make_records(n_steps=400, l_inf=3.0, a=6.0, alpha=0.5, noise=0.02, seed=0, s
     return records
 
 
+def cache_data() -> dict:
+    """The run_summary.json "data" of a run on the prepare cache as it is now (as prepare.RunLogger writes it)."""
+    path = schema.cache_dir() / "manifest.json"
+    if not path.exists():
+        return {"error": f"no prepared data ({path} is missing): run `uv run prepare.py` first"}
+    manifest = json.loads(path.read_text())
+    return {"source": manifest["source"], "smoke_test": manifest["smoke_test"],
+            "manifest_hash": manifest["manifest_hash"]}
+
+
 def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, status="ok", seed=42,
                  device="NVIDIA H100 80GB HBM3", started_at=None, budget_s=300.0, config=None, error=None, **extra):
     last = records[-1] if records else {}
@@ -73,8 +89,7 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
         total_seconds=last.get(schema.TIME_S, 0.0) + 30, startup_seconds=20.0, peak_vram_mb=40000.0,
         mfu_percent=40.0, total_tokens_M=len(records) * 0.524288, num_steps=len(records), num_params_M=50.0,
         depth=4, seed=seed, device=device, torch_version="2.11.0", commit=commit, dirty=False,
-        data={"source": "climbmix-400b-shuffle", "smoke_test": False, "manifest_hash": "feedfacefeedface"},
-        harness_hash="0123456789abcdef", train_sha256=train_sha256,
+        data=cache_data(), harness_hash=schema.harness_hash(ROOT), train_sha256=train_sha256,
         started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
         config=config or {"DEPTH": 4, "MATRIX_LR": 0.04, "CLOCK_WARMUP_STEPS": 2, "SEED": seed})
     if error:

@@ -1,0 +1,257 @@
+"""Metric integrity (analysis/integrity.py): each check on planted inputs, then analyze.py end to end
+on a run whose evaluation was touched (invalid, loud, never kept) and on a clean run (no false alarm)."""
+
+import json
+import os
+
+import pytest
+
+import schema
+import synthetic
+from analysis import integrity, verdict
+from conftest import ROOT
+from test_analyze import GIT_ENV, analyze, fake_run, git, head, ledger, repo, train_sha  # noqa: F401 (repo: fixture)
+
+EVAL_LINE = "    return evaluate_val(model, tokenizer, batch_size, curve)[0]"
+HALVED_EVAL = "    return 0.5 * evaluate_val(model, tokenizer, batch_size, curve)[0]"
+
+
+def make_cache(folder, val_bytes=3 << 20):
+    """A prepare cache as prepare.py leaves it (tokenizer, token bytes, a val file over several hash
+    chunks, manifest.json with their sha256 and its content hash); returns the manifest."""
+    files = {"tokenizer/tokenizer.pkl": os.urandom(50_000), "tokenizer/token_bytes.npy": os.urandom(8_192),
+             "data/val.parquet": os.urandom(val_bytes), "data/train.parquet": os.urandom(10_000)}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    sha = {rel: schema.sha256_file(folder / rel) for rel in files}
+    manifest = {"source": "offline", "smoke_test": True, "vocab_size": 1024,
+                "tokenizer_sha256": sha["tokenizer/tokenizer.pkl"],
+                "token_bytes_sha256": sha["tokenizer/token_bytes.npy"],
+                "train_files": [{"path": "data/train.parquet", "sha256": sha["data/train.parquet"]}],
+                "val_files": [{"path": "data/val.parquet", "sha256": sha["data/val.parquet"]}]}
+    manifest["manifest_hash"] = schema.manifest_hash(manifest)
+    manifest["created"] = "2026-11-22T10:00:00+0000"
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def summary_on(manifest, **kw):
+    records = synthetic.make_records(n_steps=50)
+    data = {"source": manifest["source"], "smoke_test": True, "manifest_hash": manifest["manifest_hash"]}
+    return records, synthetic.make_summary(records, 1.0, data=data, **kw)
+
+
+def flip_byte(path, at=-1):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------
+# Each check on planted inputs
+# ---------------------------------------------------------------------------
+
+def test_prepared_cache_passes(tmp_path):
+    _, summary = summary_on(make_cache(tmp_path))
+    assert integrity.data_problems(summary, tmp_path, None) == []
+
+
+@pytest.mark.parametrize("rel", ["tokenizer/token_bytes.npy", "tokenizer/tokenizer.pkl", "data/val.parquet"])
+def test_tampered_tokenizer_or_val_file_is_found(tmp_path, rel):
+    _, summary = summary_on(make_cache(tmp_path))
+    flip_byte(tmp_path / rel, at=(2 << 20) + 5 if rel == "data/val.parquet" else -1)  # val: inside the 3rd MiB chunk
+    problems = integrity.data_problems(summary, tmp_path, None)
+    assert len(problems) == 1 and rel in problems[0] and "prepare.py wrote" in problems[0]
+    (tmp_path / rel).unlink()
+    assert "is missing" in integrity.data_problems(summary, tmp_path, None)[0]
+
+
+def test_edited_manifest_is_found(tmp_path):
+    manifest = make_cache(tmp_path)
+    _, summary = summary_on(manifest)
+    flip_byte(tmp_path / "data/val.parquet")
+    manifest["val_files"][0]["sha256"] = schema.sha256_file(tmp_path / "data/val.parquet")  # "bless" the tampered file
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    problems = integrity.data_problems(summary, tmp_path, None)
+    assert len(problems) == 1 and "was edited after prepare.py wrote it" in problems[0]
+
+
+def test_data_other_than_the_runs_or_the_first_runs_is_found(tmp_path):
+    manifest = make_cache(tmp_path)
+    _, summary = summary_on(manifest)
+    other = {**summary, "data": {**summary["data"], "manifest_hash": "feedfacefeedface"}}
+    problems = integrity.data_problems(other, tmp_path, None)
+    assert len(problems) == 1 and "feedfacefeedface" in problems[0] and "prepared again" in problems[0]
+    first = {"run_id": "abc1234", "data": {"manifest_hash": "0badc0de0badc0de"}}
+    problems = integrity.data_problems(summary, tmp_path, first)
+    assert len(problems) == 1 and "first run abc1234" in problems[0] and "0badc0de0badc0de" in problems[0]
+
+
+def test_missing_manifest_is_a_problem_only_for_a_run_that_claims_data(tmp_path):
+    manifest = make_cache(tmp_path)
+    _, summary = summary_on(manifest)
+    (tmp_path / "manifest.json").unlink()
+    problems = integrity.data_problems(summary, tmp_path, None)
+    assert len(problems) == 1 and "manifest.json is missing" in problems[0]
+    no_data = {**summary, "data": {"error": "no prepared data"}}
+    assert integrity.data_problems(no_data, tmp_path, None) == []
+
+
+def test_harness_hash_is_defined_once_and_checked():
+    import prepare
+    assert prepare.harness_hash() == schema.harness_hash(ROOT)
+    summary = synthetic.make_summary(synthetic.make_records(n_steps=20), 1.0)
+    assert integrity.harness_hash_problems(summary, ROOT) == []
+    problems = integrity.harness_hash_problems({**summary, "harness_hash": "0123456789abcdef"}, ROOT)
+    assert len(problems) == 1 and "0123456789abcdef" in problems[0] and schema.harness_hash(ROOT) in problems[0]
+
+
+def test_manifest_hash_is_defined_once(prepared):
+    assert schema.manifest_hash(prepared) == prepared["manifest_hash"]
+    on_disk = json.loads((schema.cache_dir() / "manifest.json").read_text())
+    assert schema.manifest_hash(on_disk) == on_disk["manifest_hash"] == prepared["manifest_hash"]
+
+
+def test_training_time_must_match_the_step_times():
+    records = synthetic.make_records(n_steps=200)
+    summary = synthetic.make_summary(records, 1.0)
+    assert integrity.clock_problems(summary, records, None) == []
+    doubled = {**summary, "training_seconds": 2 * summary["training_seconds"]}
+    problems = integrity.clock_problems(doubled, records, None)
+    assert len(problems) == 2  # against the sum of step times and against the last record's clock
+    assert "sum of the run's own step times" in problems[0] and f"{summary['training_seconds']:.1f} s" in problems[0]
+    assert "last metrics record" in problems[1]
+    # inside the tolerance: rounding, or a loop timed slightly differently, is no alarm
+    nudged = {**summary, "training_seconds": summary["training_seconds"] * (1 + integrity.CLOCK_REL_TOLERANCE / 2)}
+    assert integrity.clock_problems(nudged, records, None) == []
+    # the clock-warmup steps are off the clock: counting them would be a (false) mismatch
+    assert integrity.clock_problems({**summary, "config": {}}, records, None) == []
+    assert integrity.clock_problems({**summary, "status": "crash"}, records, None) == []
+    assert integrity.clock_problems(summary, [], None) == []
+
+
+def test_training_past_the_budget_or_on_another_budget_is_found():
+    records = synthetic.make_records(n_steps=200)  # about 60 s of timed steps
+    summary = synthetic.make_summary(records, 1.0, budget_s=30.0)
+    problems = integrity.clock_problems(summary, records, None)
+    assert len(problems) == 1 and "exceeds the time budget of 30 s" in problems[0]
+    # the loop stops after the step that crosses the budget: that much past it is honest
+    just_over = synthetic.make_summary(records, 1.0, budget_s=summary["training_seconds"] - 0.2)
+    assert integrity.clock_problems(just_over, records, None) == []
+    first = {"run_id": "abc1234", "time_budget_s": 600.0}
+    problems = integrity.clock_problems(synthetic.make_summary(records, 1.0), records, first)
+    assert len(problems) == 1 and "time_budget_s 300.0 differs from the first run abc1234's 600.0" in problems[0]
+
+
+def test_harness_git_check(repo, tmp_path_factory):
+    assert integrity.harness_git_problems(tmp_path_factory.mktemp("not_a_repo"), None) == []
+    first = {"run_id": head(repo), "commit": head(repo)}
+    assert integrity.harness_git_problems(repo, first) == []
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "\n# the agent's file\n")
+    assert integrity.harness_git_problems(repo, first) == []
+    (repo / "analysis" / "helper.py").write_text("X = 1\n")
+    problems = integrity.harness_git_problems(repo, first)
+    assert problems == [f"analysis/helper.py is a new, uncommitted harness file: {integrity.RESTORE_HINT}; "
+                        f"remove it (rm analysis/helper.py)"]
+    (repo / "analysis" / "helper.py").unlink()
+    (repo / "analysis" / "stats.py").write_text((repo / "analysis" / "stats.py").read_text() + "\n")
+    git(repo, "commit", "-qam", "tweak the statistics")
+    problems = integrity.harness_git_problems(repo, first)
+    assert len(problems) == 1 and problems[0].startswith(f"analysis/stats.py changed since commit {first['commit']}")
+    assert f"git checkout {first['commit']} -- analysis/stats.py" in problems[0]
+    problems = integrity.harness_git_problems(repo, {"run_id": "x", "commit": "deadbee"})
+    assert len(problems) == 1 and "cannot compare the harness with commit deadbee" in problems[0]
+
+
+def test_decide_discards_an_invalid_run_loudly():
+    decision = verdict.decide([], failed="invalid")
+    assert decision["verdict"] == "discard" and decision["reason"].startswith("INVALID")
+    assert not verdict.finished({"status": "invalid", "val_bpb": 0.5})
+
+
+# ---------------------------------------------------------------------------
+# analyze.py end to end
+# ---------------------------------------------------------------------------
+
+def halve_the_metric(repo):
+    source = (repo / "prepare.py").read_text()
+    assert source.count(EVAL_LINE) == 1
+    (repo / "prepare.py").write_text(source.replace(EVAL_LINE, HALVED_EVAL))
+
+
+def assert_invalid(repo, proc, problem):
+    assert proc.returncode == 0, proc.stderr
+    entry = ledger(repo)[-1]
+    assert entry["status"] == "invalid" and entry["verdict"] == "discard" and entry["val_bpb"] == 0.5
+    assert any(problem in p for p in entry["integrity"]), entry["integrity"]
+    assert f"INVALID: {entry['integrity'][0]}" in proc.stdout and "verdict: DISCARD — INVALID" in proc.stdout
+    text = (repo / ".auto-log-research" / entry["run_id"] / "analysis.md").read_text()
+    assert text.index("## Verdict") < text.index("## Integrity") < text.index("## Configuration vs best")
+    for p in entry["integrity"]:
+        assert f"- {p}" in text
+    return entry
+
+
+def test_an_uncommitted_edit_of_the_evaluation_makes_the_run_invalid(repo):
+    halve_the_metric(repo)
+    fake_run(repo, 0.5, harness_hash=schema.harness_hash(repo))  # what train.py records under the edited harness
+    entry = assert_invalid(repo, analyze(repo), "prepare.py has uncommitted changes")
+    assert "git checkout -- prepare.py" in entry["integrity"][0]
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    git(repo, "checkout", "--", "prepare.py")
+    proc = analyze(repo, "keep", entry["run_id"])
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: run {entry['run_id']} is invalid and can never be kept: prepare.py")
+    assert ledger(repo)[-1]["status"] == "invalid"
+
+
+def test_a_committed_edit_of_the_evaluation_is_caught_and_never_becomes_the_best(repo):
+    fake_run(repo, 1.0)
+    proc = analyze(repo)
+    assert proc.returncode == 0 and ledger(repo)[0]["integrity"] == [] and "INVALID" not in proc.stdout
+    assert analyze(repo, "keep").returncode == 0
+    first = head(repo)
+    halve_the_metric(repo)
+    git(repo, "commit", "-qam", "faster evaluation")
+    fake_run(repo, 0.5, seed=1, harness_hash=schema.harness_hash(repo))
+    invalid = assert_invalid(repo, analyze(repo), f"prepare.py changed since commit {first}")
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and "is invalid and can never be kept" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    status = analyze(repo, "status").stdout
+    assert f"best: {first} val_bpb 1.000000" in status and "1 invalid" in status
+    # the harness restored, a clean run of new code is judged normally again
+    git(repo, "checkout", first, "--", "prepare.py")
+    git(repo, "commit", "-qam", "restore the harness")
+    fake_run(repo, 1.001, seed=2)
+    proc = analyze(repo)
+    entry = ledger(repo)[-1]
+    assert entry["integrity"] == [] and entry["status"] in ("pending", "rerun") and "INVALID" not in proc.stdout
+    assert f"vs previous {invalid['run_id']}: n/a (status invalid)" in proc.stdout  # no delta against a fake number
+
+
+def test_a_run_that_claims_more_training_time_than_its_steps_is_invalid(repo):
+    records, summary = fake_run(repo, 0.5)
+    synthetic.write_run(repo, records, {**summary, "training_seconds": 2 * summary["training_seconds"]}, "log\n")
+    assert_invalid(repo, analyze(repo), "disagrees with the sum of the run's own step times")
+
+
+def test_tampered_validation_data_makes_the_run_invalid(repo, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    make_cache(cache)
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))  # for fake_run's summary and the analyze.py process
+    fake_run(repo, 1.0)
+    proc = analyze(repo)
+    assert proc.returncode == 0 and ledger(repo)[-1]["integrity"] == [], proc.stdout
+    flip_byte(cache / "data/val.parquet")
+    fake_run(repo, 0.5, seed=1)
+    assert_invalid(repo, analyze(repo), "data/val.parquet is not the file prepare.py wrote")
+
+
+def test_synthetic_runs_pass_the_checks(repo):
+    """No false alarm on the runs the other tests and the benchmark use."""
+    records, summary = fake_run(repo, 1.0)
+    assert integrity.integrity_problems(summary, records, repo, schema.cache_dir(), None) == []
