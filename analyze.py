@@ -244,6 +244,7 @@ def cmd_analyze(args) -> int:
             # a number from a touched evaluation or clock is kept for reference, never counted
             problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."), schema.cache_dir(),
                                                     ledger[0] if ledger else None)
+            problems += integrity.train_code_problems((store.run_path(record["run_id"]) / gitops.TRAIN_PY).read_text())
             record["integrity"] = problems
             if problems:
                 record["status"] = "invalid"

@@ -160,3 +160,46 @@ def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir:
     repo_root = Path(repo_root)
     return (harness_git_problems(repo_root, reference) + harness_hash_problems(summary, repo_root)
             + data_problems(summary, cache_dir, reference) + clock_problems(summary, records, reference))
+
+
+HARNESS_MODULES = ("prepare", "schema")  # what train.py imports from the harness
+
+
+def train_code_problems(code: str) -> list:
+    """train.py may use the harness but not rebind it at run time, which would change the evaluation
+    without changing a harness file: no assignment to `prepare.<name>` (directly, with setattr, or through
+    sys.modules) and no redefinition of a name imported from prepare or schema (`evaluate_bpb = ...`)."""
+    import ast
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []  # such a run crashed before producing a number
+    modules, imported = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name in HARNESS_MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module in HARNESS_MODULES:
+            imported |= {a.asname or a.name for a in node.names}
+    problems = []
+
+    def flag(node, what):
+        problems.append(f"train.py line {node.lineno} {what}: {RESTORE_HINT}; remove it from train.py")
+
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in imported:
+            flag(node, f"redefines {node.name}, imported from the harness")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
+                and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in modules:
+            flag(node, f"sets an attribute of {node.args[0].id} with setattr")
+        for target in (t for t0 in targets for t in ast.walk(t0)):
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                    and target.value.id in modules | imported and isinstance(target.ctx, ast.Store):
+                flag(node, f"assigns {target.value.id}.{target.attr}")
+            elif isinstance(target, ast.Name) and target.id in imported and isinstance(target.ctx, ast.Store):
+                flag(node, f"rebinds {target.id}, imported from the harness")
+            elif isinstance(target, ast.Subscript) and "modules" in ast.unparse(target.value):
+                flag(node, "writes into sys.modules")
+    return problems
