@@ -47,16 +47,22 @@ def train_sha(repo) -> str:
     return hashlib.sha256((repo / "train.py").read_bytes()).hexdigest()
 
 
+def make_repo(folder, files=HARNESS):
+    """A git repository in `folder` with copies of the project's `files` and analysis/, committed as "baseline"."""
+    folder.mkdir(exist_ok=True)
+    for name in files:
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(ROOT / "analysis", folder / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
+    git(folder, "init", "-q")
+    git(folder, "add", "-A")
+    git(folder, "commit", "-qm", "baseline")
+    return folder
+
+
 @pytest.fixture
 def repo(tmp_path):
-    for name in HARNESS:
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "analysis", tmp_path / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "baseline")
-    return tmp_path
+    return make_repo(tmp_path)
 
 
 def fake_run(repo, val_bpb=1.0, seed=42, status="ok", log=None, n_steps=300, offset=None, **kw):

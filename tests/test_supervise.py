@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,30 +19,15 @@ import pytest
 import supervise
 from analysis.store import Store
 from conftest import ROOT
+from test_analyze import GIT_ENV, HARNESS, git, make_repo
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 SECRET = "sk-ant-test-DO-NOT-WRITE-4f9c2e"
 PY = shlex.quote(sys.executable)
 
 
-def git(repo, *args) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}).stdout
-
-
 @pytest.fixture
 def repo(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("analyze.py", "schema.py", "prepare.py", "train.py", "supervise.py", "program.md"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baseline")
-    return repo
+    return make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
 
 
 def supervise_proc(repo, *args, env=None):
