@@ -21,15 +21,14 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 import schema
 from analysis import gitops, integrity, plots, report, stats, verdict
-from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, Store, StoreError, atomic_write,
-                            failure_line, load_run, sha256_bytes, traceback_tail)
+from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, STAMP_FORMAT, Store, StoreError,
+                            atomic_write, failure_line, load_run, parse_stamp, sha256_bytes, traceback_tail)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
 LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
@@ -38,13 +37,6 @@ LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last wr
 # ---------------------------------------------------------------------------
 # What the run in the working directory is
 # ---------------------------------------------------------------------------
-
-def _epoch(stamp: str):
-    try:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except (TypeError, ValueError):
-        return None
-
 
 def classify(run: dict, ledger: list) -> dict:
     """Decide which of the files found belong to this run, and its status.
@@ -86,7 +78,7 @@ def classify(run: dict, ledger: list) -> dict:
                      f"`uv run train.py > run.log 2>&1`")
         log = None
     elif log is not None and summary is not None:
-        start = _epoch(summary.get("started_at"))
+        start = parse_stamp(summary.get("started_at"))
         if start is not None and run["log_mtime"] < start - LOG_CLOCK_SLACK_S:
             notes.append("run.log was last written before this run started, so it is not this run's; "
                          "capture it with `uv run train.py > run.log 2>&1`")
@@ -207,7 +199,7 @@ def archive(store: Store, args, run: dict, facts: dict) -> dict:
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
-                  analyzed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  analyzed_at=time.strftime(STAMP_FORMAT),
                   train_sha256=summary.get("train_sha256") or sha256_bytes(code.encode()),
                   run_log_sha256=run["run_log_sha256"] if own["run.log"] else None,
                   metrics_sha256=run["metrics_sha256"] if own["metrics.jsonl"] else None)

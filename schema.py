@@ -120,7 +120,8 @@ def manifest_hash(manifest: dict) -> str:
 # Validation (pure functions: a list of problems, empty when the record is valid)
 # ---------------------------------------------------------------------------
 
-def _finite_number(v) -> bool:
+def finite_number(v) -> bool:
+    """A real, finite number (not a bool, None, NaN or inf): what every metric value must be."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -128,7 +129,7 @@ def step_record_problems(rec: dict) -> list:
     problems = [f"missing {k}" for k in REQUIRED_STEP_KEYS if k not in rec]
     for k, v in rec.items():
         if k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or parse_layer_key(k):
-            if not _finite_number(v):
+            if not finite_number(v):
                 problems.append(f"{k}={v!r} is not a finite number")
         else:
             problems.append(f"unknown key {k}")
@@ -139,7 +140,7 @@ def summary_problems(summary: dict) -> list:
     problems = [f"missing {k}" for k in SUMMARY_KEYS if k not in summary]
     if summary.get("status") not in TRAIN_STATUSES:
         problems.append(f"status {summary.get('status')!r} not in {TRAIN_STATUSES}")
-    if summary.get("status") == "ok" and not _finite_number(summary.get("val_bpb")):
+    if summary.get("status") == "ok" and not finite_number(summary.get("val_bpb")):
         problems.append("status ok but val_bpb is not a finite number")
     if not isinstance(summary.get("config"), dict):
         problems.append("config is not an object")

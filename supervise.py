@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import verdict
-from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store
+from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, parse_stamp
 
 PROGRAM = "program.md"
 IDEAS = "ideas_queue.md"
@@ -85,17 +85,10 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
     if rules.max_without_keep is not None and since_keep >= rules.max_without_keep:
         return f"no keep in the last {since_keep} experiments"
     if rules.max_hours_without_keep is not None:
-        last = max([started] + [_epoch(new_runs[i].get("analyzed_at")) or started for i in kept])
+        last = max([started] + [parse_stamp(new_runs[i].get("analyzed_at")) or started for i in kept])
         if now - last >= rules.max_hours_without_keep * 3600:
             return f"no keep for {(now - last) / 3600:.1f} hours"
     return None
-
-
-def _epoch(stamp):
-    try:
-        return time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-    except (TypeError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------

@@ -35,10 +35,6 @@ def _agrees(a: float, b: float) -> bool:
     return abs(a - b) <= CLOCK_REL_TOLERANCE * max(abs(a), abs(b)) + CLOCK_ABS_TOLERANCE_S
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def harness_git_problems(repo_root: Path, reference) -> list:
     """The harness files have no uncommitted changes, and none since the first run's commit."""
     if not gitops.is_repo(repo_root):
@@ -91,10 +87,10 @@ def data_problems(summary: dict, cache_dir: Path, reference) -> list:
     except json.JSONDecodeError as e:
         return [f"{path} is corrupt ({e.msg}): run `uv run prepare.py` again and train again"]
     problems = []
-    recorded = manifest.get("manifest_hash")
-    if schema.manifest_hash(manifest) != recorded:
+    recorded, actual = manifest.get("manifest_hash"), schema.manifest_hash(manifest)
+    if actual != recorded:
         problems.append(f"{path} was edited after prepare.py wrote it (its content hashes to "
-                        f"{schema.manifest_hash(manifest)}, not {recorded}): run `uv run prepare.py` again")
+                        f"{actual}, not {recorded}): run `uv run prepare.py` again")
     if claimed != recorded:
         problems.append(f"the run used data manifest {claimed} but {path} is {recorded}: the data was prepared "
                         f"again during or after the run; train again on the current data")
@@ -129,23 +125,23 @@ def clock_problems(summary: dict, records: list, reference) -> list:
                         f"{first_budget}: every run of a store trains for the same budget; unset "
                         f"AUTORESEARCH_TIME_BUDGET (or set it as for the first run) and train again")
     claimed = summary.get("training_seconds")
-    if not _number(claimed):
+    if not schema.finite_number(claimed):
         return problems + [f"training_seconds {claimed!r} is not a number: the training clock is off limits; "
                            f"restore the timing code of train.py and train again"]
     warmup = int((summary.get("config") or {}).get("CLOCK_WARMUP_STEPS", 0) or 0)
     step_s = [r[schema.STEP_TIME_MS] / 1000 for r in stats.timed_steps(records, warmup)
-              if _number(r.get(schema.STEP_TIME_MS))]
+              if schema.finite_number(r.get(schema.STEP_TIME_MS))]
     summed = math.fsum(step_s)
     if not _agrees(claimed, summed):
         problems.append(f"training_seconds {claimed:.1f} disagrees with the sum of the run's own step times, "
                         f"{summed:.1f} s over {len(step_s)} steps from step {warmup} on: the training clock is off "
                         f"limits; restore the timing code of train.py and train again")
     last = records[-1].get(schema.TIME_S)
-    if not _number(last) or not _agrees(claimed, last):
+    if not schema.finite_number(last) or not _agrees(claimed, last):
         problems.append(f"training_seconds {claimed:.1f} disagrees with the clock of the last metrics record "
                         f"({last}): the training clock is off limits; restore the timing code of train.py and "
                         f"train again")
-    if _number(budget) and step_s:
+    if schema.finite_number(budget) and step_s:
         allowed = budget + step_s[-1]  # the loop stops after the step that crosses the budget
         if claimed > allowed and not _agrees(claimed, allowed):
             problems.append(f"training_seconds {claimed:.1f} exceeds the time budget of {budget:g} s by more than "

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import schema
@@ -37,11 +38,20 @@ TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")  # fix
 TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "p_value", "num_steps",
                      "mfu_percent", "device", "started_at")
 LOCK_TIMEOUT_S = 300          # a concurrent analyze takes seconds; minutes of waiting means a stuck process
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (RunLogger) and analyzed_at
 TRACEBACK_LINES = 30          # lines of a crashed run's log shown in analysis.md
 
 
 class StoreError(Exception):
     """A refusal or a broken store: analyze.py prints it as one `error:` line and exits non-zero."""
+
+
+def parse_stamp(stamp):
+    """Epoch seconds of a "%Y-%m-%dT%H:%M:%S%z" timestamp (started_at, analyzed_at), or None."""
+    try:
+        return datetime.strptime(stamp, STAMP_FORMAT).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def sha256_bytes(data: bytes) -> str:

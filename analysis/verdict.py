@@ -12,6 +12,8 @@ import warnings
 
 import numpy as np
 
+import schema
+
 # ---------------------------------------------------------------------------
 # Thresholds
 # ---------------------------------------------------------------------------
@@ -54,9 +56,7 @@ def comparable_key(record: dict) -> tuple:
 
 
 def finished(record: dict) -> bool:
-    value = record.get("val_bpb")
-    return (record.get("status") not in NOT_COUNTED and isinstance(value, (int, float))
-            and math.isfinite(value))
+    return record.get("status") not in NOT_COUNTED and schema.finite_number(record.get("val_bpb"))
 
 
 def pools(ledger: list, comparable: tuple) -> dict:

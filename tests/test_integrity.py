@@ -10,7 +10,7 @@ import schema
 import synthetic
 from analysis import integrity, verdict
 from conftest import ROOT
-from test_analyze import GIT_ENV, analyze, fake_run, git, head, ledger, repo, train_sha  # noqa: F401 (repo: fixture)
+from test_analyze import analyze, fake_run, git, head, ledger, repo  # noqa: F401 (repo: fixture)
 
 EVAL_LINE = "    return evaluate_val(model, tokenizer, batch_size, curve)[0]"
 HALVED_EVAL = "    return 0.5 * evaluate_val(model, tokenizer, batch_size, curve)[0]"

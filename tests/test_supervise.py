@@ -55,6 +55,8 @@ def test_stop_rules():
     hours = supervise.StopRules(max_hours_without_keep=1.0)
     assert supervise.stop_reason(rows("discard"), hours, now, now - 1800) is None
     assert "no keep for 2.0 hours" in supervise.stop_reason(rows("discard"), hours, now, now - 7200)
+    recent_keep = [{"status": "keep", "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now - 600))}]
+    assert supervise.stop_reason(recent_keep + rows("discard"), hours, now, now - 7200) is None
 
 
 # ---------------------------------------------------------------------------
