@@ -589,20 +589,32 @@ def packed_rows(tokenizer: Tokenizer, row_len: int, split: str, seed: int = 0, b
 
 def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, device="cpu", seed: int = 0,
                     buffer_size: int = 1000):
-    """Yield (inputs, targets, epoch) forever: (B, T) int64 tensors on `device`, targets = inputs shifted by one."""
+    """Yield (inputs, targets, epoch) forever: contiguous (B, T) int64 tensors on `device`, targets =
+    inputs shifted by one.
+
+    On CUDA the rows are written straight into one preallocated pinned host buffer (inputs then
+    targets, so each is contiguous) and copied to the GPU without blocking the host; before the
+    buffer is refilled, the host waits for the previous copy only, not for the training step."""
     import torch
     device = torch.device(device)
     rows_iter = packed_rows(tokenizer, T + 1, split, seed, buffer_size)
-    batch = np.empty((B, T + 1), dtype=np.int64)
+    cuda = device.type == "cuda"
+    host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=cuda)
+    host_np = host.numpy()
+    copied = torch.cuda.Event() if cuda else None
     while True:
+        if cuda:
+            copied.synchronize()  # the previous batch has left the pinned buffer
         for b in range(B):
-            batch[b], epoch = next(rows_iter)
-        cpu = torch.from_numpy(batch.copy())
-        if device.type == "cuda":
-            gpu = cpu.pin_memory().to(device, non_blocking=True)
-            yield gpu[:, :-1], gpu[:, 1:], epoch
+            row, epoch = next(rows_iter)
+            host_np[0, b] = row[:-1]
+            host_np[1, b] = row[1:]
+        if cuda:
+            batch = host.to(device, non_blocking=True)
+            copied.record()
         else:
-            yield cpu[:, :-1].to(device), cpu[:, 1:].to(device), epoch
+            batch = host.clone()  # a fresh tensor per batch: a caller may keep the previous one
+        yield batch[0], batch[1], epoch
 
 
 # ---------------------------------------------------------------------------
@@ -616,6 +628,35 @@ def default_eval_tokens(device_type: str, curve: bool = False) -> int:
     if device_type == "cuda":
         return VAL_CURVE_TOKENS if curve else EVAL_TOKENS
     return CPU_VAL_CURVE_TOKENS if curve else CPU_EVAL_TOKENS
+
+
+def eval_rows(device_type: str, curve: bool = False) -> int:
+    """Rows of MAX_SEQ_LEN tokens behind one evaluation (the final one, or a validation-curve point)."""
+    return max(1, default_eval_tokens(device_type, curve) // MAX_SEQ_LEN)
+
+
+def eval_batch_rows(device_type: str, batch_size: int) -> list:
+    """The distinct batch sizes (rows) that the curve and final evaluations feed the model, sorted:
+    each is one compiled graph, to be warmed before the training clock starts (warm_up_evaluation)."""
+    sizes = set()
+    for curve in (True, False):
+        n = eval_rows(device_type, curve)
+        sizes.update(min(batch_size, n - i) for i in range(0, n, batch_size))
+    return sorted(sizes)
+
+
+def warm_up_evaluation(model, tokenizer: Tokenizer, batch_size: int):
+    """Run `model` once on every batch shape evaluate_val will use (eval mode, no grad, per-token
+    losses), so an evaluation in the middle of the run never compiles a graph. Call it with the
+    model in eval mode and under the autocast the evaluations use; it measures nothing."""
+    import torch
+    device = next(model.parameters()).device
+    sizes = eval_batch_rows(device.type, batch_size)
+    rows = val_rows(tokenizer, sizes[-1])
+    with torch.no_grad():
+        for n in sizes:
+            chunk = rows[:n].to(device)
+            model(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous(), reduction="none")
 
 
 def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
@@ -636,7 +677,7 @@ def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
     fixed slice used for the validation curve during training."""
     import torch
     device = next(model.parameters()).device
-    n_rows = max(1, default_eval_tokens(device.type, curve) // MAX_SEQ_LEN)
+    n_rows = eval_rows(device.type, curve)
     rows = val_rows(tokenizer, n_rows)
     token_bytes = get_token_bytes(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -644,8 +685,8 @@ def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
     total_tokens = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in range(0, n_rows, batch_size):
-            chunk = rows[i:i + batch_size].to(device, non_blocking=True)
-            x, y = chunk[:, :-1], chunk[:, 1:]
+            chunk = rows[i:i + batch_size].to(device)
+            x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # the layout training batches have
             loss = model(x, y, reduction="none").reshape(-1)
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss.double() * (nbytes > 0)).sum()
@@ -665,15 +706,105 @@ def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
 # Runtime: devices
 # ---------------------------------------------------------------------------
 
-# Dense bf16 peak FLOP/s by GPU name; MFU is reported as 0 on anything not listed.
-PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12,
-                   "RTX 4090": 165.2e12, "A10G": 70e12, "L4": 121e12}
+# Dense bf16 tensor-core peak FLOP/s (NVIDIA datasheets: the figure without sparsity, which is half
+# the headline one) by the exact name CUDA reports. Exact, because names overlap ("NVIDIA L4" and
+# "NVIDIA L40", the H100's SXM, PCIe and NVL parts); MFU is 0 on a GPU not listed here.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.5e12,   # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835.5e12,
+    "NVIDIA H200": 989.5e12,             # H200 SXM
+    "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA H800": 989.5e12,             # H800 SXM5
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA H20": 148e12,
+    "NVIDIA GH200 480GB": 989.5e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+    "NVIDIA A800 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362.05e12,
+    "NVIDIA L40": 181.05e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165.2e12,  # with fp32 accumulation, as torch's bf16 matmuls use
+}
+
+# Linux driver a CUDA major version needs (CUDA minor-version compatibility: any 13.x runs on >= 580).
+CUDA_MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+ALLOW_CPU_ENV = "AUTORESEARCH_ALLOW_CPU"   # "1": train the CPU configuration although a GPU is present
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")
+NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version():
+    """The NVIDIA driver's version ("580.65.06") where nvidia-smi answers or the kernel module says it;
+    "" where only an NVIDIA device file shows a GPU; None where nothing shows an NVIDIA GPU."""
+    import shutil
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            versions = out.stdout.split()
+            if out.returncode == 0 and versions:
+                return versions[0]
+        except subprocess.TimeoutExpired:
+            pass  # a hung nvidia-smi: fall back to the kernel module's file and the device files
+    try:
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", Path(NVIDIA_DRIVER_VERSION_FILE).read_text())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass  # no NVIDIA kernel module loaded
+    return "" if any(os.path.exists(f) for f in NVIDIA_DEVICE_FILES) else None
+
+
+def cuda_unusable_message(torch_version: str, torch_cuda, driver: str, init_error) -> str:
+    """Why CUDA is unusable on a machine with an NVIDIA GPU, and what to do, in one line."""
+    head = f"an NVIDIA GPU is present (driver {driver or 'not answering'}) but torch {torch_version} cannot use it"
+    fix = ("upgrade the NVIDIA driver, or install a torch built for an older CUDA (README, 'GPU driver')")
+    if not torch_cuda:
+        cause, fix = "it is a CPU-only build", "install a CUDA build of torch (README, 'GPU driver')"
+    else:
+        major = int(str(torch_cuda).split(".")[0])
+        needed = CUDA_MIN_DRIVER.get(major)
+        driver_major = int(driver.split(".")[0]) if driver[:1].isdigit() else None
+        if needed and driver_major is not None and driver_major < needed:
+            cause = f"its CUDA {torch_cuda} runtime needs driver >= {needed}"
+        elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            cause = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} may hide every GPU"
+            fix = "unset CUDA_VISIBLE_DEVICES or name a GPU in it"
+        else:
+            cause = f"CUDA {torch_cuda} could not start"
+            fix = "check `nvidia-smi` and the driver installation"
+    said = f" (torch: {init_error})" if init_error else ""
+    return (f"{head}: {cause}{said}. Fix: {fix}; or set {ALLOW_CPU_ENV}=1 to train the small CPU "
+            f"configuration on this machine anyway")
+
+
+def _cuda_init_error():
+    """torch's own first line on why CUDA does not start, or None."""
+    import torch
+    try:
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    return None
 
 
 def autodetect_device():
+    """cuda when usable; on a machine with an NVIDIA GPU that CUDA cannot use, a HarnessError naming the
+    cause (never a silent CPU run), unless AUTORESEARCH_ALLOW_CPU=1; else mps or cpu."""
     import torch
     if torch.cuda.is_available():
         return torch.device("cuda")
+    driver = nvidia_driver_version()
+    if driver is not None and os.environ.get(ALLOW_CPU_ENV) != "1":
+        raise HarnessError(cuda_unusable_message(torch.__version__, torch.version.cuda, driver, _cuda_init_error()))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -690,8 +821,7 @@ def peak_flops(device):
     import torch
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
 
 
 def peak_memory_mb(device) -> float:
@@ -702,6 +832,20 @@ def peak_memory_mb(device) -> float:
 def device_description(device) -> str:
     import torch
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+MAX_RECOMPILE_REASONS = 5  # guard failures quoted in a summary: enough to see the cause, short to read
+
+
+def compile_counters() -> dict:
+    """torch.compile's running totals in this process: graphs compiled, graph breaks, recompilations
+    (a graph compiled again because a guard failed) and the first reasons for them. Take it before and
+    after the training loop: a graph compiled inside the timed loop is a stall on the training clock."""
+    from torch._dynamo.utils import counters, guard_failures
+    reasons = [r for failures in guard_failures.values() for r in failures]
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompiles": len(reasons), "recompile_reasons": [r.splitlines()[0] for r in reasons[:MAX_RECOMPILE_REASONS]]}
 
 
 # ---------------------------------------------------------------------------

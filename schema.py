@@ -70,6 +70,8 @@ SUMMARY_KEYS = (
     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
     "harness_hash", "train_sha256", "config",
+    "compile",  # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
+                # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
 )
 
 # The `---` block train.py prints at the end, in this order, so `grep "^val_bpb:" run.log` works.

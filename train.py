@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import schema
 from prepare import (MAX_SEQ_LEN, TIME_BUDGET, HarnessError, LayerStats, RunLogger, Tokenizer, Watchdog,
-                     autodetect_device, data_label, device_description, evaluate_bpb, evaluate_val,
-                     load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize)
+                     autodetect_device, compile_counters, data_label, device_description, evaluate_bpb,
+                     evaluate_val, load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize,
+                     warm_up_evaluation)
 
 # First thing: delete the previous run's summary and start a fresh metrics.jsonl, so a crash
 # from here on can never leave an earlier result behind.
@@ -34,6 +35,7 @@ logger = RunLogger(globals(), t_start=t_start)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (every UPPER_CASE name is captured into run_summary.json)
@@ -70,7 +72,7 @@ MUON_MOMENTUM_WARMUP_STEPS = 300
 # Instrumentation and safety
 VAL_EVERY = 0.1            # fraction of the budget between validation-curve points
 LAYER_STATS_EVERY = 50     # steps between per-layer statistics
-CLOCK_WARMUP_STEPS = 10    # first steps kept off the training clock: they pay for compilation
+CLOCK_WARMUP_STEPS = 3     # first steps kept off the training clock: one-time allocations (compilation is before it)
 EVAL_BATCH_SIZE = 128      # rows per evaluation batch (speed only: the metric does not depend on it)
 LOSS_EXPLODE_FACTOR = 2.0  # stop as "nan" once the loss exceeds this multiple of a uniform guess, ln(vocab)
 PRINT_EVERY_S = 5.0        # progress-line cadence when stdout is a file, so run.log stays short and readable
@@ -79,12 +81,24 @@ PRINT_EVERY_S = 5.0        # progress-line cadence when stdout is a file, so run
 # Device
 # ---------------------------------------------------------------------------
 
-device = autodetect_device()
+# The fast path is the CUDA code: bf16 autocast, torch.compile of the model and of the optimizer
+# step, flex_attention for the sliding windows. AUTORESEARCH_CPU_FAST_PATH=1 runs that same code on
+# CPU, compiled with aot_eager (it traces like inductor and runs plain kernels), so that the tests
+# catch a change that would break the GPU run.
+FAST_PATH = True
+COMPILE_BACKEND = "inductor"
+COMPUTE_DTYPE = torch.bfloat16  # of q, k, v, the rotary tables and the embedding outputs
+device = autodetect_device()    # stops with the cause and the fix on a GPU machine whose CUDA is unusable
 if device.type != "cuda":
+    FAST_PATH = os.environ.get("AUTORESEARCH_CPU_FAST_PATH") == "1"
+    COMPILE_BACKEND = "aot_eager"
+    COMPUTE_DTYPE = torch.bfloat16 if FAST_PATH else torch.float32
     # No CUDA: a small configuration that trains in minutes on a laptop CPU. Its numbers are
     # a smoke test of the loop, not comparable with GPU runs.
     print(f"NOTE: no CUDA GPU found; running the small {device.type.upper()} configuration "
-          f"(SDPA attention, fp32, no compile). For trying the loop, not for research.", flush=True)
+          + ("(the CUDA code path: bf16, aot_eager compile, flex_attention). For tests, not for research."
+             if FAST_PATH else "(SDPA attention, fp32, no compile). For trying the loop, not for research."),
+          flush=True)
     DEPTH = 2
     HEAD_DIM = 64
     SHORT_WINDOW = 64
@@ -97,20 +111,11 @@ if device.type != "cuda":
     MUON_MOMENTUM_WARMUP_STEPS = 50
 torch.manual_seed(SEED)
 torch.set_float32_matmul_precision("high")
-autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+autocast = (torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if FAST_PATH
             else contextlib.nullcontext())
-
-# Attention: flex_attention (fused, handles sliding windows) on CUDA, SDPA elsewhere; SDPA has a
-# backward on CPU, flex_attention does not.
-ATTENTION_BACKEND = "sdpa"
-if device.type == "cuda":
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex_attention = torch.compile(flex_attention, dynamic=False)
-        ATTENTION_BACKEND = "flex"
-    except ImportError as e:
-        print(f"WARNING: flex_attention unavailable ({e}); falling back to SDPA with dense "
-              f"sliding-window masks, which is much slower", file=sys.stderr, flush=True)
+# flex_attention (fused, with block-sparse sliding windows) on the fast path; SDPA with dense
+# masks elsewhere, because flex_attention has no backward on CPU.
+ATTENTION_BACKEND = "flex" if FAST_PATH else "sdpa"
 
 # ---------------------------------------------------------------------------
 # Model
@@ -129,6 +134,7 @@ class GPTConfig:
     softcap: float
     ve_gate_channels: int
     attention: str = "sdpa"
+    dtype: torch.dtype = torch.float32  # of q, k, v, the rotary tables and the embedding outputs
 
 
 def norm(x):
@@ -160,6 +166,16 @@ def sliding_window_mask(T, window, device):
     return (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
 
 
+def attend(q, k, v, mask):
+    """Causal attention of (B, H, T, D) tensors; `mask` is one of GPT.prepare_attention's: None (plain
+    causal), a dense boolean mask (SDPA) or a flex_attention BlockMask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -169,6 +185,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dtype = config.dtype
         self.ve_gate_channels = config.ve_gate_channels
         self.ve_gate = (nn.Linear(config.ve_gate_channels, config.n_head, bias=False)
                         if has_ve(layer_idx, config.n_layer) else None)
@@ -183,13 +200,9 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif isinstance(attn_mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
-            y = flex_attention(q, k, v, block_mask=attn_mask)
+        # autocast returns rms_norm (and the fp32 value-embedding sum) in fp32: attention gets one dtype
+        q, k, v = (t.to(self.dtype).transpose(1, 2) for t in (q, k, v))
+        y = attend(q, k, v, attn_mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -227,9 +240,10 @@ class GPT(nn.Module):
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         self.windows = window_sizes(config)
         head_dim = config.n_embd // config.n_head
-        self.register_buffer("cos", torch.empty(1, config.sequence_len, 1, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(1, config.sequence_len, 1, head_dim // 2), persistent=False)
-        self._masks = {}  # (T, window) -> attention mask; built before compiling (see prepare_attention)
+        rotary_shape = (1, config.sequence_len, 1, head_dim // 2)
+        self.register_buffer("cos", torch.empty(rotary_shape, dtype=config.dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_shape, dtype=config.dtype), persistent=False)
+        self.masks = {}  # T -> one attention mask per layer, built before compiling (prepare_attention)
 
     @torch.no_grad()
     def init_weights(self):
@@ -254,17 +268,21 @@ class GPT(nn.Module):
         self.sin.copy_(freqs.sin()[None, :, None, :])
 
     def prepare_attention(self, seq_lens):
-        """Build the attention masks of every (length, window) pair the run will use, before torch.compile."""
+        """Build each layer's attention mask for every sequence length the run will use. Call it before
+        the first forward (and before torch.compile): the forward only looks masks up, so tracing never
+        builds one."""
         for T in seq_lens:
+            by_window = {}
             for window in set(self.windows):
                 if window >= T:
-                    self._masks[T, window] = None  # plain causal attention
+                    by_window[window] = None  # plain causal attention
                 elif self.config.attention == "flex":
-                    self._masks[T, window] = create_block_mask(
+                    by_window[window] = create_block_mask(
                         lambda b, h, q, kv, w=window: (q >= kv) & (q - kv < w), None, None, T, T,
                         device=self.cos.device)
                 else:
-                    self._masks[T, window] = sliding_window_mask(T, window, self.cos.device)
+                    by_window[window] = sliding_window_mask(T, window, self.cos.device)
+            self.masks[T] = tuple(by_window[w] for w in self.windows)
 
     def num_flops_per_token(self, T):
         """Forward + backward FLOPs per token: 6 per matmul weight plus attention scores over each layer's window."""
@@ -276,14 +294,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, reduction="mean"):
         B, T = idx.shape
-        if (T, self.windows[0]) not in self._masks:
-            self.prepare_attention([T])
+        if T not in self.masks:
+            raise ValueError(f"no attention masks for sequence length {T}: call model.prepare_attention([{T}]) first")
+        masks = self.masks[T]
         cos_sin = self.cos[:, :T], self.sin[:, :T]
-        x = x0 = norm(self.wte(idx))
+        dtype = self.config.dtype
+        x = x0 = norm(self.wte(idx).to(dtype))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, self._masks[T, self.windows[i]])
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, masks[i])
         logits = self.lm_head(norm(x)).float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
@@ -332,56 +352,83 @@ def normuon(X, second_moment, beta2):
     return X * step_size * (norm_before / norm_after.clamp_min(1e-10))
 
 
-class MuonAdamW(torch.optim.Optimizer):
-    """Groups of kind "muon" hold same-shape matrices updated together; kind "adamw" groups are AdamW."""
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, beta1: float, beta2: float,
+                 eps: float):
+    """AdamW on a group's parameters, in place. step, lr and weight_decay are 0-D tensors, so the
+    compiled version is not recompiled each time the schedule changes them."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.lerp_(g, 1 - beta1)
+        v.lerp_(g.square(), 1 - beta2)
+        denom = (v / (1 - beta2 ** step)).sqrt() + eps
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(lr / (1 - beta1 ** step) * m / denom)
 
-    def __init__(self, param_groups):
+
+def muon_update(params, grads, momentum_buffer, second_moment, momentum, lr, weight_decay, beta2: float,
+                ns_steps: int):
+    """Muon on a group of same-shape matrices, in place: Nesterov momentum, Polar Express, NorMuon,
+    cautious weight decay. momentum, lr and weight_decay are 0-D tensors (see adamw_update)."""
+    g = torch.stack(grads).float()
+    momentum_buffer.lerp_(g, 1 - momentum)
+    update = normuon(polar_express(g.lerp_(momentum_buffer, momentum), ns_steps), second_moment, beta2)
+    rows, cols = update.shape[-2:]
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    weights = torch.stack(params).float()
+    # cautious weight decay: decay only the coordinates where the update already shrinks the weight
+    weights = weights - lr * weight_decay * weights * (update * weights > 0) - lr * update
+    for p, w in zip(params, weights.unbind(0)):
+        p.copy_(w)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups of kind "muon" hold same-shape matrices updated together; kind "adamw" groups are AdamW.
+
+    With compile_backend (the fast path), each group's update is one compiled graph instead of
+    hundreds of small kernels; it is compiled once per group shape, before the training clock."""
+
+    def __init__(self, param_groups, compile_backend=None):
         super().__init__(param_groups, {})
+        fuse = ((lambda fn: torch.compile(fn, backend=compile_backend, dynamic=False, fullgraph=True))
+                if compile_backend else (lambda fn: fn))
+        self._adamw, self._muon = fuse(adamw_update), fuse(muon_update)
+        # the schedule's values, as 0-D CPU tensors (see adamw_update)
+        self._step, self._lr, self._wd, self._momentum = (torch.zeros((), dtype=torch.float32) for _ in range(4))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            (self._muon if group["kind"] == "muon" else self._adamw)(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._step_muon if group["kind"] == "muon" else self._step_adamw)(group, params)
 
-    def _adamw(self, group):
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
+    def _step_adamw(self, group, params):
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if not state:
                 state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             state["step"] += 1
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+        self._step.fill_(states[0]["step"])
+        self._lr.fill_(group["lr"])
+        self._wd.fill_(group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        self._adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], self._step, self._lr, self._wd, beta1, beta2, group["eps"])
 
-    def _muon(self, group):
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
+    def _step_muon(self, group, params):
         state = self.state[params[0]]
-        grads = torch.stack([p.grad for p in params]).float()
         if not state:
-            rows, cols = grads.shape[-2:]
-            state["momentum"] = torch.zeros_like(grads)
-            state["second_moment"] = grads.new_zeros((len(params), rows, 1) if rows >= cols else (len(params), 1, cols))
-        momentum = group["momentum"]
-        state["momentum"].lerp_(grads, 1 - momentum)
-        update = grads.lerp_(state["momentum"], momentum)  # Nesterov
-        update = normuon(polar_express(update, group["ns_steps"]), state["second_moment"], group["beta2"])
-        rows, cols = update.shape[-2:]
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        weights = torch.stack(params).float()
-        # cautious weight decay: decay only the coordinates where the update already shrinks the weight
-        weights -= lr * group["weight_decay"] * weights * (update * weights > 0)
-        weights -= lr * update
-        torch._foreach_copy_(params, list(weights.to(params[0].dtype).unbind(0)))
+            rows, cols = params[0].shape
+            state["momentum"] = torch.zeros((len(params), rows, cols), dtype=torch.float32, device=params[0].device)
+            state["second_moment"] = state["momentum"].new_zeros((len(params), rows, 1) if rows >= cols
+                                                                 else (len(params), 1, cols))
+        self._momentum.fill_(group["momentum"])
+        self._lr.fill_(group["lr"])
+        self._wd.fill_(group["weight_decay"])
+        self._muon(params, [p.grad for p in params], state["momentum"], state["second_moment"], self._momentum,
+                   self._lr, self._wd, group["beta2"], group["ns_steps"])
 
 
-def build_optimizer(model, model_dim):
+def build_optimizer(model, model_dim, compile_backend=None):
     scale = (model_dim / 768) ** -0.5  # AdamW lrs were tuned at width 768
     adam = dict(kind="adamw", betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
     groups = [
@@ -395,7 +442,7 @@ def build_optimizer(model, model_dim):
     for shape in sorted({tuple(p.shape) for p in matrices}):
         groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=MATRIX_LR,
                            momentum=MUON_MOMENTUM_START, ns_steps=5, beta2=0.95, weight_decay=WEIGHT_DECAY))
-    optimizer = MuonAdamW([g for g in groups if g["params"]])
+    optimizer = MuonAdamW([g for g in groups if g["params"]], compile_backend)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return optimizer
@@ -432,14 +479,14 @@ model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(sequence_len=max(SEQ_LEN, MAX_SEQ_LEN), vocab_size=vocab_size, n_layer=DEPTH,
                    n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
                    short_window=SHORT_WINDOW, softcap=LOGIT_SOFTCAP, ve_gate_channels=VE_GATE_CHANNELS,
-                   attention=ATTENTION_BACKEND)
+                   attention=ATTENTION_BACKEND, dtype=COMPUTE_DTYPE)
 model = GPT(config).to(device)
 model.init_weights()
-model.prepare_attention(sorted({SEQ_LEN, MAX_SEQ_LEN}))
+model.prepare_attention(sorted({SEQ_LEN, MAX_SEQ_LEN}))  # training and evaluation lengths
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.num_flops_per_token(SEQ_LEN)
-optimizer = build_optimizer(model, model_dim)
-compiled = torch.compile(model, dynamic=False) if device.type == "cuda" else model
+optimizer = build_optimizer(model, model_dim, COMPILE_BACKEND if FAST_PATH else None)
+compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False) if FAST_PATH else model
 layer_stats = LayerStats(model)
 
 tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
@@ -456,6 +503,31 @@ print(f"device: {device_description(device)} | attention: {ATTENTION_BACKEND} | 
       f"| dim {model_dim} x {DEPTH} layers | batch {TOTAL_BATCH_SIZE:,} tokens ({grad_accum} x {DEVICE_BATCH_SIZE} "
       f"x {SEQ_LEN}) | budget {TIME_BUDGET:.0f}s | data: {data_label(manifest)}", flush=True)
 
+
+def warm_up_compilation():
+    """Compile every graph the run uses before the training clock starts: a training micro-step and an
+    optimizer step (both undone afterwards, so the run starts from the initial weights and state),
+    then each batch shape of the evaluations."""
+    initial = [p.detach().clone() for p in model.parameters()]
+    with autocast:
+        warm_loss = compiled(x, y)
+    warm_loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for p, p0 in zip(model.parameters(), initial):
+            p.copy_(p0)
+    optimizer.state.clear()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with autocast:
+        warm_up_evaluation(compiled, tokenizer, EVAL_BATCH_SIZE)
+    model.train()
+
+
+if FAST_PATH:
+    warm_up_compilation()
+compiled_before_clock = compile_counters() if FAST_PATH else None
+
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
@@ -468,8 +540,6 @@ training_time = 0.0        # the clock TIME_BUDGET is measured against
 loss_ema = 0.0
 next_val = VAL_EVERY
 last_print = 0.0
-mfu_sum = 0.0
-mfu_steps = 0
 
 while True:
     synchronize(device)
@@ -510,8 +580,6 @@ while True:
     loss_ema = 0.9 * loss_ema + 0.1 * loss_f
     tokens_per_sec = TOTAL_BATCH_SIZE / dt
     mfu = 100 * flops_per_token * tokens_per_sec / peak if peak else 0.0
-    if step >= CLOCK_WARMUP_STEPS:
-        mfu_sum, mfu_steps = mfu_sum + mfu, mfu_steps + 1
     record = {
         schema.STEP: step, schema.TIME_S: training_time, schema.TRAIN_LOSS: loss_f,
         schema.TRAIN_LOSS_SMOOTH: loss_ema / (1 - 0.9 ** (step + 1)), schema.LR_MULTIPLIER: lrm,
@@ -552,13 +620,24 @@ while True:
 # ---------------------------------------------------------------------------
 
 print()
+if FAST_PATH:  # graphs compiled after the clock started would have stalled it: 0 expected
+    compiled_after_loop = compile_counters()
+    logger.set(compile={
+        "backend": COMPILE_BACKEND, **compiled_after_loop,
+        "graphs_in_loop": compiled_after_loop["graphs"] - compiled_before_clock["graphs"],
+        "recompiles_in_loop": compiled_after_loop["recompiles"] - compiled_before_clock["recompiles"]})
+    print(f"compile: {compiled_after_loop['graphs']} graphs, {compiled_after_loop['graph_breaks']} graph breaks, "
+          f"{compiled_after_loop['recompiles']} recompiles; compiled during the timed loop: "
+          f"{compiled_after_loop['graphs'] - compiled_before_clock['graphs']} graphs", flush=True)
 model.eval()
 with autocast:
     val_bpb = evaluate_bpb(compiled, tokenizer, EVAL_BATCH_SIZE)
 watchdog.stop()
+timed_flops = flops_per_token * max(step - CLOCK_WARMUP_STEPS, 0) * TOTAL_BATCH_SIZE  # the steps on the clock
 summary = logger.finish(
     "ok", val_bpb=val_bpb, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
-    mfu_percent=mfu_sum / max(mfu_steps, 1), total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
+    mfu_percent=100 * timed_flops / training_time / peak if peak and training_time > 0 else 0.0,
+    total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
 print("---")
 for key in schema.FINAL_BLOCK_KEYS:
     value = summary[key]

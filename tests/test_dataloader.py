@@ -16,6 +16,7 @@ def test_shapes_dtype_and_shift(prepared, tokenizer):
         assert x.shape == y.shape == (B, T)
         assert x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+        assert x.is_contiguous() and y.is_contiguous()  # not strided views of one (B, T + 1) batch
         assert epoch >= 1
         assert int(x.max()) < tokenizer.get_vocab_size() and int(x.min()) >= 0
 
@@ -107,3 +108,13 @@ def test_val_rows_do_not_depend_on_seed_or_batch(prepared, tokenizer):
 def test_unknown_split_is_refused(prepared):
     with pytest.raises(ValueError, match="split"):
         prepare.split_files("test")
+
+
+def test_a_batch_is_not_overwritten_by_the_next(prepared, tokenizer):
+    """The loader fills one buffer; what it hands out must survive the next batch."""
+    loader = prepare.make_dataloader(tokenizer, B, T, "train")
+    x, y, _ = next(loader)
+    kept = x.clone(), y.clone()
+    x2, _, _ = next(loader)
+    assert torch.equal(x, kept[0]) and torch.equal(y, kept[1])
+    assert not torch.equal(x, x2)

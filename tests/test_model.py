@@ -16,8 +16,10 @@ def tiny_config(defs, vocab=64, attention="sdpa", n_layer=2, window=8, T=32):
 
 def make_model(defs, **kw):
     torch.manual_seed(0)
-    model = defs["GPT"](tiny_config(defs, **kw))
+    config = tiny_config(defs, **kw)
+    model = defs["GPT"](config)
     model.init_weights()
+    model.prepare_attention([config.sequence_len])
     return model
 
 
@@ -90,7 +92,7 @@ def test_sliding_window_limits_what_a_layer_sees(train_defs):
     """With a single S layer of window 8, position t ignores tokens at t-8 and earlier."""
     model = make_model(train_defs, n_layer=1, window=8)
     model.windows = [8]  # the last layer is normally forced to full context; test the S path itself
-    model._masks.clear()
+    model.prepare_attention([32])
     idx = torch.randint(0, 64, (1, 32))
     changed = idx.clone()
     changed[0, 0] = (idx[0, 0] + 1) % 64
@@ -103,15 +105,15 @@ def test_sliding_window_limits_what_a_layer_sees(train_defs):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_matches_sdpa():
     """The CUDA path (flex_attention with block masks) computes the same function as the CPU path."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    defs = load_train_definitions({"create_block_mask": create_block_mask, "flex_attention": flex_attention})
+    defs = load_train_definitions()
     sdpa = make_model(defs, attention="sdpa", T=256, window=128)
     flex = make_model(defs, attention="flex", T=256, window=128)
     flex.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 64, (2, 256))
     with torch.no_grad():
         torch.testing.assert_close(flex(idx), sdpa(idx), rtol=1e-4, atol=1e-4)
-    assert not isinstance(flex._masks[256, 128], torch.Tensor)  # really a BlockMask, not the SDPA mask
+    assert type(flex.masks[256][0]).__name__ == "BlockMask"  # really flex's block mask, not the SDPA one
+    assert isinstance(sdpa.masks[256][0], torch.Tensor) and flex.masks[256][1] is None  # last layer: causal
 
 
 def test_schedules(train_defs):

@@ -12,9 +12,10 @@ from pathlib import Path
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 
 
-def load_train_definitions(extra_globals=None) -> dict:
+def load_train_definitions(extra_globals=None, overrides=None) -> dict:
     """The classes, functions and UPPER_CASE constants of train.py; extra_globals fills names it
-    defines only inside skipped blocks (e.g. flex_attention on CUDA)."""
+    defines only inside skipped blocks, overrides replace names after it ran (a test's recorder in
+    place of a function train.py imports)."""
     source = TRAIN_PY.read_text()
     keep = []
     for node in ast.parse(source).body:
@@ -24,4 +25,5 @@ def load_train_definitions(extra_globals=None) -> dict:
             keep.append(node)
     namespace = {"__name__": "train_definitions", **(extra_globals or {})}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(TRAIN_PY), "exec"), namespace)
+    namespace.update(overrides or {})
     return namespace
