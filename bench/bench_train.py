@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,20 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
 import prepare  # noqa: E402
 import schema  # noqa: E402
 from train_defs import load_train_definitions  # noqa: E402
-
-# Instrumentation off: the metrics line becomes a no-op, per-layer stats never fire, no curve points.
-UNINSTRUMENTED = {
-    "LAYER_STATS_EVERY = 50 ": "LAYER_STATS_EVERY = 10**9 ",
-    "    LAYER_STATS_EVERY = 10\n": "    LAYER_STATS_EVERY = 10**9\n",
-    "    if progress >= next_val or done:": "    if False:",
-    "    logger.log_step(record)\n": "",
-}
+from train_variants import run_train, write_variant  # noqa: E402
 
 
 def timeit(fn, n):
@@ -65,9 +57,11 @@ def components(c: dict, vocab_size: int):
     config = defs["GPTConfig"](sequence_len=max(seq, prepare.MAX_SEQ_LEN), vocab_size=vocab_size,
                                n_layer=depth, n_head=dim // head_dim, n_embd=dim, window_pattern=c["WINDOW_PATTERN"],
                                short_window=c["SHORT_WINDOW"], softcap=c["LOGIT_SOFTCAP"],
-                               ve_gate_channels=c["VE_GATE_CHANNELS"], attention="sdpa")
+                               ve_gate_channels=c["VE_GATE_CHANNELS"], attention="sdpa",
+                               dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
     model = defs["GPT"](config).to(DEVICE)
     model.init_weights()
+    model.prepare_attention([seq])
     optimizer = defs["build_optimizer"](model, dim)
     x = torch.randint(0, vocab_size, (batch, seq), device=DEVICE)
     cpu = DEVICE.type != "cuda"
@@ -113,49 +107,17 @@ class RunLoggerNoHooks(prepare.RunLogger):
         sys.excepthook = hook
 
 
-def run_train(src_dir, budget):
-    """One train.py run from a copy of src_dir: (speed figures, the summary's config)."""
-    with tempfile.TemporaryDirectory() as d:
-        for name in ("train.py", "prepare.py", "schema.py"):
-            shutil.copy(src_dir / name, Path(d) / name)
-        env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": str(budget)}
-        proc = subprocess.run([sys.executable, "train.py"], cwd=d, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"train.py failed:\n{proc.stderr[-2000:]}")
-        summary = json.loads((Path(d) / "run_summary.json").read_text())
-        metrics = (Path(d) / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line) for line in metrics]
-    warm = summary["config"]["CLOCK_WARMUP_STEPS"]
-    timed = summary["num_steps"] - warm
-    return {
-        "num_steps": summary["num_steps"], "training_seconds": summary["training_seconds"],
-        "steps_per_s": timed / summary["training_seconds"],
-        "tokens_per_s": timed * summary["config"]["TOTAL_BATCH_SIZE"] / summary["training_seconds"],
-        "mfu_percent": summary["mfu_percent"], "startup_seconds": summary["startup_seconds"],
-        "overhead_seconds": summary["total_seconds"] - summary["training_seconds"],
-        "median_step_ms": statistics.median(s[schema.STEP_TIME_MS] for s in steps[warm:]) if steps else None,
-        "val_points": sum(schema.VAL_BPB in s for s in steps), "val_bpb": summary["val_bpb"],
-    }, summary["config"]
-
-
 def end_to_end(budget, repeats):
     with tempfile.TemporaryDirectory() as d:
-        plain = Path(d)
-        source = (ROOT / "train.py").read_text()
-        for old, new in UNINSTRUMENTED.items():
-            assert old in source, f"bench patch is stale: {old!r} not in train.py"
-            source = source.replace(old, new)
-        (plain / "train.py").write_text(source)
-        for name in ("prepare.py", "schema.py"):
-            shutil.copy(ROOT / name, plain / name)
+        plain = write_variant(Path(d), "uninstrumented")
         runs = {"instrumented": [], "uninstrumented": []}
         for _ in range(repeats):  # alternate so drift in machine speed hits both alike
-            run, config = run_train(ROOT, budget)
+            run, summary = run_train(ROOT, budget)
             runs["instrumented"].append(run)
             runs["uninstrumented"].append(run_train(plain, budget)[0])
     med = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in runs.items()}
     return {"budget_s": budget, "runs": runs, "median_steps_per_s": med,
-            "instrumentation_slowdown_percent": 100 * (med["uninstrumented"] / med["instrumented"] - 1)}, config
+            "instrumentation_slowdown_percent": 100 * (med["uninstrumented"] / med["instrumented"] - 1)}, summary["config"]
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def test_divergence_stops_at_once_with_status_nan(prepared, tmp_path, fault):
 
 
 def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
-    cwd = workdir(tmp_path, {"    optimizer.step()\n": "    optimizer.step()\n    if step == 2: time.sleep(3600)\n"})
+    cwd = workdir(tmp_path, {"    optimizer.step()\n    stats = ": "    optimizer.step()\n    if step == 2: time.sleep(3600)\n    stats = "})
     t0 = time.time()
     proc = train(cwd, budget=60, AUTORESEARCH_WATCHDOG_S="15")
     assert time.time() - t0 < 120
