@@ -149,6 +149,14 @@ def _performance_section(ctx) -> list:
            f"- peak VRAM: {_f(vram / 1024 if vram is not None else None, 2)} GB",
            f"- time: {_f(r.get('training_seconds'), 1)} s training, {_f(r.get('startup_seconds'), 1)} s startup, "
            f"{_f(r.get('total_seconds'), 1)} s total (budget {r.get('time_budget_s')} s)"]
+    compiled = r.get("compile")
+    if isinstance(compiled, dict):  # train.py's fast path: what torch.compile did, and whether it stalled the clock
+        in_loop = compiled.get("graphs_in_loop", 0) + compiled.get("recompiles_in_loop", 0)
+        out.append(f"- compilation ({compiled.get('backend')}): {compiled.get('graphs')} graphs, "
+                   f"{compiled.get('graph_breaks')} graph breaks, {compiled.get('recompiles')} recompiles; "
+                   + (f"**{compiled.get('graphs_in_loop')} graphs and {compiled.get('recompiles_in_loop')} recompiles "
+                      f"during the timed loop** (each one stalled the training clock: make shapes and Python "
+                      f"values the compiled code sees constant)" if in_loop else "none during the timed loop"))
     if st["ok"]:
         stability = "stable" if st["cv"] < 0.1 else "unstable"
         out.append(f"- step time: median {st['median_ms']:.0f} ms (p10 {st['p10_ms']:.0f}, p90 {st['p90_ms']:.0f}, "

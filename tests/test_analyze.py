@@ -120,6 +120,20 @@ def test_run_is_archived_with_ledger_row(repo):
     assert entry["config"] == summary["config"] and entry["verdict"] == "keep"
 
 
+def test_analysis_md_reports_compilation_and_stalls_on_the_clock(repo):
+    compiled = {"backend": "inductor", "graphs": 9, "graph_breaks": 0, "recompiles": 8, "recompile_reasons": [],
+                "graphs_in_loop": 0, "recompiles_in_loop": 0}
+    fake_run(repo, 0.995, compile=compiled)
+    assert analyze(repo).returncode == 0
+    text = (repo / ".auto-log-research" / head(repo) / "analysis.md").read_text()
+    assert "- compilation (inductor): 9 graphs, 0 graph breaks, 8 recompiles; none during the timed loop\n" in text
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.99, seed=1, compile={**compiled, "graphs": 10, "graphs_in_loop": 1})
+    assert analyze(repo).returncode == 0
+    text = (repo / ".auto-log-research" / head(repo) / "analysis.md").read_text()
+    assert "**1 graphs and 0 recompiles during the timed loop** (each one stalled the training clock" in text
+
+
 def test_analysis_md_sections_in_order(repo):
     baseline(repo)
     commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
