@@ -7,8 +7,10 @@ experiment budget or a stop rule, and leaves the store and git consistent howeve
 
 No state lives only in an agent's context: every restart (claude) or experiment (api) starts fresh
 from program.md, insights.md, ideas_queue.md and results.tsv. A training run that exceeds its
-wall-clock limit is killed. Ctrl-C stops cleanly. Progress: `tail -f .auto-log-research/status.log`;
-each agent session's output is in .auto-log-research/supervisor.log.
+wall-clock limit is killed. A stop rule lets the experiment in progress finish (up to --stop-grace),
+then the supervisor ends every process of the night and settles the last run (keep or discard), so
+git and the ledger agree. Progress: `tail -f .auto-log-research/status.log`; every agent session's
+output and tool call is in .auto-log-research/supervisor.log.
 """
 
 import argparse
@@ -18,31 +20,53 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import verdict
-from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, parse_stamp
+from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, StoreError, parse_stamp
 
 PROGRAM = "program.md"
 IDEAS = "ideas_queue.md"
 STATUS_LOG = "status.log"            # one line per event, in the store: `tail -f` it
 SUPERVISOR_LOG = "supervisor.log"    # every agent session's output and every tool call
-DEFAULT_CLAUDE_COMMAND = "claude -p --dangerously-skip-permissions"  # unattended: no permission prompts
+PID_FILE = "supervisor.pid"          # the running night, so the next start can find what a killed one left
+NIGHT_ENV = "AUTORESEARCH_NIGHT"     # marks every process of a night, through setsid and re-parenting
+# unattended: no permission prompts; stream-json so that every tool call and result reaches the log
+DEFAULT_CLAUDE_COMMAND = "claude -p --dangerously-skip-permissions --output-format stream-json --verbose"
 DEFAULT_MODEL = "claude-sonnet-4-5"
 QUICK_EXIT_S = 60                    # a claude session shorter than this without an experiment is a failed start
 MAX_QUICK_EXITS = 5                  # ... and this many in a row stop the night (not logged in, bad command, ...)
-RESTART_DELAY_S = 10.0               # pause before restarting an agent; doubles after each quick exit
+RESTART_DELAY_S = 10.0               # pause before restarting an agent; doubles after each failed session
+MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
+DEFAULT_MAX_OUTAGE_H = 1.0           # failed sessions (API down, 5xx, 401) for this long end the night
+TOOL_TIMEOUT_MARGIN_S = 600          # the CLI's Bash timeout: the training limit plus this, for analyze and git
 POLL_S = 2.0                         # how often stop rules and training runs are checked
 KILL_GRACE_S = 15.0                  # SIGTERM first (train.py writes its crash summary), SIGKILL after this
 API_MAX_RETRIES = 8                  # the SDK's own retries (429, 5xx, connection) with exponential backoff
-API_OUTAGE_WAIT_S = 60.0             # then wait this long (doubling, up to 15 min) and retry, never give up the night
+API_OUTAGE_WAIT_S = 60.0             # then wait this long (doubling, up to 15 min) and retry, up to --max-outage-hours
 API_MAX_TOKENS = 8192
 MAX_TURNS_PER_EXPERIMENT = 60        # tool calls in one api experiment before it is cut off
 TOOL_OUTPUT_CHARS = 12_000           # the tail of a command's output returned to the model
+TRIMMED_RESULT_CHARS = 2_000         # what an old tool result keeps when the context grows too long
+LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
 DEFAULT_TOOL_TIMEOUT_S = 600         # a shell command's default limit (training has its own, below)
 CTRL_C = "stopped by Ctrl-C"
+SIGNALLED = "stopped by a signal"
+ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run the night "
+                "as a non-root user, or, inside a container or VM you are willing to let the agent own, set "
+                "IS_SANDBOX=1 (Claude Code's variable for sandboxed environments); see README, 'Threat model'")
+# What the agent's processes may see of the supervisor's environment (plus --pass-env): no cloud,
+# Hugging Face or GitHub tokens, no ssh agent, unless the user names them.
+ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+             "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "IS_SANDBOX",
+             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+             "VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+             "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"}
+ENV_ALLOW_PREFIXES = ("LC_", "XDG_", "AUTORESEARCH_", "CUDA_", "NVIDIA_", "UV_", "TORCH", "TRITON_")
+CLIENT_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "DISABLE_")  # the claude CLI's own settings (its key too)
 RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
 Read program.md and follow its loop. The state of the research is on disk, not in your memory:
 - .auto-log-research/insights.md (the Current Best block and validated findings),
@@ -56,6 +80,18 @@ def default_train_limit() -> float:
     """Hard wall-clock limit of one training run: twice the budget plus 5 minutes for startup and evals
     (train.py's own watchdog allows more, so this is the outer bound)."""
     return 2 * float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300)) + 300
+
+
+def agent_environment(extra_names=(), client=False, night=None) -> dict:
+    """The environment of the agent and its commands: the allowlist, the names the user passed, the
+    night's marker, and (for the claude CLI itself, `client`) its own ANTHROPIC_/CLAUDE_ settings."""
+    def allowed(name):
+        return (name in ENV_ALLOW or name in extra_names or name.startswith(ENV_ALLOW_PREFIXES)
+                or (client and name.startswith(CLIENT_ENV_PREFIXES)))
+    env = {k: v for k, v in os.environ.items() if allowed(k)}
+    if night:
+        env[NIGHT_ENV] = night
+    return env
 
 
 # ---------------------------------------------------------------------------
@@ -92,116 +128,411 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
 
 
 # ---------------------------------------------------------------------------
-# Processes: training runs over their limit, and clean termination
+# Processes, read from /proc: the night's processes, their ages, and ending them
 # ---------------------------------------------------------------------------
 
-def terminate(proc: subprocess.Popen):
-    """SIGTERM the process group (train.py writes a crash summary, git removes its lock), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
+def _proc_stat(pid: int):
+    """(ppid, start time in seconds since boot) of a process, or None once it is gone."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def training_processes(repo: Path) -> list:
-    """[(pid, elapsed seconds)] of train.py processes running in `repo`."""
-    out = subprocess.run(["ps", "-eo", "pid=,etimes=,args="], capture_output=True, text=True).stdout
-    found = []
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) == 3 and parts[0].isdigit() and "train.py" in parts[2].split():
-            pid = int(parts[0])
-            try:
-                if Path(f"/proc/{pid}/cwd").exists() and Path(os.readlink(f"/proc/{pid}/cwd")) != repo.resolve():
-                    continue  # another repository's run
-            except OSError:
-                continue
-            found.append((pid, int(parts[1])))
+def _pids() -> list:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def process_age(pid: int):
+    """Seconds since the process started (from /proc, so a just-started run is never taken for an old one)."""
+    stat = _proc_stat(pid)
+    if stat is None:
+        return None
+    return float(Path("/proc/uptime").read_text().split()[0]) - stat[1]
+
+
+def descendants(pid: int) -> set:
+    """Every process below pid (children, their children, ...), as the process table is now."""
+    children = {}
+    for p in _pids():
+        stat = _proc_stat(p)
+        if stat:
+            children.setdefault(stat[0], []).append(p)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
     return found
 
 
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def night_processes(marker_prefix: str) -> set:
+    """Processes whose environment carries the night marker (NIGHT_ENV=<prefix>...): the agent, its
+    commands, training runs, whatever they started, even in sessions of their own or re-parented."""
+    needle = f"{NIGHT_ENV}={marker_prefix}".encode()
+    me = os.getpid()
+    return {p for p in _pids() if p != me and any(v.startswith(needle) for v in _environ(p).split(b"\0"))}
+
+
+def end_processes(pids, grace: float = KILL_GRACE_S) -> list:
+    """SIGTERM every process (train.py writes its crash summary, git removes its lock), SIGKILL those left
+    after `grace` seconds, and wait until they are gone. Returns the pids that needed SIGKILL."""
+    pids = {p for p in pids if p != os.getpid()}
+    _signal_all(pids, signal.SIGTERM)
+    left = _wait_gone(pids, grace)
+    if left:
+        _signal_all(left, signal.SIGKILL)
+        _wait_gone(left, grace)
+    return sorted(left)
+
+
+def _signal_all(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass  # already gone
+
+
+def _wait_gone(pids, seconds: float) -> set:
+    """Wait up to `seconds` for the processes to end; the ones still alive."""
+    deadline = time.time() + seconds
+    while True:
+        for p in pids:
+            try:
+                os.waitpid(p, os.WNOHANG)  # reap our own children; others are reaped by their parents
+            except ChildProcessError:
+                pass  # not our child
+        pids = {p for p in pids if _alive(p)}
+        if not pids or time.time() >= deadline:
+            return pids
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def terminate(proc: subprocess.Popen, also=()) -> list:
+    """End proc, everything below it (collected before anything is signalled) and `also`."""
+    pids = descendants(proc.pid) | {proc.pid} | set(also)
+    killed = end_processes(pids)
+    proc.wait()
+    return killed
+
+
+def training_processes(repo: Path) -> list:
+    """[(pid, age in seconds)] of train.py processes running in `repo`."""
+    found = []
+    for pid in _pids():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not any(a == b"train.py" or a.endswith(b"/train.py") for a in args[:4]):
+                continue
+            if Path(os.readlink(f"/proc/{pid}/cwd")) != repo.resolve():
+                continue  # another repository's run
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        age = process_age(pid)
+        if age is not None and _alive(pid):
+            found.append((pid, age))
+    return found
+
+
+def describe_rules(rules: StopRules) -> str:
+    parts = []
+    if rules.deadline is not None:
+        parts.append(f"deadline {time.strftime('%Y-%m-%d %H:%M', time.localtime(rules.deadline))}")
+    for label, value in (("max experiments", rules.max_experiments), ("max crashes in a row", rules.max_consecutive_crashes),
+                         ("max without keep", rules.max_without_keep), ("max hours without keep", rules.max_hours_without_keep)):
+        if value is not None:
+            parts.append(f"{label} {value:g}")
+    return ", ".join(parts) or "none"
+
+
 class Supervisor:
-    def __init__(self, args, repo: Path):
+    def __init__(self, args, repo: Path, secret: str = None):
         self.args, self.repo = args, repo
         self.store = Store(repo)
-        self.store.dir.mkdir(exist_ok=True)
+        self.store.dir.mkdir(mode=0o700, exist_ok=True)
         self.rules = StopRules(
             deadline=time.time() + args.hours * 3600 if args.hours else None,
             max_experiments=args.max_experiments, max_consecutive_crashes=args.max_crashes,
             max_without_keep=args.max_without_keep, max_hours_without_keep=args.max_hours_without_keep)
         self.started = time.time()
-        self.start_rows = len(self.store.read_ledger())
+        self.night = f"{os.getpid()}-{int(self.started)}"  # the marker every process of this night carries
         self.stopping = None                 # the reason, once the night is over
+        self.stop_seen_at = None             # when a stop rule first fired: the grace runs from here
+        self.immediate = False               # a signal: stop now, no grace for the experiment in progress
+        self.failed = False                  # the night itself failed (cannot start, outage): exit non-zero
+        self.store_problem = None
         self.log = open(self.store.path(SUPERVISOR_LOG), "a", buffering=1)
-        self.secret = os.environ.get("ANTHROPIC_API_KEY") or None
+        self.secret = secret
         self.current = None                  # the running tool command of the api backend
+        self.rows_seen = []
+        self.start_rows = len(self._ledger())
 
     # bookkeeping
+    def _ledger(self) -> list:
+        """The ledger; a corrupt one is reported and the last good reading kept, so the night goes on."""
+        try:
+            self.rows_seen = self.store.read_ledger()
+            if self.store_problem:
+                self.status("store readable again")
+                self.store_problem = None
+        except StoreError as e:
+            if str(e) != self.store_problem:
+                self.store_problem = str(e)
+                self.status(f"store problem: {e}")
+        return self.rows_seen
+
     def new_runs(self) -> list:
-        return self.store.read_ledger()[self.start_rows:]
+        return self._ledger()[self.start_rows:]
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.secret, "[redacted]") if self.secret else text
 
     def write_log(self, text: str):
-        if self.secret:
-            text = text.replace(self.secret, "[redacted]")  # the key never reaches a file
+        text = self.redact(text)  # the key never reaches a file
         self.log.write(text if text.endswith("\n") else text + "\n")
 
     def status(self, state: str):
-        runs = self.new_runs()
-        counts = {s: sum(r["status"] == s for r in runs) for s in ("keep", "discard", "crash")}
-        line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {state} | backend {self.args.backend} | "
-                f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, "
-                f"{counts['crash']} crash)\n")
+        runs = self.rows_seen[self.start_rows:] if hasattr(self, "start_rows") else []
+        counts = {s: sum(r.get("status") == s for r in runs) for s in ("keep", "discard", "crash")}
+        line = self.redact(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {state} | backend {self.args.backend} | "
+                           f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, "
+                           f"{counts['crash']} crash)\n")
         with open(self.store.path(STATUS_LOG), "a") as f:
             f.write(line)
         print(line, end="", flush=True)
 
-    def check(self) -> bool:
-        """Kill overdue training runs; True once a stop rule, the deadline or Ctrl-C says stop."""
-        for pid, elapsed in training_processes(self.repo):
-            if elapsed > self.args.train_timeout:
-                self.write_log(f"killing train.py (pid {pid}): {elapsed} s > limit {self.args.train_timeout:.0f} s")
-                self.status(f"killed a training run after {elapsed} s")
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+    def stop(self, reason: str, failed: bool = False):
         if self.stopping is None:
-            self.stopping = stop_reason(self.new_runs(), self.rules, time.time(), self.started)
+            self.stopping, self.failed = reason, failed
+            self.stop_seen_at = time.time()
+
+    def check(self) -> bool:
+        """Kill overdue training runs; True once a stop rule, the deadline or a signal says stop."""
+        for pid, age in training_processes(self.repo):
+            if age > self.args.train_timeout:
+                self.write_log(f"killing train.py (pid {pid}): running {age:.0f} s > limit {self.args.train_timeout:.0f} s")
+                self.status(f"killed a training run after {age:.0f} s (over --train-timeout)")
+                end_processes([pid])
+        if self.stopping is None:
+            reason = stop_reason(self.new_runs(), self.rules, time.time(), self.started)
+            if reason:
+                self.stop(reason)
         return self.stopping is not None
 
-    def on_sigint(self, signum, frame):
-        self.stopping = CTRL_C
+    def should_end_agent(self) -> bool:
+        """Once stopping: at once on a signal, else when the experiment in progress is over or its grace is up."""
+        if not self.check():
+            return False
+        if self.immediate:
+            return True
+        open_reason = self.experiment_open()
+        if open_reason is None:
+            return True
+        if time.time() - self.stop_seen_at >= self.args.stop_grace:
+            self.status(f"stop grace of {self.args.stop_grace:.0f} s used up while {open_reason}; ending the agent")
+            return True
+        return False
+
+    def experiment_open(self):
+        """Why the experiment in progress is not finished (a run training or awaiting keep/discard), or None."""
+        if training_processes(self.repo):
+            return "a training run is in progress"
+        runs = self.new_runs()
+        if runs and runs[-1].get("status") in ("pending", "rerun"):
+            return f"run {runs[-1]['run_id']} awaits keep or discard"
+        return None
+
+    def on_signal(self, signum, frame):
+        self.immediate = True
+        self.stop(CTRL_C if signum == signal.SIGINT else f"{SIGNALLED} ({signal.Signals(signum).name})")
         if self.current is not None and self.current.poll() is None:  # a tool command (its own session)
             try:
                 os.killpg(self.current.pid, signal.SIGTERM)
             except ProcessLookupError:
-                pass
+                pass  # it just ended
+
+    # start and end
+    def end_leftovers(self):
+        """End what a night that died without cleaning up (SIGKILL, the OOM killer) left running here."""
+        pid_file = self.store.path(PID_FILE)
+        previous = pid_file.read_text().strip() if pid_file.exists() else None
+        repo = str(self.repo.resolve())
+        left = set()
+        for pid in night_processes(""):
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd == repo or cwd.startswith(repo + os.sep):
+                left.add(pid)
+        if left:
+            killed = end_processes(left)
+            self.status(f"ended {len(left)} process(es) an earlier night left running (pid file: {previous}); "
+                        f"{len(killed)} needed SIGKILL")
+        pid_file.write_text(f"{os.getpid()} {self.night}\n")
+
+    def settle(self):
+        """After the agent is gone: decide the latest run as its verdict says (keep, or discard and revert
+        train.py to the best), so that the night ends with git, train.py and the ledger in agreement."""
+        try:
+            ledger = self.store.read_ledger()
+        except StoreError as e:
+            self.status(f"cannot settle the last run: {e}")
+            return
+        if not ledger:
+            return
+        last = ledger[-1]
+        if last.get("status") == "pending" and last.get("verdict") == "keep":
+            self._analyze("keep")
+            return
+        best = verdict.best_pool(ledger, verdict.comparable_key(last))
+        if best is None:
+            return
+        snapshot = self.store.run_path(best[1][0]["run_id"]) / "train.py"
+        working = self.repo / "train.py"
+        if last.get("status") in ("pending", "rerun") or (
+                snapshot.exists() and working.exists() and working.read_text() != snapshot.read_text()
+                and last.get("status") != "keep"):
+            self._analyze("discard")
+        elif snapshot.exists() and working.read_text() != snapshot.read_text():
+            self.status(f"train.py is not the best's ({best[1][0]['run_id']}) after kept run {last['run_id']}: "
+                        f"left as it is")
+
+    def _analyze(self, command: str):
+        proc = subprocess.run([sys.executable, "analyze.py", command], cwd=self.repo, capture_output=True, text=True,
+                              env=agent_environment(self.args.pass_env), timeout=600)
+        self.write_log(f"[settle] analyze.py {command} -> exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        self.status(f"settled the last run: analyze.py {command} "
+                    + ("done" if proc.returncode == 0 else f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"))
 
     def finish(self) -> int:
-        for pid, _ in training_processes(self.repo):  # no training run outlives the supervisor
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        """End every process of the night, settle the last run, say why the night ended."""
+        left = night_processes(self.night) | {pid for pid, _ in training_processes(self.repo)}
+        if left:
+            killed = end_processes(left)
+            self.write_log(f"ended {len(left)} process(es) of the night at the stop ({len(killed)} by SIGKILL)")
+        self.settle()
         self.status(f"stopped: {self.stopping}")
         self.write_log(f"=== stopped: {self.stopping}")
-        return 130 if self.stopping == CTRL_C else 0
+        self.store.path(PID_FILE).unlink(missing_ok=True)
+        if self.stopping == CTRL_C:
+            return 130
+        return 1 if self.failed or (self.stopping or "").startswith(SIGNALLED) else 0
 
 
 # ---------------------------------------------------------------------------
 # Backend: claude (the user's Claude Code, restarted whenever it exits)
 # ---------------------------------------------------------------------------
 
+def root_refusal(command: list, env: dict):
+    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so before starting."""
+    if os.geteuid() == 0 and "--dangerously-skip-permissions" in command and not env.get("IS_SANDBOX"):
+        return ROOT_REFUSAL
+    return None
+
+
+def claude_environment(sup) -> dict:
+    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the longest
+    training run (the CLI's default, 2 minutes, would cut every run and blame the idea's code)."""
+    env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
+    ms = str(int((sup.args.train_timeout + TOOL_TIMEOUT_MARGIN_S) * 1000))
+    env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
+    return env
+
+
+class SessionLog:
+    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log as
+    one readable line per message, tool call and result, redacted; remembers the last error."""
+
+    def __init__(self, sup, stream):
+        self.sup, self.last_error, self.last_line, self.api_retry = sup, None, None, None
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for raw in stream:
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):
+                self.sup.write_log(line)
+                self.last_line = line
+                if "error" in line.lower():
+                    self.last_error = line.strip()
+                continue
+            for text in self._describe(event):
+                self.sup.write_log(text)
+
+    def _describe(self, event: dict) -> list:
+        kind = event.get("type")
+        if kind == "assistant":
+            out = []
+            for block in event.get("message", {}).get("content", []):
+                if block.get("type") == "text":
+                    out.append(f"[assistant] {block.get('text', '')}")
+                elif block.get("type") == "tool_use":
+                    out.append(f"[tool {block.get('name')}] {json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
+            return out
+        if kind == "user":
+            out = []
+            for block in event.get("message", {}).get("content", []):
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    content = block.get("content")
+                    if isinstance(content, list):
+                        content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+                    flag = " ERROR" if block.get("is_error") else ""
+                    out.append(f"[result{flag}] {str(content)[-LOG_RESULT_CHARS:]}")
+            return out
+        if kind == "system" and event.get("subtype") == "api_retry":
+            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, retry "
+                              f"{event.get('attempt')} of {event.get('max_retries')}").replace("  ", " ")
+            self.last_error = self.api_retry
+            return [f"[claude] {self.api_retry}"]
+        if kind == "result":
+            text = str(event.get("result", ""))
+            if event.get("is_error"):
+                self.last_error = f"{event.get('subtype')}: {text}".strip()
+            self.last_line = text.splitlines()[-1] if text.strip() else self.last_line
+            return [f"[claude result {event.get('subtype')}] {text[-LOG_RESULT_CHARS:]}"]
+        if kind == "system" and event.get("subtype") == "init":
+            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, model {event.get('model')}"]
+        return []
+
+
 def run_claude(sup: Supervisor) -> int:
     command = shlex.split(sup.args.claude_command)
+    env = claude_environment(sup)
+    refusal = root_refusal(command, env)
+    if refusal:
+        sup.stop(refusal, failed=True)
+        print(f"error: {refusal}", file=sys.stderr)
+        return sup.finish()
     program = (sup.repo / PROGRAM).read_text()
-    session, quick_exits, delay = 0, 0, sup.args.restart_delay
+    session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
     while not sup.check():
         session += 1
         prompt = program if session == 1 else RESUME_PROMPT
@@ -209,34 +540,49 @@ def run_claude(sup: Supervisor) -> int:
         sup.status(f"claude session {session} started")
         sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
         try:
-            proc = subprocess.Popen(command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=sup.log,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         except FileNotFoundError:
-            sup.stopping = f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)"
+            sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)", failed=True)
             break
+        output = SessionLog(sup, proc.stdout)
         try:
             proc.stdin.write(prompt)
             proc.stdin.close()
         except BrokenPipeError:
             pass  # it exited before reading: handled below like any exit
         while proc.poll() is None:
-            if sup.check():
-                terminate(proc)
+            if sup.should_end_agent():
+                terminate(proc, night_processes(sup.night))
                 break
             time.sleep(POLL_S)
+        output.thread.join(timeout=30)
         duration = time.time() - t0
         sup.write_log(f"=== claude session {session} exited with code {proc.returncode} after {duration:.0f} s")
-        if duration < QUICK_EXIT_S and len(sup.new_runs()) == rows_before:
-            quick_exits += 1
-            if quick_exits >= MAX_QUICK_EXITS and sup.stopping is None:
-                sup.stopping = (f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an "
-                                f"experiment (last exit code {proc.returncode}); see {SUPERVISOR_LOG}")
-            delay = delay * 2 if delay else 0
-        else:
-            quick_exits, delay = 0, sup.args.restart_delay
+        new_run = len(sup.new_runs()) > rows_before
+        if new_run or (proc.returncode == 0 and duration >= QUICK_EXIT_S):
+            quick_exits, failures, failing_since, delay = 0, 0, None, sup.args.restart_delay
+        elif sup.stopping is None:
+            failures += 1
+            failing_since = failing_since or t0
+            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S else 0
+            error = output.last_error or output.last_line or f"exit code {proc.returncode}"
+            what = "API unreachable" if output.api_retry else "agent sessions failing"
+            if quick_exits >= MAX_QUICK_EXITS:
+                sup.stop(f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an experiment "
+                         f"(last exit code {proc.returncode}): {error}", failed=True)
+            elif time.time() - failing_since >= sup.args.max_outage_hours * 3600:
+                sup.stop(f"{what} since {time.strftime('%H:%M', time.localtime(failing_since))} "
+                         f"({failures} sessions without a run): {error}", failed=True)
+            else:
+                sup.status(f"{what} since {time.strftime('%H:%M', time.localtime(failing_since))} "
+                           f"({failures} failed sessions); last error: {error}; retrying in {delay:.0f} s")
         if sup.stopping is None:
-            sup.status(f"claude session {session} exited (code {proc.returncode}); restarting")
+            if not failures:
+                sup.status(f"claude session {session} exited (code {proc.returncode}); restarting")
             _sleep_unless_stopping(sup, delay)
+            if failures:
+                delay = min(delay * 2, MAX_BACKOFF_S)
     return sup.finish()
 
 
@@ -302,7 +648,7 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
     """(text, is_error) of one tool call. The key is removed from the environment commands see."""
     try:
         if name == "bash":
-            env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+            env = agent_environment(sup.args.pass_env, night=sup.night)  # no key, no other credentials
             timeout = min(float(args.get("timeout_s") or DEFAULT_TOOL_TIMEOUT_S), sup.args.train_timeout)
             proc = subprocess.Popen(["bash", "-c", args["command"]], cwd=sup.repo, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -335,27 +681,58 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
         return f"{type(e).__name__}: {e}", True
 
 
+class ContextTooLong(Exception):
+    """The API refused the request as too long (400): trim the conversation and ask again."""
+
+
 def call_api(sup: Supervisor, client, **request):
-    """messages.create, retried by the SDK with backoff, then by waiting out longer outages."""
+    """messages.create, retried by the SDK with backoff, then by waiting out longer outages (up to
+    --max-outage-hours). None when the night must stop; errors that no retry can fix (401, 403, 404,
+    a bad request) stop the night with the API's own message."""
     import anthropic
-    wait = API_OUTAGE_WAIT_S
+    wait, down_since = API_OUTAGE_WAIT_S, None
     while True:
         try:
-            return client.messages.create(**request)
+            response = client.messages.create(**request)
+            if down_since:
+                sup.status(f"API answering again (down since {time.strftime('%H:%M', time.localtime(down_since))})")
+            return response
         except (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError) as e:
-            sup.status(f"API unavailable ({type(e).__name__}); retrying in {wait:.0f} s")
+            down_since = down_since or time.time()
+            since = time.strftime('%H:%M', time.localtime(down_since))
+            if time.time() - down_since >= sup.args.max_outage_hours * 3600:
+                sup.stop(f"API unreachable since {since}: {type(e).__name__}: {e}", failed=True)
+                return None
+            sup.status(f"API unreachable since {since} ({type(e).__name__}); retrying in {wait:.0f} s")
             _sleep_unless_stopping(sup, wait)
             if sup.stopping:
                 return None
-            wait = min(wait * 2, 900)
+            wait = min(wait * 2, MAX_BACKOFF_S)
+        except anthropic.BadRequestError as e:
+            if "too long" in str(e).lower() or "too many tokens" in str(e).lower():
+                raise ContextTooLong(str(e)) from e
+            sup.stop(f"the API refused a request ({e.status_code}): {e.message}", failed=True)
+            return None
+        except (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError) as e:
+            sup.stop(f"the API refused the key or the model ({e.status_code}): {e.message}", failed=True)
+            return None
+
+
+def trim_context(messages: list) -> bool:
+    """Shorten the oldest long tool results in place; False when nothing is left to shorten."""
+    for message in messages[1:-1]:
+        if message["role"] != "user" or not isinstance(message["content"], list):
+            continue
+        for block in message["content"]:
+            if block.get("type") == "tool_result" and len(block.get("content", "")) > TRIMMED_RESULT_CHARS:
+                block["content"] = "[trimmed: the context grew too long]\n" + block["content"][-TRIMMED_RESULT_CHARS:]
+                return True
+    return False
 
 
 def run_api(sup: Supervisor) -> int:
     import anthropic  # lazily: it takes seconds to import, and the claude backend does not need it
-    if not os.environ.get("ANTHROPIC_API_KEY"):
-        print("error: --backend api needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
-        return 2
-    client = anthropic.Anthropic(max_retries=API_MAX_RETRIES)
+    client = anthropic.Anthropic(api_key=sup.secret, max_retries=API_MAX_RETRIES)
     system = (sup.repo / PROGRAM).read_text()
     experiment = 0
     while not sup.check():
@@ -364,8 +741,15 @@ def run_api(sup: Supervisor) -> int:
         sup.write_log(f"=== api experiment {experiment}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
         messages = [{"role": "user", "content": experiment_prompt(sup)}]
         for _ in range(MAX_TURNS_PER_EXPERIMENT):
-            response = call_api(sup, client, model=sup.args.model, max_tokens=API_MAX_TOKENS, system=system,
-                                tools=TOOLS, messages=messages)
+            try:
+                response = call_api(sup, client, model=sup.args.model, max_tokens=API_MAX_TOKENS, system=system,
+                                    tools=TOOLS, messages=messages)
+            except ContextTooLong as e:
+                if trim_context(messages):
+                    sup.write_log(f"context too long ({e}); trimmed the oldest tool result")
+                    continue
+                sup.status(f"api experiment {experiment} ended: its context is too long even trimmed ({e})")
+                break
             if response is None:
                 break
             content = [block.model_dump(exclude_none=True) for block in response.content]
@@ -374,17 +758,18 @@ def run_api(sup: Supervisor) -> int:
                 if block["type"] == "text":
                     sup.write_log(f"[assistant] {block['text']}")
             calls = [b for b in content if b["type"] == "tool_use"]
-            if not calls or sup.stopping == CTRL_C:
+            if not calls or sup.immediate:
                 break
             results = []
             for call in calls:
-                sup.write_log(f"[tool {call['name']}] {json.dumps(call['input'])[:2000]}")
+                sup.write_log(f"[tool {call['name']}] {json.dumps(call['input'])[:LOG_RESULT_CHARS]}")
                 text, is_error = run_tool(sup, call["name"], call["input"])
-                sup.write_log(f"[result{' ERROR' if is_error else ''}] {text[-2000:]}")
+                text = sup.redact(text)
+                sup.write_log(f"[result{' ERROR' if is_error else ''}] {text[-LOG_RESULT_CHARS:]}")
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text,
                                 "is_error": is_error})
             messages.append({"role": "user", "content": results})
-            if sup.check() and sup.stopping == CTRL_C:
+            if sup.check() and (sup.immediate or time.time() - sup.stop_seen_at >= sup.args.stop_grace):
                 break  # any other stop rule lets the agent finish this experiment (keep or discard it) first
         else:
             sup.write_log(f"experiment {experiment} cut off after {MAX_TURNS_PER_EXPERIMENT} turns")
@@ -395,7 +780,29 @@ def run_api(sup: Supervisor) -> int:
 # Entry point
 # ---------------------------------------------------------------------------
 
+KEY_FD_FLAG = "--key-fd"  # internal: the API key arrives on this pipe, never through the environment
+
+
+def handed_over_key(key_fd, argv: list):
+    """The API key, kept out of every environment: the first call re-executes the supervisor without
+    ANTHROPIC_API_KEY, the key on a pipe (so no process of the agent's can read it, not even from
+    /proc/<supervisor>/environ) and does not return; the re-executed one reads it from key_fd."""
+    if key_fd is not None:
+        with os.fdopen(key_fd) as f:
+            return f.read() or None
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    if not key:
+        return None
+    read_end, write_end = os.pipe()
+    os.write(write_end, key.encode())  # a key is far smaller than a pipe's buffer
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv, KEY_FD_FLAG, str(read_end)], env)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--backend", choices=("claude", "api"), required=True)
     parser.add_argument("--hours", type=float, help="stop after this many hours (default: no deadline)")
@@ -403,21 +810,39 @@ def main(argv=None) -> int:
     parser.add_argument("--max-crashes", type=int, default=3, help="stop after this many crashed runs in a row")
     parser.add_argument("--max-without-keep", type=int, help="stop after this many runs in a row without a keep")
     parser.add_argument("--max-hours-without-keep", type=float, help="stop after this many hours without a keep")
+    parser.add_argument("--max-outage-hours", type=float, default=DEFAULT_MAX_OUTAGE_H,
+                        help=f"stop after the API or the agent failed this long (default {DEFAULT_MAX_OUTAGE_H:g})")
     parser.add_argument("--train-timeout", type=float, default=default_train_limit(),
                         help="wall-clock seconds after which a training run is killed (default: 2 x budget + 300)")
+    parser.add_argument("--stop-grace", type=float,
+                        help="seconds a stop rule waits for the experiment in progress to finish (default: the "
+                             f"training limit + {TOOL_TIMEOUT_MARGIN_S})")
     parser.add_argument("--claude-command", default=DEFAULT_CLAUDE_COMMAND,
                         help="the agent command; program.md (then a resume prompt) goes to its stdin")
+    parser.add_argument("--pass-env", type=lambda s: {n for n in s.split(",") if n}, default=set(),
+                        help="comma-separated names of other environment variables the agent may see (default: none)")
     parser.add_argument("--restart-delay", type=float, default=RESTART_DELAY_S, help="seconds before a restart")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model of the api backend")
+    parser.add_argument(KEY_FD_FLAG, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.stop_grace is None:
+        args.stop_grace = args.train_timeout + TOOL_TIMEOUT_MARGIN_S
     repo = Path.cwd()
     if not (repo / PROGRAM).exists() or not (repo / "train.py").exists():
         print(f"error: run supervise.py in the repository root (no {PROGRAM} / train.py in {repo})", file=sys.stderr)
         return 2
-    sup = Supervisor(args, repo)
-    signal.signal(signal.SIGINT, sup.on_sigint)
-    signal.signal(signal.SIGTERM, sup.on_sigint)
-    sup.status(f"started (pid {os.getpid()}, stop rules: {sup.rules})")
+    secret = None
+    if args.backend == "api":
+        secret = handed_over_key(args.key_fd, argv)
+        if not secret:
+            print("error: --backend api needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
+            return 2
+    os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
+    sup = Supervisor(args, repo, secret=secret or os.environ.get("ANTHROPIC_API_KEY"))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, sup.on_signal)
+    sup.end_leftovers()
+    sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)})")
     return run_claude(sup) if args.backend == "claude" else run_api(sup)
 
 

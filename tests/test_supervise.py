@@ -79,14 +79,17 @@ def stand_in(tmp_path):
     calls.mkdir()
     (bin_dir / "claude").write_text(STAND_IN)
     (bin_dir / "claude").chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}, calls
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls), "IS_SANDBOX": "1"}, calls
+
+
+STAND_IN_ENV = ("--pass-env", "CALLS,SLEEP")  # the agent sees only the allowlist and the names passed
 
 
 def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, stand_in):
     env, calls = stand_in
-    proc = supervise_proc(repo, "--backend", "claude", "--restart-delay", "0", env=env)
+    proc = supervise_proc(repo, "--backend", "claude", "--restart-delay", "0", *STAND_IN_ENV, env=env)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 1, out  # a night that never got going failed
     n = int((calls / "n").read_text())
     assert n == supervise.MAX_QUICK_EXITS
     assert (calls / "stdin.1").read_text() == (repo / "program.md").read_text()
@@ -95,7 +98,8 @@ def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, st
     for name in ("insights.md", "ideas_queue.md", "results.tsv", "program.md"):
         assert name in resume
     store = repo / ".auto-log-research"
-    assert "stand-in claude called with: -p --dangerously-skip-permissions" in (store / "supervisor.log").read_text()
+    assert ("stand-in claude called with: -p --dangerously-skip-permissions --output-format stream-json --verbose"
+            in (store / "supervisor.log").read_text())
     last = (store / "status.log").read_text().strip().splitlines()[-1]
     assert f"claude exited {n} times in a row" in last and "stopped" in last
 
@@ -103,7 +107,8 @@ def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, st
 def test_claude_backend_is_stopped_at_the_deadline(repo, stand_in):
     env, calls = stand_in
     t0 = time.time()
-    proc = supervise_proc(repo, "--backend", "claude", "--hours", str(3 / 3600), env={**env, "SLEEP": "60"})
+    proc = supervise_proc(repo, "--backend", "claude", "--hours", str(3 / 3600), *STAND_IN_ENV,
+                          env={**env, "SLEEP": "60"})
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert time.time() - t0 < 40  # the 60 s session was terminated, not waited for
