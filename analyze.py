@@ -169,7 +169,7 @@ def best_and_noise(record: dict, ledger: list) -> tuple:
 
 def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
     if record["status"] in verdict.NOT_COUNTED:
-        return verdict.decide([], failed=record["status"])
+        return verdict.decide([], failed=record["status"], error=record.get("error"))
     candidate = verdict.pools(ledger + [record], verdict.comparable_key(record))[verdict.code_key(record)]
     same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
     return verdict.decide([r["val_bpb"] for r in candidate],

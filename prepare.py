@@ -966,7 +966,10 @@ class RunLogger:
             self._previous_hook(etype, value, tb)
 
     def _on_sigterm(self, signum, frame):
-        raise KeyboardInterrupt("terminated by SIGTERM")
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the crash summary short
+        raise KeyboardInterrupt(f"terminated by SIGTERM after {time.time() - self.t_start:.0f} s: killed from "
+                                f"outside (a tool or supervisor timeout, or a stop), not by an error in train.py")
 
 
 class LayerStats:

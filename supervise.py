@@ -565,7 +565,8 @@ def run_claude(sup: Supervisor) -> int:
         elif sup.stopping is None:
             failures += 1
             failing_since = failing_since or t0
-            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S else 0
+            # a quick exit that never reached the API is a bad start (command, login); one that did is an outage
+            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S and not output.api_retry else 0
             error = output.last_error or output.last_line or f"exit code {proc.returncode}"
             what = "API unreachable" if output.api_retry else "agent sessions failing"
             if quick_exits >= MAX_QUICK_EXITS:

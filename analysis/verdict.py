@@ -96,19 +96,28 @@ def noise_estimate(groups) -> dict:
     return {"sigma": math.sqrt(ss / df), "df": df, "n_groups": used, "trusted": df >= MIN_NOISE_DF}
 
 
-def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False) -> dict:
+KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal from outside ended it (prepare.RunLogger)
+
+
+def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
+           error: str = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
     best: val_bpb of every finished run of the best code, or None when nothing is kept yet.
     noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any
     ("invalid": it broke metric integrity, see analysis/integrity.py, and is discarded).
-    same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best."""
+    same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best.
+    error: a failed run's error line; a run killed from outside is told apart from a bug in its code."""
     from scipy import stats  # here, not at the top: see analysis/stats.py
     if failed == "invalid":
         return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
                                                 "clock does not check out, so this val_bpb is never kept, pooled or "
                                                 "counted as the best"}
+    if failed == "crash" and error and KILLED_MARK in error:
+        return {"verdict": "crash", "reason": "KILLED from outside (a tool or supervisor timeout, or a stop), not by "
+                                              "an error in train.py: the idea is untested; give the run enough time "
+                                              "(program.md) and run it again"}
     if failed:
         return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
     candidate = np.asarray(candidate, float)

@@ -201,6 +201,18 @@ def test_crash_without_summary_is_archived_with_traceback(repo):
     assert Store(repo).read_results_tsv()[0]["val_bpb"] == ""
 
 
+def test_a_run_killed_from_outside_is_not_blamed_on_its_code(repo):
+    log = ("step 00200 (60.0%) | loss: 4.1\nTraceback (most recent call last):\n  File \"train.py\", line 480, in <module>\n"
+           "KeyboardInterrupt: terminated by SIGTERM after 130 s: killed from outside (a tool or supervisor timeout, "
+           "or a stop), not by an error in train.py\n")
+    synthetic.write_run(repo, synthetic.make_records(n_steps=20), None, log)
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: CRASH — KILLED from outside (a tool or supervisor timeout, or a stop)" in proc.stdout
+    entry = ledger(repo)[0]
+    assert entry["status"] == "crash" and entry["error"].startswith("KeyboardInterrupt: terminated by SIGTERM after 130 s")
+
+
 def test_stale_summary_of_an_earlier_run_is_never_reported(repo):
     fake_run(repo, 0.9)
     assert analyze(repo).returncode == 0

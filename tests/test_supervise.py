@@ -182,7 +182,7 @@ TRAIN_ANALYZE = f"{PY} train.py > run.log 2>&1; {PY} analyze.py"
 def three_experiments():
     return [
         # 1: the baseline, kept; the agent writes its ideas queue (and looks for the key, in vain)
-        [bash("env | grep -c ANTHROPIC_API_KEY")],
+        [bash("env | grep -c ANTHROPIC_API_KEY; tr '\\0' '\\n' < /proc/$PPID/environ | grep -c ANTHROPIC_API_KEY")],
         [bash(f"{TRAIN_ANALYZE} && {PY} analyze.py keep")],
         [{"type": "tool_use", "name": "write_file",
           "input": {"path": ".auto-log-research/ideas_queue.md", "content": "# Ideas queue\n1. higher matrix lr\n"}}],
@@ -240,7 +240,7 @@ def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
     # the key: sent to the API, hidden from commands, written nowhere
     assert api.headers and all(key == SECRET for key in api.headers)
     log = (repo / ".auto-log-research" / "supervisor.log").read_text()
-    assert "exit code 1\n0" in log  # `env | grep -c ANTHROPIC_API_KEY` found nothing
+    assert "exit code 1\n0\n0" in log  # neither the command's environment nor the supervisor's /proc environ has it
     for path in repo.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path

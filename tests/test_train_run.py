@@ -179,3 +179,26 @@ def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
     summary = read_summary(cwd)
     assert summary["status"] == "timeout" and summary["val_bpb"] is None
     assert summary["num_steps"] == 2
+
+
+def test_sigterm_is_a_crash_said_to_come_from_outside_and_a_second_one_cannot_cut_the_summary(prepared, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    cwd = workdir(tmp_path)
+    env = {**__import__("os").environ, "AUTORESEARCH_TIME_BUDGET": "120"}
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((cwd / "metrics.jsonl").exists()
+                                          and (cwd / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a supervisor escalating, or a second Ctrl-C: ignored while finishing
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    summary = read_summary(cwd)
+    assert summary["status"] == "crash"
+    assert summary["error"].startswith("KeyboardInterrupt: terminated by SIGTERM after ")
+    assert "killed from outside" in summary["error"]

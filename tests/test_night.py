@@ -1,0 +1,267 @@
+"""A night with the claude backend as real clients behave, on a scripted stand-in `claude`: what the CLI
+is started with (tool timeout, allowlisted environment, root), outages, stop rules in the middle of an
+experiment, the processes of the night, a supervisor killed or hung up on, a corrupt ledger, and the
+stream-json record. The real Claude Code CLI drives a night in test_claude_code.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import supervise
+from analysis.store import Store
+from conftest import ROOT
+from test_analyze import GIT_ENV, HARNESS, git, make_repo
+
+SECRET = "sk-ant-test-NIGHT-7d1e0b"
+
+# The stand-in: session n follows plan[n - 1] (the last entry repeats). Steps: {"print": line},
+# {"sh": command}, {"sleep": s}, {"exit": code}. It records its stdin and environment per session.
+STAND_IN = f"""#!{sys.executable}
+import json, os, subprocess, sys, time
+calls = os.environ["CALLS"]
+n_path = os.path.join(calls, "n")
+n = int(open(n_path).read()) + 1 if os.path.exists(n_path) else 1
+open(n_path, "w").write(str(n))
+open(os.path.join(calls, f"stdin.{{n}}"), "w").write(sys.stdin.read())
+json.dump(dict(os.environ), open(os.path.join(calls, f"env.{{n}}"), "w"))
+plan = json.load(open(os.environ["PLAN"]))
+for step in plan[min(n, len(plan)) - 1]:
+    if "print" in step:
+        print(step["print"], flush=True)
+    elif "sh" in step:
+        subprocess.run(step["sh"], shell=True)
+    elif "sleep" in step:
+        time.sleep(step["sleep"])
+    elif "exit" in step:
+        sys.exit(step["exit"])
+"""
+
+# A finished run of the committed train.py, as train.py leaves it, then analyze.py: one ledger row.
+MAKE_RUN = f"""#!{sys.executable}
+import subprocess, sys
+sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
+import synthetic
+from pathlib import Path
+from test_analyze import head, train_sha
+repo = Path.cwd()
+val = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
+records = synthetic.make_records(n_steps=50)
+summary = synthetic.make_summary(records, val, commit=head(repo), train_sha256=train_sha(repo))
+synthetic.write_run(repo, records, summary, f"val_bpb: {{val}}\\n")
+subprocess.run([sys.executable, "analyze.py"], check=True)
+"""
+
+
+def api_retry(attempt):
+    return {"print": json.dumps({"type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": 10,
+                                 "retry_delay_ms": 500, "error_status": 500, "error": "server_error"})}
+
+
+@pytest.fixture
+def night(tmp_path):
+    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    (bin_dir / "claude").write_text(STAND_IN)
+    (bin_dir / "claude").chmod(0o755)
+    (bin_dir / "make_run").write_text(MAKE_RUN)
+    (bin_dir / "make_run").chmod(0o755)
+
+    def start(plan, *args, env=None):
+        (calls / "plan.json").write_text(json.dumps(plan))
+        full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+                    "PLAN": str(calls / "plan.json"), "IS_SANDBOX": "1", **(env or {})}
+        return subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
+                                 "--restart-delay", "0", *args], cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=full_env)
+    return repo, calls, start
+
+
+def status_lines(repo):
+    return (repo / ".auto-log-research" / "status.log").read_text().splitlines()
+
+
+def wait_for(predicate, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allowlisted_environment(night):
+    repo, calls, start = night
+    proc = start([[{"exit": 0}]], "--train-timeout", "900", "--pass-env", "CALLS,PLAN,MY_VISIBLE",
+                 env={"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf-secret", "SSH_AUTH_SOCK": "/tmp/agent.sock",
+                      "GITHUB_TOKEN": "gh-secret", "MY_VISIBLE": "yes", "ANTHROPIC_API_KEY": SECRET})
+    out, _ = proc.communicate(timeout=120)
+    env = json.loads((calls / "env.1").read_text())
+    assert env["BASH_DEFAULT_TIMEOUT_MS"] == env["BASH_MAX_TIMEOUT_MS"] == str((900 + 600) * 1000)
+    for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "SSH_AUTH_SOCK", "GITHUB_TOKEN"):
+        assert name not in env, name
+    assert env["MY_VISIBLE"] == "yes" and env["PATH"].startswith(str(calls.parent / "bin"))
+    assert env["ANTHROPIC_API_KEY"] == SECRET  # the CLI needs its key (README's threat model says what follows)
+    assert env[supervise.NIGHT_ENV].startswith(f"{proc.pid}-")
+    assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
+
+
+def test_root_is_refused_before_the_cli_starts(night, monkeypatch):
+    really_root = os.geteuid() == 0
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    command = supervise.shlex.split(supervise.DEFAULT_CLAUDE_COMMAND)
+    assert supervise.root_refusal(command, {}) == supervise.ROOT_REFUSAL
+    assert supervise.root_refusal(command, {"IS_SANDBOX": "1"}) is None
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert supervise.root_refusal(command, {}) is None
+    monkeypatch.undo()
+    if not really_root:
+        pytest.skip("the end-to-end half needs root")
+    repo, calls, start = night
+    proc = start([[{"exit": 0}]], env={"IS_SANDBOX": ""})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "error: running as root: Claude Code refuses --dangerously-skip-permissions as root" in out
+    assert "IS_SANDBOX=1" in status_lines(repo)[-1]
+    assert not (calls / "n").exists()  # never started
+
+
+def test_an_outage_is_backed_off_reported_and_ends_the_night_quoting_the_cli(night):
+    repo, calls, start = night
+    outage = [api_retry(1), api_retry(2), api_retry(3), {"sleep": 0.5}, {"exit": 1}]
+    proc = start([outage], "--max-outage-hours", str(6 / 3600), "--restart-delay", "0.5")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    lines = status_lines(repo)
+    since = [line for line in lines if "API unreachable since" in line and "retrying in" in line]
+    assert len(since) >= 2
+    delays = [float(line.split("retrying in ")[1].split(" s")[0]) for line in since]
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backed off
+    assert "stopped: API unreachable since" in lines[-1]
+    assert "API error 500 server_error, retry 3 of 10" in lines[-1]
+    assert int((calls / "n").read_text()) >= 3  # longer than quick exits would have allowed with no API contact
+
+
+def test_the_night_resumes_by_itself_when_the_api_answers_again(night):
+    repo, calls, start = night
+    outage = [api_retry(1), {"exit": 1}]
+    proc = start([outage, outage, [{"sh": "make_run 1.0"}, {"sleep": 30}]], "--max-experiments", "1",
+                 "--restart-delay", "0.2", "--stop-grace", "0")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    lines = status_lines(repo)
+    assert any("API unreachable since" in line for line in lines)
+    assert "stopped: experiment budget used (1 runs)" in lines[-1]
+
+
+def test_a_stop_rule_lets_the_experiment_finish_before_ending_the_agent(night):
+    repo, calls, start = night
+    t0 = time.time()
+    plan = [[{"sh": "make_run 1.0"}, {"sleep": 4}, {"sh": f"{sys.executable} analyze.py keep"}, {"sleep": 120}]]
+    proc = start(plan, "--max-experiments", "1")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert time.time() - t0 < 100  # ended once the keep was done, not after the agent's next 120 s
+    rows = Store(repo).read_ledger()
+    assert [r["status"] for r in rows] == ["keep"]  # the agent's own keep: the rule waited for it
+    assert "settled" not in (repo / ".auto-log-research" / "status.log").read_text()
+    assert "stopped: experiment budget used (1 runs)" in status_lines(repo)[-1]
+
+
+def test_when_the_grace_runs_out_the_supervisor_settles_the_last_run(night):
+    repo, calls, start = night
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"{sys.executable} analyze.py keep"},
+                   {"sh": "sed -i 's/^DEPTH = 8 /DEPTH = 9 /' train.py && git commit -qam 'depth 9'"},
+                   {"sh": "make_run 1.2"}, {"sleep": 120}]],
+                 "--max-experiments", "2", "--stop-grace", "2")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    rows = Store(repo).read_ledger()
+    assert [r["status"] for r in rows] == ["keep", "discard"]  # decided by the supervisor, as its verdict said
+    text = (repo / ".auto-log-research" / "status.log").read_text()
+    assert "stop grace of 2 s used up while run" in text and "settled the last run: analyze.py discard done" in text
+    assert "DEPTH = 8 " in (repo / "train.py").read_text()  # back to the best
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    assert git(repo, "log", "-1", "--format=%s").startswith("revert to best")
+
+
+def test_sighup_ends_every_process_of_the_night_even_in_its_own_session(night):
+    repo, calls, start = night
+    proc = start([[{"sh": f"setsid sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {calls}/orphan.pid"},
+                   {"sleep": 300}]])
+    wait_for(lambda: (calls / "orphan.pid").exists() and (calls / "orphan.pid").read_text().strip(), "the orphan")
+    orphan = int((calls / "orphan.pid").read_text())
+    assert alive(orphan)
+    proc.send_signal(signal.SIGHUP)  # the terminal closed
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert not alive(orphan)
+    assert "stopped: stopped by a signal (SIGHUP)" in status_lines(repo)[-1]
+    assert not (repo / ".auto-log-research" / supervise.PID_FILE).exists()
+
+
+def test_what_a_killed_supervisor_left_running_is_ended_by_the_next_start(night):
+    repo, calls, start = night
+    first = start([[{"sh": f"setsid sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {calls}/orphan.pid"},
+                    {"sleep": 300}]])
+    wait_for(lambda: (calls / "orphan.pid").exists() and (calls / "orphan.pid").read_text().strip(), "the orphan")
+    orphan = int((calls / "orphan.pid").read_text())
+    first.kill()  # the OOM killer
+    first.communicate(timeout=60)
+    assert alive(orphan)
+    second = start([[{"exit": 0}]], "--max-experiments", "0")
+    out, _ = second.communicate(timeout=120)
+    assert not alive(orphan)
+    assert any("process(es) an earlier night left running" in line for line in status_lines(repo)), out
+
+
+def test_a_corrupt_ledger_is_reported_and_the_night_goes_on(night):
+    repo, calls, start = night
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": "echo '{corrupt' >> .auto-log-research/runs.jsonl"},
+                   {"sleep": 300}]], "--hours", str(8 / 3600))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    lines = status_lines(repo)
+    assert any("store problem:" in line and "runs.jsonl line 2 is corrupt" in line for line in lines)
+    assert "stopped: deadline reached" in lines[-1]
+
+
+def test_the_record_has_every_tool_call_and_result_redacted(night):
+    repo, calls, start = night
+    events = [
+        {"type": "system", "subtype": "init", "session_id": "s1", "cwd": str(repo), "model": "m"},
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": "running the baseline"},
+                                                      {"type": "tool_use", "id": "t1", "name": "Bash",
+                                                       "input": {"command": "uv run train.py > run.log 2>&1"}}]}},
+        {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                  "content": f"key is {SECRET}", "is_error": False}]}},
+        {"type": "result", "subtype": "success", "is_error": False, "result": "done for now"},
+    ]
+    proc = start([[{"print": json.dumps(e)} for e in events] + [{"exit": 0}]], "--max-experiments", "0",
+                 env={"ANTHROPIC_API_KEY": SECRET})
+    proc.communicate(timeout=60)
+    proc = start([[{"print": json.dumps(e)} for e in events] + [{"exit": 0}]], "--hours", str(3 / 3600),
+                 env={"ANTHROPIC_API_KEY": SECRET})
+    proc.communicate(timeout=60)
+    log = (repo / ".auto-log-research" / "supervisor.log").read_text()
+    assert "[assistant] running the baseline\n" in log
+    assert '[tool Bash] {"command": "uv run train.py > run.log 2>&1"}\n' in log
+    assert "[result] key is [redacted]\n" in log
+    assert "[claude result success] done for now\n" in log
+    assert SECRET not in log
+    for name in ("supervisor.log", "status.log"):
+        assert (repo / ".auto-log-research" / name).stat().st_mode & 0o077 == 0, name  # owner only
