@@ -515,7 +515,7 @@ class SessionLog:
         if kind == "result":
             text = str(event.get("result", ""))
             if event.get("is_error"):
-                self.last_error = f"{event.get('subtype')}: {text}".strip()
+                self.last_error = text.strip() or str(event.get("subtype"))
             self.last_line = text.splitlines()[-1] if text.strip() else self.last_line
             return [f"[claude result {event.get('subtype')}] {text[-LOG_RESULT_CHARS:]}"]
         if kind == "system" and event.get("subtype") == "init":
@@ -710,13 +710,21 @@ def call_api(sup: Supervisor, client, **request):
                 return None
             wait = min(wait * 2, MAX_BACKOFF_S)
         except anthropic.BadRequestError as e:
-            if "too long" in str(e).lower() or "too many tokens" in str(e).lower():
-                raise ContextTooLong(str(e)) from e
-            sup.stop(f"the API refused a request ({e.status_code}): {e.message}", failed=True)
+            if "too long" in api_message(e).lower() or "too many tokens" in api_message(e).lower():
+                raise ContextTooLong(api_message(e)) from e
+            sup.stop(f"the API refused a request ({e.status_code}): {api_message(e)}", failed=True)
             return None
         except (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError) as e:
-            sup.stop(f"the API refused the key or the model ({e.status_code}): {e.message}", failed=True)
+            sup.stop(f"the API refused the key or the model ({e.status_code}): {api_message(e)}", failed=True)
             return None
+
+
+def api_message(e) -> str:
+    """The API's own words of an error response ("invalid x-api-key"), not the SDK's wrapping of them."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and body["error"].get("message"):
+        return str(body["error"]["message"])
+    return str(getattr(e, "message", e))
 
 
 def trim_context(messages: list) -> bool:
@@ -841,7 +849,8 @@ def main(argv=None) -> int:
     os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
     sup = Supervisor(args, repo, secret=secret or os.environ.get("ANTHROPIC_API_KEY"))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, sup.on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, a closed terminal must not end the night
+            signal.signal(sig, sup.on_signal)
     sup.end_leftovers()
     sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)})")
     return run_claude(sup) if args.backend == "claude" else run_api(sup)

@@ -5,6 +5,7 @@ stream-json record. The real Claude Code CLI drives a night in test_claude_code.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,6 +237,7 @@ def test_a_corrupt_ledger_is_reported_and_the_night_goes_on(night):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     lines = status_lines(repo)
+    assert re.search(r"\| started \(pid \d+; stop rules: deadline \d{4}-\d\d-\d\d \d\d:\d\d, ", lines[0]), lines[0]
     assert any("store problem:" in line and "runs.jsonl line 2 is corrupt" in line for line in lines)
     assert "stopped: deadline reached" in lines[-1]
 

@@ -323,3 +323,44 @@ def test_program_md_commands_exist_and_run(repo):
     for name in ("train.py", "prepare.py", "schema.py", "analyze.py", "analysis/", "pyproject.toml",
                  "README.md"):
         assert name in (ROOT / "program.md").read_text() and Path(ROOT / name.rstrip("/")).exists(), name
+
+
+def run_api_night(repo, script, *args, timeout=300):
+    from fake_api import StreamingMessagesAPI
+    api = StreamingMessagesAPI(script, agent_tool="bash")
+    try:
+        proc = supervise_proc(repo, "--backend", "api", "--model", "test-model", *args,
+                              env={"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
+                                   "AUTORESEARCH_TIME_BUDGET": "3"})
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        api.close()
+    return proc, out, api
+
+
+@pytest.mark.parametrize("status, kind, said", [
+    (401, "authentication_error", "the API refused the key or the model (401): invalid x-api-key"),
+    (404, "not_found_error", "the API refused the key or the model (404): invalid x-api-key"),
+])
+def test_api_errors_no_retry_can_fix_end_the_night_with_the_apis_message(repo, status, kind, said):
+    from fake_api import error
+    proc, out, api = run_api_night(repo, [error(status, kind, "invalid x-api-key")])
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    last = (repo / ".auto-log-research" / "status.log").read_text().strip().splitlines()[-1]
+    assert f"stopped: {said}" in last
+    assert api.failures_sent == 1  # not retried
+
+
+def test_a_context_that_grew_too_long_is_trimmed_and_the_experiment_goes_on(repo):
+    from fake_api import error
+    long_output = bash(f"{PY} -c \"print('x' * 20000)\"")
+    script = [[long_output], [bash("echo second")], error(400, "invalid_request_error", "prompt is too long: 250000 tokens"),
+              done("finished after trimming")]
+    proc, out, api = run_api_night(repo, script, "--hours", str(20 / 3600))
+    log = (repo / ".auto-log-research" / "supervisor.log").read_text()
+    assert "context too long" in log and "trimmed the oldest tool result" in log
+    retried = api.agent_requests[2]  # the request after the refusal: the same conversation, shortened
+    first_result = retried["messages"][2]["content"][0]["content"]
+    assert first_result.startswith("[trimmed: the context grew too long]") and len(first_result) < 3000
+    assert "[assistant] finished after trimming" in log

@@ -1,0 +1,113 @@
+"""The real Claude Code CLI (npm @anthropic-ai/claude-code) drives a night through `supervise.py
+--backend claude`, against a local fake Messages API that streams scripted tool calls the way the real
+API does (server-sent events). The night: the baseline, a discarded experiment, an outage in between
+(the CLI retries, fails, the supervisor backs off and resumes), and a second experiment during which
+the experiment budget runs out, so the stop rule must let it finish. Every training run is real (a
+tiny budget) and outlasts the CLI's Bash timeout as set in the environment (2 s here): the supervisor
+raises it above --train-timeout. Skipped with a reason where the CLI is not installed; .ci/run installs it."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import supervise
+from analysis.store import Store
+from conftest import ROOT
+from fake_api import StreamingMessagesAPI, outage
+from test_analyze import GIT_ENV, HARNESS, git, make_repo
+
+SECRET = "sk-ant-test-REAL-CLI-1b2c3d"
+PY = shlex.quote(sys.executable)
+CLAUDE = shutil.which("claude")
+pytestmark = pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed "
+                                "(npm install -g @anthropic-ai/claude-code; .ci/run does it where npm exists)")
+
+def bash(command):
+    return [{"type": "tool_use", "name": "Bash", "input": {"command": command, "description": "run a step"}}]
+
+
+def say(text):
+    return [{"type": "text", "text": text}]
+
+
+TRAIN = f"{PY} train.py > run.log 2>&1; {PY} analyze.py"
+
+
+def night_script():
+    return [
+        # session 1, program.md: the baseline, kept, and the ideas queue
+        bash(f"{TRAIN} && {PY} analyze.py keep"),
+        bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
+        say("baseline kept; stopping here for now"),
+        # the API goes down: the CLI retries once (CLAUDE_CODE_MAX_RETRIES=1) and gives up, twice
+        outage(4),
+        # a later session: experiment 1, discarded
+        bash("sed -i 's/^MATRIX_LR = 0.04 /MATRIX_LR = 0.4 /' train.py && git commit -qam 'matrix lr 0.4'"),
+        bash(f"{TRAIN} && {PY} analyze.py discard"),
+        say("discarded"),
+        # experiment 2: the budget (3 runs) runs out when its row lands; the agent still discards it
+        bash("sed -i 's/^DEPTH = 8 /DEPTH = 9 /' train.py && git commit -qam 'depth 9'"),
+        bash(TRAIN),
+        bash(f"sleep 3; {PY} analyze.py discard"),
+        say("discarded; next idea"),
+        bash("sleep 600"),  # what would come next: the supervisor has ended the agent before
+    ]
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+
+
+def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepared, repo, tmp_path):
+    api = StreamingMessagesAPI(night_script())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, **GIT_ENV, "HOME": str(home), "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "1",
+           "IS_SANDBOX": "1",  # as root in a container (README: threat model)
+           "BASH_DEFAULT_TIMEOUT_MS": "2000", "BASH_MAX_TIMEOUT_MS": "2000",  # a default no training run survives
+           "AUTORESEARCH_TIME_BUDGET": "3"}
+    try:
+        proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--max-experiments", "3",
+                               "--restart-delay", "0.5", "--train-timeout", "300"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        api.close()
+    store = repo / ".auto-log-research"
+    log = (store / "supervisor.log").read_text()
+    assert proc.returncode == 0, proc.stdout + log[-4000:]
+    # the ledger and git agree: baseline kept, both experiments discarded and reverted
+    rows = Store(repo).read_ledger()
+    assert [r["status"] for r in rows] == ["keep", "discard", "discard"], proc.stdout
+    assert all(r["status"] != "crash" for r in rows)  # no run was cut by the CLI's 2 s Bash timeout
+    base = rows[0]["commit"]
+    subjects = git(repo, "log", "--format=%s").splitlines()
+    assert subjects == [f"revert to best {base}", "depth 9", f"revert to best {base}", "matrix lr 0.4", "baseline"]
+    assert (repo / "train.py").read_text() == (ROOT / "train.py").read_text()
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    # the outage was seen, waited out, and the night went on
+    assert api.failures_sent == 4
+    status = (store / "status.log").read_text()
+    assert "API unreachable since" in status
+    assert status.strip().splitlines()[-1].split(" | ")[1] == "stopped: experiment budget used (3 runs)"
+    assert "settled" not in status  # the agent finished its own experiment within the grace
+    # the record: every command the agent ran, and no key anywhere
+    assert log.count("[tool Bash]") >= 7 and "train.py > run.log 2>&1" in log and "[result]" in log
+    assert api.keys == {SECRET}
+    for path in repo.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert supervise.training_processes(repo) == []
+    assert [p for p in supervise.night_processes("") if cwd_of(p).startswith(str(repo))] == []  # nothing left running
+
+
+def cwd_of(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""  # gone
