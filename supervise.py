@@ -372,6 +372,16 @@ class Supervisor:
                 pass  # it just ended
 
     # start and end
+    def running_night(self):
+        """The pid of another supervisor that is running in this repository now, or None."""
+        pid_file = self.store.path(PID_FILE)
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            args = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return None  # no pid file, or its night is over
+        return pid if pid != os.getpid() and _alive(pid) and b"supervise.py" in args else None
+
     def end_leftovers(self):
         """End what a night that died without cleaning up (SIGKILL, the OOM killer) left running here."""
         pid_file = self.store.path(PID_FILE)
@@ -851,6 +861,11 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, a closed terminal must not end the night
             signal.signal(sig, sup.on_signal)
+    other = sup.running_night()
+    if other:
+        print(f"error: a night is already running in this repository (supervise.py pid {other}); stop it first "
+              f"(kill {other}) or run in another clone", file=sys.stderr)
+        return 2
     sup.end_leftovers()
     sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)})")
     return run_claude(sup) if args.backend == "claude" else run_api(sup)

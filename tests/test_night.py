@@ -267,3 +267,33 @@ def test_the_record_has_every_tool_call_and_result_redacted(night):
     assert SECRET not in log
     for name in ("supervisor.log", "status.log"):
         assert (repo / ".auto-log-research" / name).stat().st_mode & 0o077 == 0, name  # owner only
+
+
+def test_a_second_night_in_the_same_repository_is_refused(night):
+    repo, calls, start = night
+    first = start([[{"sleep": 300}]])
+    wait_for(lambda: (calls / "n").exists(), "the first night's agent")
+    second = start([[{"exit": 0}]])
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 2
+    assert f"a night is already running in this repository (supervise.py pid {first.pid})" in out
+    assert first.poll() is None  # untouched
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert first.returncode == 130
+
+
+def test_a_training_run_is_aged_from_its_own_start(night, tmp_path):
+    repo, calls, start = night
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"], cwd=repo)
+    try:
+        wait_for(lambda: supervise.training_processes(repo), "the run to show")
+        [(pid, age)] = supervise.training_processes(repo)
+        assert pid == run.pid and 0 <= age < 30
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        assert supervise.training_processes(elsewhere) == []  # another repository's run is not ours
+    finally:
+        run.kill()
+        run.wait()
+    assert supervise.training_processes(repo) == []
