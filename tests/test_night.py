@@ -200,13 +200,19 @@ def test_when_the_grace_runs_out_the_supervisor_settles_the_last_run(night):
     assert git(repo, "log", "-1", "--format=%s").startswith("revert to best")
 
 
-def test_sighup_ends_every_process_of_the_night_even_in_its_own_session(night):
-    repo, calls, start = night
+def start_with_orphan(start, calls):
+    """A night whose agent starts a process in a session of its own (as Claude Code runs commands), then waits."""
     proc = start([[{"sh": f"setsid sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {calls}/orphan.pid"},
                    {"sleep": 300}]])
     wait_for(lambda: (calls / "orphan.pid").exists() and (calls / "orphan.pid").read_text().strip(), "the orphan")
     orphan = int((calls / "orphan.pid").read_text())
     assert alive(orphan)
+    return proc, orphan
+
+
+def test_sighup_ends_every_process_of_the_night_even_in_its_own_session(night):
+    repo, calls, start = night
+    proc, orphan = start_with_orphan(start, calls)
     proc.send_signal(signal.SIGHUP)  # the terminal closed
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
@@ -217,10 +223,7 @@ def test_sighup_ends_every_process_of_the_night_even_in_its_own_session(night):
 
 def test_what_a_killed_supervisor_left_running_is_ended_by_the_next_start(night):
     repo, calls, start = night
-    first = start([[{"sh": f"setsid sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {calls}/orphan.pid"},
-                    {"sleep": 300}]])
-    wait_for(lambda: (calls / "orphan.pid").exists() and (calls / "orphan.pid").read_text().strip(), "the orphan")
-    orphan = int((calls / "orphan.pid").read_text())
+    first, orphan = start_with_orphan(start, calls)
     first.kill()  # the OOM killer
     first.communicate(timeout=60)
     assert alive(orphan)
