@@ -533,6 +533,41 @@ class SessionLog:
         return []
 
 
+class KeyHandover:
+    """Gives the claude CLI its API key without an environment variable: a key file readable by this user
+    only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it and deletes
+    it. The CLI reads it once at start (its helper TTL is set beyond the night), before the agent can run
+    a command, and then holds it in memory only: the agent's commands and train.py never inherit it."""
+
+    TTL_MS = str(7 * 24 * 3600 * 1000)  # never ask the helper again during a session: the file is gone
+
+    def __init__(self, secret: str):
+        import tempfile
+        self.secret = secret
+        self.dir = Path(tempfile.mkdtemp(prefix="alr-key-"))  # 0700
+        self.key_file = self.dir / "key"
+        self.helper = self.dir / "api-key-helper"
+        self.helper.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self.key_file))} 2>/dev/null\n"
+                               f"rm -f {shlex.quote(str(self.key_file))}\n")
+        self.helper.chmod(0o700)
+
+    def arm(self, command: list, env: dict) -> list:
+        """Put the key in place for one session; the command with the helper setting added."""
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.secret)
+        env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"] = self.TTL_MS
+        return command + ["--settings", json.dumps({"apiKeyHelper": str(self.helper)})]
+
+    def disarm(self):
+        self.key_file.unlink(missing_ok=True)
+
+    def close(self):
+        self.disarm()
+        self.helper.unlink(missing_ok=True)
+        self.dir.rmdir()
+
+
 def run_claude(sup: Supervisor) -> int:
     command = shlex.split(sup.args.claude_command)
     env = claude_environment(sup)
@@ -541,6 +576,7 @@ def run_claude(sup: Supervisor) -> int:
         sup.stop(refusal, failed=True)
         print(f"error: {refusal}", file=sys.stderr)
         return sup.finish()
+    handover = KeyHandover(sup.secret) if sup.secret else None
     program = (sup.repo / PROGRAM).read_text()
     session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
     while not sup.check():
@@ -549,8 +585,9 @@ def run_claude(sup: Supervisor) -> int:
         rows_before, t0 = len(sup.new_runs()), time.time()
         sup.status(f"claude session {session} started")
         sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        session_command = handover.arm(command, env) if handover else command
         try:
-            proc = subprocess.Popen(command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         except FileNotFoundError:
             sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)", failed=True)
@@ -567,6 +604,8 @@ def run_claude(sup: Supervisor) -> int:
                 break
             time.sleep(POLL_S)
         output.thread.join(timeout=30)
+        if handover:
+            handover.disarm()  # read by the CLI at its start; gone in any case once the session is
         duration = time.time() - t0
         sup.write_log(f"=== claude session {session} exited with code {proc.returncode} after {duration:.0f} s")
         new_run = len(sup.new_runs()) > rows_before
@@ -594,6 +633,8 @@ def run_claude(sup: Supervisor) -> int:
             _sleep_unless_stopping(sup, delay)
             if failures:
                 delay = min(delay * 2, MAX_BACKOFF_S)
+    if handover:
+        handover.close()
     return sup.finish()
 
 
@@ -850,14 +891,12 @@ def main(argv=None) -> int:
     if not (repo / PROGRAM).exists() or not (repo / "train.py").exists():
         print(f"error: run supervise.py in the repository root (no {PROGRAM} / train.py in {repo})", file=sys.stderr)
         return 2
-    secret = None
-    if args.backend == "api":
-        secret = handed_over_key(args.key_fd, argv)
-        if not secret:
-            print("error: --backend api needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
-            return 2
+    secret = handed_over_key(args.key_fd, argv)  # both backends: the key leaves the environment here
+    if args.backend == "api" and not secret:
+        print("error: --backend api needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
+        return 2
     os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
-    sup = Supervisor(args, repo, secret=secret or os.environ.get("ANTHROPIC_API_KEY"))
+    sup = Supervisor(args, repo, secret=secret)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, a closed terminal must not end the night
             signal.signal(sig, sup.on_signal)

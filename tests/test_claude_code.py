@@ -42,6 +42,7 @@ def night_script():
         # session 1, program.md: the baseline, kept, and the ideas queue
         bash(f"{TRAIN} && {PY} analyze.py keep"),
         bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
+        bash("echo key-seen: $(env | grep -c ANTHROPIC_API_KEY) $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c ANTHROPIC_API_KEY)"),
         say("baseline kept; stopping here for now"),
         # the API goes down: the CLI retries once (CLAUDE_CODE_MAX_RETRIES=1) and gives up, twice
         outage(4),
@@ -98,7 +99,8 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     assert "settled" not in status  # the agent finished its own experiment within the grace
     # the record: every command the agent ran, and no key anywhere
     assert log.count("[tool Bash]") >= 7 and "train.py > run.log 2>&1" in log and "[result]" in log
-    assert api.keys == {SECRET}
+    assert api.keys == {SECRET}  # the CLI had the key (from the helper) ...
+    assert "[result] key-seen: 0 0\n" in log  # ... its commands did not, nor the CLI's environment
     for path in repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert SECRET.encode() not in path.read_bytes(), path

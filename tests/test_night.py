@@ -31,6 +31,12 @@ n = int(open(n_path).read()) + 1 if os.path.exists(n_path) else 1
 open(n_path, "w").write(str(n))
 open(os.path.join(calls, f"stdin.{{n}}"), "w").write(sys.stdin.read())
 json.dump(dict(os.environ), open(os.path.join(calls, f"env.{{n}}"), "w"))
+json.dump(sys.argv[1:], open(os.path.join(calls, f"argv.{{n}}"), "w"))
+if "--settings" in sys.argv:  # what the CLI would do at its start: ask the key helper, once
+    helper = json.loads(sys.argv[sys.argv.index("--settings") + 1])["apiKeyHelper"]
+    for i in (1, 2):
+        out = subprocess.run([helper], capture_output=True, text=True).stdout
+        open(os.path.join(calls, f"key.{{n}}.{{i}}"), "w").write(out)
 plan = json.load(open(os.environ["PLAN"]))
 for step in plan[min(n, len(plan)) - 1]:
     if "print" in step:
@@ -116,7 +122,14 @@ def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allow
     for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "SSH_AUTH_SOCK", "GITHUB_TOKEN"):
         assert name not in env, name
     assert env["MY_VISIBLE"] == "yes" and env["PATH"].startswith(str(calls.parent / "bin"))
-    assert env["ANTHROPIC_API_KEY"] == SECRET  # the CLI needs its key (README's threat model says what follows)
+    # the key: not in the environment the CLI (and so every command of the agent) has, but given to the CLI
+    # through Claude Code's apiKeyHelper, which hands it out once
+    assert "ANTHROPIC_API_KEY" not in env and SECRET not in json.dumps(env)
+    argv = json.loads((calls / "argv.1").read_text())
+    assert argv[:-2] == supervise.shlex.split(supervise.DEFAULT_CLAUDE_COMMAND)[1:] and argv[-2] == "--settings"
+    assert (calls / "key.1.1").read_text() == SECRET and (calls / "key.1.2").read_text() == ""
+    assert int(env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"]) >= 24 * 3600 * 1000
+    assert not Path(json.loads(argv[-1])["apiKeyHelper"]).exists()  # cleaned up with the night
     assert env[supervise.NIGHT_ENV].startswith(f"{proc.pid}-")
     assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
 
