@@ -236,13 +236,13 @@ def terminate(proc: subprocess.Popen, also=()) -> list:
     return killed
 
 
-def training_processes(repo: Path) -> list:
-    """[(pid, age in seconds)] of train.py processes running in `repo`."""
-    found = []
+def training_processes(repo: Path, script: str = "train.py") -> list:
+    """[(pid, age in seconds)] of `script` (train.py, analyze.py) processes running in `repo`."""
+    found, name = [], script.encode()
     for pid in _pids():
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if not any(a == b"train.py" or a.endswith(b"/train.py") for a in args[:4]):
+            if not any(a == name or a.endswith(b"/" + name) for a in args[:4]):
                 continue
             if Path(os.readlink(f"/proc/{pid}/cwd")) != repo.resolve():
                 continue  # another repository's run
@@ -355,9 +355,11 @@ class Supervisor:
 
     def experiment_open(self):
         """Why the experiment in progress is not finished (a run training or awaiting keep/discard), or None."""
+        runs = self.new_runs()  # read first: an analyze.py that wrote what this reads is gone by the check below
         if training_processes(self.repo):
             return "a training run is in progress"
-        runs = self.new_runs()
+        if training_processes(self.repo, "analyze.py"):
+            return "analyze.py is writing the ledger and git"  # e.g. a discard between its ledger and its commit
         if runs and runs[-1].get("status") in ("pending", "rerun"):
             return f"run {runs[-1]['run_id']} awaits keep or discard"
         return None
