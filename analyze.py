@@ -333,7 +333,7 @@ def cmd_discard(args) -> int:
     with bookkeeping(args.run_id) as (store, ledger, target):
         if target["status"] == "keep":
             raise StoreError(f"run {target['run_id']} is kept; a kept run is never discarded")
-        best = verdict.best_pool(ledger, verdict.comparable_key(target))
+        best = verdict.revert_target(ledger, target)
         if best is None:
             raise StoreError("no best yet to revert to: keep a baseline first (`uv run analyze.py keep`)")
         best_run = best[1][0]

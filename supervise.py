@@ -417,7 +417,7 @@ class Supervisor:
         if last.get("status") == "pending" and last.get("verdict") == "keep":
             self._analyze("keep")
             return
-        best = verdict.best_pool(ledger, verdict.comparable_key(last))
+        best = verdict.revert_target(ledger, last)
         if best is None:
             return
         snapshot = self.store.run_path(best[1][0]["run_id"]) / "train.py"

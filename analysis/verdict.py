@@ -79,6 +79,16 @@ def best_pool(ledger: list, comparable: tuple):
     return key, records
 
 
+def revert_target(ledger: list, record: dict):
+    """(code key, records) of the best a discard of `record` reverts to: the best among the runs comparable
+    with it, or, where there is none (a crash that never recorded its device, an invalid run on another
+    harness, a run on a new device), the store's current best, the best among the runs comparable with
+    the latest kept one. None when nothing is kept."""
+    own = best_pool(ledger, comparable_key(record)) if finished(record) else None
+    kept = [r for r in ledger if r.get("status") == "keep"]
+    return own or (best_pool(ledger, comparable_key(kept[-1])) if kept else None)
+
+
 def noise_estimate(groups) -> dict:
     """Pooled within-group standard deviation of val_bpb over groups of repeated runs of the same code.
 

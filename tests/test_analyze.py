@@ -305,6 +305,34 @@ def test_keep_then_discard_gives_the_right_history_and_files(repo):
     assert "wider is better at this budget" in text
 
 
+@pytest.mark.parametrize("failure", ["no summary (SyntaxError)", "crash before the device is known", "invalid"])
+def test_discard_reverts_to_the_best_after_every_kind_of_failure(repo, failure):
+    """Where a failed run recorded no device (or another harness), its own pool has no best; discard must
+    still revert to the store's best, as program.md tells the agent to do."""
+    baseline(repo)
+    base_commit = head(repo)
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 12 ", "depth 12")
+    if failure == "no summary (SyntaxError)":
+        (repo / "run_summary.json").unlink(missing_ok=True)
+        (repo / "metrics.jsonl").write_text("")
+        (repo / "run.log").write_text('  File "train.py", line 3\n    def (\nSyntaxError: invalid syntax\n')
+    elif failure == "crash before the device is known":
+        records = synthetic.make_records(n_steps=0)
+        summary = synthetic.make_summary(records, None, commit=head(repo), train_sha256=train_sha(repo), status="crash",
+                                         device=None, error="RuntimeError: CUDA error: out of memory")
+        synthetic.write_run(repo, records, summary, "RuntimeError: CUDA error: out of memory\n")
+    else:
+        fake_run(repo, 0.5, seed=5, harness_hash="f" * 16)  # not the harness's hash: invalid, and in no kept pool
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert ledger(repo)[-1]["status"] in ("crash", "invalid")
+    proc = analyze(repo, "discard")
+    assert proc.returncode == 0, proc.stderr
+    assert f"train.py restored to best {base_commit}" in proc.stdout
+    assert git(repo, "log", "-1", "--format=%s").strip() == f"revert to best {base_commit}"
+    assert (repo / "train.py").read_text() == git(repo, "show", f"{base_commit}:train.py")
+
+
 def test_keep_and_discard_refuse_unsafe_situations(repo):
     proc = analyze(repo, "keep")
     assert proc.returncode != 0 and "no run to act on" in proc.stderr

@@ -80,3 +80,18 @@ def test_a_seed_only_change_is_rarely_kept():
 
 def test_a_real_improvement_is_usually_kept():
     assert simulate(4.0, trials=300, seed=1) >= 0.85
+
+
+def test_revert_target_is_the_stores_best_whatever_the_failed_run_recorded():
+    def run(code, val, status="keep", device="H100"):
+        return {"train_sha256": code, "val_bpb": val, "status": status, "device": device, "time_budget_s": 300.0,
+                "harness_hash": "h", "data": {"manifest_hash": "m"}}
+    base = [run("a", 1.0), run("a", 1.002), run("b", 0.99), run("c", 0.98, status="discard")]
+    assert verdict.revert_target(base, run("c", 0.98, status="discard")) == ("b", [base[2]])  # its own pool's best
+    crashed = run("d", None, status="crash", device=None)  # died before train.py recorded its device
+    assert verdict.revert_target(base + [crashed], crashed) == ("b", [base[2]])
+    invalid = {**run("e", 0.5, status="invalid"), "harness_hash": "edited"}
+    assert verdict.revert_target(base + [invalid], invalid) == ("b", [base[2]])
+    elsewhere = run("f", 0.7, status="pending", device="A100")  # a new pool: nothing kept there
+    assert verdict.revert_target(base + [elsewhere], elsewhere) == ("b", [base[2]])
+    assert verdict.revert_target([crashed], crashed) is None  # nothing kept at all
