@@ -172,8 +172,11 @@ def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
         return verdict.decide([], failed=record["status"], error=record.get("error"))
     candidate = verdict.pools(ledger + [record], verdict.comparable_key(record))[verdict.code_key(record)]
     same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
+    kept = [r for r in ledger if r["status"] == "keep"]
+    changes = verdict.pool_changes(record, kept[-1]) if kept and not best_records else None
     return verdict.decide([r["val_bpb"] for r in candidate],
-                          [r["val_bpb"] for r in best_records] if best_records else None, noise, same_as_best=same)
+                          [r["val_bpb"] for r in best_records] if best_records else None, noise, same_as_best=same,
+                          new_pool=changes)
 
 
 def archive(store: Store, args, run: dict, facts: dict) -> dict:
@@ -242,9 +245,6 @@ def cmd_analyze(args) -> int:
                 record["status"] = "invalid"
         folder = store.run_path(record["run_id"])
         best_records, noise = best_and_noise(record, ledger)
-        if best_records is None and record["status"] == "pending" and any(r["status"] == "keep" for r in ledger):
-            record["notes"].append("kept runs exist, but none on this device, budget, harness and data: "
-                                   "this run is judged as a new baseline")
         # the best's representative for overlays and diffs: its latest run other than this one
         best = next((r for r in reversed(best_records or []) if r["run_id"] != record["run_id"]), None)
         previous = ledger[-1] if ledger else None
@@ -311,6 +311,11 @@ def cmd_keep(args) -> int:
             raise StoreError(f"run {target['run_id']} did not run a committed train.py (commit {target['commit']}): "
                              f"commit train.py and run it again before keeping it")
         comparable = verdict.comparable_key(target)
+        kept = [r for r in ledger if r["status"] == "keep"]
+        if kept and verdict.best_pool(ledger, comparable) is None and not args.new_baseline:
+            raise StoreError(f"run {target['run_id']} is comparable with no kept run "
+                             f"({'; '.join(verdict.pool_changes(target, kept[-1]))}): keeping it would start a new "
+                             f"baseline; if that is meant: `uv run analyze.py keep --new-baseline {target['run_id']}`")
         group = verdict.pools(ledger, comparable)[verdict.code_key(target)]
         for record in group:
             record["status"] = "keep"
@@ -380,8 +385,7 @@ def cmd_status(args) -> int:
     if not ledger:
         print("no runs yet: `uv run train.py > run.log 2>&1 && uv run analyze.py`")
         return 0
-    latest = next((r for r in reversed(ledger) if verdict.finished(r)), ledger[-1])
-    comparable = verdict.comparable_key(latest)
+    comparable = verdict.store_comparable(ledger)
     groups = verdict.pools(ledger, comparable)
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable)
@@ -396,6 +400,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     keep = sub.add_parser("keep", help="mark a run keep and update insights.md's Current Best")
     keep.add_argument("run_id", nargs="?", help="default: the latest run")
+    keep.add_argument("--new-baseline", action="store_true",
+                      help="keep a run that no kept run is comparable with (new device, budget, harness or data)")
     discard = sub.add_parser("discard", help="mark a run discard and restore train.py to the best")
     discard.add_argument("run_id", nargs="?", help="default: the latest run")
     compare = sub.add_parser("compare", help="two archived runs side by side")

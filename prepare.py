@@ -829,6 +829,20 @@ def peak_memory_mb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
+def hardware_identity() -> str:
+    """The device this process trains on, as the harness sees it: what every summary records as its
+    `device` (a pool key), whatever train.py says."""
+    try:
+        import torch
+    except ImportError as e:
+        return f"unknown (torch does not import: {e})"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def device_description(device) -> str:
     import torch
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -943,7 +957,7 @@ class RunLogger:
             summary.update(self.info)
             summary.update(fields)
             summary.update(status=status, started_at=self.started_at, total_seconds=time.time() - self.t_start,
-                           time_budget_s=TIME_BUDGET, harness_hash=harness_hash(),
+                           time_budget_s=TIME_BUDGET, harness_hash=harness_hash(), device=hardware_identity(),
                            config=capture_config(self._globals))
             try:
                 manifest = load_manifest()

@@ -497,8 +497,7 @@ x, y, epoch = next(train_loader)
 peak = peak_flops(device)
 loss_limit = LOSS_EXPLODE_FACTOR * math.log(vocab_size)
 
-logger.set(seed=SEED, device=device_description(device), torch_version=torch.__version__, depth=DEPTH,
-           num_params_M=num_params / 1e6)
+logger.set(seed=SEED, torch_version=torch.__version__, depth=DEPTH, num_params_M=num_params / 1e6)
 print(f"device: {device_description(device)} | attention: {ATTENTION_BACKEND} | params: {num_params / 1e6:.1f}M "
       f"| dim {model_dim} x {DEPTH} layers | batch {TOTAL_BATCH_SIZE:,} tokens ({grad_accum} x {DEVICE_BATCH_SIZE} "
       f"x {SEQ_LEN}) | budget {TIME_BUDGET:.0f}s | data: {data_label(manifest)}", flush=True)

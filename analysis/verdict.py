@@ -55,6 +55,15 @@ def comparable_key(record: dict) -> tuple:
             (record.get("data") or {}).get("manifest_hash"))
 
 
+POOL_PARTS = ("device", "budget", "harness", "data")  # what comparable_key is made of, in its order
+
+
+def pool_changes(record: dict, reference: dict) -> list:
+    """What puts `record` in another pool than `reference`, e.g. ["device 'NVIDIA H100 80GB HBM3' -> 'cpu'"]."""
+    return [f"{name} {old!r} -> {new!r}" for name, old, new in
+            zip(POOL_PARTS, comparable_key(reference), comparable_key(record)) if old != new]
+
+
 def finished(record: dict) -> bool:
     return record.get("status") not in NOT_COUNTED and schema.finite_number(record.get("val_bpb"))
 
@@ -85,8 +94,14 @@ def revert_target(ledger: list, record: dict):
     harness, a run on a new device), the store's current best, the best among the runs comparable with
     the latest kept one. None when nothing is kept."""
     own = best_pool(ledger, comparable_key(record)) if finished(record) else None
+    return own or best_pool(ledger, store_comparable(ledger))
+
+
+def store_comparable(ledger: list):
+    """The pool of the store's current best: the latest kept run's, else the latest finished run's."""
     kept = [r for r in ledger if r.get("status") == "keep"]
-    return own or (best_pool(ledger, comparable_key(kept[-1])) if kept else None)
+    reference = kept[-1] if kept else next((r for r in reversed(ledger) if finished(r)), ledger[-1] if ledger else None)
+    return comparable_key(reference) if reference else None
 
 
 def noise_estimate(groups) -> dict:
@@ -110,7 +125,7 @@ KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal fr
 
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
-           error: str = None) -> dict:
+           error: str = None, new_pool: list = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
@@ -118,7 +133,9 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any
     ("invalid": it broke metric integrity, see analysis/integrity.py, and is discarded).
     same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best.
-    error: a failed run's error line; a run killed from outside is told apart from a bug in its code."""
+    error: a failed run's error line; a run killed from outside is told apart from a bug in its code.
+    new_pool: with no best in the candidate's pool, what sets it apart from the kept runs (pool_changes):
+    such a run is never a silent new baseline."""
     from scipy import stats  # here, not at the top: see analysis/stats.py
     if failed == "invalid":
         return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
@@ -132,6 +149,10 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
         return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
     candidate = np.asarray(candidate, float)
     out = {"n_candidate": len(candidate), "candidate_mean": float(candidate.mean())}
+    if (best is None or len(best) == 0) and new_pool:
+        return {**out, "verdict": "discard",
+                "reason": f"NEW POOL: not comparable with the kept runs ({'; '.join(new_pool)}), so not kept; if "
+                          f"that change is meant, start a new baseline: `uv run analyze.py keep --new-baseline`"}
     if best is None or len(best) == 0:
         return {**out, "verdict": "keep", "reason": "no best yet: this run becomes the baseline"}
     if same_as_best:

@@ -333,6 +333,27 @@ def test_discard_reverts_to_the_best_after_every_kind_of_failure(repo, failure):
     assert (repo / "train.py").read_text() == git(repo, "show", f"{base_commit}:train.py")
 
 
+def test_a_run_on_other_hardware_is_never_a_silent_new_baseline(repo):
+    baseline(repo)
+    base_commit = head(repo)
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 4 ", "depth 4")
+    fake_run(repo, 0.5, seed=7, device="cpu")  # far "better", but measured elsewhere
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: DISCARD — NEW POOL: not comparable with the kept runs (device 'NVIDIA H100 80GB HBM3' -> 'cpu')" \
+        in proc.stdout
+    entry = ledger(repo)[-1]
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: run {entry['run_id']} is comparable with no kept run "
+                                  f"(device 'NVIDIA H100 80GB HBM3' -> 'cpu'): keeping it would start a new baseline")
+    assert f"best: {base_commit}" in analyze(repo, "status").stdout
+    proc = analyze(repo, "keep", "--new-baseline")
+    assert proc.returncode == 0, proc.stderr
+    assert ledger(repo)[-1]["status"] == "keep"
+    assert f"`{entry['commit']}`" in (repo / ".auto-log-research" / "insights.md").read_text()  # the new Current Best
+
+
 def test_keep_and_discard_refuse_unsafe_situations(repo):
     proc = analyze(repo, "keep")
     assert proc.returncode != 0 and "no run to act on" in proc.stderr

@@ -129,6 +129,14 @@ def test_a_constant_the_agent_adds_is_captured(prepared, tmp_path):
     assert read_summary(cwd)["config"]["MY_NEW_KNOB"] == [3, "x"]
 
 
+def test_the_device_is_the_harnesss_not_what_train_py_says(prepared, tmp_path):
+    cwd = workdir(tmp_path, {"startup_seconds = time.time() - t_start\n":
+                             "startup_seconds = time.time() - t_start\nlogger.set(device='NVIDIA H100 80GB HBM3')\n"})
+    proc = train(cwd, budget=0.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(cwd)["device"] == "cpu"
+
+
 def test_seed_changes_the_run(prepared, smoke, tmp_path):
     cwd = workdir(tmp_path)
     proc = train(cwd, budget=0.5, SEED="7")

@@ -95,3 +95,16 @@ def test_revert_target_is_the_stores_best_whatever_the_failed_run_recorded():
     elsewhere = run("f", 0.7, status="pending", device="A100")  # a new pool: nothing kept there
     assert verdict.revert_target(base + [elsewhere], elsewhere) == ("b", [base[2]])
     assert verdict.revert_target([crashed], crashed) is None  # nothing kept at all
+
+
+def test_a_run_in_a_new_pool_is_not_a_silent_new_baseline():
+    kept = {"device": "NVIDIA H100 80GB HBM3", "time_budget_s": 300.0, "harness_hash": "h", "data": {"manifest_hash": "m"}}
+    moved = {**kept, "device": "cpu", "time_budget_s": 60.0}
+    assert verdict.pool_changes(moved, kept) == ["device 'NVIDIA H100 80GB HBM3' -> 'cpu'", "budget 300.0 -> 60.0"]
+    assert verdict.pool_changes(kept, kept) == []
+    decision = verdict.decide([0.5], None, new_pool=verdict.pool_changes(moved, kept))
+    assert decision["verdict"] == "discard"
+    assert decision["reason"] == ("NEW POOL: not comparable with the kept runs (device 'NVIDIA H100 80GB HBM3' -> 'cpu'; "
+                                  "budget 300.0 -> 60.0), so not kept; if that change is meant, start a new baseline: "
+                                  "`uv run analyze.py keep --new-baseline`")
+    assert verdict.decide([0.5], None)["verdict"] == "keep"  # the store's very first run is the baseline
