@@ -596,6 +596,9 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, device="cp
     targets, so each is contiguous) and copied to the GPU without blocking the host; before the
     buffer is refilled, the host waits for the previous copy only, not for the training step."""
     import torch
+    if split != "train":
+        raise HarnessError(f"make_dataloader serves the train split only (asked for {split!r}): the validation "
+                           f"rows are the harness's, read by evaluate_val alone")
     device = torch.device(device)
     rows_iter = packed_rows(tokenizer, T + 1, split, seed, buffer_size)
     cuda = device.type == "cuda"
@@ -646,9 +649,9 @@ def eval_batch_rows(device_type: str, batch_size: int) -> list:
 
 
 def warm_up_evaluation(model, tokenizer: Tokenizer, batch_size: int):
-    """Run `model` once on every batch shape evaluate_val will use (eval mode, no grad, per-token
-    losses), so an evaluation in the middle of the run never compiles a graph. Call it with the
-    model in eval mode and under the autocast the evaluations use; it measures nothing."""
+    """Run `model` once on every batch shape evaluate_val will use (eval mode, no grad, logits), so an
+    evaluation in the middle of the run never compiles a graph. Call it with the model in eval mode
+    and under the autocast the evaluations use; it measures nothing."""
     import torch
     device = next(model.parameters()).device
     sizes = eval_batch_rows(device.type, batch_size)
@@ -656,7 +659,7 @@ def warm_up_evaluation(model, tokenizer: Tokenizer, batch_size: int):
     with torch.no_grad():
         for n in sizes:
             chunk = rows[:n].to(device)
-            model(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous(), reduction="none")
+            model(chunk[:, :-1].contiguous())
 
 
 def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
@@ -671,10 +674,11 @@ def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
 def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False):
     """(bits per byte, nats per token) of `model` on the first rows of the val split, at MAX_SEQ_LEN.
 
-    `model(x, y, reduction="none")` must return per-token losses in nats. Special tokens (BOS) have
-    0 bytes and are excluded from all sums, so bpb does not depend on the vocabulary size; nats per
-    token is in the units of train/loss, for the train/val gap. `curve=True` evaluates the small
-    fixed slice used for the validation curve during training."""
+    `model(x)` must return logits (B, T, vocab); the loss is computed here, by the harness, as the
+    cross-entropy of those logits with the next tokens (the model never sees the targets). Special
+    tokens (BOS) have 0 bytes and are excluded from all sums, so bpb does not depend on the vocabulary
+    size; nats per token is in the units of train/loss, for the train/val gap. `curve=True` evaluates
+    the small fixed slice used for the validation curve during training."""
     import torch
     device = next(model.parameters()).device
     n_rows = eval_rows(device.type, curve)
@@ -687,7 +691,7 @@ def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
         for i in range(0, n_rows, batch_size):
             chunk = rows[i:i + batch_size].to(device)
             x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # the layout training batches have
-            loss = model(x, y, reduction="none").reshape(-1)
+            loss = next_token_nats(model(x), y)
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss.double() * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
@@ -695,6 +699,15 @@ def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = Fal
     bpb, nats_per_token = torch.stack([total_nats / (math.log(2) * total_bytes.double()),
                                        total_nats / total_tokens.double()]).tolist()  # one sync
     return bpb, nats_per_token
+
+
+def next_token_nats(logits, y):
+    """Per-token cross-entropy (nats, flat, fp32) of logits (B, T, V) against the next tokens y (B, T)."""
+    import torch.nn.functional as F
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(y.shape):
+        raise HarnessError(f"the model returned {tuple(logits.shape)} for inputs {tuple(y.shape)}: model(x) must "
+                           f"return logits of shape (B, T, vocab)")
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
 
 
 def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False) -> float:

@@ -118,3 +118,8 @@ def test_a_batch_is_not_overwritten_by_the_next(prepared, tokenizer):
     x2, _, _ = next(loader)
     assert torch.equal(x, kept[0]) and torch.equal(y, kept[1])
     assert not torch.equal(x, x2)
+
+
+def test_the_dataloader_never_serves_the_validation_rows(prepared, tokenizer):
+    with pytest.raises(prepare.HarnessError, match="serves the train split only"):
+        next(prepare.make_dataloader(tokenizer, B, T, "val"))

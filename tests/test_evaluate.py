@@ -1,4 +1,5 @@
-"""evaluate_bpb, the fixed metric, against a hand computation on toy models."""
+"""evaluate_bpb, the fixed metric, against a hand computation on toy models: the harness computes
+the loss from the model's logits."""
 
 import math
 
@@ -10,15 +11,21 @@ import prepare
 
 
 class ToyModel(nn.Module):
-    """Per-token loss is a known function of the target id, so the answer can be computed by hand."""
+    """Returns the same logits at every position: a bias per token id, so the cross-entropy of a target t
+    is known by hand, logsumexp(bias) - bias[t] = LSE + (t % 7) * 0.25."""
 
-    def __init__(self):
+    def __init__(self, vocab):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(1))  # gives evaluate_bpb a device to read
+        self.bias = -(torch.arange(vocab) % 7).float() * 0.25
 
-    def forward(self, x, y, reduction="none"):
-        assert reduction == "none"
-        return (y % 7).float() * 0.25 + 0.5 + self.anchor
+    def forward(self, x):
+        return (self.bias + self.anchor).expand(*x.shape, -1)
+
+
+def toy_loss(tokenizer):
+    lse = torch.logsumexp(ToyModel(tokenizer.get_vocab_size()).bias, 0).item()
+    return lambda t: lse + (t % 7) * 0.25
 
 
 def hand_bpb(tokenizer, rows, loss_of):
@@ -36,32 +43,32 @@ def hand_bpb(tokenizer, rows, loss_of):
 def test_matches_hand_computation(prepared, tokenizer):
     n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
     rows = prepare.val_rows(tokenizer, n_rows)
-    expected = hand_bpb(tokenizer, rows, lambda t: (t % 7) * 0.25 + 0.5)
-    got = prepare.evaluate_bpb(ToyModel(), tokenizer, batch_size=3)
-    assert got == pytest.approx(expected, rel=1e-9)
+    expected = hand_bpb(tokenizer, rows, toy_loss(tokenizer))
+    got = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=3)
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_independent_of_batch_size(prepared, tokenizer):
-    values = {prepare.evaluate_bpb(ToyModel(), tokenizer, batch_size=b) for b in (1, 2, 8)}
+    model = ToyModel(tokenizer.get_vocab_size())
+    values = {prepare.evaluate_bpb(model, tokenizer, batch_size=b) for b in (1, 2, 8)}
     assert max(values) - min(values) < 1e-9
 
 
 def test_curve_slice_is_smaller_and_fixed(prepared, tokenizer):
-    curve = prepare.evaluate_bpb(ToyModel(), tokenizer, batch_size=2, curve=True)
+    curve = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=2, curve=True)
     rows = prepare.val_rows(tokenizer, prepare.CPU_VAL_CURVE_TOKENS // prepare.MAX_SEQ_LEN)
-    assert curve == pytest.approx(hand_bpb(tokenizer, rows, lambda t: (t % 7) * 0.25 + 0.5), rel=1e-9)
+    assert curve == pytest.approx(hand_bpb(tokenizer, rows, toy_loss(tokenizer)), rel=1e-6)
 
 
 def test_uniform_model_scores_log_vocab_per_token(prepared, tokenizer):
     class Uniform(ToyModel):
-        def forward(self, x, y, reduction="none"):
-            logits = torch.zeros(*y.shape, tokenizer.get_vocab_size()) + self.anchor
-            return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        def forward(self, x):
+            return torch.zeros(*x.shape, tokenizer.get_vocab_size()) + self.anchor
 
     n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
     rows = prepare.val_rows(tokenizer, n_rows)
     expected = hand_bpb(tokenizer, rows, lambda t: math.log(tokenizer.get_vocab_size()))
-    assert prepare.evaluate_bpb(Uniform(), tokenizer, batch_size=4) == pytest.approx(expected, rel=1e-6)
+    assert prepare.evaluate_bpb(Uniform(1), tokenizer, batch_size=4) == pytest.approx(expected, rel=1e-6)
 
 
 def test_val_loss_is_mean_nats_per_counted_token(prepared, tokenizer):
@@ -69,7 +76,19 @@ def test_val_loss_is_mean_nats_per_counted_token(prepared, tokenizer):
     rows = prepare.val_rows(tokenizer, n_rows)
     bos = tokenizer.get_bos_token_id()
     targets = [t for row in rows.tolist() for t in row[1:] if t != bos]
-    expected = sum((t % 7) * 0.25 + 0.5 for t in targets) / len(targets)
-    bpb, loss = prepare.evaluate_val(ToyModel(), tokenizer, batch_size=3)
-    assert loss == pytest.approx(expected, rel=1e-9)
-    assert bpb == prepare.evaluate_bpb(ToyModel(), tokenizer, batch_size=3)
+    loss_of = toy_loss(tokenizer)
+    expected = sum(loss_of(t) for t in targets) / len(targets)
+    model = ToyModel(tokenizer.get_vocab_size())
+    bpb, loss = prepare.evaluate_val(model, tokenizer, batch_size=3)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert bpb == prepare.evaluate_bpb(model, tokenizer, batch_size=3)
+
+
+def test_the_loss_is_the_harnesss_the_model_gives_logits_only(prepared, tokenizer):
+    """A model cannot report its own (scaled) loss, nor see the targets: it gets x, returns logits."""
+    class ReportsALoss(ToyModel):
+        def forward(self, x, y=None, reduction="none"):
+            assert y is None  # the targets are never passed
+            return (x % 7).float() * 0.0 + self.anchor  # a per-token "loss" (B, T), as before
+    with pytest.raises(prepare.HarnessError, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
+        prepare.evaluate_val(ReportsALoss(1), tokenizer, batch_size=3)
