@@ -710,6 +710,26 @@ def next_token_nats(logits, y):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
 
 
+CAUSALITY_TOLERANCE = 1e-2  # largest |change| of an earlier logit allowed; a model that reads ahead moves them by O(1)
+
+
+def causality_probe(model, tokenizer: Tokenizer, batch_size: int) -> dict:
+    """Do the logits at positions <= t stay put when only the tokens after t change? A language model's
+    must: one that reads the future (the targets) would score an impossible val_bpb. Run on the smallest
+    evaluation batch shape (a graph already compiled), with the model in eval mode under the eval autocast."""
+    import torch
+    device = next(model.parameters()).device
+    n = eval_batch_rows(device.type, batch_size)[0]
+    x = val_rows(tokenizer, n)[:, :-1].contiguous().to(device)
+    t = x.size(1) // 2
+    changed = x.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % tokenizer.get_vocab_size()
+    with torch.no_grad():
+        before, after = model(x)[:, :t + 1].float(), model(changed)[:, :t + 1].float()
+    change = (before - after).abs().max().item()
+    return {"ok": change <= CAUSALITY_TOLERANCE, "max_change": change, "position": t, "rows": n}
+
+
 def evaluate_bpb(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False) -> float:
     """The metric: bits per byte on the val split (see evaluate_val)."""
     return evaluate_val(model, tokenizer, batch_size, curve)[0]
@@ -958,8 +978,21 @@ class RunLogger:
         self._file.flush()
         self._last = record
 
+    def evaluate_and_finish(self, model, tokenizer: Tokenizer, batch_size: int, **fields) -> dict:
+        """The end of a finished run: the harness's own final evaluation on the full slice and the
+        causality probe, then the summary. The number is the harness's: no caller supplies it."""
+        val_bpb = evaluate_bpb(model, tokenizer, batch_size)
+        return self._write("ok", dict(fields, val_bpb=val_bpb, causality=causality_probe(model, tokenizer, batch_size)))
+
     def finish(self, status: str, **fields) -> dict:
-        """Write run_summary.json (first call wins: a watchdog and a crash cannot both write one)."""
+        """Write a failure's run_summary.json (first call wins: a watchdog and a crash cannot both write one).
+        A finished run ends with evaluate_and_finish instead."""
+        if status == "ok" or "val_bpb" in fields or "causality" in fields:
+            raise HarnessError("val_bpb is the harness's: end a finished run with "
+                               "logger.evaluate_and_finish(model, tokenizer, batch_size, ...)")
+        return self._write(status, fields)
+
+    def _write(self, status: str, fields: dict) -> dict:
         assert status in schema.TRAIN_STATUSES, status
         with self._lock:
             if self.summary is not None:

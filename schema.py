@@ -70,6 +70,7 @@ SUMMARY_KEYS = (
     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
     "harness_hash", "train_sha256", "config",
+    "causality",  # the harness's probe at the final evaluation: ok, max_change of earlier logits, position, rows
     "compile",  # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
                 # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
 )

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import schema
 from prepare import (MAX_SEQ_LEN, TIME_BUDGET, HarnessError, LayerStats, RunLogger, Tokenizer, Watchdog,
-                     autodetect_device, compile_counters, data_label, device_description, evaluate_bpb,
-                     evaluate_val, load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize,
+                     autodetect_device, compile_counters, data_label, device_description, evaluate_val,
+                     load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize,
                      warm_up_evaluation)
 
 # First thing: delete the previous run's summary and start a fresh metrics.jsonl, so a crash
@@ -629,14 +629,13 @@ if FAST_PATH:  # graphs compiled after the clock started would have stalled it: 
           f"{compiled_after_loop['recompiles']} recompiles; compiled during the timed loop: "
           f"{compiled_after_loop['graphs'] - compiled_before_clock['graphs']} graphs", flush=True)
 model.eval()
-with autocast:
-    val_bpb = evaluate_bpb(compiled, tokenizer, EVAL_BATCH_SIZE)
-watchdog.stop()
 timed_flops = flops_per_token * max(step - CLOCK_WARMUP_STEPS, 0) * TOTAL_BATCH_SIZE  # the steps on the clock
-summary = logger.finish(
-    "ok", val_bpb=val_bpb, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
-    mfu_percent=100 * timed_flops / training_time / peak if peak and training_time > 0 else 0.0,
-    total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
+with autocast:  # the final val_bpb: evaluated by the harness itself, on the full evaluation slice
+    summary = logger.evaluate_and_finish(
+        compiled, tokenizer, EVAL_BATCH_SIZE, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
+        mfu_percent=100 * timed_flops / training_time / peak if peak and training_time > 0 else 0.0,
+        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
+watchdog.stop()
 print("---")
 for key in schema.FINAL_BLOCK_KEYS:
     value = summary[key]

@@ -155,7 +155,22 @@ def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir:
     first ledger record (the harness and data every later run must share), or None for the first run."""
     repo_root = Path(repo_root)
     return (harness_git_problems(repo_root, reference) + harness_hash_problems(summary, repo_root)
-            + data_problems(summary, cache_dir, reference) + clock_problems(summary, records, reference))
+            + data_problems(summary, cache_dir, reference) + clock_problems(summary, records, reference)
+            + causality_problems(summary))
+
+
+def causality_problems(summary: dict) -> list:
+    """The harness's final evaluation probed the model (prepare.causality_probe): its logits at earlier
+    positions must not move when only later tokens change, or the model reads the future."""
+    probe = summary.get("causality")
+    if not isinstance(probe, dict):
+        return ["the summary has no causality probe: the final val_bpb was not the harness's own evaluation "
+                "(train.py must end with logger.evaluate_and_finish); restore that ending of train.py"]
+    if probe.get("ok") is not True:
+        return [f"the logits at positions <= {probe.get('position')} changed by {probe.get('max_change')} when only "
+                f"later tokens changed: the model reads the future (the targets), so its val_bpb is no language "
+                f"model's; remove what lets a position see later tokens"]
+    return []
 
 
 HARNESS_MODULES = ("prepare", "schema")  # what train.py imports from the harness

@@ -91,6 +91,7 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
         depth=4, seed=seed, device=device, torch_version="2.11.0", commit=commit, dirty=False,
         data=cache_data(), harness_hash=schema.harness_hash(ROOT), train_sha256=train_sha256,
         started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
+        causality={"ok": True, "max_change": 0.0, "position": 1024, "rows": 128} if status == "ok" else None,
         config=config or {"DEPTH": 4, "MATRIX_LR": 0.04, "CLOCK_WARMUP_STEPS": 2, "SEED": seed})
     if error:
         summary["error"] = error

@@ -92,3 +92,35 @@ def test_the_loss_is_the_harnesss_the_model_gives_logits_only(prepared, tokenize
             return (x % 7).float() * 0.0 + self.anchor  # a per-token "loss" (B, T), as before
     with pytest.raises(prepare.HarnessError, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
         prepare.evaluate_val(ReportsALoss(1), tokenizer, batch_size=3)
+
+
+class Lookahead(nn.Module):
+    """Logits at position i from the token at i + 1 (the target): the cheat the causality probe must catch."""
+
+    def __init__(self, vocab, ahead):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab))
+        self.ahead = ahead
+
+    def forward(self, x):
+        return self.table[torch.roll(x, -1, dims=1) if self.ahead else x]
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_causality_probe_catches_a_model_that_reads_the_future(prepared, tokenizer, ahead):
+    torch.manual_seed(0)
+    probe = prepare.causality_probe(Lookahead(tokenizer.get_vocab_size(), ahead), tokenizer, batch_size=4)
+    assert probe["ok"] is (not ahead)
+    assert probe["position"] == prepare.MAX_SEQ_LEN // 2
+    assert (probe["max_change"] > 0.1) if ahead else probe["max_change"] == 0.0
+
+
+def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(tmp_path):
+    import sys
+    hook = sys.excepthook
+    logger = prepare.RunLogger({}, run_dir=tmp_path)
+    sys.excepthook = hook
+    for fields in ({"val_bpb": 0.5}, {}):
+        with pytest.raises(prepare.HarnessError, match="val_bpb is the harness's"):
+            logger.finish("ok", **fields)
+    assert not (tmp_path / "run_summary.json").exists()

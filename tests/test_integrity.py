@@ -260,7 +260,7 @@ def test_synthetic_runs_pass_the_checks(repo):
 MONKEYPATCHES = [
     "import prepare\nprepare.evaluate_bpb = lambda *a, **k: 0.5\n",
     "import prepare as p\nsetattr(p, 'evaluate_bpb', lambda *a, **k: 0.5)\n",
-    "evaluate_bpb = lambda *a, **k: 0.5\n",
+    "evaluate_val = lambda *a, **k: (0.5, 0.5)\n",
     "def evaluate_val(*a, **k):\n    return 0.5, 0.5\n",
     "evaluate_val.__code__ = (lambda *a, **k: (0.5, 0.5)).__code__\n",
     "import sys\nsys.modules['prepare'] = None\n",

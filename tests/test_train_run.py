@@ -101,6 +101,7 @@ def test_summary_follows_the_contract(smoke):
     assert summary["training_seconds"] >= 4
     assert summary["total_seconds"] > summary["training_seconds"] + summary["startup_seconds"] * 0.99
     assert summary["seed"] == 42 and summary["device"] == "cpu" and summary["depth"] == 2
+    assert summary["causality"]["ok"] is True and summary["causality"]["max_change"] <= prepare.CAUSALITY_TOLERANCE
     assert summary["data"]["source"] == "offline" and summary["data"]["smoke_test"] is True
     assert re.fullmatch(r"[0-9a-f]{16}", summary["harness_hash"])
     assert summary["train_sha256"] == prepare.sha256_file(cwd / "train.py")
@@ -210,3 +211,15 @@ def test_sigterm_is_a_crash_said_to_come_from_outside_and_a_second_one_cannot_cu
     assert summary["status"] == "crash"
     assert summary["error"].startswith("KeyboardInterrupt: terminated by SIGTERM after ")
     assert "killed from outside" in summary["error"]
+
+
+def test_a_model_that_reads_the_targets_fails_the_harnesss_causality_probe(prepared, tmp_path):
+    from analysis import integrity
+    cwd = workdir(tmp_path, {"        x = x0 = norm(self.wte(idx).to(dtype))\n":
+                             "        x = x0 = norm((self.wte(idx) + self.wte(torch.roll(idx, -1, dims=1))).to(dtype))\n"})
+    proc = train(cwd, budget=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(cwd)
+    assert summary["causality"]["ok"] is False and summary["causality"]["max_change"] > 0.1
+    [problem] = integrity.causality_problems(summary)
+    assert "the model reads the future" in problem
