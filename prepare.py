@@ -966,8 +966,14 @@ class RunLogger:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
+    HARNESS_FIELDS = ("status", "val_bpb", "causality", "device", "harness_hash", "time_budget_s", "started_at")
+
     def set(self, **fields):
-        """Record summary fields as soon as they are known, so even a failure summary has them."""
+        """Record summary fields as soon as they are known, so even a failure summary has them (not the
+        ones only the harness writes)."""
+        owned = sorted(set(fields) & set(self.HARNESS_FIELDS))
+        if owned:
+            raise HarnessError(f"run_summary.json's {', '.join(owned)}: written by the harness, not by train.py")
         self.info.update(fields)
 
     def log_step(self, record: dict):

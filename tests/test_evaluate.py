@@ -123,4 +123,7 @@ def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(tmp_path):
     for fields in ({"val_bpb": 0.5}, {}):
         with pytest.raises(prepare.HarnessError, match="val_bpb is the harness's"):
             logger.finish("ok", **fields)
+    for field in ("val_bpb", "causality", "device"):
+        with pytest.raises(prepare.HarnessError, match="written by the harness, not by train.py"):
+            logger.set(**{field: 0.5})
     assert not (tmp_path / "run_summary.json").exists()
