@@ -124,6 +124,13 @@ def clock_problems(summary: dict, records: list, reference) -> list:
         problems.append(f"time_budget_s {budget} differs from the first run {reference.get('run_id')}'s "
                         f"{first_budget}: every run of a store trains for the same budget; unset "
                         f"AUTORESEARCH_TIME_BUDGET (or set it as for the first run) and train again")
+    warmup_steps = (summary.get("config") or {}).get("CLOCK_WARMUP_STEPS")
+    first_warmup = ((reference or {}).get("config") or {}).get("CLOCK_WARMUP_STEPS")
+    if (reference and reference.get("device") == summary.get("device") and first_warmup is not None
+            and warmup_steps != first_warmup):
+        problems.append(f"CLOCK_WARMUP_STEPS {warmup_steps} differs from the first run {reference.get('run_id')}'s "
+                        f"{first_warmup} on this device: steps kept off the training clock are compute for free; "
+                        f"set CLOCK_WARMUP_STEPS = {first_warmup} in train.py and train again")
     claimed = summary.get("training_seconds")
     if not schema.finite_number(claimed):
         return problems + [f"training_seconds {claimed!r} is not a number: the training clock is off limits; "

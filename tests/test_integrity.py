@@ -131,6 +131,19 @@ def test_training_time_must_match_the_step_times():
     assert integrity.clock_problems(summary, [], None) == []
 
 
+def test_compute_moved_off_the_clock_by_more_warmup_steps_is_found():
+    records = synthetic.make_records(n_steps=50)
+    first = {"run_id": "base", "device": "cpu", "time_budget_s": 300.0, "config": {"CLOCK_WARMUP_STEPS": 2}}
+    summary = synthetic.make_summary(records, 1.0, device="cpu", config={"CLOCK_WARMUP_STEPS": 2})
+    assert integrity.clock_problems(summary, records, first) == []
+    more = synthetic.make_summary(records, 1.0, device="cpu", config={"CLOCK_WARMUP_STEPS": 20})
+    problems = [p for p in integrity.clock_problems(more, records, first) if "CLOCK_WARMUP_STEPS" in p]
+    assert problems == ["CLOCK_WARMUP_STEPS 20 differs from the first run base's 2 on this device: steps kept off "
+                        "the training clock are compute for free; set CLOCK_WARMUP_STEPS = 2 in train.py and train again"]
+    elsewhere = synthetic.make_summary(records, 1.0, device="NVIDIA H100 80GB HBM3", config={"CLOCK_WARMUP_STEPS": 3})
+    assert not [p for p in integrity.clock_problems(elsewhere, records, first) if "CLOCK_WARMUP_STEPS" in p]
+
+
 def test_training_past_the_budget_or_on_another_budget_is_found():
     records = synthetic.make_records(n_steps=200)  # about 60 s of timed steps
     summary = synthetic.make_summary(records, 1.0, budget_s=30.0)
