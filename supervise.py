@@ -76,6 +76,11 @@ Check `git status` and `git log -3` first: finish or revert any half-done experi
 Never stop to ask; keep experimenting."""
 
 
+def hhmm(t: float) -> str:
+    """A wall-clock time as the status lines give it."""
+    return time.strftime("%H:%M", time.localtime(t))
+
+
 def default_train_limit() -> float:
     """Hard wall-clock limit of one training run: twice the budget plus 5 minutes for startup and evals
     (train.py's own watchdog allows more, so this is the outer bound)."""
@@ -110,7 +115,7 @@ class StopRules:
 def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
     """Why the night should end, from the ledger rows added since the supervisor started; None to go on."""
     if rules.deadline is not None and now >= rules.deadline:
-        return f"deadline reached ({time.strftime('%H:%M', time.localtime(rules.deadline))})"
+        return f"deadline reached ({hhmm(rules.deadline)})"
     if rules.max_experiments is not None and len(new_runs) >= rules.max_experiments:
         return f"experiment budget used ({len(new_runs)} runs)"
     n = rules.max_consecutive_crashes
@@ -132,13 +137,13 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
 # ---------------------------------------------------------------------------
 
 def _proc_stat(pid: int):
-    """(ppid, start time in seconds since boot) of a process, or None once it is gone."""
+    """(state, ppid, start time in seconds since boot) of a process, or None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return int(fields[1]), int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return fields[0], int(fields[1]), int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _pids() -> list:
@@ -150,7 +155,7 @@ def process_age(pid: int):
     stat = _proc_stat(pid)
     if stat is None:
         return None
-    return float(Path("/proc/uptime").read_text().split()[0]) - stat[1]
+    return float(Path("/proc/uptime").read_text().split()[0]) - stat[2]
 
 
 def descendants(pid: int) -> set:
@@ -159,7 +164,7 @@ def descendants(pid: int) -> set:
     for p in _pids():
         stat = _proc_stat(p)
         if stat:
-            children.setdefault(stat[0], []).append(p)
+            children.setdefault(stat[1], []).append(p)
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -221,11 +226,8 @@ def _wait_gone(pids, seconds: float) -> set:
 
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def terminate(proc: subprocess.Popen, also=()) -> list:
@@ -284,7 +286,7 @@ class Supervisor:
         self.log = open(self.store.path(SUPERVISOR_LOG), "a", buffering=1)
         self.secret = secret
         self.current = None                  # the running tool command of the api backend
-        self.rows_seen = []
+        self.rows_seen, self.start_rows = [], 0
         self.start_rows = len(self._ledger())
 
     # bookkeeping
@@ -312,7 +314,7 @@ class Supervisor:
         self.log.write(text if text.endswith("\n") else text + "\n")
 
     def status(self, state: str):
-        runs = self.rows_seen[self.start_rows:] if hasattr(self, "start_rows") else []
+        runs = self.rows_seen[self.start_rows:]
         counts = {s: sum(r.get("status") == s for r in runs) for s in ("keep", "discard", "crash")}
         line = self.redact(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {state} | backend {self.args.backend} | "
                            f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, "
@@ -422,11 +424,10 @@ class Supervisor:
             return
         snapshot = self.store.run_path(best[1][0]["run_id"]) / "train.py"
         working = self.repo / "train.py"
-        if last.get("status") in ("pending", "rerun") or (
-                snapshot.exists() and working.exists() and working.read_text() != snapshot.read_text()
-                and last.get("status") != "keep"):
+        not_best = snapshot.exists() and working.exists() and working.read_text() != snapshot.read_text()
+        if last.get("status") in ("pending", "rerun") or (not_best and last.get("status") != "keep"):
             self._analyze("discard")
-        elif snapshot.exists() and working.read_text() != snapshot.read_text():
+        elif not_best:
             self.status(f"train.py is not the best's ({best[1][0]['run_id']}) after kept run {last['run_id']}: "
                         f"left as it is")
 
@@ -624,10 +625,10 @@ def run_claude(sup: Supervisor) -> int:
                 sup.stop(f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an experiment "
                          f"(last exit code {proc.returncode}): {error}", failed=True)
             elif time.time() - failing_since >= sup.args.max_outage_hours * 3600:
-                sup.stop(f"{what} since {time.strftime('%H:%M', time.localtime(failing_since))} "
+                sup.stop(f"{what} since {hhmm(failing_since)} "
                          f"({failures} sessions without a run): {error}", failed=True)
             else:
-                sup.status(f"{what} since {time.strftime('%H:%M', time.localtime(failing_since))} "
+                sup.status(f"{what} since {hhmm(failing_since)} "
                            f"({failures} failed sessions); last error: {error}; retrying in {delay:.0f} s")
         if sup.stopping is None:
             if not failures:
@@ -749,11 +750,11 @@ def call_api(sup: Supervisor, client, **request):
         try:
             response = client.messages.create(**request)
             if down_since:
-                sup.status(f"API answering again (down since {time.strftime('%H:%M', time.localtime(down_since))})")
+                sup.status(f"API answering again (down since {hhmm(down_since)})")
             return response
         except (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError) as e:
             down_since = down_since or time.time()
-            since = time.strftime('%H:%M', time.localtime(down_since))
+            since = hhmm(down_since)
             if time.time() - down_since >= sup.args.max_outage_hours * 3600:
                 sup.stop(f"API unreachable since {since}: {type(e).__name__}: {e}", failed=True)
                 return None

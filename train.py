@@ -620,14 +620,14 @@ while True:
 
 print()
 if FAST_PATH:  # graphs compiled after the clock started would have stalled it: 0 expected
-    compiled_after_loop = compile_counters()
-    logger.set(compile={
-        "backend": COMPILE_BACKEND, **compiled_after_loop,
-        "graphs_in_loop": compiled_after_loop["graphs"] - compiled_before_clock["graphs"],
-        "recompiles_in_loop": compiled_after_loop["recompiles"] - compiled_before_clock["recompiles"]})
-    print(f"compile: {compiled_after_loop['graphs']} graphs, {compiled_after_loop['graph_breaks']} graph breaks, "
-          f"{compiled_after_loop['recompiles']} recompiles; compiled during the timed loop: "
-          f"{compiled_after_loop['graphs'] - compiled_before_clock['graphs']} graphs", flush=True)
+    compile_after = compile_counters()
+    compiled_stats = {"backend": COMPILE_BACKEND, **compile_after,
+                      "graphs_in_loop": compile_after["graphs"] - compiled_before_clock["graphs"],
+                      "recompiles_in_loop": compile_after["recompiles"] - compiled_before_clock["recompiles"]}
+    logger.set(compile=compiled_stats)
+    print(f"compile: {compile_after['graphs']} graphs, {compile_after['graph_breaks']} graph breaks, "
+          f"{compile_after['recompiles']} recompiles; compiled during the timed loop: "
+          f"{compiled_stats['graphs_in_loop']} graphs", flush=True)
 model.eval()
 timed_flops = flops_per_token * max(step - CLOCK_WARMUP_STEPS, 0) * TOTAL_BATCH_SIZE  # the steps on the clock
 with autocast:  # the final val_bpb: evaluated by the harness itself, on the full evaluation slice
