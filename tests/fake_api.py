@@ -52,7 +52,8 @@ class StreamingMessagesAPI:
                         api.script[0] = head[:4] + (n - 1,)
                         if n == 1:
                             api.script.pop(0)
-                        return self.send_json(status, {"type": "error", "error": {"type": kind, "message": message}})
+                        return self.send_json(status, {"type": "error", "error": {"type": kind, "message": message}},
+                                              {"retry-after": "0"} if status == 429 else None)
                     api.agent_requests.append(body)
                     blocks = api.script.pop(0) if api.script else [{"type": "text", "text": "nothing more to do"}]
                 self.answer(body, blocks)
@@ -84,11 +85,13 @@ class StreamingMessagesAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def send_json(self, code, payload):
+            def send_json(self, code, payload, headers=None):
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -9,9 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import pytest
 import supervise
 from analysis.store import Store
 from conftest import ROOT
+from fake_api import StreamingMessagesAPI, error
 from test_analyze import GIT_ENV, HARNESS, git, make_repo
 
 SECRET = "sk-ant-test-DO-NOT-WRITE-4f9c2e"
@@ -120,52 +119,9 @@ def test_claude_backend_is_stopped_at_the_deadline(repo, stand_in):
 # Backend api, against a local Messages API server with scripted tool-use turns
 # ---------------------------------------------------------------------------
 
-class FakeMessagesAPI:
-    """Speaks POST /v1/messages. Each request gets the next scripted turn (a list of content blocks);
-    the first request is answered 429 once, to prove the retry."""
-
-    def __init__(self, turns):
-        self.turns, self.requests, self.headers, self.rate_limited = list(turns), [], [], False
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                if not api.rate_limited:
-                    api.rate_limited = True
-                    return self.reply(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
-                                      {"retry-after": "0"})
-                api.requests.append(body)
-                api.headers.append(self.headers.get("x-api-key")  # the SDK sends one or the other
-                                   or self.headers.get("authorization", "").removeprefix("Bearer "))
-                blocks = api.turns.pop(0) if api.turns else [{"type": "text", "text": "no more script"}]
-                for i, b in enumerate(blocks):
-                    if b["type"] == "tool_use":
-                        b.setdefault("id", f"toolu_{len(api.requests)}_{i}")
-                stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
-                self.reply(200, {"id": f"msg_{len(api.requests)}", "type": "message", "role": "assistant",
-                                 "model": body["model"], "content": blocks, "stop_reason": stop,
-                                 "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
-
-            def reply(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
+def rate_limited_once(script):
+    """The Messages API answers the agent's first request 429 (proving the retry), then the scripted turns."""
+    return StreamingMessagesAPI([error(429, "rate_limit_error", "slow")] + script, agent_tool="bash")
 
 
 def bash(command):
@@ -205,7 +161,7 @@ def three_experiments():
 
 
 def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
-    api = FakeMessagesAPI(three_experiments())
+    api = rate_limited_once(three_experiments())
     try:
         proc = supervise_proc(repo, "--backend", "api", "--max-experiments", "3", "--model", "test-model",
                               env={"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
@@ -231,14 +187,15 @@ def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
     assert f"`{base}`" in store.path("insights.md").read_text()
     assert store.path("ideas_queue.md").read_text().startswith("# Ideas queue")
     # every experiment started from a fresh, compact context
-    firsts = [r for r in api.requests if len(r["messages"]) == 1]
+    assert api.failures_sent == 1  # the 429, retried
+    firsts = [r for r in api.agent_requests if len(r["messages"]) == 1]
     assert len(firsts) == 3
     assert "none yet" in firsts[0]["messages"][0]["content"]
     assert "## Current Best" in firsts[1]["messages"][0]["content"]
-    assert all(len(r["messages"]) <= 7 for r in api.requests)
-    assert all(r["system"] == (repo / "program.md").read_text() for r in api.requests)
+    assert all(len(r["messages"]) <= 7 for r in api.agent_requests)
+    assert all(r["system"] == (repo / "program.md").read_text() for r in api.agent_requests)
     # the key: sent to the API, hidden from commands, written nowhere
-    assert api.headers and all(key == SECRET for key in api.headers)
+    assert api.keys == {SECRET}
     log = (repo / ".auto-log-research" / "supervisor.log").read_text()
     assert "exit code 1\n0\n0" in log  # neither the command's environment nor the supervisor's /proc environ has it
     for path in repo.rglob("*"):
@@ -248,7 +205,7 @@ def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
 
 
 def test_ctrl_c_in_the_middle_of_a_run_leaves_no_corrupt_file(prepared, repo):
-    api = FakeMessagesAPI([[bash(f"{TRAIN_ANALYZE}")], done()])
+    api = rate_limited_once([[bash(f"{TRAIN_ANALYZE}")], done()])
     try:
         proc = supervise_proc(repo, "--backend", "api", env={"ANTHROPIC_API_KEY": SECRET,
                                                             "ANTHROPIC_BASE_URL": api.url,
@@ -326,7 +283,6 @@ def test_program_md_commands_exist_and_run(repo):
 
 
 def run_api_night(repo, script, *args, timeout=300):
-    from fake_api import StreamingMessagesAPI
     api = StreamingMessagesAPI(script, agent_tool="bash")
     try:
         proc = supervise_proc(repo, "--backend", "api", "--model", "test-model", *args,
@@ -343,7 +299,6 @@ def run_api_night(repo, script, *args, timeout=300):
     (404, "not_found_error", "the API refused the key or the model (404): invalid x-api-key"),
 ])
 def test_api_errors_no_retry_can_fix_end_the_night_with_the_apis_message(repo, status, kind, said):
-    from fake_api import error
     proc, out, api = run_api_night(repo, [error(status, kind, "invalid x-api-key")])
     assert proc.returncode == 1, out
     assert "Traceback" not in out
@@ -353,7 +308,6 @@ def test_api_errors_no_retry_can_fix_end_the_night_with_the_apis_message(repo, s
 
 
 def test_a_context_that_grew_too_long_is_trimmed_and_the_experiment_goes_on(repo):
-    from fake_api import error
     long_output = bash(f"{PY} -c \"print('x' * 20000)\"")
     script = [[long_output], [bash("echo second")], error(400, "invalid_request_error", "prompt is too long: 250000 tokens"),
               done("finished after trimming")]
