@@ -157,7 +157,7 @@ def test_root_is_refused_before_the_cli_starts(night, monkeypatch):
 def test_an_outage_is_backed_off_reported_and_ends_the_night_quoting_the_cli(night):
     repo, calls, start = night
     outage = [api_retry(1), api_retry(2), api_retry(3), {"sleep": 0.5}, {"exit": 1}]
-    proc = start([outage], "--max-outage-hours", str(6 / 3600), "--restart-delay", "0.5")
+    proc = start([outage], "--max-outage-hours", str(20 / 3600), "--restart-delay", "0.5")  # room for slow sessions
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     lines = status_lines(repo)
@@ -249,7 +249,7 @@ def test_what_a_killed_supervisor_left_running_is_ended_by_the_next_start(night)
 def test_a_corrupt_ledger_is_reported_and_the_night_goes_on(night):
     repo, calls, start = night
     proc = start([[{"sh": "make_run 1.0"}, {"sh": "echo '{corrupt' >> .auto-log-research/runs.jsonl"},
-                   {"sleep": 300}]], "--hours", str(8 / 3600))
+                   {"sleep": 300}]], "--hours", str(30 / 3600), "--stop-grace", "0")  # the deadline ends the agent
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     lines = status_lines(repo)
