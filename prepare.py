@@ -18,6 +18,7 @@ Everything lands in ~/.cache/autoresearch (or $AUTORESEARCH_CACHE).
 """
 
 import argparse
+import fcntl
 import hashlib
 import http.client
 import json
@@ -948,10 +949,22 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / RUN_METRICS
         self.summary_path = self.run_dir / RUN_SUMMARY
+        # held until the process ends: a second train.py here is refused, and analyze.py waits for this one
+        self._run_lock = open(self.run_dir / schema.RUN_LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._run_lock.seek(0)
+            raise HarnessError(f"another train.py is running in {self.run_dir.resolve()} (pid "
+                               f"{self._run_lock.read().strip() or '?'}): wait for it, or end it") from None
+        self._run_lock.truncate(0)
+        self._run_lock.write(f"{os.getpid()}\n")
+        self._run_lock.flush()
         self.summary_path.unlink(missing_ok=True)
         self.t_start = t_start or time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.t_start))
         self._globals = train_globals
+        print(schema.log_stamp(self.started_at), flush=True)  # run.log's first line: whose log it is
         self._file = open(self.metrics_path, "w")
         self._lock = threading.Lock()
         self._last = None

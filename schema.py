@@ -81,6 +81,16 @@ FINAL_BLOCK_KEYS = (
     "total_tokens_M", "num_steps", "num_params_M", "depth",
 )
 
+# What links a run's files to the process that wrote them (prepare.RunLogger writes, analyze.py checks).
+RUN_LOCK_FILE = ".train.lock"          # flock-held by a running train.py in its directory: analyze.py waits for it
+LOG_STAMP_PREFIX = "run started_at: "  # the first line a run prints (so run.log's), then its summary's started_at
+
+
+def log_stamp(started_at: str) -> str:
+    """The line a run prints first: a run.log without its summary's stamp is another (later) process's log."""
+    return f"{LOG_STAMP_PREFIX}{started_at}"
+
+
 # Files the harness consists of: their hash goes into every summary (metric integrity).
 HARNESS_FILES = ("prepare.py", "schema.py")
 HASH_CHUNK_BYTES = 1 << 20    # files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
