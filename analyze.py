@@ -170,13 +170,17 @@ def best_and_noise(record: dict, ledger: list) -> tuple:
 def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
     if record["status"] in verdict.NOT_COUNTED:
         return verdict.decide([], failed=record["status"], error=record.get("error"))
+    twin = verdict.same_seed_run(ledger, record)
+    if twin:
+        return {**verdict.decide([], repeats_seed_of=twin["run_id"]), "next_seed": verdict.next_seed(ledger, record)}
     candidate = verdict.pools(ledger + [record], verdict.comparable_key(record))[verdict.code_key(record)]
     same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
     kept = [r for r in ledger if r["status"] == "keep"]
     changes = verdict.pool_changes(record, kept[-1]) if kept and not best_records else None
-    return verdict.decide([r["val_bpb"] for r in candidate],
-                          [r["val_bpb"] for r in best_records] if best_records else None, noise, same_as_best=same,
-                          new_pool=changes)
+    decision = verdict.decide([r["val_bpb"] for r in candidate],
+                              [r["val_bpb"] for r in best_records] if best_records else None, noise,
+                              same_as_best=same, new_pool=changes)
+    return {**decision, "next_seed": verdict.next_seed(ledger, record)}
 
 
 def archive(store: Store, args, run: dict, facts: dict) -> dict:

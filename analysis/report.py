@@ -16,7 +16,7 @@ BEST_BEGIN = "<!-- current-best:begin (maintained by `uv run analyze.py keep`; e
 BEST_END = "<!-- current-best:end -->"
 NEXT_ACTION = {
     "keep": "uv run analyze.py keep",
-    "rerun": "SEED=<another seed> uv run train.py > run.log 2>&1 && uv run analyze.py",
+    "rerun": "SEED={seed} uv run train.py > run.log 2>&1 && uv run analyze.py",
     "discard": "uv run analyze.py discard",
     "crash": "read the traceback below, fix train.py or discard: uv run analyze.py discard",
     "invalid": "undo what the integrity problems name (git checkout the harness files), "
@@ -25,7 +25,8 @@ NEXT_ACTION = {
 
 
 def next_action(record: dict, decision: dict) -> str:
-    return NEXT_ACTION["invalid" if record.get("status") == "invalid" else decision["verdict"]]
+    action = NEXT_ACTION["invalid" if record.get("status") == "invalid" else decision["verdict"]]
+    return action.format(seed=decision.get("next_seed", "<a new seed>"))
 
 
 def _f(value, digits: int = 6, signed: bool = False) -> str:

@@ -31,6 +31,11 @@ MIN_NOISE_DF = 2
 # Without that, the noise is assumed to be this fraction of the best val_bpb: on purpose much larger
 # than the seed-to-seed spread of a healthy 5-minute run, so that only large gains are kept unmeasured.
 FALLBACK_NOISE_FRACTION = 0.005
+# The noise σ used in a verdict is never below this fraction of the best val_bpb: runs that agree to the
+# last digit (a deterministic computation) would otherwise make any difference, however tiny,
+# "significant" (p = 0). 2e-4 is below the seed-to-seed spread of a 5-minute GPU run (about 1e-3) and of
+# the CPU configuration, so it only ever binds on estimates that collapsed.
+NOISE_FLOOR_FRACTION = 2e-4
 # A candidate still within the noise after this many runs is discarded: any effect it has is too
 # small to resolve at the price of more 5-minute runs.
 MAX_RUNS_PER_CANDIDATE = 4
@@ -69,12 +74,29 @@ def finished(record: dict) -> bool:
 
 
 def pools(ledger: list, comparable: tuple) -> dict:
-    """{code key: [finished records]} of the runs comparable with `comparable`, in ledger order."""
-    groups = {}
+    """{code key: [finished records]} of the runs comparable with `comparable`, in ledger order. Only
+    distinct seeds are repeats: a later run of the same code under the same SEED measures nothing new (on
+    a deterministic device it is the same number again), so only the first run of each seed counts."""
+    groups, seen = {}, set()
     for record in ledger:
         if finished(record) and comparable_key(record) == comparable:
-            groups.setdefault(code_key(record), []).append(record)
+            if (code_key(record), record.get("seed")) not in seen:
+                seen.add((code_key(record), record.get("seed")))
+                groups.setdefault(code_key(record), []).append(record)
     return groups
+
+
+def same_seed_run(ledger: list, record: dict):
+    """The earlier finished, comparable run of the same code under the same seed as `record`, or None."""
+    return next((r for r in ledger if finished(r) and r.get("run_id") != record.get("run_id")
+                 and comparable_key(r) == comparable_key(record) and code_key(r) == code_key(record)
+                 and r.get("seed") == record.get("seed")), None)
+
+
+def next_seed(ledger: list, record: dict) -> int:
+    """A SEED this code has not run under yet (one above the highest it used), for the next repeat."""
+    used = [r.get("seed") for r in ledger + [record] if code_key(r) == code_key(record)]
+    return max([s for s in used if isinstance(s, int) and not isinstance(s, bool)], default=42) + 1
 
 
 def best_pool(ledger: list, comparable: tuple):
@@ -125,7 +147,7 @@ KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal fr
 
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
-           error: str = None, new_pool: list = None) -> dict:
+           error: str = None, new_pool: list = None, repeats_seed_of: str = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
@@ -135,7 +157,8 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best.
     error: a failed run's error line; a run killed from outside is told apart from a bug in its code.
     new_pool: with no best in the candidate's pool, what sets it apart from the kept runs (pool_changes):
-    such a run is never a silent new baseline."""
+    such a run is never a silent new baseline. repeats_seed_of: the run id of an earlier run of the same code
+    under the same SEED (same_seed_run): this run measured nothing new and is not pooled."""
     from scipy import stats  # here, not at the top: see analysis/stats.py
     if failed == "invalid":
         return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
@@ -147,6 +170,10 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
                                               "(program.md) and run it again"}
     if failed:
         return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
+    if repeats_seed_of:
+        return {"verdict": "rerun", "reason": f"the same train.py already ran under this SEED (run {repeats_seed_of}): "
+                                              f"a repeat measures noise only under another seed, so this run is not "
+                                              f"pooled; run it again with a new SEED"}
     candidate = np.asarray(candidate, float)
     out = {"n_candidate": len(candidate), "candidate_mean": float(candidate.mean())}
     if (best is None or len(best) == 0) and new_pool:
@@ -168,6 +195,9 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
         sigma, df = FALLBACK_NOISE_FRACTION * best_mean, None
         sigma_source = (f"no noise estimate yet ({noise['df']} df < {MIN_NOISE_DF}): assumed "
                         f"{FALLBACK_NOISE_FRACTION:.1%} of the best val_bpb")
+    if sigma < NOISE_FLOOR_FRACTION * best_mean:
+        sigma = NOISE_FLOOR_FRACTION * best_mean
+        sigma_source += f", raised to the floor of {NOISE_FLOOR_FRACTION:.2%} of the best val_bpb"
     delta = out["candidate_mean"] - best_mean
     se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
     z = delta / se if se > 0 else (-math.inf if delta < 0 else math.inf if delta > 0 else 0.0)

@@ -108,3 +108,35 @@ def test_a_run_in_a_new_pool_is_not_a_silent_new_baseline():
                                   "budget 300.0 -> 60.0), so not kept; if that change is meant, start a new baseline: "
                                   "`uv run analyze.py keep --new-baseline`")
     assert verdict.decide([0.5], None)["verdict"] == "keep"  # the store's very first run is the baseline
+
+
+def test_repeats_that_agree_to_the_last_digit_cannot_make_a_tiny_difference_significant():
+    best = [1.0, 1.0, 1.0]  # a collapsed estimate: σ = 0 with 2 df
+    d = verdict.decide([0.99999], best, verdict.noise_estimate([best]))
+    assert d["verdict"] == "rerun" and d["sigma"] == pytest.approx(verdict.NOISE_FLOOR_FRACTION)
+    assert "floor" in d["sigma_source"]
+    assert verdict.decide([0.99], best, verdict.noise_estimate([best]))["verdict"] == "keep"  # 50 floors better
+
+
+def test_only_distinct_seeds_are_pooled_as_repeats():
+    def run(run_id, seed, val):
+        return {"run_id": run_id, "train_sha256": "a", "seed": seed, "val_bpb": val, "status": "pending",
+                "device": "H100", "time_budget_s": 300.0, "harness_hash": "h", "data": {"manifest_hash": "m"}}
+    ledger = [run("r1", 42, 1.0), run("r2", 42, 1.0), run("r3", 43, 1.002)]
+    assert [r["run_id"] for r in verdict.pools(ledger, verdict.comparable_key(ledger[0]))["a"]] == ["r1", "r3"]
+    assert verdict.same_seed_run(ledger[:1], ledger[1])["run_id"] == "r1"
+    assert verdict.same_seed_run(ledger[:2], ledger[2]) is None
+    assert verdict.next_seed(ledger[:2], ledger[2]) == 44
+    d = verdict.decide([], repeats_seed_of="r1")
+    assert d["verdict"] == "rerun" and "run r1" in d["reason"] and "new SEED" in d["reason"]
+
+
+@pytest.mark.parametrize("p_target, expected", [(0.008, "keep"), (0.012, "rerun")])
+def test_a_borderline_keep_follows_students_t_as_scipy_computes_it(p_target, expected):
+    from scipy import stats
+    best = [1.0, 1.002, 0.998]  # pooled σ = 0.002 on 2 degrees of freedom
+    se = 0.002 * np.sqrt(1 + 1 / 3)
+    candidate = float(np.mean(best)) + stats.t.ppf(p_target, 2) * se  # the value whose one-sided p is p_target
+    d = verdict.decide([candidate], best, verdict.noise_estimate([best]))
+    assert d["p_value"] == pytest.approx(p_target, rel=1e-6)
+    assert d["verdict"] == expected
