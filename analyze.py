@@ -141,7 +141,8 @@ def trajectory(records: list, config: dict, other_records: list = None) -> dict:
            "spikes": stats.loss_spikes(*stats.series(records, schema.TRAIN_LOSS)),
            "val": stats.train_val_gap(records),
            "step_time": stats.step_time_stats(stats.series(timed, schema.STEP_TIME_MS)[1]),
-           "layers": stats.layer_findings(stats.layer_table(records))}
+           "layers": stats.layer_findings(stats.layer_table(records)),
+           "agent": stats.agent_metrics(records)}
     tps = stats.series(timed, schema.TOKENS_PER_SEC)[1]
     out["tokens_per_sec"] = float(np.median(tps)) if len(tps) else None
     if other_records:
@@ -241,9 +242,10 @@ def cmd_analyze(args) -> int:
         record = archive(store, args, run, facts)
         if facts["status"] == "ok":
             # a number from a touched evaluation or clock is kept for reference, never counted
+            reference = next((r for r in ledger if verdict.finished(r)), None)  # the store's first finished run
             problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."), schema.cache_dir(),
-                                                    ledger[0] if ledger else None)
-            problems += integrity.train_code_problems((store.run_path(record["run_id"]) / gitops.TRAIN_PY).read_text())
+                                                    reference, run_dir=Path(args.run_dir),
+                                                    metrics_sha256=run["metrics_sha256"])
             record["integrity"] = problems
             if problems:
                 record["status"] = "invalid"

@@ -625,7 +625,18 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, device="cp
 # Runtime: the metric. Do not change: it is what makes runs comparable.
 # ---------------------------------------------------------------------------
 
-_VAL_ROWS = {}  # (T, n_rows) -> int64 CPU tensor; the val slice is tokenized once per process
+_VAL_ROWS = {}  # (T, n_rows) -> int64 CPU tensor; the val slice is tokenized once per process (curve points)
+
+
+class _EvaluationClock:
+    """Seconds this process spent in evaluate_val: the logger's wall-clock stamps subtract them, as
+    train.py's training clock leaves evaluations out."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+
+EVALUATION_CLOCK = _EvaluationClock()
 
 
 def default_eval_tokens(device_type: str, curve: bool = False) -> int:
@@ -663,27 +674,41 @@ def warm_up_evaluation(model, tokenizer: Tokenizer, batch_size: int):
             model(chunk[:, :-1].contiguous())
 
 
-def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN):
+def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = MAX_SEQ_LEN, fresh: bool = False):
+    """The first n_rows packed rows of the val split; fresh: read from the val files now, bypassing the
+    per-process cache (the final evaluation: nothing written into the cache can reach its number)."""
     import torch
     key = (T, n_rows)
-    if key not in _VAL_ROWS:
+    if fresh or key not in _VAL_ROWS:
         rows = packed_rows(tokenizer, T + 1, "val")
-        _VAL_ROWS[key] = torch.from_numpy(np.stack([next(rows)[0] for _ in range(n_rows)]))
+        table = torch.from_numpy(np.stack([next(rows)[0] for _ in range(n_rows)]))
+        if fresh:
+            return table
+        _VAL_ROWS[key] = table
     return _VAL_ROWS[key]
 
 
-def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False):
+def evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool = False, fresh: bool = False):
     """(bits per byte, nats per token) of `model` on the first rows of the val split, at MAX_SEQ_LEN.
 
     `model(x)` must return logits (B, T, vocab); the loss is computed here, by the harness, as the
     cross-entropy of those logits with the next tokens (the model never sees the targets). Special
     tokens (BOS) have 0 bytes and are excluded from all sums, so bpb does not depend on the vocabulary
     size; nats per token is in the units of train/loss, for the train/val gap. `curve=True` evaluates
-    the small fixed slice used for the validation curve during training."""
+    the small fixed slice used for the validation curve during training; `fresh=True` reads the rows
+    from disk (val_rows). Its time is added to EVALUATION_CLOCK."""
+    started = time.monotonic()
+    try:
+        return _evaluate_val(model, tokenizer, batch_size, curve, fresh)
+    finally:
+        EVALUATION_CLOCK.seconds += time.monotonic() - started
+
+
+def _evaluate_val(model, tokenizer: Tokenizer, batch_size: int, curve: bool, fresh: bool):
     import torch
     device = next(model.parameters()).device
     n_rows = eval_rows(device.type, curve)
-    rows = val_rows(tokenizer, n_rows)
+    rows = val_rows(tokenizer, n_rows, fresh=fresh)
     token_bytes = get_token_bytes(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -721,7 +746,7 @@ def causality_probe(model, tokenizer: Tokenizer, batch_size: int) -> dict:
     import torch
     device = next(model.parameters()).device
     n = eval_batch_rows(device.type, batch_size)[0]
-    x = val_rows(tokenizer, n)[:, :-1].contiguous().to(device)
+    x = val_rows(tokenizer, n, fresh=True)[:, :-1].contiguous().to(device)
     t = x.size(1) // 2
     changed = x.clone()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % tokenizer.get_vocab_size()
@@ -925,6 +950,40 @@ def harness_hash() -> str:
     return schema.harness_hash(Path(__file__).resolve().parent)
 
 
+def _bindings() -> dict:
+    """{qualified name: what it is bound to} over the harness modules (this one and schema) and the classes
+    they define; a function is identified with its code, defaults and keyword defaults, which can be
+    replaced in place (`evaluate_val.__code__ = ...`) without rebinding its name."""
+    import types
+
+    def identity(value):
+        if isinstance(value, types.FunctionType):
+            return (value, value.__code__, value.__defaults__, value.__kwdefaults__)
+        return (value,)
+
+    found = {}
+    for module in (sys.modules[__name__], schema):
+        for name, value in vars(module).items():
+            found[f"{module.__name__}.{name}"] = identity(value)
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                for attr, member in vars(value).items():
+                    found[f"{module.__name__}.{name}.{attr}"] = identity(member)
+    return found
+
+
+def harness_check(logger=None) -> dict:
+    """Is the harness in this process as it was imported? {"ok", "changed"}: the names train.py rebound,
+    added or whose code it replaced in prepare, schema or their classes (and methods shadowed on the
+    logger instance). Written into the summary by evaluate_and_finish; analyze.py invalidates a run without it."""
+    now = _bindings()
+    changed = [name for name, bound in _PRISTINE.items()
+               if name not in now or any(a is not b for a, b in zip(bound, now[name]))]
+    changed += [name for name in now if name not in _PRISTINE and not name.endswith("._PRISTINE")]
+    if logger is not None:
+        changed += [f"logger.{name}" for name in vars(logger) if name in vars(RunLogger)]
+    return {"ok": not changed, "changed": sorted(changed)[:20]}
+
+
 def git_state(cwd="."):
     """(short commit, dirty) of the repository at cwd, or (None, None) outside git."""
     try:
@@ -961,6 +1020,9 @@ class RunLogger:
         self._run_lock.write(f"{os.getpid()}\n")
         self._run_lock.flush()
         self.summary_path.unlink(missing_ok=True)
+        self._clock_start = time.monotonic()  # the harness's own clock stamps (log_step)
+        self._eval_start = EVALUATION_CLOCK.seconds
+        self._metrics_hash, self._metrics_lines = hashlib.sha256(), 0  # what log_step wrote, for the seal
         self.t_start = t_start or time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.t_start))
         self._globals = train_globals
@@ -979,7 +1041,8 @@ class RunLogger:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    HARNESS_FIELDS = ("status", "val_bpb", "causality", "device", "harness_hash", "time_budget_s", "started_at")
+    HARNESS_FIELDS = ("status", "val_bpb", "causality", "harness_check", "device", "harness_hash", "time_budget_s",
+                      "started_at")
 
     def set(self, **fields):
         """Record summary fields as soon as they are known, so even a failure summary has them (not the
@@ -990,28 +1053,44 @@ class RunLogger:
         self.info.update(fields)
 
     def log_step(self, record: dict):
+        """Write one metrics.jsonl line: the record, stamped with the harness's wall clock and the time spent
+        in evaluations so far (schema.HARNESS_STEP_KEYS), which train.py may not supply."""
+        stamped = sorted(set(record) & set(schema.HARNESS_STEP_KEYS))
+        if stamped:
+            raise HarnessError(f"metrics keys {', '.join(stamped)}: stamped by the harness, not by train.py")
+        record = {**record, schema.WALL_S: time.monotonic() - self._clock_start,
+                  schema.EVAL_S: EVALUATION_CLOCK.seconds - self._eval_start}
         problems = schema.step_record_problems(record)
         if problems:
             raise HarnessError(f"metrics record of step {record.get(schema.STEP)} breaks the contract: {problems[:3]}")
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self._file.write(line)
         self._file.flush()
+        self._metrics_hash.update(line.encode())
+        self._metrics_lines += 1
         self._last = record
 
-    def evaluate_and_finish(self, model, tokenizer: Tokenizer, batch_size: int, **fields) -> dict:
-        """The end of a finished run: the harness's own final evaluation on the full slice and the
-        causality probe, then the summary. The number is the harness's: no caller supplies it."""
-        val_bpb = evaluate_bpb(model, tokenizer, batch_size)
-        return self._write("ok", dict(fields, val_bpb=val_bpb, causality=causality_probe(model, tokenizer, batch_size)))
+    def evaluate_and_finish(self, model, batch_size: int, **fields) -> dict:
+        """The end of a finished run, all the harness's: it checks that its own code is as imported
+        (harness_check), evaluates the full slice with its own tokenizer and with rows read from disk now
+        (nothing train.py cached, rebound or passed in reaches the number), probes causality, then writes
+        and seals the summary. No caller supplies the number."""
+        check = harness_check(self)
+        tokenizer = Tokenizer.from_directory()
+        val_bpb = evaluate_val(model, tokenizer, batch_size, fresh=True)[0]
+        fields = dict(fields, val_bpb=val_bpb, harness_check=check,
+                      causality=causality_probe(model, tokenizer, batch_size))
+        return self._write("ok", fields, sealed_val_bpb=val_bpb)
 
     def finish(self, status: str, **fields) -> dict:
         """Write a failure's run_summary.json (first call wins: a watchdog and a crash cannot both write one).
         A finished run ends with evaluate_and_finish instead."""
-        if status == "ok" or "val_bpb" in fields or "causality" in fields:
+        if status == "ok" or set(fields) & {"val_bpb", "causality", "harness_check"}:
             raise HarnessError("val_bpb is the harness's: end a finished run with "
-                               "logger.evaluate_and_finish(model, tokenizer, batch_size, ...)")
+                               "logger.evaluate_and_finish(model, batch_size, ...)")
         return self._write(status, fields)
 
-    def _write(self, status: str, fields: dict) -> dict:
+    def _write(self, status: str, fields: dict, sealed_val_bpb=None) -> dict:
         assert status in schema.TRAIN_STATUSES, status
         with self._lock:
             if self.summary is not None:
@@ -1030,11 +1109,18 @@ class RunLogger:
                                    "manifest_hash": manifest["manifest_hash"]}
             except HarnessError as e:
                 summary["data"] = {"error": str(e)}
+            text = json.dumps(summary, indent=2) + "\n"
             tmp = self.summary_path.with_name(self.summary_path.name + ".tmp")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.write_text(text)
             os.replace(tmp, self.summary_path)
             self._file.flush()
             self.summary = summary
+            # the seal, outside the run directory: what the harness wrote, and the number it computed itself
+            seal = dict(schema.seal(text, self._metrics_hash.hexdigest(), self._metrics_lines),
+                        val_bpb=sealed_val_bpb)
+            path = schema.seal_path(self.run_dir, self.started_at)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(seal) + "\n")
             return summary
 
     def _excepthook(self, etype, value, tb):
@@ -1139,6 +1225,8 @@ def main(argv=None) -> int:
           f"vocab: {manifest['vocab_size']}  manifest: {MANIFEST_PATH} ({manifest['manifest_hash']})")
     return 0
 
+
+_PRISTINE = _bindings()  # last: the harness as imported, before train.py can touch it (harness_check)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,6 +35,15 @@ REQUIRED_STEP_KEYS = (
     WEIGHT_DECAY, PROGRESS, STEP_TIME_MS, TOKENS_PER_SEC, MFU_PERCENT,
 )
 
+# Stamped on every line by the harness (prepare.RunLogger.log_step), never by train.py: the training clock's
+# witness. Between two lines the wall clock advances by the step's time plus the evaluations in between,
+# so a step time that train.py under-reports (compute moved off the clock) shows.
+WALL_S = "harness/wall_s"              # seconds since the logger started (time.monotonic, read by the harness)
+EVAL_S = "harness/eval_s"              # seconds the harness spent in evaluate_val so far
+HARNESS_STEP_KEYS = (WALL_S, EVAL_S)
+# The agent's own metrics: any finite number under this prefix (analysis.md lists them, a plot shows them).
+AGENT_PREFIX = "agent/"
+
 # Periodic keys: present only on the steps where they were measured.
 VAL_BPB = "val/bpb"                    # bits per byte on the small fixed validation slice
 VAL_LOSS = "val/loss"                  # nats per token on the same slice: same units as train/loss
@@ -71,6 +80,8 @@ SUMMARY_KEYS = (
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
     "harness_hash", "train_sha256", "config",
     "causality",  # the harness's probe at the final evaluation: ok, max_change of earlier logits, position, rows
+    "harness_check",  # the harness's own functions and classes as imported, checked at the final evaluation:
+                      # ok, changed (the names train.py rebound or whose code it replaced)
     "compile",  # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
                 # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
 )
@@ -129,6 +140,22 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The seal: what the harness wrote, kept outside the run directory (in the prepare cache), so a summary or
+# metrics file that train.py rewrote, appended to or wrote itself no longer matches.
+SEALS_DIR = "seals"
+
+
+def seal_path(run_dir, started_at: str) -> Path:
+    """Where the harness seals the run that started at `started_at` in `run_dir`."""
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{started_at}".encode()).hexdigest()[:16]
+    return cache_dir() / SEALS_DIR / f"{key}.json"
+
+
+def seal(summary_text: str, metrics_sha256: str, metrics_lines: int) -> dict:
+    return {"summary_sha256": hashlib.sha256(summary_text.encode()).hexdigest(), "metrics_sha256": metrics_sha256,
+            "metrics_lines": metrics_lines}
+
+
 # ---------------------------------------------------------------------------
 # Validation (pure functions: a list of problems, empty when the record is valid)
 # ---------------------------------------------------------------------------
@@ -141,7 +168,8 @@ def finite_number(v) -> bool:
 def step_record_problems(rec: dict) -> list:
     problems = [f"missing {k}" for k in REQUIRED_STEP_KEYS if k not in rec]
     for k, v in rec.items():
-        if k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or parse_layer_key(k):
+        if (k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or k in HARNESS_STEP_KEYS or parse_layer_key(k)
+            or (isinstance(k, str) and k.startswith(AGENT_PREFIX) and len(k) > len(AGENT_PREFIX))):
             if not finite_number(v):
                 problems.append(f"{k}={v!r} is not a finite number")
         else:

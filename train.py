@@ -632,7 +632,7 @@ model.eval()
 timed_flops = flops_per_token * max(step - CLOCK_WARMUP_STEPS, 0) * TOTAL_BATCH_SIZE  # the steps on the clock
 with autocast:  # the final val_bpb: evaluated by the harness itself, on the full evaluation slice
     summary = logger.evaluate_and_finish(
-        compiled, tokenizer, EVAL_BATCH_SIZE, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
+        compiled, EVAL_BATCH_SIZE, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
         mfu_percent=100 * timed_flops / training_time / peak if peak and training_time > 0 else 0.0,
         total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
 watchdog.stop()

@@ -2,9 +2,10 @@
 Metric integrity: is a run's val_bpb a number the fixed harness produced, under the fixed rules?
 
 An agent improves its number only by changing train.py. This module finds the other ways: an
-edited evaluation (prepare.py, schema.py, analyze.py, analysis/), a tokenizer or validation data
-that is no longer what prepare.py wrote, and a training time that the run's own step times do not
-add up to, or that exceeds the budget. analyze.py marks a run with any problem `invalid`: it is
+edited evaluation (prepare.py, schema.py, analyze.py, analysis/), a harness changed at run time from
+train.py, a tokenizer or validation data that is no longer what prepare.py wrote, a summary or
+metrics file that is not what the harness's logger wrote (its seal), and a training time that the
+run's own step times or the harness's wall clock do not add up to, or that exceeds the budget. analyze.py marks a run with any problem `invalid`: it is
 archived with its val_bpb for reference but never pooled, kept or counted as the best.
 
 Each check is a function returning a list of problems, one actionable sentence each (empty: the
@@ -28,6 +29,10 @@ TOKENIZER_FILES = (("tokenizer/tokenizer.pkl", "tokenizer_sha256"), ("tokenizer/
 # step) without a false alarm, while any time that would matter for the result (over 5 %) is caught.
 CLOCK_REL_TOLERANCE = 0.05
 CLOCK_ABS_TOLERANCE_S = 1.0
+# Against the harness's wall clock an honest loop differs only by the bookkeeping between a step's end and
+# its metrics line (building the record, printing), well under 1 % of a step; 2 % keeps a loaded machine
+# from a false alarm while any compute moved off the clock that would matter shows.
+HARNESS_CLOCK_REL_TOLERANCE = 0.02
 RESTORE_HINT = "the evaluation harness is off limits to experiments"
 
 
@@ -136,10 +141,11 @@ def clock_problems(summary: dict, records: list, reference) -> list:
         return problems + [f"training_seconds {claimed!r} is not a number: the training clock is off limits; "
                            f"restore the timing code of train.py and train again"]
     warmup = int((summary.get("config") or {}).get("CLOCK_WARMUP_STEPS", 0) or 0)
-    step_s = [r[schema.STEP_TIME_MS] / 1000 for r in stats.timed_steps(records, warmup)
-              if schema.finite_number(r.get(schema.STEP_TIME_MS))]
+    timed = stats.timed_steps(records, warmup)
+    step_s = [r[schema.STEP_TIME_MS] / 1000 for r in timed if schema.finite_number(r.get(schema.STEP_TIME_MS))]
     summed = math.fsum(step_s)
-    if not _agrees(claimed, summed):
+    every_step = [r.get(schema.STEP) for r in timed] == list(range(warmup, warmup + len(timed)))
+    if every_step and not _agrees(claimed, summed):  # a run that logs every Nth step is checked by the harness clock
         problems.append(f"training_seconds {claimed:.1f} disagrees with the sum of the run's own step times, "
                         f"{summed:.1f} s over {len(step_s)} steps from step {warmup} on: the training clock is off "
                         f"limits; restore the timing code of train.py and train again")
@@ -157,13 +163,79 @@ def clock_problems(summary: dict, records: list, reference) -> list:
     return problems
 
 
-def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir: Path, reference) -> list:
+def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir: Path, reference,
+                       run_dir: Path = None, metrics_sha256: str = None) -> list:
     """Every integrity problem of a finished run (empty: its val_bpb can be trusted). reference: the
-    first ledger record (the harness and data every later run must share), or None for the first run."""
+    first finished run of the store (the harness and data every later run must share), or None for the
+    first run. run_dir and metrics_sha256: where the run's files are and the hash of its metrics.jsonl,
+    for the harness's seal (None: the seal is not checked)."""
     repo_root = Path(repo_root)
+    seal = seal_problems(summary, Path(run_dir), metrics_sha256) if run_dir is not None else []
     return (harness_git_problems(repo_root, reference) + harness_hash_problems(summary, repo_root)
-            + data_problems(summary, cache_dir, reference) + clock_problems(summary, records, reference)
+            + data_problems(summary, cache_dir, reference) + seal + clock_problems(summary, records, reference)
+            + harness_clock_problems(summary, records) + runtime_harness_problems(summary)
             + causality_problems(summary))
+
+
+def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
+    """run_summary.json and metrics.jsonl are what the harness's logger wrote (its seal in the prepare
+    cache, schema.seal_path), and val_bpb is the number its own final evaluation computed."""
+    path = schema.seal_path(run_dir, summary.get("started_at"))
+    if not path.is_file():
+        return [f"run_summary.json has no seal from the harness ({path} is missing): it was not written by "
+                f"prepare.RunLogger, or its started_at was changed; restore train.py's logger calls and train again"]
+    try:
+        seal = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"the harness's seal {path} is corrupt ({e.msg}): train again"]
+    problems = []
+    if schema.sha256_file(run_dir / "run_summary.json") != seal.get("summary_sha256"):
+        problems.append("run_summary.json was changed after the harness wrote it (it no longer matches the seal): "
+                        "the summary is the harness's; remove what rewrites it from train.py and train again")
+    if metrics_sha256 != seal.get("metrics_sha256"):
+        problems.append(f"metrics.jsonl is not what the harness's logger wrote ({seal.get('metrics_lines')} lines "
+                        f"sealed): lines were added, removed or edited outside logger.log_step; log through "
+                        f"logger.log_step only and train again")
+    if summary.get("val_bpb") != seal.get("val_bpb"):
+        problems.append(f"val_bpb {summary.get('val_bpb')} is not the number the harness's final evaluation "
+                        f"computed ({seal.get('val_bpb')}): end train.py with logger.evaluate_and_finish and train again")
+    return problems
+
+
+def runtime_harness_problems(summary: dict) -> list:
+    """At the final evaluation the harness found its own functions and classes as imported (prepare.harness_check)."""
+    check = summary.get("harness_check")
+    if not isinstance(check, dict):
+        return ["the summary has no harness_check: the final val_bpb was not the harness's own evaluation "
+                "(train.py must end with logger.evaluate_and_finish); restore that ending of train.py"]
+    if check.get("ok") is not True:
+        names = ", ".join(check.get("changed") or ["?"])
+        return [f"train.py changed the harness at run time ({names}): {RESTORE_HINT}, also from train.py; "
+                f"remove what rebinds or replaces them and train again"]
+    return []
+
+
+def harness_clock_problems(summary: dict, records: list) -> list:
+    """The run's training clock agrees with the harness's own wall clock. Between the line of the first
+    timed step and the last line the harness's clock advanced by the steps in between plus the evaluations
+    it timed itself; a step time that train.py under-reports (compute moved off the clock) shows here."""
+    if summary.get("status") != "ok" or not records:
+        return []
+    warmup = int((summary.get("config") or {}).get("CLOCK_WARMUP_STEPS", 0) or 0)
+    timed = stats.timed_steps(records, warmup)
+    if any(not schema.finite_number(r.get(key)) for r in timed for key in schema.HARNESS_STEP_KEYS):
+        return ["metrics.jsonl lacks the harness's clock stamps (harness/wall_s, harness/eval_s): it was not written "
+                "by logger.log_step; log through it and train again"]
+    if len(timed) < 2:
+        return []
+    first, last = timed[0], timed[-1]
+    seen = (last[schema.WALL_S] - first[schema.WALL_S]) - (last[schema.EVAL_S] - first[schema.EVAL_S])
+    claimed = last[schema.TIME_S] - first[schema.TIME_S]  # the run's clock over the same span (steps may be unlogged)
+    if not schema.finite_number(claimed) or abs(seen - claimed) > HARNESS_CLOCK_REL_TOLERANCE * seen + CLOCK_ABS_TOLERANCE_S:
+        return [f"the run's step times add up to {claimed:.1f} s from step {first[schema.STEP] + 1} on, but the "
+                f"harness's clock saw {seen:.1f} s of training in that span (evaluations excluded): compute ran off "
+                f"the training clock; restore the timing code of train.py and train again"]
+    return []
 
 
 def causality_problems(summary: dict) -> list:
@@ -178,46 +250,3 @@ def causality_problems(summary: dict) -> list:
                 f"later tokens changed: the model reads the future (the targets), so its val_bpb is no language "
                 f"model's; remove what lets a position see later tokens"]
     return []
-
-
-HARNESS_MODULES = ("prepare", "schema")  # what train.py imports from the harness
-
-
-def train_code_problems(code: str) -> list:
-    """train.py may use the harness but not rebind it at run time, which would change the evaluation
-    without changing a harness file: no assignment to `prepare.<name>` (directly, with setattr, or through
-    sys.modules) and no redefinition of a name imported from prepare or schema (`evaluate_bpb = ...`)."""
-    import ast
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return []  # such a run crashed before producing a number
-    modules, imported = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules |= {a.asname or a.name for a in node.names if a.name in HARNESS_MODULES}
-        elif isinstance(node, ast.ImportFrom) and node.module in HARNESS_MODULES:
-            imported |= {a.asname or a.name for a in node.names}
-    problems = []
-
-    def flag(node, what):
-        problems.append(f"train.py line {node.lineno} {what}: {RESTORE_HINT}; remove it from train.py")
-
-    for node in ast.walk(tree):
-        targets = []
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in imported:
-            flag(node, f"redefines {node.name}, imported from the harness")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
-                and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in modules:
-            flag(node, f"sets an attribute of {node.args[0].id} with setattr")
-        for target in (t for t0 in targets for t in ast.walk(t0)):
-            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
-                    and target.value.id in modules | imported and isinstance(target.ctx, ast.Store):
-                flag(node, f"assigns {target.value.id}.{target.attr}")
-            elif isinstance(target, ast.Name) and target.id in imported and isinstance(target.ctx, ast.Store):
-                flag(node, f"rebinds {target.id}, imported from the harness")
-            elif isinstance(target, ast.Subscript) and "modules" in ast.unparse(target.value):
-                flag(node, "writes into sys.modules")
-    return problems

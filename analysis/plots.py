@@ -69,6 +69,8 @@ PLOTS = (
          (Panel(schema.STEP_TIME_MS, "step time (ms)"), Panel(schema.MFU_PERCENT, "MFU (%)"))),
 )
 LAYER_HEATMAP = "layer_grad_norm.png"
+AGENT_PLOT = "agent_metrics.png"
+MAX_AGENT_PANELS = 6          # the agent's own metrics drawn (the first, by name); analysis.md lists them all
 
 
 def _title(ax, text: str, size: int = 8):
@@ -161,10 +163,21 @@ def layer_heatmap(runs: list):
     return fig
 
 
+def agent_plot(records: list):
+    """The Plot of the agent's own metrics (schema.AGENT_PREFIX keys) of a run, one panel each, or None."""
+    keys = list(stats.agent_metrics(records))[:MAX_AGENT_PANELS]
+    if not keys:
+        return None
+    return Plot(AGENT_PLOT, "the agent's own metrics", schema.STEP, "step", tuple(Panel(k, k) for k in keys))
+
+
 def run_figure_jobs(runs: list) -> list:
     """[(file name, builder, args)] of one run's figures (first in `runs`) overlaid with the others."""
     jobs = [(plot.file, line_figure, (plot, runs)) for plot in PLOTS]
     jobs.append((LAYER_HEATMAP, layer_heatmap, (runs[:2],)))  # this run and the best: three panels are unreadable
+    agent = agent_plot(runs[0][1])
+    if agent:
+        jobs.append((agent.file, line_figure, (agent, runs)))
     return jobs
 
 

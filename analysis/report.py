@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+import schema
 from analysis import stats, verdict
 
 STDOUT_MAX_LINES = 15         # what the agent reads after every run; the rest is in analysis.md
@@ -272,6 +273,12 @@ def analysis_md(ctx: dict) -> str:
     out += ["", "## Performance", ""] + _performance_section(ctx)
     out += ["", "## Loss trajectory", ""] + _trajectory_section(ctx)
     out += ["", "## Per-layer statistics", ""] + _layers_section(ctx)
+    agent = ctx["trajectory"].get("agent")
+    if agent:
+        out += ["", "## Agent metrics", "", f"Logged by train.py under `{schema.AGENT_PREFIX}`:", "",
+                "| key | points | first | last (step) | min | max |", "|---|---|---|---|---|---|"]
+        out += [f"| `{k}` | {m['points']} | {m['first']:.6g} | {m['last']:.6g} ({m['last_step']}) | {m['min']:.6g} "
+                f"| {m['max']:.6g} |" for k, m in agent.items()]
     out += ["", "## Plots", "", "Each overlays this run with the best and the previous run:", ""]
     out += [f"- [{name}]({name})" for name in ctx["plots"]]
     out += ["", "Files: run_summary.json, metrics.jsonl, run.log, train.py (snapshot), diff.patch (against the best).",

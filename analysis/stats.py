@@ -56,6 +56,18 @@ def timed_steps(records: list, warmup_steps: int = 0) -> list:
     return [r for r in records if r.get(schema.STEP, -1) >= warmup_steps]
 
 
+def agent_metrics(records: list) -> dict:
+    """{key: {points, first, last, min, max, last_step}} of the agent's own metrics (schema.AGENT_PREFIX keys)."""
+    found = {}
+    for r in records:
+        for key, value in r.items():
+            if isinstance(key, str) and key.startswith(schema.AGENT_PREFIX) and schema.finite_number(value):
+                found.setdefault(key, []).append((r.get(schema.STEP), value))
+    return {key: {"points": len(points), "first": points[0][1], "last": points[-1][1],
+                  "min": min(v for _, v in points), "max": max(v for _, v in points), "last_step": points[-1][0]}
+            for key, points in sorted(found.items())}
+
+
 def layer_table(records: list):
     """{param name: {stat: (steps, values)}} from the per-layer keys of metrics.jsonl."""
     table = {}

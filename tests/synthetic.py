@@ -8,6 +8,7 @@ this repository's, its data is whatever the prepare cache ($AUTORESEARCH_CACHE) 
 training_seconds is the sum of its timed step times.
 """
 
+import hashlib
 import json
 import math
 import time
@@ -19,6 +20,8 @@ import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
+BOOKKEEPING_S = 0.0005  # between a step's end and its metrics line, as in train.py
+EVAL_S = 0.8            # one validation-curve point
 LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -44,10 +47,12 @@ def make_records(n_steps=400, l_inf=3.0, a=6.0, alpha=0.5, noise=0.02, seed=0, s
     names = param_names(depth)
     grad_scale, norm_growth = grad_scale or {}, norm_growth or {}
     records, ema, t, next_val = [], 0.0, 0.0, val_every
+    wall, evals = 20.0, 0.0  # the harness's clock stamps: startup, then each step plus its bookkeeping and evals
     for s in steps:
         dt = step_ms * (1 + 0.02 * rng.standard_normal())
         if s >= warmup_steps:
             t += dt / 1000
+        wall += dt / 1000 + BOOKKEEPING_S
         progress = min(t / budget, 1.0)
         ema = 0.9 * ema + 0.1 * loss[s]
         rec = {schema.STEP: int(s), schema.TIME_S: t, schema.TRAIN_LOSS: float(loss[s]),
@@ -66,6 +71,8 @@ def make_records(n_steps=400, l_inf=3.0, a=6.0, alpha=0.5, noise=0.02, seed=0, s
             rec[schema.VAL_BPB] = float((l_inf + a * (s + 1.0) ** -alpha) / math.log(2) / 4.0)
             rec[schema.VAL_LOSS] = float(l_inf + a * (s + 1.0) ** -alpha + 0.05)
             next_val = (math.floor(progress / val_every) + 1) * val_every
+            wall, evals = wall + EVAL_S, evals + EVAL_S
+        rec[schema.WALL_S], rec[schema.EVAL_S] = wall, evals
         records.append(rec)
     return records
 
@@ -92,11 +99,23 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
         data=cache_data(), harness_hash=schema.harness_hash(ROOT), train_sha256=train_sha256,
         started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
         causality={"ok": True, "max_change": 0.0, "position": 1024, "rows": 128} if status == "ok" else None,
+        harness_check={"ok": True, "changed": []} if status == "ok" else None,
         config=config or {"DEPTH": 4, "MATRIX_LR": 0.04, "CLOCK_WARMUP_STEPS": 2, "SEED": seed})
     if error:
         summary["error"] = error
     summary.update(extra)
     return summary
+
+
+def seal_run(folder, summary: dict, metrics_text: str):
+    """Write run_summary.json and the harness's seal of it and of the metrics, as prepare.RunLogger does."""
+    text = json.dumps(summary, indent=2)
+    (Path(folder) / "run_summary.json").write_text(text)
+    seal = dict(schema.seal(text, hashlib.sha256(metrics_text.encode()).hexdigest(), metrics_text.count("\n")),
+                val_bpb=summary.get("val_bpb") if summary.get("status") == "ok" else None)
+    path = schema.seal_path(folder, summary.get("started_at"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(seal))
 
 
 def write_run(folder, records=None, summary=None, log=None, truncate_metrics=False):
@@ -110,6 +129,6 @@ def write_run(folder, records=None, summary=None, log=None, truncate_metrics=Fal
             text = text[:-len(json.dumps(records[-1])) // 2 - 1]  # a half-written last line
         (folder / "metrics.jsonl").write_text(text)
     if summary is not None:
-        (folder / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        seal_run(folder, summary, text if records is not None else "")
     if log is not None:
         (folder / "run.log").write_text(log)

@@ -268,28 +268,3 @@ def test_synthetic_runs_pass_the_checks(repo):
     """No false alarm on the runs the other tests and the benchmark use."""
     records, summary = fake_run(repo, 1.0)
     assert integrity.integrity_problems(summary, records, repo, schema.cache_dir(), None) == []
-
-
-MONKEYPATCHES = [
-    "import prepare\nprepare.evaluate_bpb = lambda *a, **k: 0.5\n",
-    "import prepare as p\nsetattr(p, 'evaluate_bpb', lambda *a, **k: 0.5)\n",
-    "evaluate_val = lambda *a, **k: (0.5, 0.5)\n",
-    "def evaluate_val(*a, **k):\n    return 0.5, 0.5\n",
-    "evaluate_val.__code__ = (lambda *a, **k: (0.5, 0.5)).__code__\n",
-    "import sys\nsys.modules['prepare'] = None\n",
-]
-
-
-@pytest.mark.parametrize("patch", MONKEYPATCHES)
-def test_train_py_that_rebinds_the_evaluation_is_found(patch):
-    code = (ROOT / "train.py").read_text()
-    assert integrity.train_code_problems(code) == []  # the shipped train.py is clean
-    problems = integrity.train_code_problems(code + patch)
-    assert len(problems) == 1 and "remove it from train.py" in problems[0]
-
-
-def test_a_committed_monkeypatch_of_the_evaluation_makes_the_run_invalid(repo):
-    (repo / "train.py").write_text((repo / "train.py").read_text() + MONKEYPATCHES[0])
-    git(repo, "commit", "-qam", "a faster evaluation")
-    fake_run(repo, 0.5)
-    assert_invalid(repo, analyze(repo), "assigns prepare.evaluate_bpb")

@@ -1,0 +1,66 @@
+"""The noise estimate and the integrity reference through analyze.py, on synthetic runs in a real git
+repository (issue 10, items 4 and 5): a rerun under a seed already used is not a repeat, and the store's
+rules are those of its first *finished* run."""
+
+import synthetic
+from test_analyze import analyze, baseline, commit_change, fake_run, ledger, repo  # noqa: F401 (repo: fixture)
+
+
+def test_a_rerun_under_the_same_seed_is_not_pooled_and_the_next_command_names_a_new_one(repo):
+    baseline(repo)  # seeds 42, 43, 44
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.045", "matrix lr 0.045")
+    fake_run(repo, 0.9990, seed=42)
+    first = analyze(repo)
+    assert "verdict: RERUN" in first.stdout and ledger(repo)[-1]["n_pooled"] == 1
+    assert "next: SEED=43 uv run train.py > run.log 2>&1 && uv run analyze.py" in first.stdout
+    fake_run(repo, 0.9990, seed=42, offset=(10, 0.001), started_at="2026-12-01T10:00:00+0000",
+             log="the same code and seed again\n")  # it measures nothing
+    again = analyze(repo)
+    row = ledger(repo)[-1]
+    assert row["verdict"] == "rerun" and row["n_pooled"] is None and row["status"] == "rerun"
+    assert f"already ran under this SEED (run {ledger(repo)[-2]['run_id']})" in again.stdout
+    assert "next: SEED=43 uv run train.py" in again.stdout
+    fake_run(repo, 0.9992, seed=43)
+    third = analyze(repo)
+    assert ledger(repo)[-1]["n_pooled"] == 2, third.stdout  # the two distinct seeds, not the repeat
+    assert "verdict: RERUN" in third.stdout and "next: SEED=44 uv run train.py" in third.stdout
+
+
+def test_the_integrity_reference_is_the_first_finished_run_not_a_crash_before_it(repo):
+    synthetic.write_run(repo, log="Traceback (most recent call last):\n  File \"train.py\", line 1\nSyntaxError: x\n")
+    assert analyze(repo).returncode == 0 and ledger(repo)[0]["status"] == "crash"
+    fake_run(repo, 1.0, budget_s=300.0)
+    assert analyze(repo).returncode == 0 and ledger(repo)[-1]["integrity"] == []
+    fake_run(repo, 0.9, seed=43, budget_s=600.0)  # trained for twice the budget of the first finished run
+    assert analyze(repo).returncode == 0
+    row = ledger(repo)[-1]
+    assert row["status"] == "invalid"
+    assert any("time_budget_s 600.0 differs from the first run" in p for p in row["integrity"]), row["integrity"]
+
+
+def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(tmp_path):
+    import json
+    import signal
+    import sys
+
+    import pytest
+
+    import prepare
+    import schema
+    hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
+    logger = prepare.RunLogger({}, run_dir=tmp_path)
+    sys.excepthook = hook
+    signal.signal(signal.SIGTERM, handler)
+    record = {k: v for k, v in synthetic.make_records(n_steps=1)[0].items() if k not in schema.HARNESS_STEP_KEYS}
+    with pytest.raises(prepare.HarnessError, match="harness/wall_s: stamped by the harness, not by train.py"):
+        logger.log_step({**record, schema.WALL_S: 0.0})
+    for bad in ({"agent/": 1.0}, {"agent/note": "text"}, {"mine/x": 1.0}):
+        with pytest.raises(prepare.HarnessError, match="breaks the contract"):
+            logger.log_step({**record, **bad})
+    prepare.EVALUATION_CLOCK.seconds += 2.5  # what evaluate_val adds after an evaluation
+    logger.log_step({**record, "agent/grad_clip_frac": 0.25})
+    [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    written = json.loads(line)
+    assert written["agent/grad_clip_frac"] == 0.25 and written[schema.EVAL_S] == 2.5
+    assert 0 <= written[schema.WALL_S] < 600
+    assert schema.step_record_problems(written) == []
