@@ -49,10 +49,27 @@ import schema
 # Constants: fixed for every run so that val_bpb stays comparable
 # ---------------------------------------------------------------------------
 
+def _seconds_from_env(name: str, default: float) -> float:
+    """$name as a positive, finite number of seconds, or `default` when it is unset. Anything else
+    ends the process at import with one `error:` line: a run must never train (and be kept as a
+    baseline) under a budget of -1 or NaN, nor die in a traceback over a typo."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SystemExit(f"error: {name}={raw!r} is not a positive number of seconds")
+    return value
+
+
 MAX_SEQ_LEN = 2048            # context length of training and of the evaluation
 # Training seconds per run (startup, compilation and evals excluded). Tests and benchmarks
 # shorten it with $AUTORESEARCH_TIME_BUDGET; every summary records the budget it ran with.
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))
+DEFAULT_TIME_BUDGET_S = 300
+TIME_BUDGET = _seconds_from_env("AUTORESEARCH_TIME_BUDGET", DEFAULT_TIME_BUDGET_S)
 EVAL_TOKENS = 40 * 524288     # tokens behind the final val_bpb on CUDA (as in autoresearch)
 VAL_CURVE_TOKENS = 2 * 524288  # per validation-curve point on CUDA: ~5 % of the final eval's cost
 CPU_EVAL_TOKENS = 8 * MAX_SEQ_LEN  # final val_bpb off CUDA: a CPU run is a smoke test, not research
@@ -92,6 +109,8 @@ ROW_GROUP_SIZE = 1024         # documents per parquet row group: the dataloader'
 
 WATCHDOG_BUDGET_FACTOR = 2.0  # a run is hung once it has used twice its budget ...
 WATCHDOG_GRACE_S = 600        # ... plus ten minutes for startup, compilation and evaluation
+# wall seconds from the watchdog's start (train.py's startup) to a run's end as "timeout"
+WATCHDOG_S = _seconds_from_env("AUTORESEARCH_WATCHDOG_S", TIME_BUDGET * WATCHDOG_BUDGET_FACTOR + WATCHDOG_GRACE_S)
 TIMEOUT_EXIT_CODE = 124       # as timeout(1)
 
 RUN_METRICS = "metrics.jsonl"
@@ -1174,8 +1193,7 @@ class Watchdog:
 
     def __init__(self, logger: RunLogger, limit_s: float = None):
         self.logger = logger
-        self.limit_s = limit_s or float(os.environ.get(
-            "AUTORESEARCH_WATCHDOG_S", TIME_BUDGET * WATCHDOG_BUDGET_FACTOR + WATCHDOG_GRACE_S))
+        self.limit_s = limit_s or WATCHDOG_S
         self._done = threading.Event()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 
