@@ -280,7 +280,8 @@ def _read_utf8(path: Path) -> str:
 
 def _jsonl_documents(path: Path) -> list:
     docs = []
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+    # split at "\n" only: str.splitlines also splits at U+2028 and other separators a JSON string may hold
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -194,6 +194,15 @@ def test_read_user_documents_single_file(tmp_path):
     assert prepare.read_user_documents(path) == ["first", "second"]
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A UTF-8 BOM is dropped, CRLF line ends are fine, and U+2028 inside a JSON string is not a line end."""
+    path = tmp_path / "records.jsonl"
+    texts = ["a line separator\u2028inside a record", "a record after a CRLF", "é and ü"]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                for t in texts).encode("utf-8"))
+    assert prepare.read_user_documents(path) == texts
+
+
 def test_long_txt_split_at_paragraph_breaks():
     paragraphs = make_paragraphs(4, 50)
     text = "\n\n".join(paragraphs)
