@@ -399,8 +399,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (`status -n`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one `error:` line, as every other refusal of analyze.py (exit 2, as argparse)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see `uv run {self.prog} --help`)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[0].strip())
+    parser = OneLineErrors(prog="analyze.py", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--run-dir", default=".", help="where train.py wrote its files (default: here)")
     parser.add_argument("-m", "--message", help="description for results.tsv (default: the commit's subject)")
     sub = parser.add_subparsers(dest="command")
@@ -414,7 +432,7 @@ def main(argv=None) -> int:
     compare.add_argument("a")
     compare.add_argument("b")
     status = sub.add_parser("status", help="best, latest runs, noise, counts")
-    status.add_argument("-n", type=int, default=STATUS_LAST_N, help="how many latest runs to list")
+    status.add_argument("-n", type=positive_int, default=STATUS_LAST_N, help="how many latest runs to list")
     args = parser.parse_args(argv)
     command = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compare": cmd_compare,
                "status": cmd_status}[args.command]

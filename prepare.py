@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from bisect import bisect_right, insort
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -48,10 +49,27 @@ import schema
 # Constants: fixed for every run so that val_bpb stays comparable
 # ---------------------------------------------------------------------------
 
+def _seconds_from_env(name: str, default: float) -> float:
+    """$name as a positive, finite number of seconds, or `default` when it is unset. Anything else
+    ends the process at import with one `error:` line: a run must never train (and be kept as a
+    baseline) under a budget of -1 or NaN, nor die in a traceback over a typo."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SystemExit(f"error: {name}={raw!r} is not a positive number of seconds")
+    return value
+
+
 MAX_SEQ_LEN = 2048            # context length of training and of the evaluation
 # Training seconds per run (startup, compilation and evals excluded). Tests and benchmarks
 # shorten it with $AUTORESEARCH_TIME_BUDGET; every summary records the budget it ran with.
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))
+DEFAULT_TIME_BUDGET_S = 300
+TIME_BUDGET = _seconds_from_env("AUTORESEARCH_TIME_BUDGET", DEFAULT_TIME_BUDGET_S)
 EVAL_TOKENS = 40 * 524288     # tokens behind the final val_bpb on CUDA (as in autoresearch)
 VAL_CURVE_TOKENS = 2 * 524288  # per validation-curve point on CUDA: ~5 % of the final eval's cost
 CPU_EVAL_TOKENS = 8 * MAX_SEQ_LEN  # final val_bpb off CUDA: a CPU run is a smoke test, not research
@@ -91,6 +109,8 @@ ROW_GROUP_SIZE = 1024         # documents per parquet row group: the dataloader'
 
 WATCHDOG_BUDGET_FACTOR = 2.0  # a run is hung once it has used twice its budget ...
 WATCHDOG_GRACE_S = 600        # ... plus ten minutes for startup, compilation and evaluation
+# wall seconds from the watchdog's start (train.py's startup) to a run's end as "timeout"
+WATCHDOG_S = _seconds_from_env("AUTORESEARCH_WATCHDOG_S", TIME_BUDGET * WATCHDOG_BUDGET_FACTOR + WATCHDOG_GRACE_S)
 TIMEOUT_EXIT_CODE = 124       # as timeout(1)
 
 RUN_METRICS = "metrics.jsonl"
@@ -240,53 +260,130 @@ def _txt_documents(text: str) -> list:
     return docs
 
 
+class _NotText(Exception):
+    """A --data file whose bytes are not UTF-8 text: it is skipped (and named), not read."""
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a .txt / .jsonl file, strictly UTF-8 (a BOM is dropped). Bytes that are not UTF-8
+    are never guessed at: Latin-1 would "decode" any binary file, so such a file is skipped with the
+    reason, and the user converts it (iconv) if it was text after all."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise _NotText("binary, not text (it contains NUL bytes)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _NotText(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); if it is text in "
+                       f"another encoding, convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
 def _jsonl_documents(path: Path) -> list:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HarnessError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                docs.append(text)
+    # split at "\n" only: str.splitlines also splits at U+2028 and other separators a JSON string may hold
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HarnessError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str) and text.strip():
+            docs.append(text)
     return docs
 
 
-def read_user_documents(path) -> list:
-    """All documents of a file or directory of .txt / .jsonl / .parquet, in sorted file order."""
+def _file_documents(path: Path) -> list:
+    """The documents of one --data file; _NotText if it is skipped, HarnessError if it is broken."""
+    if path.suffix == ".txt":
+        return _txt_documents(_read_utf8(path))
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    verify_parquet(path)
+    return list(_iter_parquet_texts(path))
+
+
+NO_TEXT = "no text (empty, whitespace only, or no non-empty 'text' field / column)"
+SKIPPED_LISTED = 20  # skipped --data files named one by one; past that they are counted, so a huge
+                     # directory of stray files does not bury the summary
+
+
+@dataclass
+class UserCorpus:
+    """What --data gave: the documents (in sorted file order) and an account of every file looked at."""
+    root: Path
+    docs: list
+    read: list      # (path, bytes) of every file that gave documents
+    skipped: list   # (path, why) of every .txt / .jsonl / .parquet file that gave none
+    ignored: dict   # suffix -> number of files of a type prepare.py does not read
+
+    def report(self) -> list:
+        """The lines prepare.py prints: what was read, each skipped file and why, what was ignored."""
+        size = sum(n for _, n in self.read)
+        lines = [f"--data {self.root}: read {len(self.docs):,} documents from {len(self.read)} file(s), "
+                 f"{size:,} bytes; skipped {len(self.skipped)} file(s)"]
+        lines += [f"  skipped {path}: {why}" for path, why in self.skipped[:SKIPPED_LISTED]]
+        if len(self.skipped) > SKIPPED_LISTED:
+            lines.append(f"  ... and {len(self.skipped) - SKIPPED_LISTED} more skipped file(s)")
+        if self.ignored:
+            lines.append(f"  ignored {sum(self.ignored.values())} file(s) of other types ({_suffix_counts(self.ignored)}); "
+                         f"prepare.py reads {', '.join(USER_DATA_SUFFIXES)}")
+        return lines
+
+
+def _suffix_counts(counts: dict) -> str:
+    return ", ".join(f"{suffix or 'no suffix'}: {n}" for suffix, n in sorted(counts.items()))
+
+
+def read_user_corpus(path) -> UserCorpus:
+    """Read a --data file or directory of .txt / .jsonl / .parquet. Files that are not UTF-8 text or
+    hold no text are skipped and accounted for; HarnessError when nothing usable remains, or a file is
+    broken in its own format (a bad JSON line, a corrupt parquet file). Touches nothing in the cache."""
     root = Path(path).expanduser()
     if not root.exists():
         raise HarnessError(f"--data {path}: no such file or directory")
+    ignored = {}
     if root.is_file():
         if root.suffix not in USER_DATA_SUFFIXES:
             raise HarnessError(f"--data {path}: unsupported file type {root.suffix!r}; use {', '.join(USER_DATA_SUFFIXES)}")
         files = [root]
     else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in USER_DATA_SUFFIXES)
+        files = []
+        for p in sorted(p for p in root.rglob("*") if p.is_file()):
+            if p.suffix in USER_DATA_SUFFIXES:
+                files.append(p)
+            else:
+                ignored[p.suffix] = ignored.get(p.suffix, 0) + 1
         if not files:
-            raise HarnessError(f"--data {path}: no {', '.join(USER_DATA_SUFFIXES)} files in this directory")
-    docs = []
+            found = f"it has {sum(ignored.values())} other file(s): {_suffix_counts(ignored)}" if ignored else "it is empty"
+            raise HarnessError(f"--data {path}: no {', '.join(USER_DATA_SUFFIXES)} files in this directory ({found})")
+    docs, read, skipped = [], [], []
     for f in files:
         try:
-            if f.suffix == ".txt":
-                docs += _txt_documents(f.read_text(encoding="utf-8", errors="replace"))
-            elif f.suffix == ".jsonl":
-                docs += _jsonl_documents(f)
-            else:
-                verify_parquet(f)
-                docs += list(_iter_parquet_texts(f))
+            file_docs = _file_documents(f)
+        except _NotText as e:
+            skipped.append((f, str(e)))
+            continue
         except OSError as e:
             raise HarnessError(f"--data: cannot read {f}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise HarnessError(f"--data: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if file_docs:
+            docs += file_docs
+            read.append((f, f.stat().st_size))
+        else:
+            skipped.append((f, NO_TEXT))
     if not docs:
-        raise HarnessError(f"--data {path}: no text found in {len(files)} file(s) "
-                           f"(.jsonl records need a 'text' field, .parquet files a 'text' column)")
-    return docs
+        listed = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_LISTED])
+        more = f"; and {len(skipped) - SKIPPED_LISTED} more" if len(skipped) > SKIPPED_LISTED else ""
+        raise HarnessError(f"--data {path}: no text found in {len(files)} file(s): {listed}{more} "
+                           f"(.txt and .jsonl must be UTF-8; .jsonl records need a 'text' field, "
+                           f".parquet files a 'text' column)")
+    return UserCorpus(root=root, docs=docs, read=read, skipped=skipped, ignored=ignored)
+
+
+def read_user_documents(path) -> list:
+    """All documents of a --data file or directory, in sorted file order (read_user_corpus's)."""
+    return read_user_corpus(path).docs
 
 
 def offline_documents() -> list:
@@ -327,13 +424,12 @@ def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
     return train, val
 
 
-def write_local_corpus(source: str, docs: list):
-    """Write split documents as parquet under DATA_DIR/<source>, replacing what was there."""
+def write_local_corpus(source: str, train: list, val: list):
+    """Write the split documents as parquet under DATA_DIR/<source>, replacing what was there."""
     dest = DATA_DIR / source
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.parquet"):
         old.unlink()
-    train, val = split_documents(docs)
     train_paths = []
     for k in range(0, len(train), ROWS_PER_FILE):
         path = dest / f"train_{k // ROWS_PER_FILE:05d}.parquet"
@@ -478,24 +574,33 @@ def build_manifest(source: str, train_paths, val_paths, description: str, hashes
 
 def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
             vocab_size: int = VOCAB_SIZE) -> dict:
-    """Build data, tokenizer and manifest in CACHE_DIR; returns the manifest."""
-    # The manifest is what train.py trusts: remove it first, so a prepare that fails half way leaves
-    # "run prepare.py" behind, never an old manifest describing new files.
-    MANIFEST_PATH.unlink(missing_ok=True)
+    """Build data, tokenizer and manifest in CACHE_DIR; returns the manifest.
+
+    The input is read and checked before anything in the cache changes, so a refused call (a bad
+    --data, a failed download) leaves the previous preparation as it was, manifest included."""
     if source == "climbmix":
+        # adds shards beside the ones there; a shard that verifies is never rewritten
         train_paths, val_paths = download_climbmix(num_shards)
         description = f"climbmix-400b-shuffle, {num_shards} train shards + val shard {VAL_SHARD}"
     elif source == "custom":
-        docs = read_user_documents(data_path)
-        train_paths, val_paths = write_local_corpus("custom", docs)
-        description = f"user corpus from {Path(data_path).expanduser().resolve()} ({len(docs)} documents)"
+        corpus = read_user_corpus(data_path)
+        print("\n".join(corpus.report()))
+        docs = corpus.docs
+        split = split_documents(docs)
+        description = f"user corpus from {corpus.root.resolve()} ({len(docs)} documents)"
     elif source == "offline":
         docs = offline_documents()
-        train_paths, val_paths = write_local_corpus("offline", docs)
+        split = split_documents(docs)
         description = (f"offline SMOKE-TEST corpus: Python {sys.version.split()[0]} pydoc topics and stdlib "
                        f"docstrings ({len(docs)} documents); fine for trying the loop, useless for research")
     else:
         raise ValueError(f"unknown source {source!r}")
+
+    # From here on the cache changes. The manifest is what train.py trusts: remove it first, so a
+    # prepare that fails half way leaves "run prepare.py" behind, never an old manifest describing new files.
+    MANIFEST_PATH.unlink(missing_ok=True)
+    if source != "climbmix":
+        train_paths, val_paths = write_local_corpus(source, *split)
 
     hashes = {p: sha256_file(p) for p in [*train_paths, *val_paths]}
     # what the tokenizer depends on: when none of it changed, retraining (minutes on climbmix) is skipped
@@ -1175,8 +1280,7 @@ class Watchdog:
 
     def __init__(self, logger: RunLogger, limit_s: float = None):
         self.logger = logger
-        self.limit_s = limit_s or float(os.environ.get(
-            "AUTORESEARCH_WATCHDOG_S", TIME_BUDGET * WATCHDOG_BUDGET_FACTOR + WATCHDOG_GRACE_S))
+        self.limit_s = limit_s or WATCHDOG_S
         self._done = threading.Event()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 from analysis import verdict
 from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, StoreError, parse_stamp
+# The budget train.py will run with, read and checked once, by the harness: a bad
+# $AUTORESEARCH_TIME_BUDGET ends the supervisor here with prepare.py's one `error:` line.
+from prepare import TIME_BUDGET
 
 PROGRAM = "program.md"
 IDEAS = "ideas_queue.md"
@@ -84,7 +87,7 @@ def hhmm(t: float) -> str:
 def default_train_limit() -> float:
     """Hard wall-clock limit of one training run: twice the budget plus 5 minutes for startup and evals
     (train.py's own watchdog allows more, so this is the outer bound)."""
-    return 2 * float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300)) + 300
+    return 2 * TIME_BUDGET + 300
 
 
 def agent_environment(extra_names=(), client=False, night=None) -> dict:

@@ -1,13 +1,18 @@
 """evaluate_bpb, the fixed metric, against a hand computation on toy models: the harness computes
-the loss from the model's logits."""
+the loss from the model's logits. The expected rows are built here from the val files themselves
+(pyarrow, the tokenizer, the packing the harness documents), never taken from the harness's cache."""
 
+import json
 import math
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
 
 import prepare
+
+PACKING_BUFFER_DOCS = 1000  # packed_rows' documented default: documents held for best-fit packing
 
 
 class ToyModel(nn.Module):
@@ -23,28 +28,117 @@ class ToyModel(nn.Module):
         return (self.bias + self.anchor).expand(*x.shape, -1)
 
 
+class Bigram(nn.Module):
+    """Logits from the input token alone, a fixed random table: the loss at each position depends on the
+    exact (input, target) pair, so a shifted, reordered or mis-cropped row changes the number."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+    def forward(self, x):
+        return self.table[x] + self.anchor
+
+    def loss_of(self, prev, target):
+        if not hasattr(self, "_lse"):
+            self._lse = torch.logsumexp(self.table.double(), 1).tolist()
+        return self._lse[prev] - self.table[prev, target].item()
+
+
 def toy_loss(tokenizer):
     lse = torch.logsumexp(ToyModel(tokenizer.get_vocab_size()).bias, 0).item()
-    return lambda t: lse + (t % 7) * 0.25
+    return lambda prev, t: lse + (t % 7) * 0.25
+
+
+def val_documents():
+    """The val split's non-empty texts, read with pyarrow in file and row-group order, forever (epochs)."""
+    manifest = json.loads(prepare.MANIFEST_PATH.read_text())
+    paths = [prepare.CACHE_DIR / f["path"] for f in manifest["val_files"]]
+    while True:
+        for path in paths:
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                yield [t for t in pf.read_row_group(rg).column("text").to_pylist() if t]
+
+
+def expected_val_rows(tokenizer, n_rows, row_len=prepare.MAX_SEQ_LEN + 1):
+    """The first n_rows evaluation rows, packed as packed_rows documents it: every document is BOS +
+    its tokens; before each placement the buffer is topped up to PACKING_BUFFER_DOCS documents from
+    the next row groups; the largest document that fits the space left goes in (of equal lengths, the
+    one read last), and when none fits the shortest (of equal lengths, the one read first) is cropped
+    to fill the row. Plain lists here, no bisect: an independent implementation of that rule."""
+    bos = tokenizer.get_bos_token_id()
+    docs = val_documents()
+    buffer = []  # (read order, ids)
+    order = 0
+    rows = []
+    while len(rows) < n_rows:
+        row = []
+        while len(row) < row_len:
+            while len(buffer) < PACKING_BUFFER_DOCS:
+                for text in next(docs):
+                    buffer.append((order, [bos] + tokenizer.enc.encode_ordinary(text)))
+                    order += 1
+            space = row_len - len(row)
+            fitting = [d for d in buffer if len(d[1]) <= space]
+            if fitting:
+                pick = max(fitting, key=lambda d: (len(d[1]), d[0]))
+            else:
+                pick = min(buffer, key=lambda d: (len(d[1]), d[0]))
+            buffer.remove(pick)
+            row += pick[1][:space]
+        rows.append(row)
+    return rows
+
+
+def counted(tokenizer, token) -> bool:
+    """Special tokens (BOS) carry no bytes and are excluded from every sum."""
+    return token not in {tokenizer.enc.encode_single_token(t) for t in prepare.SPECIAL_TOKENS}
+
+
+def hand_sums(tokenizer, rows, loss_of):
+    """(nats, bytes, counted targets) over rows, each row's input[i] = row[i] predicting row[i + 1]."""
+    nats = nbytes = n = 0
+    for row in rows:
+        for prev, target in zip(row[:-1], row[1:]):
+            if counted(tokenizer, target):
+                nats += loss_of(prev, target)
+                nbytes += len(tokenizer.enc.decode_single_token_bytes(target))
+                n += 1
+    return nats, nbytes, n
 
 
 def hand_bpb(tokenizer, rows, loss_of):
-    bos = tokenizer.get_bos_token_id()
-    nats = nbytes = 0.0
-    for row in rows.tolist():
-        for target in row[1:]:
-            if target == bos:
-                continue  # special tokens carry no bytes and are excluded
-            nats += loss_of(target)
-            nbytes += len(tokenizer.enc.decode_single_token_bytes(target))
+    nats, nbytes, _ = hand_sums(tokenizer, rows, loss_of)
     return nats / (math.log(2) * nbytes)
 
 
+FINAL_ROWS = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
+CURVE_ROWS = prepare.CPU_VAL_CURVE_TOKENS // prepare.MAX_SEQ_LEN
+
+
+def test_the_expected_rows_are_packed_documents_of_the_val_split(prepared, tokenizer):
+    """The independent rows themselves: full length, each a run of whole val documents (BOS + tokens)
+    that starts at a document start and ends with one cropped to fill the row."""
+    bos = tokenizer.get_bos_token_id()
+    manifest = json.loads(prepare.MANIFEST_PATH.read_text())
+    val_docs = {tuple(tokenizer.enc.encode_ordinary(t)) for f in manifest["val_files"]
+                for t in pq.read_table(prepare.CACHE_DIR / f["path"]).column("text").to_pylist() if t}
+    rows = expected_val_rows(tokenizer, FINAL_ROWS)
+    assert len(rows) == FINAL_ROWS and all(len(r) == prepare.MAX_SEQ_LEN + 1 for r in rows)
+    for row in rows:
+        assert row[0] == bos
+        starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+        pieces = [tuple(row[a + 1:b]) for a, b in zip(starts, starts[1:])]
+        assert all(piece in val_docs for piece in pieces[:-1])
+        assert any(doc[:len(pieces[-1])] == pieces[-1] for doc in val_docs)
+
+
 def test_matches_hand_computation(prepared, tokenizer):
-    n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
-    rows = prepare.val_rows(tokenizer, n_rows)
-    expected = hand_bpb(tokenizer, rows, toy_loss(tokenizer))
-    got = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=3)
+    model = Bigram(tokenizer.get_vocab_size())
+    expected = hand_bpb(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), model.loss_of)
+    got = prepare.evaluate_bpb(model, tokenizer, batch_size=3)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -55,9 +149,17 @@ def test_independent_of_batch_size(prepared, tokenizer):
 
 
 def test_curve_slice_is_smaller_and_fixed(prepared, tokenizer):
-    curve = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=2, curve=True)
-    rows = prepare.val_rows(tokenizer, prepare.CPU_VAL_CURVE_TOKENS // prepare.MAX_SEQ_LEN)
-    assert curve == pytest.approx(hand_bpb(tokenizer, rows, toy_loss(tokenizer)), rel=1e-6)
+    model = Bigram(tokenizer.get_vocab_size(), seed=1)
+    curve = prepare.evaluate_bpb(model, tokenizer, batch_size=2, curve=True)
+    assert curve == pytest.approx(hand_bpb(tokenizer, expected_val_rows(tokenizer, CURVE_ROWS), model.loss_of),
+                                  rel=1e-6)
+    assert curve != pytest.approx(prepare.evaluate_bpb(model, tokenizer, batch_size=2), rel=1e-6)
+
+
+def test_bias_model_matches_hand_computation(prepared, tokenizer):
+    expected = hand_bpb(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), toy_loss(tokenizer))
+    got = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=3)
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_uniform_model_scores_log_vocab_per_token(prepared, tokenizer):
@@ -65,22 +167,16 @@ def test_uniform_model_scores_log_vocab_per_token(prepared, tokenizer):
         def forward(self, x):
             return torch.zeros(*x.shape, tokenizer.get_vocab_size()) + self.anchor
 
-    n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
-    rows = prepare.val_rows(tokenizer, n_rows)
-    expected = hand_bpb(tokenizer, rows, lambda t: math.log(tokenizer.get_vocab_size()))
+    rows = expected_val_rows(tokenizer, FINAL_ROWS)
+    expected = hand_bpb(tokenizer, rows, lambda prev, t: math.log(tokenizer.get_vocab_size()))
     assert prepare.evaluate_bpb(Uniform(1), tokenizer, batch_size=4) == pytest.approx(expected, rel=1e-6)
 
 
 def test_val_loss_is_mean_nats_per_counted_token(prepared, tokenizer):
-    n_rows = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
-    rows = prepare.val_rows(tokenizer, n_rows)
-    bos = tokenizer.get_bos_token_id()
-    targets = [t for row in rows.tolist() for t in row[1:] if t != bos]
-    loss_of = toy_loss(tokenizer)
-    expected = sum(loss_of(t) for t in targets) / len(targets)
-    model = ToyModel(tokenizer.get_vocab_size())
+    model = Bigram(tokenizer.get_vocab_size(), seed=2)
+    nats, _, n = hand_sums(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), model.loss_of)
     bpb, loss = prepare.evaluate_val(model, tokenizer, batch_size=3)
-    assert loss == pytest.approx(expected, rel=1e-6)
+    assert loss == pytest.approx(nats / n, rel=1e-6)
     assert bpb == prepare.evaluate_bpb(model, tokenizer, batch_size=3)
 
 

@@ -18,6 +18,7 @@ import schema
 from conftest import ROOT, run_script
 
 SMALL_VOCAB = 300
+MEGABYTE = 1 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -50,6 +51,17 @@ def make_docs(seed: int, n: int, words_per_doc=(30, 120), vocabulary=None) -> li
 def make_paragraphs(seed: int, n: int) -> list:
     """n paragraphs of about 400-900 characters each."""
     return make_docs(seed, n, words_per_doc=(60, 130))
+
+
+def random_bytes(n: int, seed: int = 0, nul=True) -> bytes:
+    """n random bytes (a binary file named .txt); without NUL bytes when nul=False."""
+    data = random.Random(seed).randbytes(n)
+    return data if nul else data.replace(b"\0", b"\1")
+
+
+def cache_contents(cache) -> dict:
+    """Every file under the cache, by relative path, with its sha256: what a refused prepare must not change."""
+    return {str(p.relative_to(cache)): prepare.sha256_file(p) for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
 def write_jsonl(path, records):
@@ -182,6 +194,15 @@ def test_read_user_documents_single_file(tmp_path):
     assert prepare.read_user_documents(path) == ["first", "second"]
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A UTF-8 BOM is dropped, CRLF line ends are fine, and U+2028 inside a JSON string is not a line end."""
+    path = tmp_path / "records.jsonl"
+    texts = ["a line separator\u2028inside a record", "a record after a CRLF", "é and ü"]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                for t in texts).encode("utf-8"))
+    assert prepare.read_user_documents(path) == texts
+
+
 def test_long_txt_split_at_paragraph_breaks():
     paragraphs = make_paragraphs(4, 50)
     text = "\n\n".join(paragraphs)
@@ -244,7 +265,8 @@ def test_prepare_custom_in_process(isolated_cache, mixed_corpus):
     assert bigger["tokenizer_sha256"] != manifest["tokenizer_sha256"]
 
 
-def test_failed_prepare_leaves_no_stale_manifest(isolated_cache, tmp_path):
+def test_a_prepare_that_fails_half_way_leaves_no_stale_manifest(isolated_cache, tmp_path):
+    """Too little text shows only when the tokenizer trains, after the new corpus was written."""
     good = tmp_path / "good"
     good.mkdir()
     write_jsonl(good / "a.jsonl", [{"text": d} for d in make_docs(6, 60)])
@@ -260,6 +282,86 @@ def test_failed_prepare_leaves_no_stale_manifest(isolated_cache, tmp_path):
     assert not prepare.MANIFEST_PATH.exists()
     with pytest.raises(prepare.HarnessError, match="uv run prepare.py"):
         prepare.load_manifest()
+
+
+def _refused_inputs(tmp_path) -> dict:
+    """--data inputs that must be refused: name -> path (each built under tmp_path/refused)."""
+    base = tmp_path / "refused"
+    base.mkdir()
+    empty_dir = base / "empty_dir"
+    empty_dir.mkdir()
+    images = base / "images"
+    images.mkdir()
+    _images_only(images)
+    (base / "empty.txt").write_bytes(b"")
+    (base / "noise.txt").write_bytes(random_bytes(MEGABYTE))
+    (base / "latin1.txt").write_bytes("Olé, ça va très bien.\n".encode("latin-1"))
+    write_jsonl(base / "no_text.jsonl", [{"title": "no text field"}, {"text": " "}])
+    return {"missing path": base / "no" / "such" / "corpus", "empty directory": empty_dir,
+            "images only": images, "empty file": base / "empty.txt", "random bytes": base / "noise.txt",
+            "latin-1 text": base / "latin1.txt", "no text": base / "no_text.jsonl"}
+
+
+def test_a_refused_data_leaves_the_previous_preparation_intact(isolated_cache, tmp_path):
+    from analysis import integrity
+    manifest = prepare.prepare("offline", vocab_size=SMALL_VOCAB)
+    before = cache_contents(isolated_cache)
+    assert "manifest.json" in before and any(p.startswith("data/offline/") for p in before)
+
+    for name, path in _refused_inputs(tmp_path).items():
+        with pytest.raises(prepare.HarnessError, match=r"^--data "):
+            prepare.prepare("custom", data_path=path, vocab_size=SMALL_VOCAB)
+        assert cache_contents(isolated_cache) == before, f"{name}: the refused call changed the cache"
+        assert prepare.load_manifest() == manifest, name
+        # the data still verifies, as analyze.py checks it before trusting a run's number
+        assert integrity.data_problems({"data": {"manifest_hash": manifest["manifest_hash"]}},
+                                       isolated_cache, None) == [], name
+    assert_manifest_files_consistent(manifest, isolated_cache)
+
+
+def test_cli_a_refused_data_leaves_the_previous_preparation_intact(tmp_path):
+    proc, cache = run_prepare(tmp_path, "--offline", "--vocab-size", str(SMALL_VOCAB))
+    assert proc.returncode == 0, proc.stderr
+    before = cache_contents(cache)
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(random_bytes(MEGABYTE))
+
+    proc, _ = run_prepare(tmp_path, "--data", str(noise), "--vocab-size", str(SMALL_VOCAB))
+    assert_one_line_error(proc, f"{noise}: binary, not text")
+    assert cache_contents(cache) == before
+    assert_manifest_files_consistent(manifest_of(cache), cache)
+
+
+def test_cli_data_says_what_it_read_and_skipped(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    docs = make_docs(8, 80)
+    write_jsonl(root / "good.jsonl", [{"text": d} for d in docs])
+    (root / "noise.txt").write_bytes(random_bytes(MEGABYTE))
+    (root / "noise_without_nul.txt").write_bytes(random_bytes(MEGABYTE, seed=1, nul=False))
+    (root / "latin1.txt").write_bytes("Crème brûlée et café.\n".encode("latin-1"))
+    (root / "blank.txt").write_text("\n  \n")
+    (root / "photo.png").write_bytes(random_bytes(4096, seed=2))
+
+    proc, cache = run_prepare(tmp_path, "--data", str(root), "--vocab-size", str(SMALL_VOCAB))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    size = (root / "good.jsonl").stat().st_size
+    assert f"--data {root}: read {len(docs)} documents from 1 file(s), {size:,} bytes; skipped 4 file(s)" in lines
+    assert f"  skipped {root / 'blank.txt'}: {prepare.NO_TEXT}" in lines
+    assert f"  skipped {root / 'latin1.txt'}: not UTF-8 text (byte 0xe8 at offset 2); if it is text in another " \
+           f"encoding, convert it, e.g. `iconv -f latin1 -t utf-8`" in lines
+    assert f"  skipped {root / 'noise.txt'}: binary, not text (it contains NUL bytes)" in lines
+    assert any(line.startswith(f"  skipped {root / 'noise_without_nul.txt'}: not UTF-8 text (byte 0x")
+               for line in lines), proc.stdout
+    assert "  ignored 1 file(s) of other types (.png: 1); prepare.py reads .txt, .jsonl, .parquet" in lines
+
+    # only the good file's documents were prepared
+    manifest = manifest_of(cache)
+    prepared_docs = [t for f in manifest["train_files"] + manifest["val_files"]
+                     for t in pq.read_table(cache / f["path"])["text"].to_pylist()]
+    assert sorted(prepared_docs) == sorted(docs)
+    assert f"({len(docs)} documents)" in manifest["description"]
 
 
 def test_copies_of_a_document_stay_on_one_side_of_the_split():
@@ -351,9 +453,29 @@ def _parquet_text_not_strings(root):
     return [str(root / "numbers.parquet")]
 
 
+def _empty_directory(root):
+    return [f"--data {root}:", "no .txt, .jsonl, .parquet files", "it is empty"]
+
+
+def _images_only(root):
+    for name in ("cat.png", "dog.png", "scan.jpg"):
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n" + random.Random(name).randbytes(2048))
+    return ["no .txt, .jsonl, .parquet files", "3 other file(s): .jpg: 1, .png: 2"]
+
+
+def _random_bytes_txt(root):
+    (root / "noise.txt").write_bytes(random_bytes(MEGABYTE))
+    return [f"{root / 'noise.txt'}: binary, not text", "no text found in 1 file(s)"]
+
+
+def _latin1_txt(root):
+    (root / "latin1.txt").write_bytes("Un café au lait, s'il vous plaît.\n".encode("latin-1"))
+    return [f"{root / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 6)", "iconv"]
+
+
 @pytest.mark.parametrize("build", [
     _no_files, _no_text, _corrupt_parquet, _parquet_without_text_column, _bad_jsonl_line, _too_little_text,
-    _jsonl_not_utf8, _parquet_text_not_strings,
+    _jsonl_not_utf8, _parquet_text_not_strings, _empty_directory, _images_only, _random_bytes_txt, _latin1_txt,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_cli_bad_data_directory(tmp_path, build):
     root = tmp_path / "corpus"
@@ -368,6 +490,14 @@ def test_cli_data_path_missing(tmp_path):
     missing = tmp_path / "no" / "such" / "corpus"
     proc, cache = run_prepare(tmp_path, "--data", str(missing))
     assert_one_line_error(proc, str(missing), "no such file or directory")
+    assert not (cache / "manifest.json").exists()
+
+
+def test_cli_data_empty_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    proc, cache = run_prepare(tmp_path, "--data", str(path))
+    assert_one_line_error(proc, f"--data {path}: no text found in 1 file(s)", f"{path}: no text")
     assert not (cache / "manifest.json").exists()
 
 
