@@ -247,6 +247,8 @@ MALFORMED = {  # id: (what to change in a finished run's files, what analysis.md
                       "line 9 of metrics.jsonl is not an object; skipped"),
     "binary garbage": (lambda repo: edit_metrics_line(repo, 10, lambda r: bytes(range(256)).replace(b"\n", b"")),
                        "line 10 of metrics.jsonl is not JSON"),
+    "a binary run_summary.json": (lambda repo: (repo / "run_summary.json").write_bytes(bytes(range(256))),
+                                  "run_summary.json is corrupt (Expecting value)"),
     "NaN mfu_percent in the summary": (lambda repo: fake_run(repo, mfu_percent=float("nan")),
                                        "run_summary.json's mfu_percent is not a finite number (NaN or infinite): "
                                        "recorded as null"),
