@@ -270,8 +270,9 @@ def test_malformed_inputs_are_reported_and_the_ledger_stays_strict_json(repo, ca
     folder = repo / STORE / entry["run_id"]
     assert named in (folder / "analysis.md").read_text()
     assert (folder / "loss_vs_step.png").stat().st_size > 1000 and (repo / STORE / "progress.png").exists()
-    fake_run(repo, 0.99, seed=3)  # and the next run is judged against it as usual
-    assert analyze(repo).returncode == 0
+    fake_run(repo, 0.99, seed=3)  # and the next run is judged against it as usual, with nothing to repair
+    proc = analyze(repo)
+    assert proc.returncode == 0 and "note:" not in proc.stdout, proc.stdout
     assert len(strict_ledger(repo)) == 2
 
 
