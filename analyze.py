@@ -27,8 +27,9 @@ import numpy as np
 
 import schema
 from analysis import gitops, integrity, plots, report, stats, verdict
-from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, RUN_FILES, STAMP_FORMAT, Store, StoreError,
-                            atomic_write, failure_line, load_run, parse_stamp, sha256_bytes, traceback_tail)
+from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError, atomic_write,
+                            clean_summary, failure_line, load_run, metrics_notes, parse_stamp, refuse_running_train,
+                            sha256_bytes, traceback_tail)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
 LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
@@ -38,27 +39,57 @@ LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last wr
 # What the run in the working directory is
 # ---------------------------------------------------------------------------
 
+def archived_as(ledger: list, kind: str, sha256, mtime_ns):
+    """The run id whose archived `kind` file ("run_log", "metrics") was this one: the same sha256 and the
+    same mtime (two SyntaxError runs leave identical logs, written at different times). A record from
+    before mtimes were recorded matches on its sha256 alone."""
+    if sha256 is None:
+        return None
+    return next((r["run_id"] for r in ledger if r.get(f"{kind}_sha256") == sha256
+                 and r.get(f"{kind}_mtime_ns", mtime_ns) == mtime_ns), None)
+
+
+def log_relation(log_file: dict, summary: dict) -> str:
+    """Whose run.log this is, next to `summary`: "own" (it carries the summary's stamp line, which
+    prepare.RunLogger prints first), "older" (last written before that run started: a run not captured
+    with `> run.log`), or "later": written after that run started without its stamp, so by a later
+    process that died before train.py's logger started (a SyntaxError, a kill during the imports) and
+    wrote no summary of its own. A summary without a usable started_at is taken as the log's own."""
+    stamp = summary.get("started_at")
+    if not isinstance(stamp, str):
+        return "own"
+    start = parse_stamp(stamp)
+    if start is not None and log_file["mtime"] < start - LOG_CLOCK_SLACK_S:
+        return "older"
+    stamped = any(line.rstrip().endswith(schema.log_stamp(stamp)) for line in log_file["head"].splitlines())
+    return "own" if stamped else "later"
+
+
 def classify(run: dict, ledger: list) -> dict:
     """Decide which of the files found belong to this run, and its status.
 
-    Files already archived (matched by run.log / metrics.jsonl hash, or the summary's start time and
-    code) are an earlier run's: a new run.log next to an old summary means this run died before
-    train.py's logger started, which is a crash, never the old number."""
-    summary, records, log = run["summary"], run["records"], run["log"]
+    Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's start time
+    and code) are an earlier run's, and so is a summary whose stamp line a later run.log lacks: a new
+    run.log next to an old summary means this run died before train.py's logger started, which is a
+    crash, never the old number."""
+    summary, records, log, log_file = run["summary"], run["records"], run["log"], run["log_file"]
     notes = []
     if summary is None and log is None and not records and run["summary_problem"] is None:
         raise StoreError(f"no run to analyze in {run['dir'].resolve()}: run `uv run train.py > run.log 2>&1` first")
-    archived = {}
-    for r in ledger:
-        for key in ("run_log_sha256", "metrics_sha256"):
-            if r.get(key):
-                archived[key, r[key]] = r["run_id"]
-    log_of = archived.get(("run_log_sha256", run["run_log_sha256"])) if log is not None else None
-    metrics_of = archived.get(("metrics_sha256", run["metrics_sha256"])) if records else None
+    summary, summary_fixes = clean_summary(summary) if summary is not None else (None, [])
+    log_of = archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"]) if log_file else None
+    metrics_of = archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"]) if records else None
     summary_of = None
     if summary is not None and summary.get("started_at"):
         summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
                            and r.get("train_sha256") == summary.get("train_sha256")), None)
+    relation = log_relation(log_file, summary) if summary is not None and log_file else None
+    if relation == "later" and not summary_of:
+        notes.append(f"run_summary.json belongs to an earlier run (started at {summary['started_at']}) that was never "
+                     f"analyzed: run.log was written after it and lacks its stamp line "
+                     f"({schema.log_stamp(summary['started_at'])!r}), so this run failed before train.py's logger "
+                     f"started; that earlier result, and its metrics.jsonl, are ignored")
+        summary, records = None, []
     anything_new = ((log is not None and not log_of) or (summary is not None and not summary_of)
                     or (records and not metrics_of) or run["summary_problem"])
     if not anything_new:
@@ -72,17 +103,17 @@ def classify(run: dict, ledger: list) -> dict:
         notes.append(f"metrics.jsonl belongs to run {metrics_of} (already archived); ignored")
         records = []
     elif run["metrics_problems"] and (summary or records):
-        notes.extend(run["metrics_problems"][:3])
+        notes.extend(metrics_notes(run["metrics_problems"]))
     if log_of:
         notes.append(f"run.log belongs to run {log_of}, not to this run: capture it with "
                      f"`uv run train.py > run.log 2>&1`")
         log = None
-    elif log is not None and summary is not None:
-        start = parse_stamp(summary.get("started_at"))
-        if start is not None and run["log_mtime"] < start - LOG_CLOCK_SLACK_S:
-            notes.append("run.log was last written before this run started, so it is not this run's; "
-                         "capture it with `uv run train.py > run.log 2>&1`")
-            log = None
+    elif relation == "older" and summary is not None:
+        notes.append("run.log was last written before this run started, so it is not this run's; "
+                     "capture it with `uv run train.py > run.log 2>&1`")
+        log = None
+    if summary is not None:
+        notes.extend(summary_fixes)
 
     error = None
     if summary is None:
@@ -184,33 +215,42 @@ def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
     return {**decision, "next_seed": verdict.next_seed(ledger, record)}
 
 
-def archive(store: Store, args, run: dict, facts: dict) -> dict:
-    """Copy this run's own files into a fresh archive folder; return its ledger record (no verdict yet)."""
+def run_commit(facts: dict):
+    """The commit the run ran at: its summary's, else HEAD's."""
+    return (facts["summary"] or {}).get("commit") or gitops.head()
+
+
+def archive(store: Store, args, run: dict, facts: dict, run_id: str) -> dict:
+    """Copy this run's own files into its (fresh) archive folder; return its ledger record (no verdict yet).
+    run.log is archived bounded: a huge log keeps its head and tail (store.read_log)."""
     summary = facts["summary"] or {}
-    commit = summary.get("commit") or gitops.head()
+    commit = run_commit(facts)
     code, exact = ran_code(Path(args.run_dir), facts["summary"])
     if not exact:
         facts["notes"].append("train.py changed since the run started: the archived snapshot may differ from what ran")
-    run_id = store.allocate_run_id(commit)
     folder = store.run_path(run_id)
-    own = {"run_summary.json": facts["summary"] is not None, "metrics.jsonl": bool(facts["records"]),
-           "run.log": facts["log"] is not None}
-    for name in RUN_FILES:
-        if own[name]:
+    log_file = run["log_file"] if facts["log"] is not None else None
+    for name, own in (("run_summary.json", facts["summary"] is not None), ("metrics.jsonl", bool(facts["records"]))):
+        if own:
             shutil.copy2(Path(args.run_dir) / name, folder / name)
+    if log_file:
+        atomic_write(folder / "run.log", log_file["archived"], mode="wb")
     atomic_write(folder / gitops.TRAIN_PY, code)
     description = args.message or gitops.subject(commit) or "(no description)"
     if summary.get("dirty"):
         description += " (uncommitted changes)"
     record = {k: summary.get(k) for k in schema.SUMMARY_KEYS}
     record.update({k: v for k, v in summary.items() if k not in record})
+    own_metrics = bool(facts["records"])
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
                   analyzed_at=time.strftime(STAMP_FORMAT),
                   train_sha256=summary.get("train_sha256") or sha256_bytes(code.encode()),
-                  run_log_sha256=run["run_log_sha256"] if own["run.log"] else None,
-                  metrics_sha256=run["metrics_sha256"] if own["metrics.jsonl"] else None)
+                  run_log_sha256=log_file["sha256"] if log_file else None,
+                  run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,
+                  metrics_sha256=run["metrics_sha256"] if own_metrics else None,
+                  metrics_mtime_ns=run["metrics_mtime_ns"] if own_metrics else None)
     if facts["status"] != "ok":
         record["val_bpb"] = None  # never a number this run did not produce
     return record
@@ -233,40 +273,68 @@ def write_diff(store: Store, record: dict, base):
 # Commands
 # ---------------------------------------------------------------------------
 
+def repair(store: Store):
+    """Repair what a killed earlier call left (call first under the store lock): the store's leftovers
+    (Store.repair) and a stale .git/index.lock; one `note:` line each."""
+    for note in store.repair() + [gitops.clear_stale_index_lock()]:
+        if note:
+            print(f"note: {note}")
+
+
 def cmd_analyze(args) -> int:
     store = Store(".")
+    refuse_running_train(args.run_dir)
     run = load_run(args.run_dir)
     with store.lock():
+        repair(store)
         ledger = store.read_ledger()
         facts = classify(run, ledger)
-        record = archive(store, args, run, facts)
-        if facts["status"] == "ok":
-            # a number from a touched evaluation or clock is kept for reference, never counted
-            reference = next((r for r in ledger if verdict.finished(r)), None)  # the store's first finished run
-            problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."), schema.cache_dir(),
-                                                    reference, run_dir=Path(args.run_dir),
-                                                    metrics_sha256=run["metrics_sha256"])
-            record["integrity"] = problems
-            if problems:
-                record["status"] = "invalid"
-        folder = store.run_path(record["run_id"])
-        best_records, noise = best_and_noise(record, ledger)
-        # the best's representative for overlays and diffs: its latest run other than this one
-        best = next((r for r in reversed(best_records or []) if r["run_id"] != record["run_id"]), None)
-        previous = ledger[-1] if ledger else None
-        write_diff(store, record, (best, "the best") if best else (previous, "the previous run") if previous else None)
+        run_id = store.allocate_run_id(run_commit(facts))
+        try:
+            context = analyze_run(store, args, run, facts, ledger, run_id)
+        except OSError as e:  # a full disk, a file-size limit: the run is archived whole or not at all
+            if store.recorded(run_id):  # runs.jsonl was replaced, results.tsv was not
+                raise StoreError(f"run {run_id} is recorded in runs.jsonl, but writing {e.filename or 'results.tsv'} "
+                                 f"failed ({e.strerror or e}): free space; the next analyze.py command rebuilds "
+                                 f"results.tsv") from None
+            shutil.rmtree(store.run_path(run_id), ignore_errors=True)
+            raise StoreError(f"archiving run {run_id} failed writing {e.filename or 'a file'} ({e.strerror or e}): "
+                             f"nothing was recorded; free space and run `uv run analyze.py` again") from None
+    print("\n".join(report.stdout_lines(context, store.run_path(run_id) / "analysis.md")))
+    return 0
 
-        # figures in a forked process while this one computes the statistics (analysis has a time budget)
-        best_metrics = store.archived_records(best["run_id"]) if best else None
-        overlay = [(f"this run {record['run_id']}", facts["records"])]
-        if best:
-            overlay.append((f"best {best['run_id']}", best_metrics))
-        if previous and previous is not best:
-            overlay.append((f"previous {previous['run_id']}", store.archived_records(previous["run_id"])))
-        figure_jobs = [(folder / name, builder, fargs) for name, builder, fargs in plots.run_figure_jobs(overlay)]
-        figure_jobs.append((store.path(PROGRESS_PNG), plots.progress_figure, (ledger + [record],)))
-        wait_for_plots = plots.render_in_background(figure_jobs)
 
+def analyze_run(store: Store, args, run: dict, facts: dict, ledger: list, run_id: str) -> dict:
+    """Archive, judge and record one run in its allocated folder `run_id` (under the store lock); returns
+    the context stdout is printed from. The ledger row is written last: until then nothing is recorded."""
+    record = archive(store, args, run, facts, run_id)
+    if facts["status"] == "ok":
+        # a number from a touched evaluation or clock is kept for reference, never counted
+        reference = next((r for r in ledger if verdict.finished(r)), None)  # the store's first finished run
+        problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."), schema.cache_dir(),
+                                                reference, run_dir=Path(args.run_dir),
+                                                metrics_sha256=run["metrics_sha256"])
+        record["integrity"] = problems
+        if problems:
+            record["status"] = "invalid"
+    folder = store.run_path(run_id)
+    best_records, noise = best_and_noise(record, ledger)
+    # the best's representative for overlays and diffs: its latest run other than this one
+    best = next((r for r in reversed(best_records or []) if r["run_id"] != run_id), None)
+    previous = ledger[-1] if ledger else None
+    write_diff(store, record, (best, "the best") if best else (previous, "the previous run") if previous else None)
+
+    # figures in a forked process while this one computes the statistics (analysis has a time budget)
+    best_metrics = store.archived_records(best["run_id"]) if best else None
+    overlay = [(f"this run {run_id}", facts["records"])]
+    if best:
+        overlay.append((f"best {best['run_id']}", best_metrics))
+    if previous and previous is not best:
+        overlay.append((f"previous {previous['run_id']}", store.archived_records(previous["run_id"])))
+    figure_jobs = [(folder / name, builder, fargs) for name, builder, fargs in plots.run_figure_jobs(overlay)]
+    figure_jobs.append((store.path(PROGRESS_PNG), plots.progress_figure, (ledger + [record],)))
+    wait_for_plots = plots.render_in_background(figure_jobs)
+    try:
         decision = judge(record, ledger, best_records, noise)
         if decision["verdict"] == "rerun":
             record["status"] = "rerun"
@@ -282,18 +350,24 @@ def cmd_analyze(args) -> int:
                    "plots": [path.name for path, _, _ in figure_jobs[:-1]]}
         atomic_write(folder / "analysis.md", report.analysis_md(context))
         store.write_ledger(ledger + [record])
-        wait_for_plots()
-    print("\n".join(report.stdout_lines(context, folder / "analysis.md")))
-    return 0
+    except BaseException:
+        wait_for_plots(check=False)  # the drawing process must be done before its folder can be removed
+        raise
+    wait_for_plots()
+    return context
 
 
 @contextmanager
 def bookkeeping(run_id):
-    """(store, ledger, target run) under the store lock, for keep and discard, after the safety checks."""
+    """(store, ledger, target run) under the store lock, for keep and discard, after the repairs and the
+    safety checks: a git state a commit must not happen in, or changes other than train.py, is refused
+    before anything is written."""
     store = Store(".")
     gitops.require_repo()
-    gitops.refuse_unsafe_tree()
     with store.lock():
+        repair(store)
+        gitops.refuse_unsafe_state()
+        gitops.refuse_unsafe_tree()
         ledger = store.read_ledger()
         if not ledger:
             raise StoreError("no run to act on: the store is empty (run `uv run analyze.py` after a training run)")
@@ -316,6 +390,11 @@ def cmd_keep(args) -> int:
         if committed is None or sha256_bytes(committed.encode()) != target["train_sha256"]:
             raise StoreError(f"run {target['run_id']} did not run a committed train.py (commit {target['commit']}): "
                              f"commit train.py and run it again before keeping it")
+        local = gitops.uncommitted_import(committed, target["commit"])
+        if local:
+            raise StoreError(f"run {target['run_id']}'s train.py imports {local[0]}, which {local[1]}: a kept run must be "
+                             f"reproducible from its commit; commit {local[0]} (`git add {local[0]} && git commit`), "
+                             f"run train.py again and keep that run")
         comparable = verdict.comparable_key(target)
         kept = [r for r in ledger if r["status"] == "keep"]
         if kept and verdict.best_pool(ledger, comparable) is None and not args.new_baseline:
@@ -340,6 +419,24 @@ def cmd_keep(args) -> int:
     return 0
 
 
+def best_code(store: Store, best_run: dict) -> str:
+    """The best's train.py, checked against its train_sha256: its archived snapshot, else (with a note) its
+    commit's; refused when neither is the code that ran."""
+    wanted = best_run["train_sha256"]
+    snapshot = store.run_path(best_run["run_id"]) / gitops.TRAIN_PY
+    text = snapshot.read_text() if snapshot.exists() else None
+    if text is not None and sha256_bytes(text.encode()) == wanted:
+        return text
+    state = "is missing" if text is None else "is not the code that ran (its sha256 differs)"
+    committed = gitops.show(best_run["commit"])
+    if committed is not None and sha256_bytes(committed.encode()) == wanted:
+        print(f"note: the best's snapshot {snapshot} {state}; train.py is restored from commit {best_run['commit']}")
+        return committed
+    raise StoreError(f"the best run {best_run['run_id']}'s train.py cannot be restored: its snapshot {snapshot} {state} "
+                     f"and `git show {best_run['commit']}:train.py` is {'another' if committed else 'no'} file; "
+                     f"restore the train.py with sha256 {wanted[:12]}... by hand and commit it")
+
+
 def cmd_discard(args) -> int:
     with bookkeeping(args.run_id) as (store, ledger, target):
         if target["status"] == "keep":
@@ -348,26 +445,25 @@ def cmd_discard(args) -> int:
         if best is None:
             raise StoreError("no best yet to revert to: keep a baseline first (`uv run analyze.py keep`)")
         best_run = best[1][0]
-        best_code = store.run_path(best_run["run_id"]) / gitops.TRAIN_PY
-        if not best_code.exists():
-            raise StoreError(f"the best run's snapshot {best_code} is missing; restore it from git "
-                             f"(git show {best_run['commit']}:train.py)")
-        for record in ledger:
-            if verdict.code_key(record) == verdict.code_key(target) and record["status"] in ("pending", "rerun"):
-                record["status"] = "discard"
-        save_ledger(store, ledger)
-        working, wanted, committed = Path(gitops.TRAIN_PY), best_code.read_text(), gitops.show("HEAD")
+        wanted = best_code(store, best_run)
+        # git first, the ledger after: where git fails, nothing is marked and running discard again finishes the job
+        working, committed = Path(gitops.TRAIN_PY), gitops.show("HEAD")
         current = working.read_text() if working.exists() else None
         if current not in (None, wanted, committed) and sha256_bytes(current.encode()) != target["train_sha256"]:
             keep_copy = store.run_path(target["run_id"]) / "train.py.uncommitted"
             atomic_write(keep_copy, current)
             print(f"saved uncommitted train.py edits to {keep_copy}")
-        atomic_write(working, wanted)
-        if committed == wanted:
-            print(f"discarded {target['run_id']}; train.py is the best's ({best_run['commit']}), nothing to commit")
-            return 0
-        sha = gitops.commit_train_py(f"revert to best {best_run['commit']}")
-    print(f"discarded {target['run_id']}; train.py restored to best {best_run['commit']} in commit {sha}")
+        if current != wanted:
+            atomic_write(working, wanted)
+        sha = gitops.commit_train_py(f"revert to best {best_run['commit']}") if committed != wanted else None
+        for record in ledger:
+            if verdict.code_key(record) == verdict.code_key(target) and record["status"] in ("pending", "rerun"):
+                record["status"] = "discard"
+        save_ledger(store, ledger)
+    if sha is None:
+        print(f"discarded {target['run_id']}; train.py is the best's ({best_run['commit']}), nothing to commit")
+    else:
+        print(f"discarded {target['run_id']}; train.py restored to best {best_run['commit']} in commit {sha}")
     return 0
 
 
@@ -440,6 +536,10 @@ def main(argv=None) -> int:
         return command(args)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk or a permission, outside the archiving (cmd_analyze says more there)
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; fix that (free space, permissions) and run "
+              f"the command again", file=sys.stderr)
         return 1
 
 

@@ -114,7 +114,8 @@ def _focus_loss_axis(plot: Plot, ax, runs):
     if tails:
         lo, hi = min(float(t.min()) for t in tails), max(float(t.max()) for t in tails)
         pad = 0.05 * (hi - lo or 1.0)
-        ax.set_ylim(lo - pad, hi + pad)
+        if np.isfinite([lo - pad, hi + pad]).all():  # huge (finite) losses overflow the padding: keep the default
+            ax.set_ylim(lo - pad, hi + pad)
 
 
 def short_name(name: str) -> str:
@@ -194,11 +195,12 @@ def render(jobs: list):
 
 def render_in_background(jobs: list):
     """Start drawing [(path, builder, args)] in a forked process and return a function that waits for
-    it (raising if it failed). Drawing is CPU-bound and single-threaded, and a run's analysis has a
-    time budget: the caller computes statistics meanwhile. Inline where fork is unavailable."""
+    it (raising if it failed, unless check=False: the caller is failing already and only needs the
+    process gone). Drawing is CPU-bound and single-threaded, and a run's analysis has a time budget:
+    the caller computes statistics meanwhile. Inline where fork is unavailable."""
     if not hasattr(os, "fork"):
         render(jobs)
-        return lambda: None
+        return lambda check=True: None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -210,9 +212,9 @@ def render_in_background(jobs: list):
             os._exit(1)
         os._exit(0)
 
-    def wait():
+    def wait(check: bool = True):
         status = os.waitpid(pid, 0)[1]
-        if status != 0:
+        if check and status != 0:
             raise StoreError(f"the plotting process failed (exit status {status}; traceback above): "
                              f"the analysis and the ledger row are written, some plots may be missing")
     return wait

@@ -153,7 +153,8 @@ def _performance_section(ctx) -> list:
            f"{_f(r.get('total_seconds'), 1)} s total (budget {r.get('time_budget_s')} s)"]
     compiled = r.get("compile")
     if isinstance(compiled, dict):  # train.py's fast path: what torch.compile did, and whether it stalled the clock
-        in_loop = compiled.get("graphs_in_loop", 0) + compiled.get("recompiles_in_loop", 0)
+        in_loop = sum(v for v in (compiled.get("graphs_in_loop"), compiled.get("recompiles_in_loop"))
+                      if schema.finite_number(v))
         out.append(f"- compilation ({compiled.get('backend')}): {compiled.get('graphs')} graphs, "
                    f"{compiled.get('graph_breaks')} graph breaks, {compiled.get('recompiles')} recompiles; "
                    + (f"**{compiled.get('graphs_in_loop')} graphs and {compiled.get('recompiles_in_loop')} recompiles "

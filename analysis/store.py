@@ -5,9 +5,12 @@ The experiment store (.auto-log-research/) and the files a training run leaves b
     runs.jsonl    one object per run: the whole run_summary.json plus the ledger and verdict fields
     <run_id>/     run_summary.json metrics.jsonl run.log train.py diff.patch analysis.md *.png
 
-runs.jsonl is the ledger of record and results.tsv is written from it, both through this module
-only: read-modify-write under an exclusive lock, each file replaced atomically, so two analyze.py
-processes at once or one killed half-way never lose or corrupt a row.
+runs.jsonl is the ledger of record (strict JSON) and results.tsv is written from it, both through
+this module only: read-modify-write under an exclusive lock, each file replaced atomically, so two
+analyze.py processes at once or one killed half-way never lose or corrupt a row; what a killed one
+leaves (temporary files, an archive folder without a row, a results.tsv behind runs.jsonl) the next
+one repairs (Store.repair). What a run left is read defensively: run.log streamed and bounded, bad
+metrics lines and summary fields skipped with a note.
 """
 
 import csv
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,7 +36,7 @@ INSIGHTS = "insights.md"
 PROGRESS_PNG = "progress.png"
 LOCK_FILE = ".lock"
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`
-RUN_FILES = ("run_summary.json", "metrics.jsonl", "run.log")  # what train.py leaves in the working directory
+TRAIN_PY = "train.py"
 
 TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")  # fixed, in this order
 TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "p_value", "num_steps",
@@ -40,6 +44,13 @@ TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "
 LOCK_TIMEOUT_S = 300          # a concurrent analyze takes seconds; minutes of waiting means a stuck process
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (RunLogger) and analyzed_at
 TRACEBACK_LINES = 30          # lines of a crashed run's log shown in analysis.md
+LOG_HEAD_BYTES = 64 << 10     # the start of run.log that is read and archived: uv's and the imports' output, then
+                              # the run's stamp line (prepare.RunLogger prints it first)
+LOG_TAIL_BYTES = 1 << 20      # the end of run.log that is read and archived: the traceback and the final block, however
+                              # much a run printed before (a 200 MB log is neither read whole nor copied whole)
+LOG_CUT_MARK = "\n[... {n} bytes cut ...]\n"  # where an archived run.log lost its middle
+MAX_METRICS_NOTES = 5         # metrics.jsonl problems listed in analysis.md (then "and N more")
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_write's temporary files: .<name>.<pid>.tmp
 
 
 class StoreError(Exception):
@@ -59,23 +70,65 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def atomic_write(path: Path, data, mode: str = "w"):
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half.
+    A failed write (a full disk) removes its temporary file; one a killed process left is Store.repair's."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a live process has this pid (another user's counts; a zombie does not: it has exited and
+    holds no file, it only waits to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to tell (macOS): the process exists
+    return state not in ("Z", "X")
+
+
+def replace_non_finite(value, path: str = ""):
+    """(value with every NaN / infinite float, however deeply nested, replaced by None, [paths replaced]):
+    what makes a record strict JSON (runs.jsonl is written with allow_nan=False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path or "value"]
+    if isinstance(value, dict):
+        pairs = [(k, replace_non_finite(v, f"{path}.{k}" if path else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
+    if isinstance(value, list):
+        items = [replace_non_finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, ps in items for p in ps]
+    return value, []
 
 
 # ---------------------------------------------------------------------------
 # The files of one run
 # ---------------------------------------------------------------------------
 
+def _measured(key: str) -> bool:
+    """A metrics key whose value must be a finite number (the step keys, validation, per-layer statistics)."""
+    return key in schema.REQUIRED_STEP_KEYS or key in (schema.VAL_BPB, schema.VAL_LOSS) or bool(schema.parse_layer_key(key))
+
+
 def read_metrics(path: Path):
     """(records, problems) of a metrics.jsonl. A crashed run may end in a half-written line: the
-    complete lines are kept and the truncation reported, never raised."""
+    complete lines are kept and the truncation reported, never raised. A line that is not a JSON
+    object, lacks a step key or holds a value that is not a finite number (NaN, a string step, a null
+    time) is skipped and reported, so the statistics and plots only ever see clean numbers."""
     path = Path(path)
     if not path.exists():
         return [], [f"{path.name} is missing"]
@@ -84,22 +137,64 @@ def read_metrics(path: Path):
     for i, line in enumerate(lines):
         if not line.strip():
             continue
+        where = f"line {i + 1} of {path.name}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            last = i == len(lines) - 1
-            problems.append(f"line {i + 1} of {path.name} is {'truncated' if last else 'not JSON'}")
+        except (json.JSONDecodeError, RecursionError):
+            problems.append(f"{where} is {'truncated' if i == len(lines) - 1 else 'not JSON'}")
             continue
         if not isinstance(record, dict):
-            problems.append(f"line {i + 1} of {path.name} is not an object")
+            problems.append(f"{where} is not an object; skipped")
             continue
         bad = schema.step_record_problems(record)
+        unusable = (any(k not in record for k in schema.REQUIRED_STEP_KEYS)
+                    or any(_measured(k) and not schema.finite_number(v) for k, v in record.items()))
         if bad:
-            problems.append(f"step {record.get(schema.STEP)}: {bad[0]}")
-            if any(k not in record for k in schema.REQUIRED_STEP_KEYS):
-                continue
-        records.append(record)
+            problems.append(f"{where} (step {record.get(schema.STEP)!r}): {bad[0]}" + ("; skipped" if unusable else ""))
+        if not unusable:
+            records.append(record)
     return records, problems
+
+
+def metrics_notes(problems: list) -> list:
+    """The problems of a metrics.jsonl as analysis.md notes: the first few, then how many more."""
+    more = len(problems) - MAX_METRICS_NOTES
+    return problems[:MAX_METRICS_NOTES] + ([f"... and {more} more problems in metrics.jsonl"] if more > 0 else [])
+
+
+# What analyze.py relies on each run_summary.json field being; None is always allowed (a failed run's
+# summary lacks what it never measured). A field of another type is dropped with a note, never crashed on.
+SUMMARY_FIELD_KINDS = {
+    **dict.fromkeys(("val_bpb", "training_seconds", "total_seconds", "startup_seconds", "peak_vram_mb",
+                     "mfu_percent", "total_tokens_M", "num_steps", "num_params_M", "depth", "seed",
+                     "time_budget_s"), "a number"),
+    **dict.fromkeys(("status", "device", "torch_version", "commit", "harness_hash", "train_sha256",
+                     "started_at", "error"), "a string"),
+    "dirty": "true or false",
+    **dict.fromkeys(("data", "config", "causality", "compile"), "an object"),
+}
+KIND_CHECKS = {"a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+               "a string": lambda v: isinstance(v, str), "true or false": lambda v: isinstance(v, bool),
+               "an object": lambda v: isinstance(v, dict)}
+WARMUP_KEY = "CLOCK_WARMUP_STEPS"  # the one config constant the analysis computes with (steps off the clock)
+
+
+def clean_summary(summary: dict) -> tuple:
+    """(summary, notes): run_summary.json with every non-finite number replaced by None and every field of
+    the wrong type (data or config not an object, a list for a device, ...) dropped, each with a note."""
+    summary, replaced = replace_non_finite(summary)
+    notes = [f"run_summary.json's {p} is not a finite number (NaN or infinite): recorded as null" for p in replaced]
+    for key, kind in SUMMARY_FIELD_KINDS.items():
+        value = summary.get(key)
+        if value is not None and not KIND_CHECKS[kind](value):
+            notes.append(f"run_summary.json's {key} is {type(value).__name__} {json.dumps(value)[:60]}, not {kind}: "
+                         f"ignored")
+            summary[key] = None
+    warmup = (summary.get("config") or {}).get(WARMUP_KEY)
+    if warmup is not None and not KIND_CHECKS["a number"](warmup):
+        notes.append(f"run_summary.json's config.{WARMUP_KEY} is {json.dumps(warmup)[:60]}, not a number: ignored")
+        summary["config"] = {k: v for k, v in summary["config"].items() if k != WARMUP_KEY}
+    return summary, notes
 
 
 def _last_traceback(lines: list):
@@ -129,6 +224,67 @@ def failure_line(log_text: str):
     return lines[span[1] - 1] if span else None
 
 
+def read_log(path: Path):
+    """run.log in one streaming pass, whatever its size: {sha256, size, mtime, mtime_ns, head, text, cut,
+    archived}. head is the text of its first LOG_HEAD_BYTES (where the stamp line is); text is the whole
+    log, or, past LOG_HEAD_BYTES + LOG_TAIL_BYTES, its last LOG_TAIL_BYTES from a line start (where the
+    traceback is); cut is how many bytes neither holds; archived is what goes into the archive: the
+    whole log, or head, a cut mark and tail. None when there is no run.log."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    digest, tail, cut = hashlib.sha256(), bytearray(), 0
+    with f:
+        stat = os.fstat(f.fileno())
+        head = f.read(LOG_HEAD_BYTES)
+        digest.update(head)
+        while chunk := f.read(schema.HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            tail += chunk
+            if len(tail) > LOG_TAIL_BYTES:
+                cut += len(tail) - LOG_TAIL_BYTES
+                del tail[:len(tail) - LOG_TAIL_BYTES]
+    if cut:  # start the tail at a line, so the traceback reads cleanly
+        start = tail.find(b"\n") + 1
+        cut += start
+        del tail[:start]
+    archived = head + (LOG_CUT_MARK.format(n=cut).encode() if cut else b"") + bytes(tail)
+    return {"sha256": digest.hexdigest(), "size": stat.st_size, "mtime": stat.st_mtime, "mtime_ns": stat.st_mtime_ns,
+            "head": head.decode(errors="replace"), "cut": cut, "archived": archived,
+            "text": (tail if cut else head + tail).decode(errors="replace")}
+
+
+def file_identity(path: Path):
+    """(sha256, mtime_ns) of a file, hashed in chunks; (None, None) when it does not exist. Two runs that
+    left byte-identical files (two SyntaxErrors) are still told apart by when each was written."""
+    path = Path(path)
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None, None
+    return schema.sha256_file(path), mtime_ns
+
+
+def refuse_running_train(run_dir):
+    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its RUN_LOCK_FILE
+    for its whole life (prepare.RunLogger), with its pid written in it."""
+    path = Path(run_dir) / schema.RUN_LOCK_FILE
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = f.read().strip() or "?"
+            raise StoreError(f"train.py is still running in {Path(run_dir).resolve()} (pid {pid}): wait for it to "
+                             f"finish, then run analyze.py") from None
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_run(run_dir) -> dict:
     """The files train.py left in `run_dir`, as found (nothing is checked against the store here)."""
     run_dir = Path(run_dir)
@@ -136,23 +292,19 @@ def load_run(run_dir) -> dict:
     summary_path = run_dir / "run_summary.json"
     if summary_path.exists():
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_bytes().decode(errors="replace"))
             if not isinstance(summary, dict):
                 summary, summary_problem = None, "run_summary.json is not an object"
-        except json.JSONDecodeError as e:
-            summary_problem = f"run_summary.json is corrupt ({e.msg})"
-    log_path = run_dir / "run.log"
-    log_bytes = log_path.read_bytes() if log_path.exists() else None
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_bytes = metrics_path.read_bytes() if metrics_path.exists() else None
-    records, metrics_problems = read_metrics(metrics_path)
+        except (json.JSONDecodeError, RecursionError) as e:
+            summary_problem = f"run_summary.json is corrupt ({getattr(e, 'msg', 'nested too deeply')})"
+    log = read_log(run_dir / "run.log")
+    records, metrics_problems = read_metrics(run_dir / "metrics.jsonl")
+    metrics_sha256, metrics_mtime_ns = file_identity(run_dir / "metrics.jsonl")
     return {
         "dir": run_dir, "summary": summary, "summary_problem": summary_problem,
         "records": records, "metrics_problems": metrics_problems,
-        "log": log_bytes.decode(errors="replace") if log_bytes is not None else None,
-        "log_mtime": log_path.stat().st_mtime if log_bytes is not None else None,
-        "run_log_sha256": sha256_bytes(log_bytes) if log_bytes is not None else None,
-        "metrics_sha256": sha256_bytes(metrics_bytes) if metrics_bytes is not None else None,
+        "log": log["text"] if log else None, "log_file": log,
+        "metrics_sha256": metrics_sha256, "metrics_mtime_ns": metrics_mtime_ns,
     }
 
 
@@ -176,6 +328,16 @@ def tsv_row(record: dict) -> dict:
            "status": record.get("status"), "description": record.get("description")}
     row.update({k: record.get(k) for k in TSV_EXTRA_COLUMNS})
     return {k: _cell(v) for k, v in row.items()}
+
+
+def tsv_text(ledger: list) -> str:
+    """results.tsv as written from the ledger: a header, then one row per run."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=TSV_COLUMNS + TSV_EXTRA_COLUMNS, delimiter="\t",
+                            lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    writer.writeheader()
+    writer.writerows(tsv_row(r) for r in ledger)
+    return buf.getvalue()
 
 
 class Store:
@@ -226,15 +388,12 @@ class Store:
         return ledger
 
     def write_ledger(self, ledger: list):
-        """Replace runs.jsonl, then results.tsv written from it (call under lock())."""
+        """Replace runs.jsonl (strict JSON: a NaN left in an old record becomes null), then results.tsv
+        written from it (call under lock())."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path(RUNS_JSONL), "".join(json.dumps(r, sort_keys=True) + "\n" for r in ledger))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=TSV_COLUMNS + TSV_EXTRA_COLUMNS, delimiter="\t",
-                                lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-        writer.writeheader()
-        writer.writerows(tsv_row(r) for r in ledger)
-        atomic_write(self.path(RESULTS_TSV), buf.getvalue())
+        atomic_write(self.path(RUNS_JSONL), "".join(json.dumps(replace_non_finite(r)[0], sort_keys=True, allow_nan=False)
+                                                    + "\n" for r in ledger))
+        atomic_write(self.path(RESULTS_TSV), tsv_text(ledger))
 
     def read_results_tsv(self) -> list:
         path = self.path(RESULTS_TSV)
@@ -271,6 +430,50 @@ class Store:
             return []
         return sorted(p.name for p in self.dir.iterdir()
                       if p.is_dir() and p.name not in known and p.name not in (COMPARE_DIR,) and not p.name.startswith("."))
+
+    def stale_temp_files(self) -> list:
+        """atomic_write's temporary files whose process is gone (a kill between write and rename): in the
+        store, in its run folders, and train.py's beside it (discard writes train.py atomically)."""
+        candidates = [*self.dir.glob(".*.tmp"), *self.dir.glob("*/.*.tmp"), *self.root.glob(f".{TRAIN_PY}.*.tmp")]
+        stale = []
+        for path in sorted(candidates):
+            match = TEMP_NAME.match(path.name)
+            if match and path.is_file() and not pid_alive(int(match["pid"])):
+                stale.append(path)
+        return stale
+
+    def repair(self) -> list:
+        """Undo what a killed analyze.py left, and say so (call first under lock(): no other analyze.py is
+        half-way then, so whatever is half-done is a dead process's). Returns one note per repair:
+        - temporary files of dead processes are removed;
+        - archive folders with no ledger row (an analyze killed before it recorded its run; the run's files
+          are still where train.py left them) are removed, so analyzing the run again archives it once;
+        - results.tsv is rewritten from runs.jsonl where it differs (a kill between the two writes)."""
+        notes = []
+        if not self.dir.exists():
+            return notes
+        stale = self.stale_temp_files()
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            notes.append(f"removed {len(stale)} temporary file(s) left by killed processes: "
+                         + ", ".join(str(p.relative_to(self.root)) for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+        ledger = self.read_ledger()
+        orphans = self.orphans(ledger)
+        for run_id in orphans:
+            shutil.rmtree(self.run_path(run_id))
+        if orphans:
+            notes.append(f"removed archive folder(s) {', '.join(orphans)} with no ledger row, left by an analyze.py "
+                         f"killed before it recorded its run (`uv run analyze.py` archives that run again)")
+        tsv = self.path(RESULTS_TSV)
+        if (ledger or tsv.exists()) and (tsv.read_text() if tsv.exists() else None) != tsv_text(ledger):
+            atomic_write(tsv, tsv_text(ledger))
+            notes.append(f"rebuilt {RESULTS_TSV} from {RUNS_JSONL}: it did not match (a write was cut short)")
+        return notes
+
+    def recorded(self, run_id: str) -> bool:
+        """Whether the ledger has a row for `run_id`."""
+        return any(r["run_id"] == run_id for r in self.read_ledger())
 
     def archived_records(self, run_id: str):
         records, _ = read_metrics(self.run_path(run_id) / "metrics.jsonl")

@@ -118,8 +118,15 @@ def seal_run(folder, summary: dict, metrics_text: str):
     path.write_text(json.dumps(seal))
 
 
-def write_run(folder, records=None, summary=None, log=None, truncate_metrics=False):
-    """Write the files train.py leaves behind into `folder` (None: that file is absent)."""
+def stamped_log(summary: dict, body: str) -> str:
+    """The run.log of the run that wrote `summary`: the stamp line prepare.RunLogger prints first (which
+    tells analyze.py the log is that run's), then `body`."""
+    return f"{schema.log_stamp(summary['started_at'])}\n{body}"
+
+
+def write_run(folder, records=None, summary=None, log=None, truncate_metrics=False, stamp=True):
+    """Write the files train.py leaves behind into `folder` (None: that file is absent). With a summary,
+    run.log starts with its stamp line, as an honest run's does (stamp=False: a log without it)."""
     folder = Path(folder)
     for name in ("metrics.jsonl", "run_summary.json", "run.log"):
         (folder / name).unlink(missing_ok=True)
@@ -131,4 +138,4 @@ def write_run(folder, records=None, summary=None, log=None, truncate_metrics=Fal
     if summary is not None:
         seal_run(folder, summary, text if records is not None else "")
     if log is not None:
-        (folder / "run.log").write_text(log)
+        (folder / "run.log").write_text(stamped_log(summary, log) if summary is not None and stamp else log)
