@@ -341,6 +341,7 @@ def analyze_run(store: Store, args, run: dict, facts: dict, ledger: list, run_id
         record.update(verdict=decision["verdict"], verdict_reason=decision["reason"],
                       delta_best=decision.get("delta"), delta_sigma=decision.get("delta_sigma"),
                       p_value=decision.get("p_value"), n_pooled=decision.get("n_candidate"),
+                      verdict_mode=verdict.VERDICT_MODE if "delta" in decision else None,
                       best_run_id=best["run_id"] if best else None, noise_sigma=noise["sigma"], noise_df=noise["df"])
         context = {"record": record, "decision": decision, "noise": noise, "best": best,
                    "best_records": best_records, "previous": previous,

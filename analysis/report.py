@@ -113,6 +113,7 @@ def _verdict_section(ctx) -> list:
     out = [f"**{d['verdict'].upper()}** — {d['reason']}.", ""]
     if "delta" in d:
         welch = f"{d['p_welch']:.3g}" if d.get("p_welch") is not None else "n/a (needs repeats on both sides)"
+        policy = d.get("policy") or verdict.POLICIES[verdict.VERDICT_MODE]
         out += [
             "| | value |", "|---|---|",
             f"| candidate mean (runs) | {d['candidate_mean']:.6f} ({d['n_candidate']}) |",
@@ -120,11 +121,15 @@ def _verdict_section(ctx) -> list:
             f"| difference | {d['delta']:+.6f} |",
             f"| noise σ per run | {d['sigma']:.6f} ({d['sigma_source']}) |",
             f"| standard error of the difference | {d['se']:.6f} |",
-            f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below {verdict.KEEP_ALPHA}) |",
-            f"| one-sided Welch p | {welch} (keep below {verdict.KEEP_P_VALUE}) |", ""]
+            f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below {policy['keep_alpha']} on "
+            f"{policy['confirm_runs']} runs, or below {policy['strong_alpha']} on fewer) |",
+            f"| rerun while p is below (after 1, 2, … runs) | {', '.join(map(str, policy['futility']))} "
+            f"(at most {policy['max_runs']} runs) |",
+            f"| one-sided Welch p | {welch} (reported, not a condition) |", ""]
     out.append(f"Next: `{next_action(ctx['record'], d)}`")
     if d["verdict"] == "rerun":
-        out.append(f"(a candidate within the noise after {verdict.MAX_RUNS_PER_CANDIDATE} runs is discarded)")
+        out.append(f"(a candidate within the noise after {(d.get('policy') or {}).get('max_runs', verdict.MAX_RUNS_PER_CANDIDATE)} "
+                   f"runs is discarded)")
     return out
 
 

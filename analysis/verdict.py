@@ -3,8 +3,9 @@ The noise estimate and the verdict on a run: keep, rerun, discard or crash (pure
 
 One 5-minute run is noisy: a new seed alone moves val_bpb. The noise is measured from repeated runs
 of the same train.py (SEED=... uv run train.py), pooled over every such group, and a candidate is
-kept only when it beats the best by more than that noise allows. Candidates that look better but
-are within the noise are rerun with another seed and re-decided on all their runs pooled.
+kept only when it beats the best by more than that noise allows, in a sequential test: a candidate that
+looks better is rerun with another seed and re-decided on all its runs pooled while it stays promising,
+and a gain is confirmed on several runs before it becomes the best (POLICIES, bench/night_sim.py).
 """
 
 import math
@@ -18,14 +19,6 @@ import schema
 # Thresholds
 # ---------------------------------------------------------------------------
 
-# A keep needs the improvement to be unlikely under the noise alone: a one-sided test of the
-# difference of pooled means, Student's t with the noise estimate's degrees of freedom (a normal z
-# under the fallback noise), below KEEP_ALPHA. 0.01 rather than the textbook 0.05 because a candidate
-# may be looked at up to MAX_RUNS_PER_CANDIDATE times (rerun, re-decide): the chance that a change with
-# no effect is ever kept stays small (simulated in tests/test_verdict.py) instead of growing per look.
-KEEP_ALPHA = 0.01
-# With repeats on both sides, the one-sided Welch t-test (unequal variances) must agree as well.
-KEEP_P_VALUE = 0.05
 # The pooled noise estimate is trusted from 2 degrees of freedom on (the baseline run three times).
 MIN_NOISE_DF = 2
 # Without that, the noise is assumed to be this fraction of the best val_bpb: on purpose much larger
@@ -36,9 +29,59 @@ FALLBACK_NOISE_FRACTION = 0.005
 # "significant" (p = 0). 2e-4 is below the seed-to-seed spread of a 5-minute GPU run (about 1e-3) and of
 # the CPU configuration, so it only ever binds on estimates that collapsed.
 NOISE_FLOOR_FRACTION = 2e-4
-# A candidate still within the noise after this many runs is discarded: any effect it has is too
-# small to resolve at the price of more 5-minute runs.
-MAX_RUNS_PER_CANDIDATE = 4
+
+# ---------------------------------------------------------------------------
+# The keep rule (issue 11): a sequential test, chosen with bench/night_sim.py (see BENCHMARKS.md)
+# ---------------------------------------------------------------------------
+
+# After every run of a candidate its pooled mean is compared with the best's: the one-sided p of the
+# difference (Student's t on the noise's degrees of freedom). A policy says what p buys:
+# - keep_alpha: kept once p < keep_alpha with at least confirm_runs runs (a confirmation: a gain seen on one
+#   lucky run is run again before it becomes the best, which also makes the best's value less optimistic);
+# - strong_alpha: kept on fewer runs only when p is already below this (an unmistakable gain);
+# - futility[n - 1]: after n runs, rerun only while p is below this bound; a candidate that merely looks a
+#   little better is discarded instead of taking more 5-minute runs from the ideas still waiting;
+# - max_runs: discarded when still undecided after this many runs.
+# keep_alpha is larger than a textbook 0.05 on purpose: simulated nights (100 runs, the base prior) keep
+# fewer than 1 idea without a real gain per night with it, because most no-op ideas stop at the first or
+# second run (futility), and a looser screen buys more real gains than a stricter one (BENCHMARKS.md).
+POLICIES = {
+    # the default: at most ~1 false keep per night in every simulated cell, most of autoresearch's gain at low noise
+    "validated": dict(keep_alpha=0.1, strong_alpha=0.001, confirm_runs=3, futility=(0.2, 0.1, 0.05), max_runs=4),
+    # for a human who prefers gain over validated findings: more real gain at high noise, several false keeps
+    "gain": dict(keep_alpha=0.3, strong_alpha=0.05, confirm_runs=2, futility=(0.5, 0.3, 0.3), max_runs=4),
+}
+# Which policy decides: edit this line (the human's call, never the agent's); analyze.py records it per run.
+VERDICT_MODE = "validated"
+KEEP_ALPHA = POLICIES[VERDICT_MODE]["keep_alpha"]                 # for reports and tests
+MAX_RUNS_PER_CANDIDATE = POLICIES[VERDICT_MODE]["max_runs"]
+KEEP_CODE, DISCARD_CODE, RERUN_CODE = 1, 2, 0                     # sequential_verdict's answers
+
+
+def one_sided_p(z, df):
+    """P(T <= z) for Student's t with `df` degrees of freedom; the normal where df is 0 (arrays too)."""
+    from scipy import stats
+    z, df = np.asarray(z, float), np.asarray(df, float)
+    return np.where(df > 0, stats.t.cdf(z, np.maximum(df, 1)), stats.norm.cdf(z))
+
+
+def sequential_verdict(n, delta, se, df, policy: dict = None):
+    """KEEP_CODE, DISCARD_CODE or RERUN_CODE for a candidate with `n` runs whose pooled mean differs from the
+    best's by `delta` with standard error `se` (the noise's df `df`, 0 for the assumed noise). Pure and
+    vectorised: every argument may be an array (bench/night_sim.py decides thousands of nights at once)."""
+    policy = POLICIES[VERDICT_MODE] if policy is None else policy
+    n, delta, se = np.asarray(n), np.asarray(delta, float), np.asarray(se, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, delta / np.where(se > 0, se, 1.0), np.sign(delta) * np.inf)
+    p = one_sided_p(z, df)
+    better = delta < 0
+    beyond = better & (p < policy["keep_alpha"])
+    keep = beyond & ((n >= policy["confirm_runs"]) | (p < policy["strong_alpha"]))
+    bounds = np.asarray(tuple(policy["futility"]) + (0.0,), float)
+    promising = (p < bounds[np.clip(n - 1, 0, len(bounds) - 1)]) | beyond  # an unconfirmed keep is always rerun
+    rerun = better & ~keep & promising & (n < policy["max_runs"])
+    return np.where(keep, KEEP_CODE, np.where(rerun, RERUN_CODE, DISCARD_CODE))
+
 
 VERDICTS = ("keep", "rerun", "discard", "crash")
 FAILED_STATUSES = ("crash", "nan", "timeout")   # train.py's failure statuses, kept as the ledger status
@@ -147,7 +190,7 @@ KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal fr
 
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
-           error: str = None, new_pool: list = None, repeats_seed_of: str = None) -> dict:
+           error: str = None, new_pool: list = None, repeats_seed_of: str = None, policy: dict = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
@@ -158,7 +201,8 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     error: a failed run's error line; a run killed from outside is told apart from a bug in its code.
     new_pool: with no best in the candidate's pool, what sets it apart from the kept runs (pool_changes):
     such a run is never a silent new baseline. repeats_seed_of: the run id of an earlier run of the same code
-    under the same SEED (same_seed_run): this run measured nothing new and is not pooled."""
+    under the same SEED (same_seed_run): this run measured nothing new and is not pooled. policy: one of
+    POLICIES (default: VERDICT_MODE's); the keep, rerun and discard of a finished run are sequential_verdict's."""
     from scipy import stats  # here, not at the top: see analysis/stats.py
     if failed == "invalid":
         return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
@@ -208,19 +252,31 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
             warnings.simplefilter("ignore", RuntimeWarning)
             p = stats.ttest_ind(candidate, best, equal_var=False, alternative="less").pvalue
         p_welch = float(p) if np.isfinite(p) else None
+    policy = POLICIES[VERDICT_MODE] if policy is None else policy
     out.update(n_best=len(best), best_mean=best_mean, delta=delta, sigma=sigma, sigma_source=sigma_source,
                delta_sigma=delta / sigma if sigma > 0 else None, se=se, z=z, p_value=p_noise, p_welch=p_welch,
-               keep_alpha=KEEP_ALPHA, keep_p_welch=KEEP_P_VALUE)
+               keep_alpha=policy["keep_alpha"], policy=dict(policy, futility=list(policy["futility"])))
     p_text = f"p = {p_noise:.3g}" + (f", Welch p = {p_welch:.3g}" if p_welch is not None else "")
+    n = len(candidate)
+    code = int(sequential_verdict(n, delta, se, df or 0, policy))
     if delta >= 0:
         return {**out, "verdict": "discard", "reason": f"not better than the best ({p_text})"}
-    beyond_noise = p_noise < KEEP_ALPHA
-    test_agrees = p_welch is None or p_welch < KEEP_P_VALUE
-    if beyond_noise and test_agrees:
-        return {**out, "verdict": "keep", "reason": f"better than the best beyond the noise ({p_text})"}
-    why = (f"p = {p_noise:.3g} >= {KEEP_ALPHA}" if not beyond_noise else f"Welch p = {p_welch:.3g} >= {KEEP_P_VALUE}")
-    if len(candidate) >= MAX_RUNS_PER_CANDIDATE:
+    if code == KEEP_CODE:
+        return {**out, "verdict": "keep",
+                "reason": f"better than the best beyond the noise over {n} run(s) ({p_text} < {policy['keep_alpha']})"}
+    if code == RERUN_CODE and p_noise < policy["keep_alpha"]:
+        return {**out, "verdict": "rerun", "confirm": True,
+                "reason": f"better than the best beyond the noise on {n} run(s) ({p_text}), not yet confirmed: a keep "
+                          f"needs {policy['confirm_runs']} runs unless p < {policy['strong_alpha']}; run it again "
+                          f"with another SEED"}
+    if code == RERUN_CODE:
+        return {**out, "verdict": "rerun",
+                "reason": f"better than the best but within the noise ({p_text}); promising enough to run it again "
+                          f"with another SEED"}
+    if n >= policy["max_runs"]:
         return {**out, "verdict": "discard",
-                "reason": f"better than the best but still within the noise after {len(candidate)} runs ({why})"}
-    return {**out, "verdict": "rerun",
-            "reason": f"better than the best but within the noise ({why}): run it again with another SEED"}
+                "reason": f"better than the best but still within the noise after {n} runs ({p_text})"}
+    bound = (tuple(policy["futility"]) + (0.0,))[min(n, len(policy["futility"])) - 1]
+    return {**out, "verdict": "discard",
+            "reason": f"better than the best but within the noise ({p_text} >= {bound} after {n} run(s)): "
+                      f"too small to resolve at the price of more runs"}

@@ -26,16 +26,22 @@ def test_no_best_keeps_the_baseline_and_failures_are_crash():
 def test_worse_is_discarded_and_clearly_better_is_kept():
     noise = verdict.noise_estimate([[1.0, 1.002, 0.998]])
     assert verdict.decide([1.01], [1.0, 1.002, 0.998], noise)["verdict"] == "discard"
-    kept = verdict.decide([0.97], [1.0, 1.002, 0.998], noise)
+    first = verdict.decide([0.97], [1.0, 1.002, 0.998], noise)  # 15σ on one run, but σ has 2 df only: confirm it
+    assert first["verdict"] == "rerun" and first["confirm"] and "not yet confirmed" in first["reason"]
+    best, cand = [1.0, 1.002, 0.998], [0.97, 0.971, 0.969]
+    kept = verdict.decide(cand, best, verdict.noise_estimate([best, cand]))
     assert kept["verdict"] == "keep" and kept["p_value"] < verdict.KEEP_ALPHA and kept["delta"] < 0
 
 
-def test_within_noise_is_rerun_then_discarded_after_the_cap():
+def test_within_noise_is_rerun_while_promising_then_discarded():
     best = [1.0, 1.002, 0.998]
     noise = verdict.noise_estimate([best])
-    assert verdict.decide([0.999], best, noise)["verdict"] == "rerun"
-    capped = verdict.decide([0.999] * verdict.MAX_RUNS_PER_CANDIDATE, best, noise)
-    assert capped["verdict"] == "discard" and "within the noise" in capped["reason"]
+    assert verdict.decide([0.997], best, noise)["verdict"] == "rerun"  # p = 0.16 < the first futility bound
+    futile = verdict.decide([0.999], best, noise)  # p = 0.35: not worth another 5-minute run
+    assert futile["verdict"] == "discard" and "too small to resolve" in futile["reason"]
+    policy = verdict.POLICIES[verdict.VERDICT_MODE]
+    capped = verdict.decide([0.999] * policy["max_runs"], best, noise, policy={**policy, "futility": (0.5,) * 9})
+    assert capped["verdict"] == "discard" and "still within the noise after" in capped["reason"]
 
 
 def test_welch_test_reported_with_repeats_on_both_sides():
@@ -49,7 +55,7 @@ def test_without_noise_estimate_the_fallback_margin_is_conservative():
     d = verdict.decide([0.996], [1.0], verdict.noise_estimate([]))
     assert "no noise estimate" in d["sigma_source"]
     assert d["sigma"] == pytest.approx(verdict.FALLBACK_NOISE_FRACTION * 1.0)
-    assert d["verdict"] == "rerun"  # 0.4 % better is not enough unmeasured
+    assert d["verdict"] == "discard"  # 0.4 % better is not enough unmeasured
 
 
 def test_same_code_as_best_is_pooled_not_judged():
@@ -74,8 +80,10 @@ def simulate(effect_sigmas: float, trials: int, seed: int) -> float:
 
 
 def test_a_seed_only_change_is_rarely_kept():
-    # the candidate is the baseline under another seed: every keep is a false keep
-    assert simulate(0.0, trials=600, seed=0) <= 0.05
+    # the candidate is the baseline under another seed: every keep is a false keep. Against a fresh 3-run
+    # baseline (σ on 2 df) the sequential rule keeps about 6 % of them; in a night, where the noise gains df and
+    # most no-ops stop after one run, that is under 1 false keep per night (tests/test_night_sim.py)
+    assert simulate(0.0, trials=600, seed=0) <= 0.07
 
 
 def test_a_real_improvement_is_usually_kept():
@@ -113,7 +121,7 @@ def test_a_run_in_a_new_pool_is_not_a_silent_new_baseline():
 def test_repeats_that_agree_to_the_last_digit_cannot_make_a_tiny_difference_significant():
     best = [1.0, 1.0, 1.0]  # a collapsed estimate: σ = 0 with 2 df
     d = verdict.decide([0.99999], best, verdict.noise_estimate([best]))
-    assert d["verdict"] == "rerun" and d["sigma"] == pytest.approx(verdict.NOISE_FLOOR_FRACTION)
+    assert d["verdict"] == "discard" and d["sigma"] == pytest.approx(verdict.NOISE_FLOOR_FRACTION)
     assert "floor" in d["sigma_source"]
     assert verdict.decide([0.99], best, verdict.noise_estimate([best]))["verdict"] == "keep"  # 50 floors better
 
@@ -131,12 +139,44 @@ def test_only_distinct_seeds_are_pooled_as_repeats():
     assert d["verdict"] == "rerun" and "run r1" in d["reason"] and "new SEED" in d["reason"]
 
 
-@pytest.mark.parametrize("p_target, expected", [(0.008, "keep"), (0.012, "rerun")])
-def test_a_borderline_keep_follows_students_t_as_scipy_computes_it(p_target, expected):
+BORDER = 1e-3  # relative step around a bound: p just below it, p just above it
+
+
+def candidate_with_p(p_target: float, n: int, best, spread=0.0):
+    """n candidate values (mean shifted, `spread` apart) whose one-sided p against `best` is p_target, with the
+    pooled σ and Student's t recomputed by hand with scipy, not by analysis/verdict.py."""
     from scipy import stats
-    best = [1.0, 1.002, 0.998]  # pooled σ = 0.002 on 2 degrees of freedom
-    se = 0.002 * np.sqrt(1 + 1 / 3)
-    candidate = float(np.mean(best)) + stats.t.ppf(p_target, 2) * se  # the value whose one-sided p is p_target
-    d = verdict.decide([candidate], best, verdict.noise_estimate([best]))
-    assert d["p_value"] == pytest.approx(p_target, rel=1e-6)
-    assert d["verdict"] == expected
+    offsets = (np.arange(n) - (n - 1) / 2) * spread
+    groups = [best] + ([list(offsets)] if n > 1 else [])
+    df = sum(len(g) - 1 for g in groups)
+    sigma = np.sqrt(sum(((np.asarray(g) - np.mean(g)) ** 2).sum() for g in groups) / df)
+    shift = stats.t.ppf(p_target, df) * sigma * np.sqrt(1 / n + 1 / len(best))
+    return list(float(np.mean(best)) + shift + offsets)
+
+
+@pytest.mark.parametrize("n, bound_name, below, above", [
+    (1, "strong_alpha", "keep", "rerun"),      # one run: kept only when unmistakable, else confirmed
+    (1, "futility0", "rerun", "discard"),      # one run: promising or not worth another run
+    (2, "futility1", "rerun", "discard"),
+    (3, "keep_alpha", "keep", "discard"),      # confirmed: keep, else p >= keep_alpha > futility[2] stops it
+    (4, "keep_alpha", "keep", "discard"),      # the last run: keep or discard
+])
+def test_a_borderline_decision_follows_students_t_as_scipy_computes_it(n, bound_name, below, above):
+    policy = verdict.POLICIES[verdict.VERDICT_MODE]
+    bound = policy["futility"][int(bound_name[-1])] if bound_name.startswith("futility") else policy[bound_name]
+    best = [1.0, 1.002, 0.998]
+    for p_target, expected in ((bound * (1 - BORDER), below), (bound * (1 + BORDER), above)):
+        cand = candidate_with_p(p_target, n, best, spread=0.001)
+        d = verdict.decide(cand, best, verdict.noise_estimate([best, cand] if n > 1 else [best]))
+        assert d["p_value"] == pytest.approx(p_target, rel=1e-6)
+        assert d["verdict"] == expected, (n, bound_name, p_target, d["reason"])
+
+
+def test_the_vectorised_rule_is_the_scalar_one():
+    """decide() and bench/night_sim.py share sequential_verdict: arrays give the scalars' answers."""
+    n = np.array([1, 1, 2, 3, 4, 3])
+    delta = np.array([-0.01, -0.001, -0.002, -0.002, -0.0005, 0.001])
+    se = np.full(6, 0.001)
+    codes = verdict.sequential_verdict(n, delta, se, 5)
+    assert list(codes) == [int(verdict.sequential_verdict(a, b, c, 5)) for a, b, c in zip(n, delta, se)]
+    assert codes[-1] == verdict.DISCARD_CODE and codes[0] == verdict.KEEP_CODE

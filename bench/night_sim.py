@@ -1,0 +1,310 @@
+"""
+Simulated nights of the overnight loop: what a keep rule buys by morning (a benchmark of analysis/verdict.py).
+
+A night is a fixed number of 5-minute runs (baseline included). Ideas arrive one at a time; each has a true
+effect δ on val_bpb drawn from a prior (no-op, harmful, helpful). A run measures the true value of the code
+plus N(0, σ²). The rule decides after every run: keep (δ adds to the best), discard, rerun the candidate with
+another seed. All nights of a cell advance together, one run per step, so the rules are evaluated on arrays:
+
+- `project` (the default rule) is `analysis.verdict.sequential_verdict`, the very function `decide()` calls;
+- `today` is a vectorised copy of the rule before issue 11 and `autoresearch` keeps what is lower on one run.
+  `--check K` replays K nights of every rule through the scalar `decide()` (today's from git commit
+  `TODAY_COMMIT`, the project's from the working tree) and fails unless every decision is identical.
+
+Common random numbers: every rule sees the same ideas and the same noise draws (the k-th run of idea i, the
+j-th run of the baseline), so differences between rules are not differences of luck.
+
+    uv run bench/night_sim.py                               # the base prior, σ = 0.0003 / 0.0013 / 0.003
+    uv run bench/night_sim.py --prior all --json bench/results/night-sim-2026-12-01.json
+    uv run bench/night_sim.py --check 40                    # the vectorised rules decide as decide() does
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from analysis import verdict  # noqa: E402
+
+TODAY_COMMIT = "fd265c0"   # the last commit before issue 11: its analysis/verdict.py is "today's rule"
+BASE_VALUE = 1.0           # true val_bpb of the baseline code (the noise floor is a fraction of it)
+MAX_RUNS_PER_IDEA = 16     # pre-drawn noise per idea: no rule reruns a candidate more often
+MBPB = 1000.0              # reported in milli-bpb (0.001 val_bpb)
+
+# The priors of the benchmark: fractions of helpful and harmful ideas (the rest are no-ops), the mean of a
+# helpful effect (δ = -Exp(mean)), the range of a harmful one (U(lo, hi)) and the range of a no-op's
+# effect (0 for a true no-op; slightly positive where "no-op" ideas cost a little).
+PRIORS = {
+    "base": dict(helpful=0.15, harmful=0.25, helpful_mean=0.002, harmful_lo=0.001, harmful_hi=0.02, noop_hi=0.0),
+    "scarce": dict(helpful=0.05, harmful=0.25, helpful_mean=0.002, harmful_lo=0.001, harmful_hi=0.02, noop_hi=0.0),
+    "rich": dict(helpful=0.30, harmful=0.25, helpful_mean=0.002, harmful_lo=0.001, harmful_hi=0.02, noop_hi=0.0),
+    "small": dict(helpful=0.15, harmful=0.25, helpful_mean=0.0013, harmful_lo=0.0003, harmful_hi=0.003, noop_hi=0.0),
+    "noop-hurts": dict(helpful=0.15, harmful=0.25, helpful_mean=0.002, harmful_lo=0.001, harmful_hi=0.02,
+                       noop_hi=0.0006),
+}
+BASELINE_RUNS = {"autoresearch": 1}  # autoresearch runs its baseline once; the project's rules: --baseline-runs
+
+KEEP, DISCARD, RERUN = 1, 2, 0
+
+
+# ---------------------------------------------------------------------------
+# The streams: ideas and noise, shared by every rule
+# ---------------------------------------------------------------------------
+
+def draw_streams(prior: dict, nights: int, runs: int, seed: int) -> dict:
+    """Every random number of `nights` nights: the ideas' effects and standard-normal noise per run."""
+    rng = np.random.default_rng(seed)
+    u = rng.random((nights, runs))
+    helpful = u < prior["helpful"]
+    harmful = (u >= prior["helpful"]) & (u < prior["helpful"] + prior["harmful"])
+    delta = np.where(helpful, -rng.exponential(prior["helpful_mean"], (nights, runs)),
+                     np.where(harmful, rng.uniform(prior["harmful_lo"], prior["harmful_hi"], (nights, runs)),
+                              rng.uniform(0.0, prior["noop_hi"], (nights, runs)) if prior["noop_hi"] else 0.0))
+    return {"delta": delta, "eps_idea": rng.standard_normal((nights, runs, MAX_RUNS_PER_IDEA)),
+            "eps_best": rng.standard_normal((nights, runs))}
+
+
+# ---------------------------------------------------------------------------
+# The rules, on arrays of nights
+# ---------------------------------------------------------------------------
+
+def _sigma(s: dict):
+    """(σ used, df or 0 for the fallback) as decide() computes them, per night."""
+    df = s["noise_df"]
+    sigma_hat = np.sqrt(s["noise_ss"] / np.maximum(df, 1))
+    trusted = df >= verdict.MIN_NOISE_DF
+    sigma = np.where(trusted, sigma_hat, verdict.FALLBACK_NOISE_FRACTION * s["best_mean"])
+    return np.maximum(sigma, verdict.NOISE_FLOOR_FRACTION * s["best_mean"]), np.where(trusted, df, 0)
+
+
+def rule_autoresearch(s: dict) -> np.ndarray:
+    """autoresearch's program: keep the change when its one run is lower than the best's run."""
+    return np.where(s["cand_mean"] < s["best_mean"], KEEP, DISCARD)
+
+
+def rule_today(s: dict) -> np.ndarray:
+    """The verdict before issue 11 (commit TODAY_COMMIT): p < 0.01 on the pooled σ and, with repeats on both
+    sides, a one-sided Welch p < 0.05; rerun while better and within the noise, up to 4 runs."""
+    sigma, df = _sigma(s)
+    n_c, n_b = s["cand_n"], s["best_n"]
+    delta = s["cand_mean"] - s["best_mean"]
+    z = delta / (sigma * np.sqrt(1 / n_c + 1 / n_b))
+    p = np.where(df > 0, stats.t.cdf(z, np.maximum(df, 1)), stats.norm.cdf(z))
+    both = (n_c >= 2) & (n_b >= 2)
+    vc = s["cand_m2"] / np.maximum(n_c - 1, 1) / n_c
+    vb = s["best_m2"] / np.maximum(n_b - 1, 1) / n_b
+    with np.errstate(divide="ignore", invalid="ignore"):  # one run on a side: no Welch test, masked below
+        df_w = (vc + vb) ** 2 / (vc ** 2 / np.maximum(n_c - 1, 1) + vb ** 2 / np.maximum(n_b - 1, 1))
+        p_w = stats.t.cdf(delta / np.sqrt(vc + vb), df_w)
+    welch_ok = ~both | (p_w < 0.05)
+    keep = (delta < 0) & (p < 0.01) & welch_ok
+    rerun = (delta < 0) & ~keep & (n_c < 4)
+    return np.where(keep, KEEP, np.where(rerun, RERUN, DISCARD))
+
+
+def rule_project(policy: dict = None):
+    """The project's rule: analysis.verdict.sequential_verdict, the function decide() calls."""
+    def rule(s: dict) -> np.ndarray:
+        sigma, df = _sigma(s)
+        codes = verdict.sequential_verdict(s["cand_n"], s["cand_mean"] - s["best_mean"],
+                                           sigma * np.sqrt(1 / s["cand_n"] + 1 / s["best_n"]), df, policy)
+        return np.select([codes == verdict.KEEP_CODE, codes == verdict.RERUN_CODE], [KEEP, RERUN], DISCARD)
+    return rule
+
+
+RULES = {"autoresearch": rule_autoresearch, "today": rule_today, "project": rule_project()}
+for _mode, _policy in verdict.POLICIES.items():
+    RULES[f"project-{_mode}"] = rule_project(_policy)
+
+
+# ---------------------------------------------------------------------------
+# One cell: nights of one rule at one σ
+# ---------------------------------------------------------------------------
+
+def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, record: int = 0) -> dict:
+    """Run every night of `streams` under `rule`; per-night outcomes, and the first `record` nights' decisions
+    (candidate values, best values, verdict) for --check."""
+    delta_all, eps_i, eps_b = streams["delta"], streams["eps_idea"], streams["eps_best"]
+    nights = delta_all.shape[0]
+    rows = np.arange(nights)
+    base = BASE_VALUE + sigma * eps_b[:, :baseline_runs]
+    best_true = np.full(nights, BASE_VALUE)
+    best_n = np.full(nights, baseline_runs)
+    best_mean = base.mean(axis=1)
+    best_m2 = ((base - best_mean[:, None]) ** 2).sum(axis=1)
+    noise_ss, noise_df = best_m2.copy(), np.full(nights, baseline_runs - 1)
+    idea = np.zeros(nights, int)
+    cand_n = np.zeros(nights, int)
+    cand_mean, cand_m2 = np.zeros(nights), np.zeros(nights)
+    out = {k: np.zeros(nights) for k in ("keeps", "false_keeps", "harmful_keeps", "helpful_missed", "decided")}
+    log = [[] for _ in range(min(record, nights))]
+    hist = [{"best": list(base[i]), "cand": []} for i in range(min(record, nights))]
+    for _ in range(runs - baseline_runs):
+        delta = delta_all[rows, idea]
+        x = best_true + delta + sigma * eps_i[rows, idea, cand_n]
+        dx = x - cand_mean
+        noise_ss += np.where(cand_n > 0, cand_n / (cand_n + 1) * dx ** 2, 0.0)
+        noise_df += cand_n > 0
+        cand_n = cand_n + 1
+        cand_mean = cand_mean + dx / cand_n
+        cand_m2 = cand_m2 + dx * (x - cand_mean)
+        action = rule({"cand_n": cand_n, "cand_mean": cand_mean, "cand_m2": cand_m2, "best_n": best_n,
+                       "best_mean": best_mean, "best_m2": best_m2, "noise_ss": noise_ss, "noise_df": noise_df})
+        for i in range(len(log)):
+            hist[i]["cand"].append(float(x[i]))
+            log[i].append({"candidate": list(hist[i]["cand"]), "best": list(hist[i]["best"]),
+                           "groups_done": None, "action": int(action[i])})
+            if action[i] != RERUN:
+                if action[i] == KEEP:
+                    hist[i]["best"] = list(hist[i]["cand"])
+                hist[i]["cand"] = []
+        keep, done = action == KEEP, action != RERUN
+        out["keeps"] += keep
+        out["false_keeps"] += keep & (delta >= 0)
+        out["harmful_keeps"] += keep & (delta > 0)
+        out["helpful_missed"] += (action == DISCARD) & (delta < 0)
+        out["decided"] += done
+        best_true = np.where(keep, best_true + delta, best_true)
+        best_n = np.where(keep, cand_n, best_n)
+        best_mean = np.where(keep, cand_mean, best_mean)
+        best_m2 = np.where(keep, cand_m2, best_m2)
+        idea = idea + done
+        cand_n = np.where(done, 0, cand_n)
+        cand_mean = np.where(done, 0.0, cand_mean)
+        cand_m2 = np.where(done, 0.0, cand_m2)
+    out["gain"] = (BASE_VALUE - best_true) * MBPB
+    out["optimism"] = (best_true - best_mean) * MBPB
+    out["log"] = log
+    return out
+
+
+def summarize(out: dict, runs: int, baseline_runs: int) -> dict:
+    n = len(out["gain"])
+    gain = out["gain"]
+    keeps = out["keeps"].sum()
+    return {"true_gain_mbpb": float(gain.mean()), "gain_ci95": float(1.96 * gain.std(ddof=1) / math.sqrt(n)),
+            "false_keeps": float(out["false_keeps"].mean()), "harmful_keeps": float(out["harmful_keeps"].mean()),
+            "helpful_missed": float(out["helpful_missed"].mean()), "decided": float(out["decided"].mean()),
+            "runs_per_keep": float((runs - baseline_runs) * n / keeps) if keeps else None,
+            "optimism_mbpb": float(out["optimism"].mean()), "keeps": float(out["keeps"].mean())}
+
+
+# ---------------------------------------------------------------------------
+# --check: the vectorised rules decide exactly as decide() does
+# ---------------------------------------------------------------------------
+
+def today_module():
+    """analysis/verdict.py as it was at TODAY_COMMIT (git show), imported under another name."""
+    source = subprocess.run(["git", "show", f"{TODAY_COMMIT}:analysis/verdict.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("verdict_today", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"{TODAY_COMMIT}:analysis/verdict.py", "exec"), module.__dict__)
+    return module
+
+
+def scalar_decision(module, candidate: list, best: list, groups: list, policy=None) -> int:
+    """The verdict of the real decide() (of `module`) on one decision, as an action code."""
+    noise = module.noise_estimate(groups)
+    kwargs = {"policy": policy} if policy is not None else {}
+    v = module.decide(candidate, best, noise, **kwargs)["verdict"]
+    return {"keep": KEEP, "discard": DISCARD, "rerun": RERUN}[v]
+
+
+def check(nights: int, sigmas: list, runs: int, baseline_runs: int, seed: int) -> list:
+    """Replay `nights` nights per rule and σ through the scalar decide(); return the mismatches (none expected)."""
+    today = today_module()
+    real = {"today": (today, None), "project": (verdict, None)}
+    real.update({f"project-{m}": (verdict, p) for m, p in verdict.POLICIES.items()})
+    mismatches, checked = [], 0
+    for sigma in sigmas:
+        streams = draw_streams(PRIORS["base"], nights, runs, seed)
+        for name, (module, policy) in real.items():
+            out = simulate(RULES[name], streams, sigma, runs, baseline_runs, record=nights)
+            for night, decisions in enumerate(out["log"]):
+                groups_done = []
+                for d in decisions:
+                    groups = groups_done + [d["best"]] + ([d["candidate"]] if len(d["candidate"]) > 1 else [])
+                    got = scalar_decision(module, d["candidate"], d["best"], groups, policy)
+                    checked += 1
+                    if got != d["action"]:
+                        mismatches.append({"rule": name, "sigma": sigma, "night": night, **d, "decide": got})
+                    if d["action"] != RERUN:
+                        if len(d["candidate"]) > 1 and d["action"] != KEEP:
+                            groups_done.append(d["candidate"])
+                        if d["action"] == KEEP:
+                            groups_done.append(d["best"])
+    return mismatches, checked
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def run_cells(priors: list, sigmas: list, rules: list, nights: int, runs: int, baseline_runs: int, seed: int) -> list:
+    results = []
+    for p_index, prior_name in enumerate(priors):
+        streams = draw_streams(PRIORS[prior_name], nights, runs, seed + p_index)
+        for sigma in sigmas:
+            for name in rules:
+                b = BASELINE_RUNS.get(name, baseline_runs)
+                out = simulate(RULES[name], streams, sigma, runs, b)
+                results.append({"prior": prior_name, "sigma": sigma, "rule": name, "baseline_runs": b,
+                                **summarize(out, runs, b)})
+    return results
+
+
+def table(results: list) -> str:
+    lines = ["| prior | σ | rule | true gain (mbpb, ±95 %) | false keeps | harmful keeps | helpful missed | "
+             "ideas decided | runs / keep | optimism (mbpb) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rpk = f"{r['runs_per_keep']:.1f}" if r["runs_per_keep"] else "—"
+        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rule']} | {r['true_gain_mbpb']:.1f} ± {r['gain_ci95']:.1f} "
+                     f"| {r['false_keeps']:.2f} | {r['harmful_keeps']:.2f} | {r['helpful_missed']:.1f} | "
+                     f"{r['decided']:.1f} | {rpk} | {r['optimism_mbpb']:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--prior", default="base", help=f"one of {', '.join(PRIORS)}, or all")
+    parser.add_argument("--sigma", default="0.0003,0.0013,0.003", help="seed-to-seed noise σ, comma-separated")
+    parser.add_argument("--rules", default="autoresearch,today,project", help=f"of {', '.join(RULES)}")
+    parser.add_argument("--nights", type=int, default=4000)
+    parser.add_argument("--runs", type=int, default=100, help="5-minute runs per night, the baseline included")
+    parser.add_argument("--baseline-runs", type=int, default=3, help="runs of the baseline (program.md: 3)")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--check", type=int, metavar="K", help="replay K nights through decide() and compare")
+    parser.add_argument("--json", help="write the results (and the command) here")
+    args = parser.parse_args(argv)
+    sigmas = [float(s) for s in args.sigma.split(",")]
+    if args.check:
+        mismatches, checked = check(args.check, sigmas, args.runs, args.baseline_runs, args.seed)
+        print(f"checked {checked} decisions against decide(): {len(mismatches)} differ")
+        for m in mismatches[:5]:
+            print(json.dumps(m))
+        return 1 if mismatches else 0
+    priors = list(PRIORS) if args.prior == "all" else args.prior.split(",")
+    started = time.time()
+    results = run_cells(priors, sigmas, args.rules.split(","), args.nights, args.runs, args.baseline_runs, args.seed)
+    print(table(results))
+    print(f"({args.nights} nights per cell, {args.runs} runs per night, seed {args.seed}, "
+          f"{time.time() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "nights": args.nights, "runs": args.runs,
+                                               "seed": args.seed, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
