@@ -248,6 +248,36 @@ def check(nights: int, sigmas: list, runs: int, baseline_runs: int, seed: int) -
 
 
 # ---------------------------------------------------------------------------
+# --pareto: the policies tried, gain against false keeps
+# ---------------------------------------------------------------------------
+
+PARETO_GRID = dict(keep_alpha=(0.02, 0.05, 0.1, 0.2, 0.3), strong_alpha=(0.001, 0.01, 0.05), confirm_runs=(1, 2, 3, 4),
+                   futility=((0.2, 0.1, 0.05), (0.3, 0.15, 0.1, 0.05), (0.5, 0.3, 0.3)))
+
+
+def pareto(sigmas: list, nights: int, runs: int, baseline_runs: int, seed: int) -> list:
+    """Every policy of PARETO_GRID on the base prior: gain per σ and the worst false keeps over σ; each row
+    says whether another policy has at least its gain at every σ with no more false keeps (dominated)."""
+    import itertools
+    streams = draw_streams(PRIORS["base"], nights, runs, seed)
+    rows = []
+    for ka, sa, cr, fut in itertools.product(*PARETO_GRID.values()):
+        if sa > ka:
+            continue
+        policy = dict(keep_alpha=ka, strong_alpha=sa, confirm_runs=cr, futility=fut, max_runs=max(cr, 4))
+        cells = [summarize(simulate(rule_project(policy), streams, s, runs, baseline_runs), runs, baseline_runs)
+                 for s in sigmas]
+        rows.append({"policy": dict(policy, futility=list(fut)), "gain": [c["true_gain_mbpb"] for c in cells],
+                     "false_keeps": max(c["false_keeps"] for c in cells),
+                     "optimism": [c["optimism_mbpb"] for c in cells]})
+    for r in rows:
+        r["dominated"] = any(o is not r and o["false_keeps"] <= r["false_keeps"]
+                             and all(a >= b for a, b in zip(o["gain"], r["gain"])) and o["gain"] != r["gain"]
+                             for o in rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -285,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-runs", type=int, default=3, help="runs of the baseline (program.md: 3)")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--check", type=int, metavar="K", help="replay K nights through decide() and compare")
+    parser.add_argument("--pareto", action="store_true", help="sweep PARETO_GRID on the base prior instead")
     parser.add_argument("--json", help="write the results (and the command) here")
     args = parser.parse_args(argv)
     sigmas = [float(s) for s in args.sigma.split(",")]
@@ -294,6 +325,17 @@ def main(argv=None) -> int:
         for m in mismatches[:5]:
             print(json.dumps(m))
         return 1 if mismatches else 0
+    if args.pareto:
+        rows = pareto(sigmas, args.nights, args.runs, args.baseline_runs, args.seed)
+        front = sorted((r for r in rows if not r["dominated"]), key=lambda r: r["false_keeps"])
+        print("| false keeps (worst σ) | gain at σ = " + " / ".join(map(str, sigmas)) + " | optimism | policy |")
+        print("|---|---|---|---|")
+        for r in front:
+            print(f"| {r['false_keeps']:.2f} | {' / '.join(f'{g:.1f}' for g in r['gain'])} | "
+                  f"{' / '.join(f'{o:+.2f}' for o in r['optimism'])} | {json.dumps(r['policy'])} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1) + "\n")
+        return 0
     priors = list(PRIORS) if args.prior == "all" else args.prior.split(",")
     started = time.time()
     results = run_cells(priors, sigmas, args.rules.split(","), args.nights, args.runs, args.baseline_runs, args.seed)
