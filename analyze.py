@@ -17,6 +17,7 @@ of things. No torch import: analysis takes seconds.
 
 import argparse
 import difflib
+import os
 import shutil
 import sys
 import time
@@ -199,7 +200,15 @@ def best_and_noise(record: dict, ledger: list) -> tuple:
     return (groups[best[0]] if best else None), noise
 
 
-def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
+def verdict_mode() -> str:
+    """The verdict policy of this call ($AUTORESEARCH_VERDICT, verdict.VERDICT_MODE by default)."""
+    try:
+        return verdict.verdict_mode(os.environ)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+
+
+def judge(record: dict, ledger: list, best_records, noise: dict, mode: str) -> dict:
     if record["status"] in verdict.NOT_COUNTED:
         return verdict.decide([], failed=record["status"], error=record.get("error"))
     twin = verdict.same_seed_run(ledger, record)
@@ -211,7 +220,7 @@ def judge(record: dict, ledger: list, best_records, noise: dict) -> dict:
     changes = verdict.pool_changes(record, kept[-1]) if kept and not best_records else None
     decision = verdict.decide([r["val_bpb"] for r in candidate],
                               [r["val_bpb"] for r in best_records] if best_records else None, noise,
-                              same_as_best=same, new_pool=changes)
+                              same_as_best=same, new_pool=changes, policy=verdict.POLICIES[mode])
     return {**decision, "next_seed": verdict.next_seed(ledger, record)}
 
 
@@ -283,6 +292,7 @@ def repair(store: Store):
 
 def cmd_analyze(args) -> int:
     store = Store(".")
+    mode = verdict_mode()
     refuse_running_train(args.run_dir)
     run = load_run(args.run_dir)
     with store.lock():
@@ -291,7 +301,7 @@ def cmd_analyze(args) -> int:
         facts = classify(run, ledger)
         run_id = store.allocate_run_id(run_commit(facts))
         try:
-            context = analyze_run(store, args, run, facts, ledger, run_id)
+            context = analyze_run(store, args, run, facts, ledger, run_id, mode)
         except OSError as e:  # a full disk, a file-size limit: the run is archived whole or not at all
             if store.recorded(run_id):  # runs.jsonl was replaced, results.tsv was not
                 raise StoreError(f"run {run_id} is recorded in runs.jsonl, but writing {e.filename or 'results.tsv'} "
@@ -304,8 +314,9 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def analyze_run(store: Store, args, run: dict, facts: dict, ledger: list, run_id: str) -> dict:
-    """Archive, judge and record one run in its allocated folder `run_id` (under the store lock); returns
+def analyze_run(store: Store, args, run: dict, facts: dict, ledger: list, run_id: str, mode: str) -> dict:
+    """Archive, judge (under the verdict policy `mode`) and record one run in its allocated folder `run_id`
+    (under the store lock); returns
     the context stdout is printed from. The ledger row is written last: until then nothing is recorded."""
     record = archive(store, args, run, facts, run_id)
     if facts["status"] == "ok":
@@ -335,13 +346,13 @@ def analyze_run(store: Store, args, run: dict, facts: dict, ledger: list, run_id
     figure_jobs.append((store.path(PROGRESS_PNG), plots.progress_figure, (ledger + [record],)))
     wait_for_plots = plots.render_in_background(figure_jobs)
     try:
-        decision = judge(record, ledger, best_records, noise)
+        decision = judge(record, ledger, best_records, noise, mode)
         if decision["verdict"] == "rerun":
             record["status"] = "rerun"
         record.update(verdict=decision["verdict"], verdict_reason=decision["reason"],
                       delta_best=decision.get("delta"), delta_sigma=decision.get("delta_sigma"),
                       p_value=decision.get("p_value"), n_pooled=decision.get("n_candidate"),
-                      verdict_mode=verdict.VERDICT_MODE if "delta" in decision else None,
+                      verdict_mode=mode if "delta" in decision else None,
                       best_run_id=best["run_id"] if best else None, noise_sigma=noise["sigma"], noise_df=noise["df"])
         context = {"record": record, "decision": decision, "noise": noise, "best": best,
                    "best_records": best_records, "previous": previous,
@@ -492,7 +503,7 @@ def cmd_status(args) -> int:
     groups = verdict.pools(ledger, comparable)
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable)
-    print(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger), args.n))
+    print(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger), args.n, verdict_mode()))
     return 0
 
 

@@ -333,7 +333,7 @@ def with_current_best(text, best_records: list) -> str:
     return "".join(lines[:at]) + "\n" + block + "\n\n" + "".join(lines[at:]).lstrip("\n")
 
 
-def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int) -> str:
+def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str) -> str:
     counts = {}
     for r in ledger:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -348,6 +348,8 @@ def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: 
         out.append(f"noise: σ = {noise['sigma']:.6f} per run ({noise['df']} df from {noise['n_groups']} repeated commit(s))")
     else:
         out.append(f"noise: no estimate yet ({noise['df']} df < {verdict.MIN_NOISE_DF}): run the same commit with other SEEDs")
+    out.append(f"verdict mode: {mode}" + (" (the default)" if mode == verdict.VERDICT_MODE else
+                                          f" (${verdict.VERDICT_ENV}; default {verdict.VERDICT_MODE})"))
     out.append("runs: " + ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: -counts[s]))
                + f" ({len(ledger)} total)")
     out.append(f"latest {min(last_n, len(ledger))}:")

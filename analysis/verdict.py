@@ -51,10 +51,22 @@ POLICIES = {
     # for a human who prefers gain over validated findings: more real gain at high noise, 1-3 false keeps a night
     "gain": dict(keep_alpha=0.3, strong_alpha=0.001, confirm_runs=3, futility=(0.2, 0.1, 0.05), max_runs=4),
 }
-# Which policy decides: edit this line (the human's call, never the agent's); analyze.py records it per run.
+# Which policy decides: the human's call for the night, never the agent's ($AUTORESEARCH_VERDICT, read by
+# analyze.py, which records the mode in every ledger row); this one unless it is set.
 VERDICT_MODE = "validated"
-KEEP_ALPHA = POLICIES[VERDICT_MODE]["keep_alpha"]                 # for reports and tests
+VERDICT_ENV = "AUTORESEARCH_VERDICT"
+KEEP_ALPHA = POLICIES[VERDICT_MODE]["keep_alpha"]                 # the default's, for reports and tests
 MAX_RUNS_PER_CANDIDATE = POLICIES[VERDICT_MODE]["max_runs"]
+
+
+def verdict_mode(environ) -> str:
+    """The policy name $AUTORESEARCH_VERDICT asks for (VERDICT_MODE when unset); a StoreError-worthy
+    ValueError with one actionable sentence for a name that is not one of POLICIES."""
+    mode = environ.get(VERDICT_ENV) or VERDICT_MODE
+    if mode not in POLICIES:
+        raise ValueError(f"{VERDICT_ENV}={mode!r} is not a verdict mode; use one of {', '.join(POLICIES)} "
+                         f"(default {VERDICT_MODE})")
+    return mode
 KEEP_CODE, DISCARD_CODE, RERUN_CODE = 1, 2, 0                     # sequential_verdict's answers
 
 

@@ -64,3 +64,32 @@ def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(tmp_path):
     assert written["agent/grad_clip_frac"] == 0.25 and written[schema.EVAL_S] == 2.5
     assert 0 <= written[schema.WALL_S] < 600
     assert schema.step_record_problems(written) == []
+
+
+def test_the_keep_policy_is_the_humans_choice_through_the_environment(repo, monkeypatch):
+    import numpy as np
+    from scipy import stats
+
+    from analysis import verdict
+    best = [1.0, 1.002, 0.998]  # σ = 0.002 on 2 df
+    se = 0.002 * np.sqrt(1 / 3 + 1 / 3)
+    candidate = [float(np.mean(best)) + stats.t.ppf(0.2, 2) * se] * 3  # one-sided p = 0.2 on 3 runs
+    noise = verdict.noise_estimate([best])
+    assert verdict.decide(candidate, best, noise, policy=verdict.POLICIES["gain"])["verdict"] == "keep"
+    assert verdict.decide(candidate, best, noise, policy=verdict.POLICIES["validated"])["verdict"] == "discard"
+
+    fake_run(repo, 1.0)
+    monkeypatch.setenv(verdict.VERDICT_ENV, "greedy")
+    refused = analyze(repo)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "error: AUTORESEARCH_VERDICT='greedy' is not a verdict mode; use one of validated, gain (default validated)"]
+    assert ledger(repo) == []  # refused before anything was archived
+    monkeypatch.setenv(verdict.VERDICT_ENV, "gain")
+    baseline(repo, values=(1.0, 1.002))
+    assert [r.get("verdict_mode") for r in ledger(repo)] == [None, None]  # a baseline is no test of a policy
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.99, seed=50)
+    assert analyze(repo).returncode == 0 and ledger(repo)[-1]["verdict_mode"] == "gain"
+    assert "verdict mode: gain ($AUTORESEARCH_VERDICT; default validated)" in analyze(repo, "status").stdout
+    monkeypatch.delenv(verdict.VERDICT_ENV)
+    assert "verdict mode: validated (the default)" in analyze(repo, "status").stdout
