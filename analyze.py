@@ -6,6 +6,7 @@ Post-run analysis and bookkeeping of the experiment store (fixed harness: the ag
     uv run analyze.py discard [RUN_ID]  mark it discard; restore train.py to the best with a new commit
     uv run analyze.py compare A B     two archived runs side by side
     uv run analyze.py status          current best, latest runs, noise estimate, counts
+    uv run analyze.py report          the morning report: .auto-log-research/report.html (analysis/html_report.py)
 
 It reads what train.py leaves behind (run_summary.json, metrics.jsonl, run.log) and never reports a
 number a run did not produce: a run without its own summary is a crash, whatever files are lying
@@ -507,6 +508,17 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Write report.html from the store as it is now. Reads only (no lock): the ledger and every archive
+    file are replaced atomically, so a report written during an analysis shows the store before or after it."""
+    from analysis import html_report  # jinja2 and markdown-it are imported by this command only
+    store = Store(".")
+    path = html_report.write(store)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB, {len(store.read_ledger())} runs): "
+          f"open file://{path.resolve()}")
+    return 0
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count that must be at least 1 (`status -n`)."""
     try:
@@ -541,9 +553,10 @@ def main(argv=None) -> int:
     compare.add_argument("b")
     status = sub.add_parser("status", help="best, latest runs, noise, counts")
     status.add_argument("-n", type=positive_int, default=STATUS_LAST_N, help="how many latest runs to list")
+    sub.add_parser("report", help="write the morning report .auto-log-research/report.html")
     args = parser.parse_args(argv)
     command = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compare": cmd_compare,
-               "status": cmd_status}[args.command]
+               "status": cmd_status, "report": cmd_report}[args.command]
     try:
         return command(args)
     except StoreError as e:

@@ -1,0 +1,465 @@
+"""
+The morning report: .auto-log-research/report.html, one page that tells what the night found.
+
+    uv run analyze.py report          (supervise.py regenerates it after every new ledger row)
+
+In order: the night in one line and the progress chart; the chain of kept changes from the baseline to
+the best, each with its numbers and its diff; what the agent learned (insights.md, ideas_queue.md and
+every run's "Agent Investigation Notes"); a sortable, filterable table of all runs, each row opening
+that run's analysis.md with its plots; failures grouped by cause; the kept runs' validation curves and
+the per-layer gradient norms of the best next to the baseline's.
+
+Self-contained means no network and no server: no CDN, the CSS and the script are inline, and so are
+the two charts that carry the page (progress and validation curves, inline SVG drawn from the ledger
+and the kept runs' validation points, no matplotlib). The per-run figures analyze.py already wrote are
+linked relatively (`<run_id>/loss_vs_step.png`): the page lives in the store next to the run folders, so
+they load from file:// and the page stays small (a few MB for 500 runs); they are loaded only when a run
+is opened. Nothing is cached between calls: every call reads the ledger and the run folders as they
+are now. The page is built with Jinja2 (analysis/templates/report.html.j2) and the .md files are
+rendered with markdown-it-py with raw HTML disabled (the agent writes them; nothing it writes runs).
+"""
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import schema
+from analysis import plots, verdict
+from analysis.store import INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, atomic_write, parse_stamp
+
+REPORT_HTML = "report.html"
+IDEAS = "ideas_queue.md"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE = "report.html.j2"
+NOTES_HEADING = "## Agent Investigation Notes"  # report.analysis_md ends with it; the agent writes below it
+REFRESH_S = 60                # a page left open reloads this often (the supervisor rewrites it after every run)
+MAX_DIFF_LINES = 400          # a kept change's diff shown in full up to this many lines (the rest is in diff.patch)
+MAX_VAL_CURVES = 12           # validation curves overlaid: the baseline, the best and the latest kept codes
+MIN_HOURS_FOR_RATE = 0.1      # experiments per hour is shown once the night is this long (a rate over minutes is noise)
+VAL_SKIP_FRACTION = 0.2       # the validation chart leaves out this first fraction of the steps: the initial drop
+                              # would flatten the differences between runs that matter
+MAX_FAILURE_RUNS = 30         # run ids listed per failure cause (then "and N more")
+SVG_W, SVG_H = 960, 300       # the charts' drawing size in px (they scale with the page width)
+PAD = dict(left=58, right=12, top=14, bottom=34)  # room for the axis labels
+Y_CLIP_QUANTILE = 0.9         # the progress chart's y axis ends a little above this quantile of the finished runs:
+                              # one diverged run (val_bpb 8) must not squash the rest into a line; higher ones are
+                              # drawn at the top edge as triangles
+FAILED_LABELS = {"crash": "crash", "nan": "nan", "timeout": "timeout", "invalid": "invalid"}
+RUN_FIGURES = [p.file for p in plots.PLOTS] + [plots.LAYER_HEATMAP, plots.AGENT_PLOT]
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+def markdown_renderer():
+    """markdown-it-py, CommonMark plus tables, raw HTML off; relative links and images resolve from the
+    run folder a document belongs to (env["base"]), since the page lives one folder up."""
+    from markdown_it import MarkdownIt
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+    def relative(url: str, env: dict) -> str:
+        base = (env or {}).get("base", "")
+        return url if not base or re.match(r"^([a-z][a-z0-9+.-]*:|/|#)", url, re.I) else base + url
+
+    def link_open(renderer, tokens, idx, options, env):  # bound to the renderer, as markdown-it-py's own rules
+        token = tokens[idx]
+        token.attrSet("href", relative(str(token.attrGet("href") or ""), env))
+        return renderer.renderToken(tokens, idx, options, env)
+
+    def image(renderer, tokens, idx, options, env):
+        token = tokens[idx]
+        token.attrSet("src", relative(str(token.attrGet("src") or ""), env))
+        return renderer.image(tokens, idx, options, env)
+
+    md.add_render_rule("link_open", link_open)
+    md.add_render_rule("image", image)
+    return md
+
+
+def read_text(path: Path):
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def without_comments(text: str) -> str:
+    """Markdown without its HTML comments (insights.md's Current Best markers): raw HTML is not rendered, so
+    they would show as text."""
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def split_notes(analysis: str) -> tuple:
+    """(analysis.md before its Agent Investigation Notes heading, the notes the agent wrote below it)."""
+    if NOTES_HEADING not in analysis:
+        return analysis, ""
+    head, notes = analysis.rsplit(NOTES_HEADING, 1)
+    return head, notes.strip()
+
+
+# ---------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------
+
+def fmt(value, digits: int = 6, signed: bool = False, unit: str = "") -> str:
+    if not schema.finite_number(value):
+        return "—"
+    return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}") + unit
+
+
+def pooled_mean(records) -> float:
+    return float(np.mean([r["val_bpb"] for r in records]))
+
+
+def noise_sigma(noise: dict, best_mean):
+    """(σ, where it comes from) as the verdict uses it: the pooled estimate once trusted, else the
+    deliberately large assumption; never below the floor."""
+    if best_mean is None:
+        return None, "no best yet"
+    if noise["trusted"]:
+        sigma, source = noise["sigma"], f"pooled from repeats ({noise['df']} df)"
+    else:
+        sigma, source = verdict.FALLBACK_NOISE_FRACTION * best_mean, \
+            f"assumed {verdict.FALLBACK_NOISE_FRACTION:.1%} of the best (only {noise['df']} df measured)"
+    floor = verdict.NOISE_FLOOR_FRACTION * best_mean
+    return (floor, source + ", raised to the floor") if sigma < floor else (sigma, source)
+
+
+def night_hours(ledger: list):
+    """Hours from the first run's start to the last run's analysis, or None."""
+    start = next((t for t in (parse_stamp(r.get("started_at")) or parse_stamp(r.get("analyzed_at")) for r in ledger)
+                  if t is not None), None)
+    end = next((t for t in (parse_stamp(r.get("analyzed_at")) for r in reversed(ledger)) if t is not None), None)
+    if start is None or end is None or end < start:
+        return None
+    return (end - start) / 3600
+
+
+def failure_cause(record: dict) -> str:
+    if record.get("status") == "invalid":
+        return "INVALID: " + ((record.get("integrity") or ["integrity check failed"])[0])
+    return (record.get("error") or "(no error line recorded)").strip().splitlines()[0]
+
+
+def cause_key(cause: str) -> str:
+    """Causes that differ only in numbers (an allocation size, a line number) are one cause."""
+    return re.sub(r"\d+(\.\d+)?", "N", cause)
+
+
+def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
+    counts = Counter(r.get("status") for r in ledger)
+    finished = [r for r in ledger if verdict.finished(r)]
+    best_mean = pooled_mean(best[1]) if best else None
+    sigma, sigma_source = noise_sigma(noise, best_mean)
+    baseline_mean = chain[0]["mean"] if chain else None
+    gain = best_mean - baseline_mean if best and baseline_mean is not None else None
+    hours = night_hours(ledger)
+    devices = Counter(r.get("device") for r in finished if r.get("device")) or \
+        Counter(r.get("device") for r in ledger if r.get("device"))
+    mfus = [r["mfu_percent"] for r in (best[1] if best else finished) if schema.finite_number(r.get("mfu_percent"))]
+    return {"experiments": len(ledger), "keeps": counts["keep"], "discards": counts["discard"],
+            "reruns": counts["rerun"], "pending": counts["pending"],
+            "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES), "invalid": counts["invalid"],
+            "baseline": baseline_mean, "best": best_mean, "gain": gain,
+            "gain_sigma": gain / sigma if gain is not None and sigma else None,
+            "sigma": sigma, "sigma_source": sigma_source, "noise_trusted": noise["trusted"],
+            "best_id": best[1][-1]["run_id"] if best else None,
+            "best_description": best[1][0].get("description") if best else None,
+            "hours": hours, "per_hour": len(ledger) / hours if hours and hours >= MIN_HOURS_FOR_RATE else None,
+            "device": devices.most_common(1)[0][0] if devices else None,
+            "mfu": float(np.median(mfus)) if mfus else None}
+
+
+# ---------------------------------------------------------------------------
+# The kept changes
+# ---------------------------------------------------------------------------
+
+def diff_lines(text: str) -> list:
+    """[(css class, line)] of a unified diff, for colouring: added, removed, hunk header, file header."""
+    out = []
+    for line in text.splitlines()[:MAX_DIFF_LINES]:
+        kind = ("meta" if line.startswith(("+++", "---", "# ")) else "add" if line.startswith("+")
+                else "del" if line.startswith("-") else "hunk" if line.startswith("@@") else "ctx")
+        out.append((kind, line))
+    return out
+
+
+def kept_chain(store: Store, ledger: list, comparable) -> list:
+    """The kept codes of the best's pool in the order they were first kept, each with the numbers of the
+    verdict that kept it (its last run with a verdict), its pooled mean now, and its diff.patch."""
+    if comparable is None:
+        return []
+    chain = []
+    for key, records in verdict.pools(ledger, comparable).items():
+        if not any(r.get("status") == "keep" for r in records):
+            continue
+        decisive = next((r for r in reversed(records) if r.get("verdict") == "keep"), records[-1])
+        diff = read_text(store.run_path(records[0]["run_id"]) / "diff.patch") or ""
+        chain.append({"key": key, "records": records, "run_id": records[-1]["run_id"],
+                      "run_ids": [r["run_id"] for r in records], "description": records[0].get("description"),
+                      "commit": records[0].get("commit"), "mean": pooled_mean(records), "n": len(records),
+                      "delta": decisive.get("delta_best"), "delta_sigma": decisive.get("delta_sigma"),
+                      "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
+                      "diff": diff_lines(diff) if not diff.startswith("# nothing to compare") else [],
+                      "diff_cut": max(0, len(diff.splitlines()) - MAX_DIFF_LINES)})
+    return chain
+
+
+# ---------------------------------------------------------------------------
+# Charts (inline SVG: geometry here, elements in the template)
+# ---------------------------------------------------------------------------
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+class Axes:
+    """Data to SVG coordinates over the plotting area."""
+
+    def __init__(self, x0, x1, y0, y1):
+        self.x0, self.x1 = x0, x1 if x1 > x0 else x0 + 1
+        pad = 0.06 * (y1 - y0) if y1 > y0 else max(abs(y0) * 0.01, 1e-3)
+        self.y0, self.y1 = y0 - pad, y1 + pad
+        self.left, self.right = PAD["left"], SVG_W - PAD["right"]
+        self.top, self.bottom = PAD["top"], SVG_H - PAD["bottom"]
+
+    def x(self, v):
+        return round(self.left + (v - self.x0) / (self.x1 - self.x0) * (self.right - self.left), 1)
+
+    def y(self, v):
+        v = min(max(v, self.y0), self.y1)
+        return round(self.bottom - (v - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top), 1)
+
+    def frame(self, x_ticks, y_ticks, y_digits: int) -> dict:
+        return {"left": self.left, "right": self.right, "top": self.top, "bottom": self.bottom,
+                "xticks": [(self.x(t), f"{t:g}") for t in x_ticks if self.x0 <= t <= self.x1],
+                "yticks": [(self.y(t), f"{t:.{y_digits}f}") for t in y_ticks if self.y0 <= t <= self.y1]}
+
+
+def y_digits(lo: float, hi: float) -> int:
+    span = hi - lo
+    return min(6, max(2, 1 - math.floor(math.log10(span / 5)))) if span > 0 else 4
+
+
+def progress_chart(ledger: list, best_mean, sigma, comparable=None):
+    """Every run in ledger order (kept highlighted, failures as crosses on the top edge), the running best
+    (the lowest pooled mean of the kept codes, as their runs arrived: the headline's number at the end) and
+    the noise band (± σ) around the best; None without runs."""
+    if not ledger:
+        return None
+    values = [r["val_bpb"] if verdict.finished(r) else None for r in ledger]
+    finite = np.array([v for v in values if v is not None], float)
+    kept_values = [v for v, r in zip(values, ledger) if v is not None and r.get("status") == "keep"]
+    if len(finite):
+        lo = float(min(finite.min(), best_mean - (sigma or 0)) if best_mean is not None else finite.min())
+        hi = float(np.quantile(finite, Y_CLIP_QUANTILE))
+        hi = max([hi, *kept_values] + ([best_mean + (sigma or 0)] if best_mean is not None else []))
+        hi += 0.1 * (hi - lo)
+    else:
+        lo, hi = 0.0, 1.0
+    ax = Axes(0.5, len(ledger) + 0.5, lo, hi)
+    points, best_path, kept_pools, seen = [], [], {}, set()
+    running = math.inf
+    for i, (record, value) in enumerate(zip(ledger, values), start=1):
+        status = record.get("status")
+        tip = (f"#{i} {record['run_id']} · {status}"
+               + (f" · {value:.6f}" if value is not None else f" · {failure_cause(record)[:120]}")
+               + f" · {record.get('description') or ''}")
+        kind = "fail" if value is None else "keep" if status == "keep" else "run"
+        y = ax.y(value) if value is not None else ax.top
+        points.append({"x": ax.x(i), "y": y, "kind": kind, "tip": tip, "run_id": record["run_id"],
+                       "clipped": value is not None and value > ax.y1})
+        if kind == "keep" and verdict.comparable_key(record) == comparable \
+                and (verdict.code_key(record), record.get("seed")) not in seen:  # pooled as verdict.pools does
+            seen.add((verdict.code_key(record), record.get("seed")))
+            kept_pools.setdefault(verdict.code_key(record), []).append(value)
+            running = min(float(np.mean(v)) for v in kept_pools.values())
+        if math.isfinite(running):
+            best_path.append(f"{ax.x(i - 0.5) if not best_path else ax.x(i)},{ax.y(running)}")
+            best_path.append(f"{ax.x(i + 0.5 if i == len(ledger) else i + 1)},{ax.y(running)}")
+    band = None
+    if best_mean is not None and sigma:
+        band = {"y": ax.y(best_mean + sigma), "h": round(ax.y(best_mean - sigma) - ax.y(best_mean + sigma), 1),
+                "mid": ax.y(best_mean)}
+    x_ticks = nice_ticks(1, len(ledger), 8) if len(ledger) > 1 else [1]
+    return {"w": SVG_W, "h": SVG_H, "frame": ax.frame([t for t in x_ticks if t == int(t)], nice_ticks(ax.y0, ax.y1),
+                                                      y_digits(ax.y0, ax.y1)),
+            "points": points, "best_path": " ".join(best_path), "band": band}
+
+
+def val_points(path: Path) -> list:
+    """[(step, val/bpb)] of a run's metrics.jsonl. Only the lines that hold a validation point are parsed
+    (a 5-minute run has a thousand lines of per-step metrics, about ten of them validation points)."""
+    text = read_text(path)
+    if not text:
+        return []
+    out = []
+    for line in text.splitlines():
+        if schema.VAL_BPB not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a truncated line of a crash; read_metrics reports it in that run's analysis.md
+        if isinstance(record, dict) and schema.finite_number(record.get(schema.STEP)) \
+                and schema.finite_number(record.get(schema.VAL_BPB)):
+            out.append((record[schema.STEP], record[schema.VAL_BPB]))
+    return out
+
+
+def val_chart(store: Store, chain: list, best_key):
+    """The kept codes' validation curves overlaid (the latest run of each; the baseline, the best and the
+    latest kept codes up to MAX_VAL_CURVES), the best drawn strongest; None without any points."""
+    if not chain:
+        return None
+    chosen = chain if len(chain) <= MAX_VAL_CURVES else \
+        [chain[0]] + [c for c in chain[1:] if c["key"] == best_key] + \
+        [c for c in chain[1:] if c["key"] != best_key][-(MAX_VAL_CURVES - 2):]
+    chosen = sorted({id(c): c for c in chosen}.values(), key=lambda c: chain.index(c))
+    series = []
+    for entry in chosen:
+        run = next((r for r in reversed(entry["records"]) if (store.run_path(r["run_id"]) / "metrics.jsonl").exists()),
+                   None)
+        points = val_points(store.run_path(run["run_id"]) / "metrics.jsonl") if run else []
+        if points:
+            series.append((entry, run["run_id"], points))
+    if not series:
+        return None
+    start = VAL_SKIP_FRACTION * max(p[0] for _, _, pts in series for p in pts)
+    series = [(e, r, [p for p in pts if p[0] >= start] or pts[-1:]) for e, r, pts in series]
+    xs = [p[0] for _, _, pts in series for p in pts]
+    ys = [p[1] for _, _, pts in series for p in pts]
+    ax = Axes(min(xs), max(xs), min(ys), max(ys))
+    lines = []
+    for n, (entry, run_id, points) in enumerate(series):
+        is_best, is_base = entry["key"] == best_key, entry is chain[0]
+        share = n / max(len(series) - 1, 1)
+        colour = "#1a7f37" if is_best else "#6e7781" if is_base else f"hsl({210 + 60 * share:.0f},55%,{62 - 20 * share:.0f}%)"
+        lines.append({"points": " ".join(f"{ax.x(s)},{ax.y(v)}" for s, v in points), "colour": colour,
+                      "width": 2.4 if is_best else 1.3, "dash": "5,3" if is_base else "",
+                      "label": ("best · " if is_best else "baseline · " if is_base else "")
+                               + f"{run_id} {entry['description'] or ''}"[:70],
+                      "final": fmt(points[-1][1], 4)})
+    return {"w": SVG_W, "h": SVG_H, "frame": ax.frame(nice_ticks(ax.x0, ax.x1, 8), nice_ticks(ax.y0, ax.y1),
+                                                      y_digits(ax.y0, ax.y1)), "lines": lines,
+            "skipped_pct": round(100 * VAL_SKIP_FRACTION)}
+
+
+# ---------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------
+
+def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
+    """A row of the runs table with what opening it shows: its analysis.md rendered, and its figures."""
+    run_id = record["run_id"]
+    folder = store.run_path(run_id)
+    analysis = read_text(folder / "analysis.md")
+    head, notes = split_notes(analysis) if analysis is not None else (None, "")
+    env = {"base": f"{run_id}/"}
+    vram = record.get("peak_vram_mb")
+    started = parse_stamp(record.get("started_at"))
+    return {"i": index, "run_id": run_id, "status": record.get("status"), "verdict": record.get("verdict") or "",
+            "description": record.get("description") or "", "seed": record.get("seed"),
+            "val_bpb": record.get("val_bpb") if verdict.finished(record) else None,
+            "shown_val": record.get("val_bpb"), "delta": record.get("delta_best"),
+            "delta_sigma": record.get("delta_sigma"), "p_value": record.get("p_value"),
+            "steps": record.get("num_steps"), "mfu": record.get("mfu_percent"),
+            "vram_gb": vram / 1024 if schema.finite_number(vram) else None,
+            "seconds": record.get("training_seconds"),
+            "started": time.strftime("%m-%d %H:%M", time.localtime(started)) if started else "",
+            "started_sort": started or 0, "cause": failure_cause(record) if not verdict.finished(record) else "",
+            "analysis_html": md.render(head, env) if head is not None else None,
+            "notes_html": md.render(notes, env) if notes else "",
+            "figures": [f for f in RUN_FIGURES if f in names.get(run_id, ())]}
+
+
+def failure_groups(ledger: list) -> list:
+    groups = {}
+    for i, record in enumerate(ledger, start=1):
+        if verdict.finished(record) or record.get("status") not in verdict.NOT_COUNTED:
+            continue
+        cause = failure_cause(record)
+        group = groups.setdefault(cause_key(cause), {"cause": cause, "runs": [], "statuses": Counter()})
+        group["cause"] = cause  # the latest wording
+        group["runs"].append((i, record["run_id"]))
+        group["statuses"][record.get("status")] += 1
+    out = sorted(groups.values(), key=lambda g: -len(g["runs"]))
+    for g in out:
+        g["more"] = max(0, len(g["runs"]) - MAX_FAILURE_RUNS)
+        g["first"], g["last"] = g["runs"][0][0], g["runs"][-1][0]
+        g["runs"] = g["runs"][-MAX_FAILURE_RUNS:]
+        g["statuses"] = ", ".join(f"{n} {s}" for s, n in g["statuses"].most_common())
+    return out
+
+
+def figure_names(store: Store, ledger: list) -> dict:
+    """{run_id: names of the PNGs in its folder}: one listing per folder, only figures that exist are linked."""
+    out = {}
+    for record in ledger:
+        try:
+            out[record["run_id"]] = {p.name for p in store.run_path(record["run_id"]).iterdir() if p.suffix == ".png"}
+        except FileNotFoundError:
+            out[record["run_id"]] = set()
+    return out
+
+
+def build_context(store: Store) -> dict:
+    """Everything the template shows, read from the store as it is now."""
+    ledger = store.read_ledger()
+    comparable = verdict.store_comparable(ledger)
+    groups = verdict.pools(ledger, comparable) if ledger else {}
+    noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
+    best = verdict.best_pool(ledger, comparable) if ledger else None
+    chain = kept_chain(store, ledger, comparable)
+    summary = summary_line(ledger, best, noise, chain)
+    md = markdown_renderer()
+    names = figure_names(store, ledger)
+    rows = [run_row(store, i, r, md, names) for i, r in enumerate(ledger, start=1)]
+    insights, ideas = read_text(store.path(INSIGHTS)), read_text(store.path(IDEAS))
+    base_run = chain[0]["run_id"] if chain else None
+    best_run = best[1][-1]["run_id"] if best else None
+    other_kept = sum(1 for r in ledger if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
+    return {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
+        "summary": summary, "fmt": fmt,
+        "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
+        "progress_png": store.path(PROGRESS_PNG).exists(),
+        "chain": chain, "best_key": best[0] if best else None, "other_kept": other_kept,
+        "insights_html": md.render(without_comments(insights)) if insights else None,
+        "ideas_html": md.render(without_comments(ideas)) if ideas else None,
+        "notes": [r for r in rows if r["notes_html"]],
+        "rows": rows, "statuses": sorted({r["status"] for r in rows}),
+        "failures": failure_groups(ledger),
+        "val_chart": val_chart(store, chain, best[0] if best else None),
+        "grad": {"best": best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ()) else None,
+                 "baseline": base_run if base_run and plots.LAYER_HEATMAP in names.get(base_run, ()) else None,
+                 "same": best_run == base_run or (best is not None and chain and best[0] == chain[0]["key"])},
+    }
+
+
+def render(store: Store) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(["j2", "html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(TEMPLATE).render(**build_context(store))
+
+
+def write(store: Store) -> Path:
+    """Write report.html into the store (atomically: a browser reloading it never reads half a page)."""
+    html = render(store)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    path = store.path(REPORT_HTML)
+    atomic_write(path, html)
+    return path

@@ -1,0 +1,265 @@
+"""The morning report (`analyze.py report`, analysis/html_report.py): the page's parts on small stores with
+known answers (empty, only crashes, a run without metrics), and the page opened in headless Chromium on a
+store made of a real tiny CPU run plus synthetic history: no script errors, a row per run, the kept
+change's diff, the filter working from the URL, a screenshot that is not blank."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synthetic
+from analysis import html_report
+from analysis.store import Store
+from test_analyze import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, make_repo
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_TIMEOUT_S = 120      # a cold headless start on a loaded 2-core machine takes seconds; this is only a hang guard
+VIRTUAL_TIME_MS = 3000        # virtual time the page's script gets before the DOM is dumped (it runs at load)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path)
+
+
+def report(repo):
+    proc = analyze(repo, "report")
+    assert proc.returncode == 0, proc.stderr
+    path = repo / ".auto-log-research" / "report.html"
+    assert proc.stdout.startswith(f"wrote .auto-log-research/report.html (") and f"file://{path}" in proc.stdout
+    return path.read_text()
+
+
+def section(html: str, name: str) -> str:
+    """The HTML of one <section id=name>."""
+    return html.split(f'<section id="{name}">', 1)[1].split("</section>", 1)[0]
+
+
+def text_of(fragment: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", fragment)).strip()
+
+
+# ---------------------------------------------------------------------------
+# The parts, without a browser
+# ---------------------------------------------------------------------------
+
+def test_an_empty_store_says_how_to_start(repo):
+    html = report(repo)
+    assert "No runs yet." in text_of(section(html, "night")) and "uv run supervise.py" in html
+    assert text_of(section(html, "kept")) == "What was kept Nothing kept yet."
+    assert text_of(section(html, "failures")) == "Failures No crashes and no invalid runs."
+    assert "<script src" not in html and "http://" not in html and "https://" not in html  # nothing from a network
+
+
+def test_a_store_of_crashes_groups_them_by_cause(repo):
+    for i in range(3):  # the same bug three times; the allocation size differs, the cause does not
+        log = CRASH_LOG.replace("2.00 GiB", f"{i + 1}.00 GiB")
+        synthetic.write_run(repo, synthetic.make_records(n_steps=20, seed=i), None, log, truncate_metrics=True)
+        assert analyze(repo).returncode == 0
+    (repo / "run.log").write_text("Traceback (most recent call last):\n  File \"train.py\", line 3\nSyntaxError: invalid syntax\n")
+    (repo / "metrics.jsonl").unlink()
+    assert analyze(repo).returncode == 0  # a crash without metrics
+    html = report(repo)
+    ids = [r["run_id"] for r in ledger(repo)]
+    assert text_of(section(html, "failures")) == (
+        "Failures Crashes and invalid runs grouped by cause (the error line; causes that differ only in numbers "
+        "are one). 3× (3 crash; runs #1–#3) torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB "
+        f"#1 {ids[0]} , #2 {ids[1]} , #3 {ids[2]} "
+        f"1× (1 crash; runs #4–#4) SyntaxError: invalid syntax #4 {ids[3]}")
+    night = text_of(section(html, "night"))
+    assert "No kept run yet" in night and "4 experiments" in night and "4 crash" in night
+    assert html.count('<tr class="run"') == 4 and html.count('class="fail"') == 4  # crosses on the chart
+    assert "Nothing kept yet." in section(html, "kept")
+
+
+def test_kept_chain_reads_like_a_changelog(repo):
+    baseline(repo)
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    for seed in (1, 2, 3):
+        fake_run(repo, 0.95 + seed / 1000, seed=seed)
+        assert analyze(repo).returncode == 0
+    assert analyze(repo, "keep").returncode == 0
+    commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.5", "matrix lr 0.5")
+    fake_run(repo, 1.2, seed=9)
+    assert analyze(repo).returncode == 0
+    rows = ledger(repo)
+    kept_row = rows[5]  # the third run of the change: its verdict kept it
+    chain = html_report.kept_chain(Store(repo), rows, html_report.verdict.store_comparable(rows))
+    assert [(c["description"], c["n"], round(c["mean"], 6)) for c in chain] == [("baseline", 3, 1.0),
+                                                                                  ("matrix lr 0.05", 3, 0.952)]
+    assert chain[1]["delta"] == kept_row["delta_best"] and chain[1]["p_value"] == kept_row["p_value"]
+    changed = [(kind, line.split("#")[0].strip()) for kind, line in chain[1]["diff"] if kind in ("add", "del")]
+    assert changed == [("del", "-MATRIX_LR = 0.04"), ("add", "+MATRIX_LR = 0.05")]
+    html = report(repo)
+    kept = section(html, "kept")
+    assert '<span class="add">+MATRIX_LR = 0.05 ' in kept and "matrix lr 0.5" not in kept
+    assert f"Δ <span class=\"good\">{kept_row['delta_best']:+.6f}</span>" in kept
+    night = text_of(section(html, "night"))
+    assert night.startswith("val_bpb 1.000000 → 0.952000 ( -0.048000 , -30.4σ) ± 0.001581 noise σ per run "
+                            "(pooled from repeats (4 df))")  # σ² = (8e-6 + 2e-6) / 4 df
+    assert "7 experiments 6 keep 0 discard 0 rerun 1 pending 0 crash 0 invalid" in night
+
+
+def test_each_run_opens_its_analysis_with_its_figures_and_notes(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    run_id = head(repo)
+    folder = repo / ".auto-log-research" / run_id
+    with open(folder / "analysis.md", "a") as f:
+        f.write("The **gap** is steady; see [the curve](val_bpb.png).\n<script>alert(1)</script>\n")
+    (repo / ".auto-log-research" / "ideas_queue.md").write_text("# Ideas\n\n1. wider MLP\n")
+    html = report(repo)
+    template = html.split(f'<template id="run-{run_id}">', 1)[1].split("</template>", 1)[0]
+    assert "<h2>Verdict</h2>" in template and "<table>" in template  # analysis.md rendered, tables included
+    assert f'<img loading="lazy" src="{run_id}/loss_vs_step.png"' in template
+    assert f'<a href="{run_id}/val_bpb.png">the curve</a>' in template  # relative links resolve from the store
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in template and "<script>alert" not in html  # raw HTML stays text
+    learned = section(html, "learned")
+    assert "<li>wider MLP</li>" in learned and "<strong>gap</strong>" in learned
+
+
+def test_the_report_stays_out_of_analyze(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    assert not (repo / ".auto-log-research" / "report.html").exists()  # only `report` (and the supervisor) writes it
+    code = "import sys, analyze; rc = analyze.main(['report']); assert rc == 0 and 'matplotlib' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, env={**os.environ},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_broken_ledger_is_one_error_line(repo):
+    store = Store(repo)
+    store.dir.mkdir()
+    store.path("runs.jsonl").write_text("{not json\n")
+    proc = analyze(repo, "report")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_diff_lines_and_causes():
+    assert html_report.diff_lines("# header\n--- a\n+++ b\n@@ -1 +1 @@\n-x = 1\n+x = 2\n y\n") == [
+        ("meta", "# header"), ("meta", "--- a"), ("meta", "+++ b"), ("hunk", "@@ -1 +1 @@"), ("del", "-x = 1"),
+        ("add", "+x = 2"), ("ctx", " y")]
+    assert html_report.cause_key("OOM: tried 2.00 GiB at line 12") == html_report.cause_key("OOM: tried 3.5 GiB at line 9")
+    assert html_report.nice_ticks(0.97, 1.01) == [0.97, 0.98, 0.99, 1.0, 1.01]
+
+
+# ---------------------------------------------------------------------------
+# In a real browser
+# ---------------------------------------------------------------------------
+
+def chromium():
+    return next((path for path in map(shutil.which, CHROMIUM_NAMES) if path), None)
+
+
+def browse(url: str, profile: Path, *args) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url` (file:// only: nothing leaves the machine)."""
+    return subprocess.run([chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+                           "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                           f"--virtual-time-budget={VIRTUAL_TIME_MS}", *args, url],
+                          capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
+
+
+def cpu_fake_run(repo, real: dict, value: float, seed: int, **kw):
+    """A synthetic run like the real CPU run `real` (same device, budget and clock rules), so it is comparable."""
+    records = synthetic.make_records(n_steps=60, step_ms=40.0, seed=seed, layer_every=10, depth=2,
+                                     warmup_steps=real["config"].get("CLOCK_WARMUP_STEPS", 2),
+                                     budget_s=real["time_budget_s"])
+    summary = synthetic.make_summary(records, value, commit=head(repo), seed=seed, device="cpu",
+                                     train_sha256=__import__("test_analyze").train_sha(repo),
+                                     budget_s=real["time_budget_s"], config={**real["config"], "SEED": seed},
+                                     peak_vram_mb=0.0, mfu_percent=0.0, **kw)
+    synthetic.write_run(repo, records, summary, f"run seed {seed}\nval_bpb: {value}\n")
+
+
+@pytest.fixture(scope="module")
+def night(prepared, tmp_path_factory):
+    """A store: a real tiny CPU training run as the baseline, two synthetic repeats of it, a kept change, a
+    discarded one, the same crash twice, notes and an ideas queue; report.html written."""
+    repo = make_repo(tmp_path_factory.mktemp("night") / "repo")
+    env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
+    with open(repo / "run.log", "w") as log:
+        train = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               timeout=300)
+    assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
+    real = json.loads((repo / "run_summary.json").read_text())
+    assert analyze(repo).returncode == 0
+    sigma = 0.002 * real["val_bpb"]
+    for seed in (43, 44):
+        cpu_fake_run(repo, real, real["val_bpb"] + (seed - 43.5) * sigma, seed)
+        proc = analyze(repo)
+        assert proc.returncode == 0 and "INVALID" not in proc.stdout, proc.stdout
+    assert analyze(repo, "keep").returncode == 0
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    for seed in (1, 2, 3):
+        cpu_fake_run(repo, real, real["val_bpb"] * 0.97 + seed * sigma / 4, seed)
+        assert analyze(repo).returncode == 0
+    assert analyze(repo, "keep").returncode == 0
+    commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.5", "matrix lr 0.5 (too high)")
+    cpu_fake_run(repo, real, real["val_bpb"] * 1.1, 5)
+    assert analyze(repo).returncode == 0
+    assert analyze(repo, "discard").returncode == 0
+    for _ in range(2):
+        synthetic.write_run(repo, synthetic.make_records(n_steps=20), None, CRASH_LOG, truncate_metrics=True)
+        assert analyze(repo).returncode == 0
+    git(repo, "checkout", "train.py")
+    store = repo / ".auto-log-research"
+    (store / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
+                                          "2. a wider MLP\n")
+    first = ledger(repo)[0]["run_id"]
+    with open(store / first / "analysis.md", "a") as f:
+        f.write("Checked the train/val gap by hand: steady, no overfitting.\n")
+    report(repo)
+    return repo
+
+
+pytestmark_browser = pytest.mark.skipif(chromium() is None, reason="no chromium on PATH (Debian: apt-get install -y "
+                                                                 "chromium; .ci/run installs it as root)")
+
+
+@pytestmark_browser
+def test_the_page_in_headless_chromium(night, tmp_path):
+    path = night / ".auto-log-research" / "report.html"
+    rows = ledger(night)
+    proc = browse(path.as_uri(), tmp_path / "profile", "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if re.search(r"error|uncaught", line, re.I)], console
+    assert "data-errors" not in dom.split("<head>")[0], dom.split("<head>")[0]  # script and resource errors
+    assert f'data-ready="{len(rows)}"' in dom  # the script ran to its end and counted a row per run
+    assert dom.count('<tr class="run"') == len(rows) == 10
+    kept = section(dom, "kept")
+    assert '<span class="add">+MATRIX_LR = 0.05 ' in kept and '<span class="del">-MATRIX_LR = 0.04 ' in kept
+    assert "2× (2 crash;" in text_of(section(dom, "failures"))
+    assert "steady, no overfitting" in section(dom, "learned") and "<strong>warmup 2x</strong>" in dom
+    assert dom.count("<polyline fill=\"none\"") == 2  # the two kept codes' validation curves
+    # the state in the URL: filtered to the crashes, with the first one open
+    crash = next(r["run_id"] for r in rows if r["status"] == "crash")
+    proc = browse(path.as_uri() + f"#status=crash&run={crash}", tmp_path / "profile", "--dump-dom")
+    table = section(proc.stdout, "runs")
+    visible = re.findall(r'<tr class="run[^"]*" data-run="([^"]+)" data-status="(\w+)"(?! style="display: none;")>', table)
+    assert [s for _, s in visible] == ["crash", "crash"] and 'id="shown">2 of 10 runs' in table
+    assert '<tr class="detail">' in table and "## Crash" not in table and "<h2>Crash</h2>" in table
+
+
+@pytestmark_browser
+def test_the_screenshot_is_not_blank(night, tmp_path):
+    from PIL import Image
+    shot = tmp_path / "report.png"
+    proc = browse((night / ".auto-log-research" / "report.html").as_uri(), tmp_path / "profile",
+                  f"--screenshot={shot}", "--window-size=1200,1600")
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (1600, 1200)
+    dark = pixels < 128  # text, the chart's points and lines
+    assert dark.mean() > 0.01 and dark[:400].mean() > 0.01 and dark[400:1200].mean() > 0.005
+    green = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    assert ((green[..., 1] - green[..., 0] > 60) & (green[..., 1] - green[..., 2] > 30)).sum() > 100  # kept points
