@@ -511,9 +511,15 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     """Write report.html from the store as it is now. Reads only (no lock): the ledger and every archive
     file are replaced atomically, so a report written during an analysis shows the store before or after it."""
+    from jinja2 import TemplateError
+
     from analysis import html_report  # jinja2 and markdown-it are imported by this command only
     store = Store(".")
-    path = html_report.write(store)
+    try:
+        path = html_report.write(store)
+    except TemplateError as e:  # a damaged analysis/templates/ (the harness's): one line, as every refusal
+        raise StoreError(f"the report template {html_report.TEMPLATE_DIR / html_report.TEMPLATE} is broken "
+                         f"({type(e).__name__}: {e}); restore it with `git checkout analysis/templates`") from None
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB, {len(store.read_ledger())} runs): "
           f"open file://{path.resolve()}")
     return 0

@@ -10,7 +10,8 @@ from program.md, insights.md, ideas_queue.md and results.tsv. A training run tha
 wall-clock limit is killed. A stop rule lets the experiment in progress finish (up to --stop-grace),
 then the supervisor ends every process of the night and settles the last run (keep or discard), so
 git and the ledger agree. Progress: `tail -f .auto-log-research/status.log`; every agent session's
-output and tool call is in .auto-log-research/supervisor.log.
+output and tool call is in .auto-log-research/supervisor.log; the morning report, .auto-log-research/report.html,
+is rewritten after every change of the ledger.
 """
 
 import argparse
@@ -47,6 +48,8 @@ MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
 DEFAULT_MAX_OUTAGE_H = 1.0           # failed sessions (API down, 5xx, 401) for this long end the night
 TOOL_TIMEOUT_MARGIN_S = 600          # the CLI's Bash timeout: the training limit plus this, for analyze and git
 POLL_S = 2.0                         # how often stop rules and training runs are checked
+REPORT = ".auto-log-research/report.html"  # the morning report, rewritten after every change of the ledger
+REPORT_TIMEOUT_S = 120               # `analyze.py report` takes about a second for 500 runs; this only ends a hang
 KILL_GRACE_S = 15.0                  # SIGTERM first (train.py writes its crash summary), SIGKILL after this
 API_MAX_RETRIES = 8                  # the SDK's own retries (429, 5xx, connection) with exponential backoff
 API_OUTAGE_WAIT_S = 60.0             # then wait this long (doubling, up to 15 min) and retry, up to --max-outage-hours
@@ -291,6 +294,8 @@ class Supervisor:
         self.current = None                  # the running tool command of the api backend
         self.rows_seen, self.start_rows = [], 0
         self.start_rows = len(self._ledger())
+        self.report_proc = None              # the `analyze.py report` in progress (it runs beside the night)
+        self.report_of = None                # the ledger state the latest report was started for
 
     # bookkeeping
     def _ledger(self) -> list:
@@ -342,7 +347,35 @@ class Supervisor:
             reason = stop_reason(self.new_runs(), self.rules, time.time(), self.started)
             if reason:
                 self.stop(reason)
+        self.refresh_report()
         return self.stopping is not None
+
+    def refresh_report(self, wait: bool = False):
+        """Rewrite report.html when the ledger changed (a new row, a keep or a discard) since the last report:
+        `analyze.py report` in a process beside the night, never waited for (except at the end, `wait`). Its
+        failure is one status line; the night goes on."""
+        if self.report_proc is not None:
+            if wait:
+                try:
+                    self.report_proc.wait(timeout=REPORT_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.report_proc.kill()
+                    self.report_proc.wait()
+            if self.report_proc.poll() is None:
+                return
+            _, err = self.report_proc.communicate()
+            if self.report_proc.returncode != 0:
+                self.status(f"report not written: {(err.strip().splitlines() or ['exit code %d' % self.report_proc.returncode])[-1]}")
+            self.report_proc = None
+        state = [(r.get("run_id"), r.get("status")) for r in self.rows_seen]
+        if state == self.report_of or not state:
+            return
+        self.report_of = state
+        self.report_proc = subprocess.Popen([sys.executable, "analyze.py", "report"], cwd=self.repo, text=True,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            env=agent_environment(self.args.pass_env))
+        if wait:
+            self.refresh_report(wait=True)
 
     def should_end_agent(self) -> bool:
         """Once stopping: at once on a signal, else when the experiment in progress is over or its grace is up."""
@@ -448,6 +481,8 @@ class Supervisor:
             killed = end_processes(left)
             self.write_log(f"ended {len(left)} process(es) of the night at the stop ({len(killed)} by SIGKILL)")
         self.settle()
+        self._ledger()
+        self.refresh_report(wait=True)  # the settled night, for the morning
         self.status(f"stopped: {self.stopping}")
         self.write_log(f"=== stopped: {self.stopping}")
         self.store.path(PID_FILE).unlink(missing_ok=True)
@@ -912,7 +947,7 @@ def main(argv=None) -> int:
               f"(kill {other}) or run in another clone", file=sys.stderr)
         return 2
     sup.end_leftovers()
-    sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)})")
+    sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)}; morning report: {REPORT})")
     return run_claude(sup) if args.backend == "claude" else run_api(sup)
 
 

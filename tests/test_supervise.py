@@ -2,6 +2,7 @@
 backend against a local server speaking the Messages API that drives the real loop (edit, train,
 analyze, keep / discard, revert), Ctrl-C in the middle of a run, and program.md's commands."""
 
+import argparse
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import supervise
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, error
-from test_analyze import GIT_ENV, HARNESS, git, make_repo
+from test_analyze import GIT_ENV, HARNESS, analyze, fake_run, git, make_repo
 
 SECRET = "sk-ant-test-DO-NOT-WRITE-4f9c2e"
 PY = shlex.quote(sys.executable)
@@ -56,6 +57,28 @@ def test_stop_rules():
     assert "no keep for 2.0 hours" in supervise.stop_reason(rows("discard"), hours, now, now - 7200)
     recent_keep = [{"status": "keep", "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now - 600))}]
     assert supervise.stop_reason(recent_keep + rows("discard"), hours, now, now - 7200) is None
+
+
+def test_the_report_follows_the_ledger_and_a_failure_is_one_status_line(repo):
+    args = argparse.Namespace(backend="api", hours=None, max_experiments=None, max_crashes=3, max_without_keep=None,
+                              max_hours_without_keep=None, pass_env=set())
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    sup = supervise.Supervisor(args, repo)
+    report = repo / ".auto-log-research" / "report.html"
+    sup.refresh_report(wait=True)
+    assert report.read_text().count('<tr class="run"') == 1
+    written = report.stat().st_mtime_ns
+    sup.refresh_report(wait=True)  # the ledger did not change: nothing is rewritten
+    assert sup.report_proc is None and report.stat().st_mtime_ns == written
+    (repo / "analysis" / "templates" / "report.html.j2").write_text("{% if %}")
+    fake_run(repo, 0.99, seed=2)
+    assert analyze(repo).returncode == 0
+    sup._ledger()
+    sup.refresh_report(wait=True)
+    last = (repo / ".auto-log-research" / "status.log").read_text().strip().splitlines()[-1]
+    assert last.split(" | ")[1].startswith("report not written: error: the report template ")
+    assert "restore it with `git checkout analysis/templates`" in last and report.stat().st_mtime_ns == written
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +209,12 @@ def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
     assert "MATRIX_LR = 0.4" in (store.run_path(rows[1]["run_id"]) / "diff.patch").read_text()
     assert f"`{base}`" in store.path("insights.md").read_text()
     assert store.path("ideas_queue.md").read_text().startswith("# Ideas queue")
+    # the morning report, rewritten as the ledger changed and once more for the settled night
+    report = store.path("report.html").read_text()
+    assert report.count('<tr class="run"') == 3
+    assert [m for m in re.findall(r'data-status="(\w+)"', report)] == ["keep", "discard", "crash"]
+    assert "report not written" not in (repo / ".auto-log-research" / "status.log").read_text()
+    assert "morning report: .auto-log-research/report.html" in (repo / ".auto-log-research" / "status.log").read_text()
     # every experiment started from a fresh, compact context
     assert api.failures_sent == 1  # the 429, retried
     firsts = [r for r in api.agent_requests if len(r["messages"]) == 1]
