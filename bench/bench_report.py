@@ -1,0 +1,158 @@
+"""
+How long `uv run analyze.py report` takes on a store of 500 runs, and how large report.html is
+(issue 12: <= 3 s on the 2-core CPU machine; a 200-run night a few MB).
+
+The store is written straight into a temporary git repository, as bench/bench_analyze.py does: ledger
+rows and archive folders, every 10th run kept, every 25th a crash (3 causes), the kept runs with full
+metrics (1,000 steps of a depth-8 model, 10 validation points), every run with an analysis.md (a real
+one, written by analyze.py for a synthetic run, with a note from the agent on every 5th), a diff.patch
+and the 7 figures' files (their size does not matter: the page links them). Each repetition times the
+whole `python analyze.py report` process, interpreter start and imports included.
+
+Usage: uv run bench/bench_report.py [--runs 500] [--repeats 5] [--out bench/results/NAME.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import synthetic  # noqa: E402
+from analysis import html_report  # noqa: E402
+from analysis.store import Store  # noqa: E402
+
+STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
+DEPTH = 8               # the default DEPTH
+KEEP_EVERY = 10         # every 10th run kept (a good night keeps fewer)
+CRASH_EVERY = 25        # every 25th run a crash
+CAUSES = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {n}.00 GiB",
+          "RuntimeError: shape '[8, 2048, 6, 128]' is invalid for input of size {n}",
+          "NameError: name 'WARMUP_RATIO' is not defined")
+DIFF = """# train.py of run {run} against the best {best}
+--- a/train.py ({best})
++++ b/train.py ({run})
+@@ -56,7 +56,7 @@
+ TOTAL_BATCH_SIZE = 2**19   # tokens per optimizer step
+-MATRIX_LR = 0.04           # Muon
++MATRIX_LR = 0.0{k}           # Muon
+ EMBEDDING_LR = 0.6
+"""
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+                        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"})
+
+
+def sample_analysis(tmp: Path) -> str:
+    """A real analysis.md: analyze.py on a synthetic run of a repository of its own."""
+    repo = tmp / "sample"
+    repo.mkdir()
+    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    git("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "sample", cwd=repo)
+    records = synthetic.make_records(n_steps=STEPS, depth=DEPTH, seed=3)
+    synthetic.write_run(repo, records, synthetic.make_summary(records, 1.0), "log\n")
+    subprocess.run([sys.executable, "analyze.py"], cwd=repo, check=True, capture_output=True)
+    run_id = Store(repo).read_ledger()[0]["run_id"]
+    return (Store(repo).run_path(run_id) / "analysis.md").read_text()
+
+
+def build_store(repo: Path, n_runs: int, analysis: str):
+    store = Store(repo)
+    ledger = []
+    full = synthetic.make_records(n_steps=STEPS, depth=DEPTH, seed=1)
+    metrics = "".join(json.dumps(r) + "\n" for r in full)
+    figures = html_report.RUN_FIGURES[:-1]
+    best = "0000000"
+    t0 = time.time() - n_runs * 400
+    for i in range(n_runs):
+        run_id = f"{i:07x}"
+        kept, crashed = i % KEEP_EVERY == 0, i % CRASH_EVERY == CRASH_EVERY - 1
+        value = 1.0 - 0.0001 * i if kept else 1.0 + 0.001 * (i % 7)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0 + 400 * i))
+        summary = synthetic.make_summary(full, value, commit=run_id, train_sha256=f"{i:064x}", seed=42 + i % 3,
+                                         started_at=stamp)
+        record = {**summary, "run_id": run_id, "status": "keep" if kept else "discard", "train_status": "ok",
+                  "description": f"experiment {i}: a change to the model", "verdict": "keep" if kept else "discard",
+                  "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0 + 400 * i + 330)),
+                  "delta_best": value - 1.0, "delta_sigma": (value - 1.0) / 0.0015, "p_value": 0.05, "n_pooled": 1}
+        if crashed:
+            record.update(status="crash", verdict="crash", val_bpb=None, train_status="crash",
+                          error=CAUSES[i % 3].format(n=i % 4 + 1))
+        folder = store.run_path(run_id)
+        folder.mkdir(parents=True)
+        note = f"\nChecked run {run_id} by hand: the loss was still falling at the end.\n" if i % 5 == 0 else ""
+        (folder / "analysis.md").write_text(analysis.replace("# Run ", f"# Run {run_id} was ", 1) + note)
+        (folder / "diff.patch").write_text(DIFF.format(run=run_id, best=best, k=i % 9 + 1))
+        for name in figures:
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+        if kept:
+            (folder / "metrics.jsonl").write_text(metrics)
+            best = run_id
+        ledger.append(record)
+    store.write_ledger(ledger)
+    (store.path("insights.md")).write_text("# Insights\n\n## Validated findings\n\n" +
+                                          "".join(f"- finding {k}: a longer warmup helps\n" for k in range(40)))
+    (store.path("ideas_queue.md")).write_text("# Ideas queue\n\n" + "".join(f"{k}. idea {k}\n" for k in range(1, 30)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="alr-bench-report-"))
+    cache = tmp / "cache"
+    cache.mkdir()
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)
+    repo = tmp / "repo"
+    repo.mkdir()
+    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    t0 = time.perf_counter()
+    build_store(repo, args.runs, sample_analysis(tmp))
+    print(f"store of {args.runs} runs written in {time.perf_counter() - t0:.1f} s")
+    times = []
+    for k in range(args.repeats):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "analyze.py", "report"], cwd=repo, capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if proc.returncode != 0:
+            sys.exit(f"analyze.py report failed: {proc.stderr.strip()}")
+        print(f"repeat {k + 1}: {times[-1]:.2f} s")
+    size = Store(repo).path(html_report.REPORT_HTML).stat().st_size
+    result = {
+        "benchmark": "bench/bench_report.py", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "python": platform.python_version(), "runs": args.runs, "kept": len(range(0, args.runs, KEEP_EVERY)),
+        "seconds": times, "median_s": statistics.median(times), "max_s": max(times),
+        "report_bytes": size, "last_stdout": proc.stdout.strip(),
+    }
+    print(f"median {result['median_s']:.2f} s, max {result['max_s']:.2f} s over {args.repeats} repeats; "
+          f"report.html {size / 1e6:.2f} MB for {args.runs} runs")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
