@@ -89,9 +89,7 @@ def main():
     cache = Path(tempfile.mkdtemp(prefix="alr-bench-cache-"))
     build_cache(cache)
     os.environ["AUTORESEARCH_CACHE"] = str(cache)  # for the summaries written here and the analyze.py processes
-    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    synthetic.copy_harness(repo)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
     git("init", "-q", cwd=repo)
     env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",

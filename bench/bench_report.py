@@ -59,9 +59,7 @@ def sample_analysis(tmp: Path) -> str:
     """A real analysis.md: analyze.py on a synthetic run of a repository of its own."""
     repo = tmp / "sample"
     repo.mkdir()
-    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    synthetic.copy_harness(repo)
     git("init", "-q", cwd=repo)
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "sample", cwd=repo)
@@ -124,9 +122,7 @@ def main():
     os.environ["AUTORESEARCH_CACHE"] = str(cache)
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("analyze.py", "schema.py", "prepare.py", "train.py"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    synthetic.copy_harness(repo)
     t0 = time.perf_counter()
     build_store(repo, args.runs, sample_analysis(tmp))
     print(f"store of {args.runs} runs written in {time.perf_counter() - t0:.1f} s")

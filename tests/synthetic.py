@@ -11,6 +11,7 @@ training_seconds is the sum of its timed step times.
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +25,18 @@ BOOKKEEPING_S = 0.0005  # between a step's end and its metrics line, as in train
 EVAL_S = 0.8            # one validation-curve point
 LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+HARNESS_COPY = ("analyze.py", "schema.py", "prepare.py", "train.py")  # what a repository of the loop holds
+
+
+def copy_harness(dest, files=HARNESS_COPY):
+    """Copy the project's `files` and analysis/ (without bytecode) into `dest`: a repository to test or
+    benchmark the loop in, as a user's checkout would hold them."""
+    dest = Path(dest)
+    for name in files:
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "analysis", dest / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def param_names(depth: int) -> list:

@@ -4,7 +4,6 @@ crash handling, the ledger, the verdict, the bookkeeping commands and their refu
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,11 +14,10 @@ import schema
 import synthetic
 from analysis import plots, report, stats
 from analysis.store import Store, read_metrics
-from conftest import ROOT
 
+HARNESS = synthetic.HARNESS_COPY
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-HARNESS = ("analyze.py", "schema.py", "prepare.py", "train.py")
 CRASH_LOG = """step 00010 (3.0%) | loss: 5.1
 Traceback (most recent call last):
   File "train.py", line 400, in <module>
@@ -51,9 +49,7 @@ def train_sha(repo) -> str:
 def make_repo(folder, files=HARNESS):
     """A git repository in `folder` with copies of the project's `files` and analysis/, committed as "baseline"."""
     folder.mkdir(exist_ok=True)
-    for name in files:
-        shutil.copy(ROOT / name, folder / name)
-    shutil.copytree(ROOT / "analysis", folder / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    synthetic.copy_harness(folder, files)
     (folder / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
     git(folder, "init", "-q")
     git(folder, "add", "-A")

@@ -7,14 +7,13 @@ test-only lines in train.py), so the same model trained under the same SEED give
 alone but would fake the number must report exactly the baseline's.
 """
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+import synthetic
 from conftest import ROOT
 from test_analyze import GIT_ENV, analyze, git, ledger
 
@@ -144,9 +143,7 @@ def train_and_analyze(repo, message: str):
 def store(prepared, tmp_path_factory):
     """A repository with the harness and a fixed-step train.py, its baseline trained, analysed and kept."""
     repo = tmp_path_factory.mktemp("tampering")
-    for name in ("prepare.py", "schema.py", "analyze.py"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "analysis", repo / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    synthetic.copy_harness(repo, ("prepare.py", "schema.py", "analyze.py"))
     source = (ROOT / "train.py").read_text()
     source = edited(source, {STOP: FIXED_STOP, SCHEDULE: FIXED_SCHEDULE, "# Instrumentation and safety\n":
                              f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"})
