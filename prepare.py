@@ -1221,11 +1221,8 @@ class RunLogger:
             self._file.flush()
             self.summary = summary
             # the seal, outside the run directory: what the harness wrote, and the number it computed itself
-            seal = dict(schema.seal(text, self._metrics_hash.hexdigest(), self._metrics_lines),
-                        val_bpb=sealed_val_bpb)
-            path = schema.seal_path(self.run_dir, self.started_at)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(seal) + "\n")
+            schema.write_seal(self.run_dir, self.started_at, text, self._metrics_hash.hexdigest(), self._metrics_lines,
+                              sealed_val_bpb)
             return summary
 
     def _excepthook(self, etype, value, tb):

@@ -151,9 +151,14 @@ def seal_path(run_dir, started_at: str) -> Path:
     return cache_dir() / SEALS_DIR / f"{key}.json"
 
 
-def seal(summary_text: str, metrics_sha256: str, metrics_lines: int) -> dict:
-    return {"summary_sha256": hashlib.sha256(summary_text.encode()).hexdigest(), "metrics_sha256": metrics_sha256,
-            "metrics_lines": metrics_lines}
+def write_seal(run_dir, started_at: str, summary_text: str, metrics_sha256: str, metrics_lines: int, val_bpb):
+    """Seal a run's files as the harness wrote them: the summary's sha256, the metrics' sha256 and line count,
+    and the val_bpb the harness computed itself (None for a run that did not finish)."""
+    seal = {"summary_sha256": hashlib.sha256(summary_text.encode()).hexdigest(), "metrics_sha256": metrics_sha256,
+            "metrics_lines": metrics_lines, "val_bpb": val_bpb}
+    path = seal_path(run_dir, started_at)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(seal) + "\n")
 
 
 # ---------------------------------------------------------------------------

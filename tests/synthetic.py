@@ -124,11 +124,8 @@ def seal_run(folder, summary: dict, metrics_text: str):
     """Write run_summary.json and the harness's seal of it and of the metrics, as prepare.RunLogger does."""
     text = json.dumps(summary, indent=2)
     (Path(folder) / "run_summary.json").write_text(text)
-    seal = dict(schema.seal(text, hashlib.sha256(metrics_text.encode()).hexdigest(), metrics_text.count("\n")),
-                val_bpb=summary.get("val_bpb") if summary.get("status") == "ok" else None)
-    path = schema.seal_path(folder, summary.get("started_at"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(seal))
+    schema.write_seal(folder, summary.get("started_at"), text, hashlib.sha256(metrics_text.encode()).hexdigest(),
+                      metrics_text.count("\n"), summary.get("val_bpb") if summary.get("status") == "ok" else None)
 
 
 def stamped_log(summary: dict, body: str) -> str:
