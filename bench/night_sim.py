@@ -54,7 +54,7 @@ PRIORS = {
 }
 BASELINE_RUNS = {"autoresearch": 1}  # autoresearch runs its baseline once; the project's rules: --baseline-runs
 
-KEEP, DISCARD, RERUN = 1, 2, 0
+KEEP, DISCARD, RERUN = verdict.KEEP_CODE, verdict.DISCARD_CODE, verdict.RERUN_CODE  # every rule answers in these
 
 
 # ---------------------------------------------------------------------------
@@ -116,9 +116,8 @@ def rule_project(policy: dict = None):
     """The project's rule: analysis.verdict.sequential_verdict, the function decide() calls."""
     def rule(s: dict) -> np.ndarray:
         sigma, df = _sigma(s)
-        codes = verdict.sequential_verdict(s["cand_n"], s["cand_mean"] - s["best_mean"],
-                                           sigma * np.sqrt(1 / s["cand_n"] + 1 / s["best_n"]), df, policy)
-        return np.select([codes == verdict.KEEP_CODE, codes == verdict.RERUN_CODE], [KEEP, RERUN], DISCARD)
+        return verdict.sequential_verdict(s["cand_n"], s["cand_mean"] - s["best_mean"],
+                                          sigma * np.sqrt(1 / s["cand_n"] + 1 / s["best_n"]), df, policy)
     return rule
 
 
