@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import verdict
-from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, StoreError, parse_stamp
+from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, StoreError, parse_stamp, proc_stat
 # The budget train.py will run with, read and checked once, by the harness: a bad
 # $AUTORESEARCH_TIME_BUDGET ends the supervisor here with prepare.py's one `error:` line.
 from prepare import TIME_BUDGET
@@ -142,23 +142,13 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
 # Processes, read from /proc: the night's processes, their ages, and ending them
 # ---------------------------------------------------------------------------
 
-def _proc_stat(pid: int):
-    """(state, ppid, start time in seconds since boot) of a process, or None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[1]), int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
 def _pids() -> list:
     return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
 def process_age(pid: int):
     """Seconds since the process started (from /proc, so a just-started run is never taken for an old one)."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None:
         return None
     return float(Path("/proc/uptime").read_text().split()[0]) - stat[2]
@@ -168,7 +158,7 @@ def descendants(pid: int) -> set:
     """Every process below pid (children, their children, ...), as the process table is now."""
     children = {}
     for p in _pids():
-        stat = _proc_stat(p)
+        stat = proc_stat(p)
         if stat:
             children.setdefault(stat[1], []).append(p)
     found, todo = set(), [pid]
@@ -232,7 +222,7 @@ def _wait_gone(pids, seconds: float) -> set:
 
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z"
 
 

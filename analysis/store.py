@@ -85,6 +85,16 @@ def atomic_write(path: Path, data, mode: str = "w"):
         raise
 
 
+def proc_stat(pid: int):
+    """(state, ppid, start time in seconds since boot) of a process, or None once it is gone (or without /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a live process has this pid (another user's counts; a zombie does not: it has exited and
     holds no file, it only waits to be reaped)."""
@@ -94,11 +104,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc to tell (macOS): the process exists
-    return state not in ("Z", "X")
+    stat = proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")  # no /proc to tell (macOS): the process exists
 
 
 def replace_non_finite(value, path: str = ""):
