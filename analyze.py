@@ -7,6 +7,8 @@ Post-run analysis and bookkeeping of the experiment store (fixed harness: the ag
     uv run analyze.py compare A B     two archived runs side by side
     uv run analyze.py status          current best, latest runs, noise estimate, counts
     uv run analyze.py report          the morning report: .auto-log-research/report.html (analysis/html_report.py)
+    uv run analyze.py sync            start from the store's best (another worker may have kept a better one)
+    uv run analyze.py claim "IDEA"    claim an idea of ideas_queue.md for this worker; `claims` lists them all
 
 It reads what train.py leaves behind (run_summary.json, metrics.jsonl, run.log) and never reports a
 number a run did not produce: a run without its own summary is a crash, whatever files are lying
@@ -28,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 import schema
-from analysis import gitops, integrity, plots, report, stats, verdict
+from analysis import claims, gitops, integrity, plots, report, slurm, stats, verdict
 from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError, atomic_write,
-                            clean_summary, failure_line, load_run, metrics_notes, parse_stamp, refuse_running_train,
-                            sha256_bytes, traceback_tail)
+                            MAIN_WORKER, clean_summary, current_worker, failure_line, load_run, metrics_notes, parse_stamp,
+                            refuse_running_train, sha256_bytes, traceback_tail)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
+IDEAS = "ideas_queue.md"      # the agent's prioritised hypotheses, in the store (`claims` lists their state)
 LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
 
 
@@ -82,9 +85,10 @@ def classify(run: dict, ledger: list) -> dict:
     log_of = archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"]) if log_file else None
     metrics_of = archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"]) if records else None
     summary_of = None
-    if summary is not None and summary.get("started_at"):
+    if summary is not None and summary.get("started_at"):  # the same file: workers start the same code in one second
         summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
-                           and r.get("train_sha256") == summary.get("train_sha256")), None)
+                           and r.get("train_sha256") == summary.get("train_sha256")
+                           and r.get("summary_sha256", run["summary_sha256"]) == run["summary_sha256"]), None)
     relation = log_relation(log_file, summary) if summary is not None and log_file else None
     if relation == "later" and not summary_of:
         notes.append(f"run_summary.json belongs to an earlier run (started at {summary['started_at']}) that was never "
@@ -132,6 +136,10 @@ def classify(run: dict, ledger: list) -> dict:
         status, error = summary["status"], summary.get("error")
     else:
         status, error = "crash", f"run_summary.json has an unknown status {summary.get('status')!r}"
+    ended = slurm.run_failure(log) if status != "ok" else None
+    if ended:  # the scheduler ended the job (cancelled, pre-empted, out of time, never started): its words first
+        status = ended[0] if status == "crash" else status
+        error = ended[1] + (f"; train.py: {error}" if error and not error.startswith("no run_summary.json") else "")
     return {"summary": summary, "records": records, "log": log, "status": status, "error": error, "notes": notes}
 
 
@@ -255,10 +263,11 @@ def archive(store: Store, args, run: dict, facts: dict, run_id: str) -> dict:
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
-                  analyzed_at=time.strftime(STAMP_FORMAT),
+                  analyzed_at=time.strftime(STAMP_FORMAT), worker=current_worker()[0],
                   train_sha256=summary.get("train_sha256") or sha256_bytes(code.encode()),
                   run_log_sha256=log_file["sha256"] if log_file else None,
                   run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,
+                  summary_sha256=run["summary_sha256"] if facts["summary"] is not None else None,
                   metrics_sha256=run["metrics_sha256"] if own_metrics else None,
                   metrics_mtime_ns=run["metrics_mtime_ns"] if own_metrics else None)
     if facts["status"] != "ok":
@@ -384,7 +393,14 @@ def bookkeeping(run_id):
         ledger = store.read_ledger()
         if not ledger:
             raise StoreError("no run to act on: the store is empty (run `uv run analyze.py` after a training run)")
-        yield store, ledger, (store.find(ledger, run_id) if run_id else ledger[-1])
+        own = own_runs(ledger, current_worker()[0])
+        yield store, ledger, (store.find(ledger, run_id) if run_id else (own or ledger)[-1])
+
+
+def own_runs(ledger: list, worker: str) -> list:
+    """The ledger rows of one worker (rows from before workers were recorded are the single agent's): with
+    several workers, "the latest run" of keep, discard and sync is this worker's, not the store's."""
+    return [r for r in ledger if r.get("worker", MAIN_WORKER) == worker]
 
 
 def save_ledger(store: Store, ledger: list):
@@ -418,6 +434,7 @@ def cmd_keep(args) -> int:
         for record in group:
             record["status"] = "keep"
         save_ledger(store, ledger)
+        tested = finish_claim(store, target, "keep")
         best_key, best_records = verdict.best_pool(ledger, comparable)
         insights = store.path(INSIGHTS)
         old = insights.read_text() if insights.exists() else None
@@ -429,7 +446,17 @@ def cmd_keep(args) -> int:
     if best_key != verdict.code_key(target):
         print(f"note: {best_records[-1]['run_id']} remains the best (lower pooled val_bpb); discard reverts to it")
     print(f"updated {insights}")
+    if tested:
+        print(f"idea marked tested: {tested['idea']}")
     return 0
+
+
+def finish_claim(store: Store, target: dict, outcome: str):
+    """The idea this worker claimed is decided by keeping or discarding `target` (call under the lock)."""
+    done_claims, done = claims.finish(claims.read(store), current_worker()[0], target["run_id"], outcome)
+    if done is not None:
+        claims.write(store, done_claims)
+    return done
 
 
 def best_code(store: Store, best_run: dict) -> str:
@@ -473,10 +500,64 @@ def cmd_discard(args) -> int:
             if verdict.code_key(record) == verdict.code_key(target) and record["status"] in ("pending", "rerun"):
                 record["status"] = "discard"
         save_ledger(store, ledger)
+        tested = finish_claim(store, target, "discard")
     if sha is None:
         print(f"discarded {target['run_id']}; train.py is the best's ({best_run['commit']}), nothing to commit")
     else:
         print(f"discarded {target['run_id']}; train.py restored to best {best_run['commit']} in commit {sha}")
+    if tested:
+        print(f"idea marked tested: {tested['idea']}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    """Start the next experiment from the store's best: with several workers another one may have kept a
+    better train.py meanwhile. Writes the best's train.py with a commit "sync to best <commit>" where the
+    working one differs; refuses while this worker's latest run awaits its decision."""
+    with bookkeeping(None) as (store, ledger, _):
+        worker = current_worker()[0]
+        best = verdict.best_pool(ledger, verdict.store_comparable(ledger))
+        if best is None:
+            raise StoreError("no best yet to sync to: keep a baseline first (`uv run analyze.py keep`)")
+        best_run = best[1][0]
+        wanted = best_code(store, best_run)
+        working = Path(gitops.TRAIN_PY)
+        if working.exists() and working.read_text() == wanted:
+            print(f"train.py is the best's (run {best_run['run_id']}, commit {best_run['commit']}); nothing to do")
+            return 0
+        own = own_runs(ledger, worker)
+        if own and own[-1]["status"] in ("pending", "rerun"):
+            raise StoreError(f"run {own[-1]['run_id']} awaits its decision ({own[-1]['status']}): follow its verdict "
+                             f"(keep, discard or rerun) before starting from the best")
+        if gitops.changed_paths():
+            raise StoreError("train.py has uncommitted changes: commit and run them, or `git checkout train.py`, "
+                             "before starting from the best")
+        atomic_write(working, wanted)
+        sha = gitops.commit_train_py(f"sync to best {best_run['commit']}")
+    print(f"train.py synced to the best (run {best_run['run_id']}, commit {best_run['commit']}) in commit {sha}")
+    return 0
+
+
+def cmd_claim(args) -> int:
+    """Claim an idea of ideas_queue.md for this worker, under the store lock: refused (exit 1) when it is
+    tested already or another live worker is testing it."""
+    store = Store(".")
+    worker, pid = current_worker()
+    idea = " ".join(args.idea)
+    with store.lock():
+        updated, notes = claims.take(claims.read(store), idea, worker, pid)
+        claims.write(store, updated)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"claimed for {worker}: {idea.strip()}")
+    return 0
+
+
+def cmd_claims(args) -> int:
+    """Every idea of ideas_queue.md with its claim: free, claimed by a live worker, or tested."""
+    store = Store(".")
+    queue = store.path(IDEAS)
+    print(claims.listing(claims.read(store), queue.read_text() if queue.exists() else ""))
     return 0
 
 
@@ -504,7 +585,8 @@ def cmd_status(args) -> int:
     groups = verdict.pools(ledger, comparable)
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable)
-    print(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger), args.n, verdict_mode()))
+    print(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger), args.n, verdict_mode(),
+                             [c for c in claims.read(store) if claims.is_live(c)]))
     return 0
 
 
@@ -549,20 +631,25 @@ def main(argv=None) -> int:
     parser.add_argument("-m", "--message", help="description for results.tsv (default: the commit's subject)")
     sub = parser.add_subparsers(dest="command")
     keep = sub.add_parser("keep", help="mark a run keep and update insights.md's Current Best")
-    keep.add_argument("run_id", nargs="?", help="default: the latest run")
+    keep.add_argument("run_id", nargs="?", help="default: this worker's latest run")
     keep.add_argument("--new-baseline", action="store_true",
                       help="keep a run that no kept run is comparable with (new device, budget, harness or data)")
     discard = sub.add_parser("discard", help="mark a run discard and restore train.py to the best")
-    discard.add_argument("run_id", nargs="?", help="default: the latest run")
+    discard.add_argument("run_id", nargs="?", help="default: this worker's latest run")
     compare = sub.add_parser("compare", help="two archived runs side by side")
     compare.add_argument("a")
     compare.add_argument("b")
     status = sub.add_parser("status", help="best, latest runs, noise, counts")
     status.add_argument("-n", type=positive_int, default=STATUS_LAST_N, help="how many latest runs to list")
     sub.add_parser("report", help="write the morning report .auto-log-research/report.html")
+    sub.add_parser("sync", help="start from the store's best: commit its train.py where this one differs")
+    claim = sub.add_parser("claim", help="claim an idea of ideas_queue.md for this worker (refused if taken or tested)")
+    claim.add_argument("idea", nargs="+", help="the idea's line of ideas_queue.md")
+    sub.add_parser("claims", help="the ideas of ideas_queue.md: free, claimed by a worker, or tested")
     args = parser.parse_args(argv)
     command = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compare": cmd_compare,
-               "status": cmd_status, "report": cmd_report}[args.command]
+               "status": cmd_status, "report": cmd_report, "sync": cmd_sync, "claim": cmd_claim,
+               "claims": cmd_claims}[args.command]
     try:
         return command(args)
     except StoreError as e:

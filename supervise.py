@@ -26,8 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import verdict
-from analysis.store import INSIGHTS, RESULTS_TSV, STORE_DIR, Store, StoreError, parse_stamp, proc_stat
+from analysis import claims, gitops, verdict
+from analysis.store import (INSIGHTS, RESULTS_TSV, STORE_DIR, WORKER_ENV, WORKER_PID_ENV, Store, StoreError,
+                            parse_stamp, proc_stat)
+from launch import DEFAULT_GRES, LAUNCHER_ENV, LAUNCHERS, SLURM_ENV
 # The budget train.py will run with, read and checked once, by the harness: a bad
 # $AUTORESEARCH_TIME_BUDGET ends the supervisor here with prepare.py's one `error:` line.
 from prepare import TIME_BUDGET
@@ -82,6 +84,19 @@ Check `git status` and `git log -3` first: finish or revert any half-done experi
 Never stop to ask; keep experimenting."""
 
 
+def worker_file(name: str, worker) -> str:
+    """A night file of one worker (supervisor-gpu0.log) beside the night's own (supervisor.log)."""
+    if not worker:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-{worker}{dot}{ext}"
+
+
+def run_counts(runs: list) -> str:
+    counts = {s: sum(r.get("status") == s for r in runs) for s in ("keep", "discard", "crash")}
+    return f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash)"
+
+
 def hhmm(t: float) -> str:
     """A wall-clock time as the status lines give it."""
     return time.strftime("%H:%M", time.localtime(t))
@@ -118,15 +133,17 @@ class StopRules:
     max_hours_without_keep: float = None
 
 
-def stop_reason(new_runs: list, rules: StopRules, now: float, started: float):
-    """Why the night should end, from the ledger rows added since the supervisor started; None to go on."""
+def stop_reason(new_runs: list, rules: StopRules, now: float, started: float, own_runs: list = None):
+    """Why the night should end, from the ledger rows added since the night started; None to go on. With
+    several workers every rule counts the rows of all of them, except crashes in a row: those are
+    `own_runs`, the worker's own (a broken GPU stops its worker, not the night)."""
     if rules.deadline is not None and now >= rules.deadline:
         return f"deadline reached ({hhmm(rules.deadline)})"
     if rules.max_experiments is not None and len(new_runs) >= rules.max_experiments:
         return f"experiment budget used ({len(new_runs)} runs)"
-    n = rules.max_consecutive_crashes
-    if n and len(new_runs) >= n and all(r["status"] in verdict.FAILED_STATUSES for r in new_runs[-n:]):
-        return f"{n} crashes in a row: {new_runs[-1].get('error') or 'see the latest analysis.md'}"
+    n, own = rules.max_consecutive_crashes, new_runs if own_runs is None else own_runs
+    if n and len(own) >= n and all(r["status"] in verdict.FAILED_STATUSES for r in own[-n:]):
+        return f"{n} crashes in a row: {own[-1].get('error') or 'see the latest analysis.md'}"
     kept = [i for i, r in enumerate(new_runs) if r["status"] == "keep"]
     since_keep = len(new_runs) - (kept[-1] + 1 if kept else 0)
     if rules.max_without_keep is not None and since_keep >= rules.max_without_keep:
@@ -264,8 +281,12 @@ def describe_rules(rules: StopRules) -> str:
 
 
 class Supervisor:
+    """One agent's night in one checkout: the whole night with one GPU, or one worker (`--worker`, started by
+    a Workers night in its worktree) of a night with several."""
+
     def __init__(self, args, repo: Path, secret: str = None):
         self.args, self.repo = args, repo
+        self.worker = getattr(args, "worker", None)  # None: the only agent of the night
         self.store = Store(repo)
         self.store.dir.mkdir(mode=0o700, exist_ok=True)
         self.rules = StopRules(
@@ -273,19 +294,25 @@ class Supervisor:
             max_experiments=args.max_experiments, max_consecutive_crashes=args.max_crashes,
             max_without_keep=args.max_without_keep, max_hours_without_keep=args.max_hours_without_keep)
         self.started = time.time()
-        self.night = f"{os.getpid()}-{int(self.started)}"  # the marker every process of this night carries
+        # the marker every process of this night carries; a worker's extends its night's, so the night's
+        # prefix finds every process of every worker
+        self.night = getattr(args, "night", None) or f"{os.getpid()}-{int(self.started)}"
+        if self.worker:
+            self.night = f"{self.night}-{self.worker}"
         self.stopping = None                 # the reason, once the night is over
         self.stop_seen_at = None             # when a stop rule first fired: the grace runs from here
         self.immediate = False               # a signal: stop now, no grace for the experiment in progress
         self.failed = False                  # the night itself failed (cannot start, outage): exit non-zero
         self.store_problem = None
-        self.log = open(self.store.path(SUPERVISOR_LOG), "a", buffering=1)
+        self.log = open(self.store.path(worker_file(SUPERVISOR_LOG, self.worker)), "a", buffering=1)
         self.secret = secret
         self.current = None                  # the running tool command of the api backend
         self.rows_seen, self.start_rows = [], 0
-        self.start_rows = len(self._ledger())
+        night_rows = getattr(args, "night_rows", None)
+        self.start_rows = len(self._ledger()) if night_rows is None else night_rows
         self.report_proc = None              # the `analyze.py report` in progress (it runs beside the night)
         self.report_of = None                # the ledger state the latest report was started for
+        self.on_forward = None               # a night of workers: passes a signal on to each
 
     # bookkeeping
     def _ledger(self) -> list:
@@ -302,7 +329,13 @@ class Supervisor:
         return self.rows_seen
 
     def new_runs(self) -> list:
+        """The ledger rows added since the night started, by every worker."""
         return self._ledger()[self.start_rows:]
+
+    def own_runs(self, runs: list = None) -> list:
+        """This worker's rows among `runs` (default: the night's new rows); all of them for the only agent."""
+        runs = self.new_runs() if runs is None else runs
+        return runs if self.worker is None else [r for r in runs if r.get("worker") == self.worker]
 
     def redact(self, text: str) -> str:
         return text.replace(self.secret, "[redacted]") if self.secret else text
@@ -313,10 +346,10 @@ class Supervisor:
 
     def status(self, state: str):
         runs = self.rows_seen[self.start_rows:]
-        counts = {s: sum(r.get("status") == s for r in runs) for s in ("keep", "discard", "crash")}
-        line = self.redact(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {state} | backend {self.args.backend} | "
-                           f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, "
-                           f"{counts['crash']} crash)\n")
+        who = f"worker {self.worker} | " if self.worker else ""
+        line = self.redact(f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {who}{state} | backend {self.args.backend} | "
+                           f"{run_counts(self.own_runs(runs))}"
+                           + (f" of {len(runs)} in the night" if self.worker else "") + "\n")
         with open(self.store.path(STATUS_LOG), "a") as f:
             f.write(line)
         print(line, end="", flush=True)
@@ -334,7 +367,8 @@ class Supervisor:
                 self.status(f"killed a training run after {age:.0f} s (over --train-timeout)")
                 end_processes([pid])
         if self.stopping is None:
-            reason = stop_reason(self.new_runs(), self.rules, time.time(), self.started)
+            runs = self.new_runs()
+            reason = stop_reason(runs, self.rules, time.time(), self.started, self.own_runs(runs) if self.worker else None)
             if reason:
                 self.stop(reason)
         self.refresh_report()
@@ -343,7 +377,9 @@ class Supervisor:
     def refresh_report(self, wait: bool = False):
         """Rewrite report.html when the ledger changed (a new row, a keep or a discard) since the last report:
         `analyze.py report` in a process beside the night, never waited for (except at the end, `wait`). Its
-        failure is one status line; the night goes on."""
+        failure is one status line; the night goes on. A worker leaves it to its night."""
+        if self.worker:
+            return
         if self.report_proc is not None:
             if wait:
                 try:
@@ -383,8 +419,8 @@ class Supervisor:
 
     def experiment_open(self):
         """Why the experiment in progress is not finished (a run training or awaiting keep/discard), or None."""
-        runs = self.new_runs()  # read first: an analyze.py that wrote what this reads is gone by the check below
-        if training_processes(self.repo):
+        runs = self.own_runs()  # read first: an analyze.py that wrote what this reads is gone by the check below
+        if training_processes(self.repo) or training_processes(self.repo, "launch.py"):
             return "a training run is in progress"
         if training_processes(self.repo, "analyze.py"):
             return "analyze.py is writing the ledger and git"  # e.g. a discard between its ledger and its commit
@@ -395,6 +431,8 @@ class Supervisor:
     def on_signal(self, signum, frame):
         self.immediate = True
         self.stop(CTRL_C if signum == signal.SIGINT else f"{SIGNALLED} ({signal.Signals(signum).name})")
+        if self.on_forward:  # a night of workers: each stops at once and settles its own last run
+            self.on_forward(signum)
         if self.current is not None and self.current.poll() is None:  # a tool command (its own session)
             try:
                 os.killpg(self.current.pid, signal.SIGTERM)
@@ -404,7 +442,7 @@ class Supervisor:
     # start and end
     def running_night(self):
         """The pid of another supervisor that is running in this repository now, or None."""
-        pid_file = self.store.path(PID_FILE)
+        pid_file = self.store.path(worker_file(PID_FILE, self.worker))
         try:
             pid = int(pid_file.read_text().split()[0])
             args = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -413,8 +451,9 @@ class Supervisor:
         return pid if pid != os.getpid() and _alive(pid) and b"supervise.py" in args else None
 
     def end_leftovers(self):
-        """End what a night that died without cleaning up (SIGKILL, the OOM killer) left running here."""
-        pid_file = self.store.path(PID_FILE)
+        """End what a night that died without cleaning up (SIGKILL, the OOM killer) left running here (and, in
+        the repository, in its workers' worktrees)."""
+        pid_file = self.store.path(worker_file(PID_FILE, self.worker))
         previous = pid_file.read_text().strip() if pid_file.exists() else None
         repo = str(self.repo.resolve())
         left = set()
@@ -439,11 +478,12 @@ class Supervisor:
         except StoreError as e:
             self.status(f"cannot settle the last run: {e}")
             return
-        if not ledger:
+        own = self.own_runs(ledger)
+        if not own:
             return
-        last = ledger[-1]
+        last = own[-1]
         if last.get("status") == "pending" and last.get("verdict") == "keep":
-            self._analyze("keep")
+            self._analyze("keep", last["run_id"])
             return
         best = verdict.revert_target(ledger, last)
         if best is None:
@@ -452,38 +492,209 @@ class Supervisor:
         working = self.repo / "train.py"
         not_best = snapshot.exists() and working.exists() and working.read_text() != snapshot.read_text()
         if last.get("status") in ("pending", "rerun") or (not_best and last.get("status") != "keep"):
-            self._analyze("discard")
+            self._analyze("discard", last["run_id"])
         elif not_best:
             self.status(f"train.py is not the best's ({best[1][0]['run_id']}) after kept run {last['run_id']}: "
                         f"left as it is")
 
-    def _analyze(self, command: str):
-        proc = subprocess.run([sys.executable, "analyze.py", command], cwd=self.repo, capture_output=True, text=True,
-                              env=agent_environment(self.args.pass_env), timeout=600)
+    def _analyze(self, command: str, run_id: str):
+        proc = subprocess.run([sys.executable, "analyze.py", command, run_id], cwd=self.repo, capture_output=True,
+                              text=True, env=agent_environment(self.args.pass_env), timeout=600)
         self.write_log(f"[settle] analyze.py {command} -> exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
         self.status(f"settled the last run: analyze.py {command} "
                     + ("done" if proc.returncode == 0 else f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"))
 
-    def finish(self) -> int:
-        """End every process of the night, settle the last run, say why the night ended."""
+    def finish(self, settle: bool = True) -> int:
+        """End every process of the night, settle the last run (a night of workers leaves that to each
+        worker, `settle`), say why the night ended."""
         left = night_processes(self.night) | {pid for pid, _ in training_processes(self.repo)}
         if left:
             killed = end_processes(left)
             self.write_log(f"ended {len(left)} process(es) of the night at the stop ({len(killed)} by SIGKILL)")
-        self.settle()
+        if settle:
+            self.settle()
         self._ledger()
         self.refresh_report(wait=True)  # the settled night, for the morning
         self.status(f"stopped: {self.stopping}")
         self.write_log(f"=== stopped: {self.stopping}")
-        self.store.path(PID_FILE).unlink(missing_ok=True)
+        self.store.path(worker_file(PID_FILE, self.worker)).unlink(missing_ok=True)
         if self.stopping == CTRL_C:
             return 130
         return 1 if self.failed or (self.stopping or "").startswith(SIGNALLED) else 0
 
 
 # ---------------------------------------------------------------------------
+# Several workers: one agent per GPU (--gpus) or per Slurm job slot (--workers), one store, one best
+# ---------------------------------------------------------------------------
+
+WORKTREES = ".worktrees"             # the workers' git worktrees, in the repository (gitignored)
+WORKER_OPTIONS = ("--gpus", "--workers", "--tag")  # the night's; a worker gets every other option as given
+
+
+def worker_names(args) -> list:
+    """[(name, CUDA_VISIBLE_DEVICES or None)] of the night's workers; [] for a night with one agent."""
+    if args.gpus is not None:
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if not gpus or len(set(gpus)) != len(gpus) or not all(g.isdigit() for g in gpus):
+            raise SystemExit(f"error: --gpus {args.gpus!r} is not a list of distinct GPU indices, e.g. --gpus 0,1,2,3")
+        return [(f"gpu{g}", g) for g in gpus]
+    if args.workers is not None:
+        if args.workers < 1:
+            raise SystemExit(f"error: --workers {args.workers} is not a positive number of workers")
+        return [(f"w{i}", None) for i in range(args.workers)] if args.workers > 1 else []
+    return []
+
+
+def worker_argv(argv: list) -> list:
+    """The command line a worker gets: the night's, without the options that make it a night of workers."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in WORKER_OPTIONS:
+            skip = True
+        elif not any(arg.startswith(f"{o}=") for o in WORKER_OPTIONS):
+            out.append(arg)
+    return out
+
+
+class Workers:
+    """A night of several workers. Each gets a git worktree of the repository (.worktrees/<name>, branch
+    autoresearch/<tag>-<name>) whose .auto-log-research is the repository's store, so every run, keep and
+    claim of every worker is in one ledger under one lock, and `discard` or `sync` in any worktree restores
+    the one best. Each worker is a supervise.py of its own in its worktree (`--worker`), with its GPU as
+    CUDA_VISIBLE_DEVICES; this process starts them, passes signals on, rewrites the morning report, releases
+    the idea claims of a worker that ended, and removes the worktrees at the end (their branches stay)."""
+
+    def __init__(self, sup: Supervisor, names: list, argv: list):
+        self.sup, self.names, self.argv = sup, names, argv
+        self.repo = sup.repo.resolve()
+        self.procs = {}                      # name -> Popen
+        self.ended = {}                      # name -> exit code
+
+    def worktree(self, name: str) -> Path:
+        return self.repo / WORKTREES / name
+
+    def branch(self, name: str) -> str:
+        return f"autoresearch/{self.sup.args.tag}-{name}"
+
+    def prepare(self):
+        """Create (or reuse, for a night resumed with the same --tag) each worker's branch and worktree."""
+        registered = gitops.git("worktree", "list", "--porcelain", cwd=self.repo)
+        for name, _ in self.names:
+            path, branch = self.worktree(name), self.branch(name)
+            if f"worktree {path}\n" in registered + "\n":
+                pass  # a resumed night: the worktree is still there
+            elif gitops.git("branch", "--list", branch, cwd=self.repo).strip():
+                gitops.git("worktree", "add", "--quiet", str(path), branch, cwd=self.repo)
+            else:
+                gitops.git("worktree", "add", "--quiet", "-b", branch, str(path), "HEAD", cwd=self.repo)
+            link = path / STORE_DIR
+            if not link.is_symlink():
+                link.symlink_to(self.sup.store.dir.resolve(), target_is_directory=True)
+
+    def start(self):
+        sup = self.sup
+        venv = self.repo / ".venv"
+        for index, (name, gpu) in enumerate(self.names):
+            env = {**os.environ, WORKER_ENV: name, "AUTORESEARCH_WORKER_INDEX": str(index), NIGHT_ENV: sup.night}
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            if venv.is_dir() and "UV_PROJECT_ENVIRONMENT" not in env:
+                env["UV_PROJECT_ENVIRONMENT"] = str(venv)  # one environment for all: `uv run` in a worktree uses it
+            argv = [*self.argv, "--worker", name, "--night", sup.night, "--night-rows", str(sup.start_rows)]
+            pass_fds = ()
+            if sup.secret:
+                read_end, write_end = os.pipe()
+                os.write(write_end, sup.secret.encode())
+                os.close(write_end)
+                argv += [KEY_FD_FLAG, str(read_end)]
+                pass_fds = (read_end,)
+            self.procs[name] = subprocess.Popen([sys.executable, str(self.repo / "supervise.py"), *argv],
+                                                cwd=self.worktree(name), env=env, pass_fds=pass_fds)
+            for fd in pass_fds:
+                os.close(fd)
+            sup.status(f"worker {name} started (pid {self.procs[name].pid}, {self.branch(name)}"
+                       + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "") + ")")
+
+    def forward(self, signum):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass  # it just ended
+
+    def reap(self):
+        """Note the workers that ended; release the ideas they had claimed."""
+        for name, proc in self.procs.items():
+            if name in self.ended or proc.poll() is None:
+                continue
+            self.ended[name] = proc.returncode
+            with self.sup.store.lock():
+                updated, released = claims.release_worker(claims.read(self.sup.store), name)
+                if released:
+                    claims.write(self.sup.store, updated)
+            self.sup.status(f"worker {name} ended (exit code {proc.returncode})"
+                            + (f"; released its claim on {released} idea(s)" if released else ""))
+
+    def remove_worktrees(self):
+        """Remove every worktree with nothing uncommitted (run files are ignored, and archived); keep the
+        others and say why. The branches stay: they are the night's history."""
+        for name, _ in self.names:
+            path = self.worktree(name)
+            if not path.exists():
+                continue
+            (path / STORE_DIR).unlink(missing_ok=True)
+            left = gitops.git("status", "--porcelain", cwd=path).splitlines()
+            if left:
+                (path / STORE_DIR).symlink_to(self.sup.store.dir.resolve(), target_is_directory=True)
+                self.sup.status(f"kept worktree {path}: it has uncommitted files ({', '.join(l[3:] for l in left[:3])})")
+                continue
+            gitops.git("worktree", "remove", str(path), cwd=self.repo)
+        gitops.git("worktree", "prune", cwd=self.repo)
+
+    def summary(self) -> str:
+        runs = self.sup.new_runs()
+        return "; ".join(f"{name} {run_counts([r for r in runs if r.get('worker') == name])}" for name, _ in self.names)
+
+
+def run_workers(sup: Supervisor, names: list, argv: list) -> int:
+    night = Workers(sup, names, argv)
+    try:
+        night.prepare()
+    except StoreError as e:
+        sup.stop(f"cannot create the workers' worktrees: {e}", failed=True)
+        print(f"error: {sup.stopping}", file=sys.stderr)
+        return sup.finish(settle=False)
+    sup.on_forward = night.forward
+    night.start()
+    while len(night.ended) < len(night.procs):
+        night.reap()
+        sup.check()  # the report after every change of the ledger; the workers apply the stop rules themselves
+        time.sleep(POLL_S)
+    night.reap()
+    sup.status(f"all {len(names)} workers ended: {night.summary()}")
+    night.remove_worktrees()
+    if sup.stopping is None:
+        sup.stop("every worker stopped", failed=any(code not in (0, 130) for code in night.ended.values()))
+    code = sup.finish(settle=False)
+    return code if code else (1 if any(c not in (0, 130) for c in night.ended.values()) else 0)
+
+
+# ---------------------------------------------------------------------------
 # Backend: claude (the user's Claude Code, restarted whenever it exits)
 # ---------------------------------------------------------------------------
+
+def worker_preamble(sup) -> str:
+    """What a worker's agent is told before program.md (nothing for the only agent of a night)."""
+    if not sup.worker:
+        return ""
+    branch = gitops.git("branch", "--show-current", cwd=sup.repo).strip()
+    return (f"You are worker {sup.worker} of a night with several workers (${WORKER_ENV}={sup.worker}). Your "
+            f"branch {branch} is checked out in this worktree; {STORE_DIR}/ is shared with the other workers. "
+            f"Follow program.md's section 'Several workers'.\n\n")
+
 
 def root_refusal(command: list, env: dict):
     """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so before starting."""
@@ -608,11 +819,11 @@ def run_claude(sup: Supervisor) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return sup.finish()
     handover = KeyHandover(sup.secret) if sup.secret else None
-    program = (sup.repo / PROGRAM).read_text()
+    program = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
     session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
     while not sup.check():
         session += 1
-        prompt = program if session == 1 else RESUME_PROMPT
+        prompt = program if session == 1 else worker_preamble(sup) + RESUME_PROMPT
         rows_before, t0 = len(sup.new_runs()), time.time()
         sup.status(f"claude session {session} started")
         sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -709,8 +920,9 @@ def experiment_prompt(sup: Supervisor) -> str:
         text = path.read_text()[:6000] if path.exists() else "(missing: create it as program.md says)"
         parts.append(f"## {label}\n{text}")
     ledger = sup.store.read_ledger()
-    if ledger:
-        last = ledger[-1]
+    own = sup.own_runs(ledger)
+    if own:
+        last = own[-1]
         parts.append(f"## The last run\n{last['run_id']}: val_bpb {last.get('val_bpb')}, status {last['status']}, "
                      f"verdict {last.get('verdict')}: {last.get('verdict_reason')} "
                      f"(analysis: {STORE_DIR}/{last['run_id']}/analysis.md)")
@@ -824,7 +1036,7 @@ def trim_context(messages: list) -> bool:
 def run_api(sup: Supervisor) -> int:
     import anthropic  # lazily: it takes seconds to import, and the claude backend does not need it
     client = anthropic.Anthropic(api_key=sup.secret, max_retries=API_MAX_RETRIES)
-    system = (sup.repo / PROGRAM).read_text()
+    system = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
     experiment = 0
     while not sup.check():
         experiment += 1
@@ -894,7 +1106,8 @@ def handed_over_key(key_fd, argv: list):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip(),
+                                     allow_abbrev=False)  # worker_argv removes the night's options by their names
     parser.add_argument("--backend", choices=("claude", "api"), required=True)
     parser.add_argument("--hours", type=float, help="stop after this many hours (default: no deadline)")
     parser.add_argument("--max-experiments", type=int, help="stop after this many new runs in the ledger")
@@ -914,8 +1127,23 @@ def main(argv=None) -> int:
                         help="comma-separated names of other environment variables the agent may see (default: none)")
     parser.add_argument("--restart-delay", type=float, default=RESTART_DELAY_S, help="seconds before a restart")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model of the api backend")
+    night = parser.add_argument_group("several workers, one store and one best (README: 'An 8-GPU node')")
+    night.add_argument("--gpus", help="one worker per GPU, e.g. 0,1,2,3: each in its own git worktree and branch")
+    night.add_argument("--workers", type=int, help="this many workers without pinning GPUs (with --launcher slurm)")
+    night.add_argument("--tag", default=time.strftime("%b%d").lower(),
+                       help="the workers' branches are autoresearch/<tag>-<worker> (default: today, e.g. dec01)")
+    slurm_group = parser.add_argument_group("training on Slurm (README: 'A Slurm cluster')")
+    slurm_group.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                             help="where `uv run launch.py` trains: here (local, the default) or as Slurm jobs")
+    slurm_group.add_argument("--partition", help="the Slurm partition of the training jobs")
+    slurm_group.add_argument("--gres", help=f"the jobs' generic resources (default {DEFAULT_GRES}; '' for none)")
+    slurm_group.add_argument("--slurm-args", help="more sbatch options, e.g. '--account=A --qos=Q'")
+    for internal in ("--worker", "--night"):  # set by a night of workers for each of them
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    parser.add_argument("--night-rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument(KEY_FD_FLAG, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    names = worker_names(args)
     if args.stop_grace is None:
         args.stop_grace = args.train_timeout + TOOL_TIMEOUT_MARGIN_S
     repo = Path.cwd()
@@ -927,6 +1155,9 @@ def main(argv=None) -> int:
         print("error: --backend api needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
         return 2
     os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
+    launcher_environment(args, os.environ)
+    if args.worker:
+        os.environ[WORKER_ENV], os.environ[WORKER_PID_ENV] = args.worker, str(os.getpid())  # its commands' claims
     sup = Supervisor(args, repo, secret=secret)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, a closed terminal must not end the night
@@ -937,8 +1168,22 @@ def main(argv=None) -> int:
               f"(kill {other}) or run in another clone", file=sys.stderr)
         return 2
     sup.end_leftovers()
-    sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)}; morning report: {REPORT})")
+    sup.status(f"started (pid {os.getpid()}; stop rules: {describe_rules(sup.rules)}"
+               + (f"; {len(names)} workers" if names else "")
+               + ("; training on Slurm" if os.environ.get(LAUNCHER_ENV) == "slurm" else "")
+               + (f"; morning report: {REPORT})" if not args.worker else ")"))
+    if names:
+        return run_workers(sup, names, worker_argv(argv))
     return run_claude(sup) if args.backend == "claude" else run_api(sup)
+
+
+def launcher_environment(args, environ):
+    """Where `uv run launch.py` trains, for every process of the night: the launcher options as the
+    AUTORESEARCH_ settings launch.py reads (an option not given leaves the environment's value)."""
+    for value, name in ((args.launcher, LAUNCHER_ENV), (args.partition, SLURM_ENV["partition"]),
+                        (args.gres, SLURM_ENV["gres"]), (args.slurm_args, SLURM_ENV["extra"])):
+        if value is not None:
+            environ[name] = value
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from analysis import gitops, stats
 from analysis.store import StoreError
 
 # What git must show unchanged: the files of the harness hash plus the analysis that judges the runs.
-HARNESS_PATHSPECS = schema.HARNESS_FILES + ("analyze.py", "analysis/*.py")
+HARNESS_PATHSPECS = schema.HARNESS_FILES + ("analyze.py", "launch.py", "analysis/*.py")
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = (("tokenizer/tokenizer.pkl", "tokenizer_sha256"), ("tokenizer/token_bytes.npy", "token_bytes_sha256"))
 # train.py logs the same measured seconds into perf/step_time_ms and the clock, so an honest run agrees to

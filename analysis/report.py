@@ -17,7 +17,7 @@ BEST_BEGIN = "<!-- current-best:begin (maintained by `uv run analyze.py keep`; e
 BEST_END = "<!-- current-best:end -->"
 NEXT_ACTION = {
     "keep": "uv run analyze.py keep",
-    "rerun": "SEED={seed} uv run train.py > run.log 2>&1 && uv run analyze.py",
+    "rerun": "SEED={seed} uv run launch.py > run.log 2>&1 && uv run analyze.py",
     "discard": "uv run analyze.py discard",
     "crash": "read the traceback below, fix train.py or discard: uv run analyze.py discard",
     "invalid": "undo what the integrity problems name (git checkout the harness files), "
@@ -333,7 +333,30 @@ def with_current_best(text, best_records: list) -> str:
     return "".join(lines[:at]) + "\n" + block + "\n\n" + "".join(lines[at:]).lstrip("\n")
 
 
-def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str) -> str:
+def worker_lines(ledger: list, live_claims=()) -> list:
+    """Per-worker progress of a night with several workers (none for one): runs, keeps, the latest run and
+    the idea it is testing. Rows from before workers were recorded are the single agent's, `main`."""
+    names = list(dict.fromkeys(r.get("worker") or "main" for r in ledger))
+    names += [c["worker"] for c in live_claims if c["worker"] not in names]
+    if names in ([], ["main"]):
+        return []
+    out = ["workers:"]
+    for name in names:
+        runs = [r for r in ledger if (r.get("worker") or "main") == name]
+        counts = {}
+        for r in runs:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        line = f"  {name:<8} {len(runs)} run(s)" + (" (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+                                                   if counts else "")
+        if runs:
+            line += f", latest {runs[-1]['run_id']} {runs[-1]['status']}"
+        testing = next((c["idea"] for c in live_claims if c["worker"] == name), None)
+        out.append(line + (f"; testing: {testing}" if testing else ""))
+    return out
+
+
+def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str,
+                live_claims=()) -> str:
     counts = {}
     for r in ledger:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -352,6 +375,7 @@ def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: 
                                           f" (${verdict.VERDICT_ENV}; default {verdict.VERDICT_MODE})"))
     out.append("runs: " + ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: -counts[s]))
                + f" ({len(ledger)} total)")
+    out += worker_lines(ledger, live_claims)
     out.append(f"latest {min(last_n, len(ledger))}:")
     for r in ledger[-last_n:]:
         value = f"{r['val_bpb']:.6f}" if r.get("val_bpb") is not None else "—"

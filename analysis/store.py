@@ -14,6 +14,7 @@ metrics lines and summary fields skipped with a note.
 """
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -40,7 +41,10 @@ TRAIN_PY = "train.py"
 
 TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")  # fixed, in this order
 TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "p_value", "num_steps",
-                     "mfu_percent", "device", "started_at")
+                     "mfu_percent", "device", "started_at", "worker")
+WORKER_ENV = "AUTORESEARCH_WORKER"          # the worker of a night with several (gpu0, w1, ...), set by supervise.py
+WORKER_PID_ENV = "AUTORESEARCH_WORKER_PID"  # ... and the pid of its supervisor: its claims live as long as that
+MAIN_WORKER = "main"                        # the worker of a night with one agent, or of commands run by hand
 LOCK_TIMEOUT_S = 300          # a concurrent analyze takes seconds; minutes of waiting means a stuck process
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (RunLogger) and analyzed_at
 TRACEBACK_LINES = 30          # lines of a crashed run's log shown in analysis.md
@@ -106,6 +110,14 @@ def pid_alive(pid: int) -> bool:
         pass
     stat = proc_stat(pid)
     return stat is None or stat[0] not in ("Z", "X")  # no /proc to tell (macOS): the process exists
+
+
+def current_worker(environ=None) -> tuple:
+    """(worker name, its supervisor's pid or None) of this process, from the environment supervise.py gives
+    every process of a worker."""
+    environ = os.environ if environ is None else environ
+    pid = environ.get(WORKER_PID_ENV, "")
+    return environ.get(WORKER_ENV) or MAIN_WORKER, int(pid) if pid.isdigit() else None
 
 
 def replace_non_finite(value, path: str = ""):
@@ -295,11 +307,13 @@ def refuse_running_train(run_dir):
 def load_run(run_dir) -> dict:
     """The files train.py left in `run_dir`, as found (nothing is checked against the store here)."""
     run_dir = Path(run_dir)
-    summary, summary_problem = None, None
+    summary, summary_problem, summary_sha256 = None, None, None
     summary_path = run_dir / "run_summary.json"
     if summary_path.exists():
+        data = summary_path.read_bytes()
+        summary_sha256 = sha256_bytes(data)
         try:
-            summary = json.loads(summary_path.read_bytes().decode(errors="replace"))
+            summary = json.loads(data.decode(errors="replace"))
             if not isinstance(summary, dict):
                 summary, summary_problem = None, "run_summary.json is not an object"
         except (json.JSONDecodeError, RecursionError) as e:
@@ -308,7 +322,7 @@ def load_run(run_dir) -> dict:
     records, metrics_problems = read_metrics(run_dir / "metrics.jsonl")
     metrics_sha256, metrics_mtime_ns = file_identity(run_dir / "metrics.jsonl")
     return {
-        "dir": run_dir, "summary": summary, "summary_problem": summary_problem,
+        "dir": run_dir, "summary": summary, "summary_problem": summary_problem, "summary_sha256": summary_sha256,
         "records": records, "metrics_problems": metrics_problems,
         "log": log["text"] if log else None, "log_file": log,
         "metrics_sha256": metrics_sha256, "metrics_mtime_ns": metrics_mtime_ns,
@@ -361,15 +375,21 @@ class Store:
 
     @contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT_S):
-        """Exclusive lock on the store (advisory, released by the OS if the process dies)."""
+        """Exclusive lock on the store, for every writer of every worker of a night. A POSIX record lock
+        (fcntl.lockf: F_SETLK on the whole file) rather than flock: on NFS it is held by the server's lock
+        manager (NLM for NFSv3, the protocol itself for v4), so writers on different hosts of a shared
+        filesystem exclude each other; the OS releases it when the process dies. POSIX locks belong to the
+        process, so one process must not take it twice (analyze.py takes it once per command)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.path(LOCK_FILE), "a") as f:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                except BlockingIOError:
+                except OSError as e:  # EACCES or EAGAIN while another process holds it
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
                     if time.monotonic() > deadline:
                         raise StoreError(f"another analyze.py has held {self.path(LOCK_FILE)} for "
                                          f"{timeout:.0f} s; is one stuck? (ps aux | grep analyze.py)") from None
@@ -377,7 +397,7 @@ class Store:
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.lockf(f, fcntl.LOCK_UN)
 
     # ledger
     def read_ledger(self) -> list:

@@ -27,7 +27,7 @@ LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_
                "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-HARNESS_COPY = ("analyze.py", "schema.py", "prepare.py", "train.py")  # what a repository of the loop holds
+HARNESS_COPY = ("analyze.py", "launch.py", "schema.py", "prepare.py", "train.py")  # what a repository of the loop holds
 
 
 def copy_harness(dest, files=HARNESS_COPY):

@@ -12,18 +12,18 @@ def test_a_rerun_under_the_same_seed_is_not_pooled_and_the_next_command_names_a_
     fake_run(repo, 0.9970, seed=42)
     first = analyze(repo)
     assert "verdict: RERUN" in first.stdout and ledger(repo)[-1]["n_pooled"] == 1
-    assert "next: SEED=43 uv run train.py > run.log 2>&1 && uv run analyze.py" in first.stdout
+    assert "next: SEED=43 uv run launch.py > run.log 2>&1 && uv run analyze.py" in first.stdout
     fake_run(repo, 0.9970, seed=42, offset=(10, 0.001), started_at="2026-12-01T10:00:00+0000",
              log="the same code and seed again\n")  # it measures nothing
     again = analyze(repo)
     row = ledger(repo)[-1]
     assert row["verdict"] == "rerun" and row["n_pooled"] is None and row["status"] == "rerun"
     assert f"already ran under this SEED (run {ledger(repo)[-2]['run_id']})" in again.stdout
-    assert "next: SEED=43 uv run train.py" in again.stdout
+    assert "next: SEED=43 uv run launch.py" in again.stdout
     fake_run(repo, 0.9968, seed=43)
     third = analyze(repo)
     assert ledger(repo)[-1]["n_pooled"] == 2, third.stdout  # the two distinct seeds, not the repeat
-    assert "verdict: RERUN" in third.stdout and "next: SEED=44 uv run train.py" in third.stdout
+    assert "verdict: RERUN" in third.stdout and "next: SEED=44 uv run launch.py" in third.stdout
 
 
 def test_the_integrity_reference_is_the_first_finished_run_not_a_crash_before_it(repo):
