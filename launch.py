@@ -78,17 +78,18 @@ def run_slurm(args: list, environ) -> int:
         say(f"submitted slurm job {job} ({' '.join(command[2:-1])})")
         tail = slurm.OutputTail(run_dir / f".slurm-{job}.out", sys.stdout.buffer)
         try:
-            fields = slurm.follow(job, tail, settings["pending_s"], lambda: stop["asked"], say)
+            fields = slurm.follow(job, tail, settings["pending_s"], lambda: stop["asked"])
         except slurm.LaunchError as e:
             slurm.cancel(job)
-            say(f"slurm job {job} ended UNKNOWN (lost track of it: {e}; cancelled)")
+            tail.line(f"{slurm.LAUNCHER_PREFIX}slurm job {job} ended UNKNOWN (lost track of it: {e}; cancelled)")
             return 1
         (run_dir / f".slurm-{job}.out").unlink(missing_ok=True)
         state = slurm.job_state(fields)
         if state in slurm.REQUEUE_STATES and attempt < slurm.MAX_REQUEUES and not stop["asked"]:
-            say(f"slurm job {job} was {state} (reason {fields.get('Reason')}): submitting it again, once")
+            tail.line(f"{slurm.LAUNCHER_PREFIX}slurm job {job} was {state} ({tail.notice or 'no notice'}): "
+                      f"submitting the run again, once")
             continue
-        print(slurm.outcome_line(job, fields), flush=True)
+        tail.line(slurm.outcome_line(job, fields, tail.notice))
         return slurm.exit_code(fields)
     return 1  # not reached: the last attempt always returns
 

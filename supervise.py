@@ -73,7 +73,8 @@ ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUA
              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
              "VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
              "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"}
-ENV_ALLOW_PREFIXES = ("LC_", "XDG_", "AUTORESEARCH_", "CUDA_", "NVIDIA_", "UV_", "TORCH", "TRITON_")
+ENV_ALLOW_PREFIXES = ("LC_", "XDG_", "AUTORESEARCH_", "CUDA_", "NVIDIA_", "UV_", "TORCH", "TRITON_",
+                      "SLURM_", "SBATCH_")  # the cluster's client settings (SLURM_CONF, SBATCH_ACCOUNT): no secrets
 CLIENT_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "DISABLE_")  # the claude CLI's own settings (its key too)
 RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
 Read program.md and follow its loop. The state of the research is on disk, not in your memory:

@@ -52,10 +52,11 @@ def job_state(fields: dict):
     return state or None
 
 
-def outcome_line(job_id, fields: dict) -> str:
-    """The `launcher:` line of a job that ended: its state, Slurm's reason, its exit code and run time."""
+def outcome_line(job_id, fields: dict, notice: str = None) -> str:
+    """The `launcher:` line of a job that ended: its state, Slurm's reason, its exit code and run time, and
+    slurmstepd's own notice from the job's output (`*** JOB 5 ON n1 CANCELLED AT ... DUE TO PREEMPTION ***`)."""
     state = job_state(fields) or "UNKNOWN"
-    parts = []
+    parts = [notice] if notice else []
     reason = fields.get("Reason")
     if reason and reason != "None":
         parts.append(f"reason {reason}")
@@ -140,11 +141,22 @@ def cancel(job_id: str):
     subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=120)
 
 
+NOTICE = re.compile(rb"\*\*\* (?:JOB|STEP) \S+ ON \S+ .*?\*\*\*")  # slurmstepd: why it ended a job
+
+
 class OutputTail:
-    """Copies a growing file (the job's output) to a stream, from where it last stopped."""
+    """Copies a growing file (the job's output) to a stream, from where it last stopped, and keeps the
+    last notice slurmstepd wrote into it."""
 
     def __init__(self, path: Path, out):
-        self.path, self.out, self.offset = Path(path), out, 0
+        self.path, self.out, self.offset, self.notice = Path(path), out, 0, None
+        self.at_line_start = True  # whether what was copied ends with a newline (a line of ours may follow)
+
+    def line(self, text: str):
+        """Write one line of launch.py's own after the output copied so far, on a line of its own."""
+        self.out.write(("" if self.at_line_start else "\n").encode() + text.encode() + b"\n")
+        self.out.flush()
+        self.at_line_start = True
 
     def pump(self) -> int:
         try:
@@ -157,10 +169,14 @@ class OutputTail:
             self.offset += len(data)
             self.out.write(data)
             self.out.flush()
+            self.at_line_start = data.endswith(b"\n")
+            found = NOTICE.findall(data)
+            if found:
+                self.notice = found[-1].decode(errors="replace")
         return len(data)
 
 
-def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_us, say, poll_s: float = POLL_S,
+def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_us, poll_s: float = POLL_S,
            show_job=show, cancel_job=cancel) -> dict:
     """Wait for the job to end, copying its output; its final scontrol fields. A job pending longer than
     `pending_limit_s` is cancelled (it would never start: a busy or unsatisfiable request); a job that
@@ -184,12 +200,12 @@ def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_u
                 tail.pump()
                 return fields
             if state == "PENDING" and time.monotonic() - submitted > pending_limit_s and not cancelled:
-                say(f"slurm job {job_id} still pending after {pending_limit_s:.0f} s "
-                    f"(reason {fields.get('Reason')}): cancelling it")
+                tail.line(f"{LAUNCHER_PREFIX}slurm job {job_id} still pending after {pending_limit_s:.0f} s "
+                          f"(reason {fields.get('Reason')}): cancelling it")
                 cancel_job(job_id)
                 cancelled = True
         if cancelled_by_us() and not cancelled:
-            say(f"stop requested: cancelling slurm job {job_id}")
+            tail.line(f"{LAUNCHER_PREFIX}stop requested: cancelling slurm job {job_id}")
             cancel_job(job_id)
             cancelled = True
         time.sleep(poll_s)

@@ -10,7 +10,9 @@ leftover, never clash with each other or with a system Slurm/munge. Each start i
 (state wiped). The node is the real short hostname with what `slurmd -C` reports,
 plus one fake GPU (gpus=N for more): `--gres gpu:1` is accepted, gres.conf is `Name=gpu
 File=DIR/dev/gpu0` (a dummy character device), jobs see CUDA_VISIBLE_DEVICES=0, and a second GPU
-job waits for the first. One partition `debug` (default, MaxTime=INFINITE). start() runs a probe
+job waits for the first. Partition `debug` (default, MaxTime=INFINITE) and `urgent`, a higher
+priority tier that pre-empts it (PreemptType=preempt/partition_prio, PreemptMode=CANCEL: the pre-empted
+job ends PREEMPTED). start() runs a probe
 job (job 1, named slurm_local_probe) before returning, so test jobs start at 2. No cgroups
 (proctrack/linuxproc, task/none), no accounting: sacct says "Slurm accounting storage is disabled".
 Finished jobs stay in `scontrol show job` / `squeue -t all` for MinJobAge (300 s). On scancel or a
@@ -49,6 +51,7 @@ from pathlib import Path
 DEFAULT_DIR = "/tmp/slurm-local"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 PARTITION = "debug"
+URGENT_PARTITION = "urgent"  # a higher priority tier: a job there pre-empts (cancels) a `debug` job for its GPU
 KILL_WAIT_S = 5          # seconds between SIGTERM and SIGKILL when a job is cancelled / times out
 # How long a finished job stays in `scontrol show job`. It also sets how often `sbatch --wait`
 # polls: it sleeps 2 s, then x4 while the sleep is < MinJobAge/2 (max 32 s), so it returns 2, 10,
@@ -198,8 +201,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0
-PreemptType=preempt/none
-PreemptMode=OFF
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 GresTypes=gpu
 ReturnToService=2
 MinJobAge={self.min_job_age}
@@ -208,7 +211,8 @@ InactiveLimit=0
 SlurmdTimeout=300
 SlurmctldTimeout=120
 {self._node_line()}
-PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName={URGENT_PARTITION} Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 """
         self.conf.write_text(conf)
         # gres/gpu drops a GPU without File= ("count reported lower than configured (0 < 1)"),
@@ -318,13 +322,13 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     self._fail(f"{d} exited during start-up")
             rc, ping = self._query(["scontrol", "ping"])
             if rc == 0 and "UP" in ping:
-                rc, state = self._query(["sinfo", "-h", "-N", "-n", self.hostname, "-o", "%T"])
+                rc, state = self._query(["sinfo", "-h", "-N", "-n", self.hostname, "-p", PARTITION, "-o", "%T"])
                 last = state or last
                 if rc == 0 and state.rstrip("*").split("+")[0] in ("idle", "mixed"):
                     self._probe(deadline)
                     return self.env()
                 if rc == 0 and state.startswith(("down", "drain", "fail", "inval")):
-                    rc, why = self._query(["sinfo", "-h", "-N", "-n", self.hostname, "-o", "%E"])
+                    rc, why = self._query(["sinfo", "-h", "-N", "-n", self.hostname, "-p", PARTITION, "-o", "%E"])
                     self._fail(f"node {self.hostname} is {state}: {why}")
             else:
                 last = ping or last
