@@ -672,7 +672,8 @@ def run_workers(sup: Supervisor, names: list, argv: list) -> int:
     night.start()
     while len(night.ended) < len(night.procs):
         night.reap()
-        sup.check()  # the report after every change of the ledger; the workers apply the stop rules themselves
+        sup._ledger()
+        sup.refresh_report()  # after every change of the ledger; the stop rules are each worker's to apply
         time.sleep(POLL_S)
     night.reap()
     sup.status(f"all {len(names)} workers ended: {night.summary()}")
@@ -893,7 +894,7 @@ def _sleep_unless_stopping(sup: Supervisor, seconds: float):
 
 TOOLS = [
     {"name": "bash", "description": "Run a bash command in the repository root and return its exit code and "
-     "the tail of its output. Training (`uv run train.py > run.log 2>&1`) takes about 5 minutes.",
+     "the tail of its output. Training (`uv run launch.py > run.log 2>&1`) takes about 5 minutes.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string"},
          "timeout_s": {"type": "integer", "description": f"default {DEFAULT_TOOL_TIMEOUT_S}; training needs ~400"}},

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import schema
-from analysis import plots, verdict
+from analysis import claims, plots, report, verdict
 from analysis.store import INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, atomic_write, parse_stamp
 
 REPORT_HTML = "report.html"
@@ -372,6 +372,7 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     started = parse_stamp(record.get("started_at"))
     return {"i": index, "run_id": run_id, "status": record.get("status"), "verdict": record.get("verdict") or "",
             "description": record.get("description") or "", "seed": record.get("seed"),
+            "worker": record.get("worker") or "main",
             "val_bpb": record.get("val_bpb") if verdict.finished(record) else None,
             "shown_val": record.get("val_bpb"), "delta": record.get("delta_best"),
             "delta_sigma": record.get("delta_sigma"), "p_value": record.get("p_value"),
@@ -442,6 +443,7 @@ def build_context(store: Store) -> dict:
         "notes": [r for r in rows if r["notes_html"]],
         "rows": rows, "statuses": sorted({r["status"] for r in rows}),
         "failures": failure_groups(ledger),
+        "workers": report.worker_progress(ledger, [c for c in claims.read(store) if claims.is_live(c)]),
         "val_chart": val_chart(store, chain, best[0] if best else None),
         "grad": {"best": best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ()) else None,
                  "baseline": base_run if base_run and plots.LAYER_HEATMAP in names.get(base_run, ()) else None,

@@ -333,25 +333,37 @@ def with_current_best(text, best_records: list) -> str:
     return "".join(lines[:at]) + "\n" + block + "\n\n" + "".join(lines[at:]).lstrip("\n")
 
 
-def worker_lines(ledger: list, live_claims=()) -> list:
-    """Per-worker progress of a night with several workers (none for one): runs, keeps, the latest run and
-    the idea it is testing. Rows from before workers were recorded are the single agent's, `main`."""
+def worker_progress(ledger: list, live_claims=()) -> list:
+    """[{worker, runs, counts, latest, best, testing}] of a night with several workers, in order of their
+    first run; [] for one agent. Rows from before workers were recorded are the single agent's, `main`."""
     names = list(dict.fromkeys(r.get("worker") or "main" for r in ledger))
     names += [c["worker"] for c in live_claims if c["worker"] not in names]
     if names in ([], ["main"]):
         return []
-    out = ["workers:"]
+    out = []
     for name in names:
         runs = [r for r in ledger if (r.get("worker") or "main") == name]
         counts = {}
         for r in runs:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        line = f"  {name:<8} {len(runs)} run(s)" + (" (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
-                                                   if counts else "")
-        if runs:
-            line += f", latest {runs[-1]['run_id']} {runs[-1]['status']}"
-        testing = next((c["idea"] for c in live_claims if c["worker"] == name), None)
-        out.append(line + (f"; testing: {testing}" if testing else ""))
+        values = [r["val_bpb"] for r in runs if r["status"] not in verdict.NOT_COUNTED and r.get("val_bpb") is not None]
+        out.append({"worker": name, "runs": len(runs), "counts": counts, "latest": runs[-1] if runs else None,
+                    "best": min(values) if values else None,
+                    "testing": next((c["idea"] for c in live_claims if c["worker"] == name), None)})
+    return out
+
+
+def worker_lines(ledger: list, live_claims=()) -> list:
+    """`status`'s per-worker progress: runs, their statuses, the latest run and the idea it is testing."""
+    progress = worker_progress(ledger, live_claims)
+    out = ["workers:"] if progress else []
+    for w in progress:
+        line = f"  {w['worker']:<8} {w['runs']} run(s)"
+        if w["counts"]:
+            line += " (" + ", ".join(f"{n} {s}" for s, n in w["counts"].items()) + ")"
+        if w["latest"]:
+            line += f", latest {w['latest']['run_id']} {w['latest']['status']}"
+        out.append(line + (f"; testing: {w['testing']}" if w["testing"] else ""))
     return out
 
 

@@ -62,6 +62,22 @@ def job_state(cluster, job) -> str:
     return slurm.job_state(slurm.parse_job(out)) or ""
 
 
+def launch(tmp_path, env):
+    """A repository, and program.md's training command started in it: (repo, env, run.log, the process)."""
+    repo = night_repo(tmp_path / "repo")
+    log = repo / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "launch.py"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return repo, env, log, run
+
+
+def preempt(env):
+    """A job in the higher priority tier for the one GPU: it pre-empts the running training job."""
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", URGENT_PARTITION, "--gres=gpu:1", "-o", "/dev/null",
+                             "--wrap", "sleep 1"], capture_output=True, text=True, env=env)
+    assert urgent.returncode == 0, urgent.stderr
+
+
 def analyze(repo, env, *args):
     return subprocess.run([sys.executable, "analyze.py", *args], cwd=repo, env=env, capture_output=True, text=True)
 
@@ -135,16 +151,10 @@ def test_a_night_on_slurm_trains_as_jobs_and_a_cancelled_job_is_a_crash_with_the
 
 
 def test_a_preempted_run_is_submitted_again_once_and_then_finishes(prepared, cluster, tmp_path):
-    repo = night_repo(tmp_path / "repo")
-    env = slurm_env(cluster, AUTORESEARCH_TIME_BUDGET="6")
-    log = repo / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, "launch.py"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    repo, env, log, run = launch(tmp_path, slurm_env(cluster, AUTORESEARCH_TIME_BUDGET="6"))
     first = wait_for(lambda: job_ids(log), "the job's submission")[0]
     wait_for(lambda: re.search(r"^step 0000", log.read_text(), re.M), "training to start")
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", URGENT_PARTITION, "--gres=gpu:1", "-o", "/dev/null",
-                             "--wrap", "sleep 1"], capture_output=True, text=True, env=env)
-    assert urgent.returncode == 0, urgent.stderr
+    preempt(env)
     assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
     text = log.read_text()
     ids = job_ids(log)
@@ -158,17 +168,11 @@ def test_a_preempted_run_is_submitted_again_once_and_then_finishes(prepared, clu
 
 
 def test_a_run_preempted_twice_is_a_crash_with_the_reason(prepared, cluster, tmp_path):
-    repo = night_repo(tmp_path / "repo")
-    env = slurm_env(cluster, AUTORESEARCH_TIME_BUDGET="300")
-    log = repo / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, "launch.py"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    repo, env, log, run = launch(tmp_path, slurm_env(cluster, AUTORESEARCH_TIME_BUDGET="300"))
     for attempt in (1, 2):
         job = wait_for(lambda: len(job_ids(log)) >= attempt and job_ids(log)[attempt - 1], f"submission {attempt}")
         wait_for(lambda: job_state(cluster, job) == "RUNNING", f"job {job} running")
-        urgent = subprocess.run(["sbatch", "--parsable", "-p", URGENT_PARTITION, "--gres=gpu:1", "-o", "/dev/null",
-                                 "--wrap", "sleep 1"], capture_output=True, text=True, env=env)
-        assert urgent.returncode == 0, urgent.stderr
+        preempt(env)
     assert run.wait(timeout=600) == 1
     assert len(job_ids(log)) == 2
     out = analyze(repo, env)

@@ -5,8 +5,10 @@ lock under concurrent writers from several worktrees; per-worker stop rules and 
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +138,39 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     assert all(f"| worker {w} | stopped: experiment budget used" in lines for w in workers), lines
     assert not (repo / ".worktrees" / "gpu0").exists() and git(repo, "worktree", "list").count("\n") == 1
     assert set(git(repo, "branch", "--format=%(refname:short)").split()) == {"main", *(f"autoresearch/t1-{w}" for w in workers)}
-    assert (store / "report.html").exists()
+    html = (store / "report.html").read_text()  # the night's report, rewritten at the end: one row per worker
+    assert 'id="workers"' in html and all(f'<tr><td class="l"><code>{w}</code></td><td>2</td>' in html for w in workers)
+
+
+def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
+    repo = night_repo(tmp_path / "repo")
+    agent = tmp_path / "agent.py"
+    agent.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stdin.read()\ntime.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", "t2",
+                             "--claude-command", f"{sys.executable} {agent}", "--restart-delay", "0"],
+                            cwd=repo, env={**os.environ, **GIT_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    status = repo / ".auto-log-research" / "status.log"
+    deadline = time.time() + 300
+    while not all(f"| worker {w} | claude session 1 started" in (status.read_text() if status.exists() else "")
+                  for w in ("gpu0", "gpu1")):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # to the night alone, as `kill -INT`: it passes it on to every worker
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    lines = status.read_text()
+    assert all(f"| worker {w} | stopped: stopped by Ctrl-C" in lines for w in ("gpu0", "gpu1")), lines
+    assert "stopped: stopped by Ctrl-C" in lines.splitlines()[-1] and "| worker " not in lines.splitlines()[-1]
+    assert not (repo / ".worktrees" / "gpu0").exists() and not (repo / ".worktrees" / "gpu1").exists()
+    assert [p for p in supervise.night_processes("") if cwd_inside(p, repo)] == []  # agents and workers are gone
+
+
+def cwd_inside(pid: int, folder: Path) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(folder)
+    except OSError:
+        return False  # gone meanwhile
 
 
 # ---------------------------------------------------------------------------
