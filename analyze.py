@@ -31,9 +31,9 @@ import numpy as np
 
 import schema
 from analysis import claims, gitops, integrity, plots, report, slurm, stats, verdict
-from analysis.store import (COMPARE_DIR, INSIGHTS, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError, atomic_write,
-                            MAIN_WORKER, clean_summary, current_worker, failure_line, load_run, metrics_notes, parse_stamp,
-                            refuse_running_train, sha256_bytes, traceback_tail)
+from analysis.store import (COMPARE_DIR, INSIGHTS, MAIN_WORKER, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError,
+                            atomic_write, clean_summary, current_worker, failure_line, load_run, metrics_notes,
+                            parse_stamp, refuse_running_train, sha256_bytes, traceback_tail)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
 IDEAS = "ideas_queue.md"      # the agent's prioritised hypotheses, in the store (`claims` lists their state)

@@ -16,7 +16,7 @@ training command, whatever the launcher:
 
 Settings (environment): AUTORESEARCH_SLURM_PARTITION, AUTORESEARCH_SLURM_GRES (default gpu:1; empty for
 none), AUTORESEARCH_SLURM_ARGS (more sbatch options), AUTORESEARCH_SLURM_PENDING_S (cancel a job still
-pending after this long; default 1800).
+pending after this long; default 600).
 """
 
 import math

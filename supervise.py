@@ -369,7 +369,8 @@ class Supervisor:
                 end_processes([pid])
         if self.stopping is None:
             runs = self.new_runs()
-            reason = stop_reason(runs, self.rules, time.time(), self.started, self.own_runs(runs) if self.worker else None)
+            own = self.own_runs(runs) if self.worker else None
+            reason = stop_reason(runs, self.rules, time.time(), self.started, own)
             if reason:
                 self.stop(reason)
         self.refresh_report()
@@ -530,6 +531,7 @@ class Supervisor:
 
 WORKTREES = ".worktrees"             # the workers' git worktrees, in the repository (gitignored)
 WORKER_OPTIONS = ("--gpus", "--workers", "--tag")  # the night's; a worker gets every other option as given
+BASELINE_SEED = 42                   # train.py's default SEED: worker K runs its baseline under 42 + K, so they pool
 
 
 def worker_names(args) -> list:
@@ -582,6 +584,10 @@ class Workers:
     def prepare(self):
         """Create (or reuse, for a night resumed with the same --tag) each worker's branch and worktree."""
         registered = gitops.git("worktree", "list", "--porcelain", cwd=self.repo)
+        changed = gitops.changed_paths(self.repo)
+        if changed:
+            self.sup.status(f"note: the workers start from the last commit; the uncommitted changes here "
+                            f"({', '.join(changed[:3])}) are not in their worktrees")
         for name, _ in self.names:
             path, branch = self.worktree(name), self.branch(name)
             if f"worktree {path}\n" in registered + "\n":
@@ -598,7 +604,8 @@ class Workers:
         sup = self.sup
         venv = self.repo / ".venv"
         for index, (name, gpu) in enumerate(self.names):
-            env = {**os.environ, WORKER_ENV: name, "AUTORESEARCH_WORKER_INDEX": str(index), NIGHT_ENV: sup.night}
+            env = {**os.environ, WORKER_ENV: name, "AUTORESEARCH_WORKER_INDEX": str(index), NIGHT_ENV: sup.night,
+                   "AUTORESEARCH_WORKER_SEED": str(BASELINE_SEED + index)}  # its baseline run's SEED (program.md)
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             if venv.is_dir() and "UV_PROJECT_ENVIRONMENT" not in env:

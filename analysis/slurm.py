@@ -28,7 +28,8 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NOD
 MAX_REQUEUES = 1                   # a pre-empted run is submitted again once; pre-empted twice, it is a crash
 POLL_S = 1.0                       # how often the job's state is read (scontrol is cheap; one call a second)
 GONE_AFTER_S = 60.0                # a job id scontrol no longer knows for this long has left no state: a crash
-DEFAULT_PENDING_S = 1800.0         # a job still pending after this long (busy or unsatisfiable) is cancelled: a crash
+DEFAULT_PENDING_S = 600.0          # a job still pending after this long (busy or unsatisfiable) is cancelled: a crash;
+                                   # within the agents' tool timeout (supervise.py: --train-timeout + 10 min) with the run
 OUTCOME = re.compile(r"^launcher: slurm job (?P<job>\S+) ended (?P<state>[A-Z_]+)(?P<rest>.*)$")
 
 

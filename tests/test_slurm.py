@@ -7,6 +7,7 @@ Skipped, with the reason, where Slurm is not installed or the tests do not run a
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def cluster():
     env = local.start()
     yield env
     local.stop()
+    shutil.rmtree(folder, ignore_errors=True)  # the cluster's files: config, state, logs, munge key
 
 
 def slurm_env(cluster, **extra):

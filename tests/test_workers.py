@@ -27,7 +27,7 @@ IDEAS = ["set WEIGHT_DECAY to 0.1", "set MATRIX_LR to 0.03", "set WARMDOWN_RATIO
 # train, analyse, keep or discard. Then it waits to be ended at the stop.
 STAND_IN = f"""#!{sys.executable}
 import json, os, re, shlex, subprocess, sys, time
-py, w, idx = sys.executable, os.environ["AUTORESEARCH_WORKER"], int(os.environ["AUTORESEARCH_WORKER_INDEX"])
+py, w, seed = sys.executable, os.environ["AUTORESEARCH_WORKER"], int(os.environ["AUTORESEARCH_WORKER_SEED"])
 calls = os.environ["CALLS"]
 open(os.path.join(calls, "prompt." + w), "a").write(sys.stdin.read())
 json.dump(dict(os.environ), open(os.path.join(calls, "env." + w), "w"))
@@ -44,7 +44,7 @@ def train(seed=None):
     return [r for r in rows if r.get("worker") == w][-1]
 done = os.path.join(calls, "done." + w)
 if not os.path.exists(done):
-    base = train(seed=42 + idx)
+    base = train(seed=seed)
     sh(py + " analyze.py keep " + base["run_id"])
     sh(py + " analyze.py sync")
     ideas = [l.strip() for l in open(".auto-log-research/ideas_queue.md") if re.match(r"\\d+\\.", l.strip())]
