@@ -112,21 +112,27 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     idea_runs = [r for r in rows if r["description"] != "baseline"]
     assert sorted(r["description"] for r in idea_runs) == sorted(c["idea"] for c in tested)
     assert {c["run_id"] for c in tested} == {r["run_id"] for r in idea_runs}
-    # one best for all: every branch ends on the best's train.py (a discard restores it on that worker's branch)
+    # one best for all: a discard restores the store's best at that moment on the worker's own branch, with a
+    # commit; a kept idea is the best from then on. Usually no idea is kept: then every branch ends on the baseline
     kept = {}
     for r in rows:
         if r["status"] == "keep":
             kept.setdefault(r["train_sha256"], []).append(r)
     best = min(kept.values(), key=lambda group: sum(r["val_bpb"] for r in group) / len(group))
-    best_code = (store / best[0]["run_id"] / "train.py").read_text()
+    kept_commits = {r["commit"] for r in rows if r["status"] == "keep"}
+    for w in workers:
+        branch, run = f"autoresearch/t1-{w}", next(r for r in idea_runs if r["worker"] == w)
+        if run["status"] == "discard":
+            subject = git(repo, "log", "-1", "--format=%s", branch).strip()
+            assert subject.startswith("revert to best ") and subject.split()[-1] in kept_commits, (w, subject)
+            assert git(repo, "show", f"{branch}:train.py") == git(repo, "show", f"{subject.split()[-1]}:train.py")
+        else:
+            assert git(repo, "show", f"{branch}:train.py") == (store / run["run_id"] / "train.py").read_text()
+    if len(kept) == 1:
+        assert {git(repo, "show", f"autoresearch/t1-{w}:train.py") for w in workers} == \
+            {(store / best[0]["run_id"] / "train.py").read_text()}
     status = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
     assert status.stdout.startswith(f"best: {best[0]['commit']} ")
-    for w in workers:
-        branch = f"autoresearch/t1-{w}"
-        assert git(repo, "show", f"{branch}:train.py") == best_code, w
-        run = next(r for r in idea_runs if r["worker"] == w)
-        if run["status"] == "discard":
-            assert git(repo, "log", "-1", "--format=%s", branch).startswith("revert to best "), w
     # each worker ran on its own GPU id, in its own worktree, and knew it from its first prompt
     for i, w in enumerate(workers):
         seen = json.loads((calls / f"env.{w}").read_text())
