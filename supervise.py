@@ -597,6 +597,9 @@ class Workers:
             else:
                 gitops.git("worktree", "add", "--quiet", "-b", branch, str(path), "HEAD", cwd=self.repo)
             link = path / STORE_DIR
+            if link.exists() and not link.is_symlink():
+                raise StoreError(f"{link} is a folder of its own, not the link to the night's store "
+                                 f"{self.sup.store.dir.resolve()}: move it away, then start the night again")
             if not link.is_symlink():
                 link.symlink_to(self.sup.store.dir.resolve(), target_is_directory=True)
 

@@ -179,6 +179,17 @@ def cwd_inside(pid: int, folder: Path) -> bool:
         return False  # gone meanwhile
 
 
+def test_a_worktree_with_a_store_of_its_own_is_refused_in_one_line(tmp_path):
+    repo = night_repo(tmp_path / "repo")
+    git(repo, "worktree", "add", "-q", "-b", "autoresearch/t3-gpu0", str(repo / ".worktrees" / "gpu0"))
+    (repo / ".worktrees" / "gpu0" / ".auto-log-research").mkdir()  # an agent made one there
+    proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0", "--tag", "t3",
+                           "--claude-command", "true"], cwd=repo, env={**os.environ, **GIT_ENV}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot create the workers' worktrees: ") and "is a folder of its own" in proc.stderr
+
+
 # ---------------------------------------------------------------------------
 # keep, sync and discard across worktrees (synthetic runs, real git worktrees)
 # ---------------------------------------------------------------------------
