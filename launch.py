@@ -79,9 +79,9 @@ def run_slurm(args: list, environ) -> int:
         tail = slurm.OutputTail(run_dir / f".slurm-{job}.out", sys.stdout.buffer)
         try:
             fields = slurm.follow(job, tail, settings["pending_s"], lambda: stop["asked"])
-        except slurm.LaunchError as e:
-            slurm.cancel(job)
-            tail.line(f"{slurm.LAUNCHER_PREFIX}slurm job {job} ended UNKNOWN (lost track of it: {e}; cancelled)")
+        except slurm.LaunchError as e:  # scancel failed: the job may still run, and only a person can tell
+            tail.line(f"{slurm.LAUNCHER_PREFIX}slurm job {job} ended UNKNOWN (lost track of it: {e}; "
+                      f"check it with `scontrol show job {job}`, end it with `scancel {job}`)")
             return 1
         (run_dir / f".slurm-{job}.out").unlink(missing_ok=True)
         state = slurm.job_state(fields)

@@ -128,9 +128,13 @@ def submit(command: list) -> str:
 
 
 def show(job_id: str):
-    """The job's scontrol fields, or None once slurmctld no longer knows it (MinJobAge passed)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                          timeout=120)
+    """The job's scontrol fields, or None once slurmctld no longer knows it (MinJobAge passed). Raises
+    LaunchError when scontrol fails otherwise (slurmctld down or restarting: follow() waits that out)."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("scontrol did not answer in 120 s") from None
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return None
@@ -139,7 +143,7 @@ def show(job_id: str):
 
 
 def cancel(job_id: str):
-    subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=120)
+    _run(["scancel", str(job_id)], "scancel")
 
 
 NOTICE = re.compile(rb"\*\*\* (?:JOB|STEP) \S+ ON \S+ .*?\*\*\*")  # slurmstepd: why it ended a job
@@ -183,16 +187,19 @@ def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_u
     `pending_limit_s` is cancelled (it would never start: a busy or unsatisfiable request); a job that
     vanishes from scontrol ends with JobState UNKNOWN. `cancelled_by_us()` says whether launch.py was
     told to stop (then the job is cancelled once and followed to its end)."""
-    submitted, unknown_since, cancelled, last = time.monotonic(), None, False, {}
+    submitted, unknown_since, cancelled, last, problem = time.monotonic(), None, False, {}, None
     while True:
         tail.pump()
-        fields = show_job(job_id)
+        try:
+            fields = show_job(job_id)
+        except LaunchError as e:  # slurmctld restarting or overloaded: as good as unknown, for a while
+            fields, problem = None, str(e)
         if fields is None:
             unknown_since = unknown_since or time.monotonic()
             if time.monotonic() - unknown_since > GONE_AFTER_S:
                 tail.pump()
                 return {**last, "JobState": (job_state(last) if job_state(last) in FINAL_STATES else "UNKNOWN"),
-                        "Reason": "the job left no state in slurmctld"}
+                        "Reason": problem or "the job left no state in slurmctld"}
         else:
             unknown_since, last = None, fields
             state = job_state(fields)

@@ -81,6 +81,8 @@ class Scheduler:
 
     def show(self, job):
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if state == "DOWN":
+            raise slurm.LaunchError("scontrol show job 7 failed: Unable to contact slurm controller")
         return None if state is None else {"JobState": state, "Reason": "Resources"}
 
     def cancel(self, job):
@@ -114,6 +116,18 @@ def test_a_job_slurmctld_forgets_ends_unknown(tmp_path, monkeypatch):
     scheduler = Scheduler(["RUNNING", None])
     fields, _ = follow(scheduler, tmp_path)
     assert fields["JobState"] == "UNKNOWN" and "no state" in fields["Reason"]
+
+
+def test_a_controller_that_is_away_for_a_moment_does_not_end_the_run(tmp_path):
+    scheduler = Scheduler(["RUNNING", "DOWN", "DOWN", "RUNNING", "COMPLETED"])
+    fields, _ = follow(scheduler, tmp_path)
+    assert fields["JobState"] == "COMPLETED" and scheduler.cancelled == []
+
+
+def test_a_controller_away_for_good_ends_the_run_unknown_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm, "GONE_AFTER_S", 0.0)
+    fields, _ = follow(Scheduler(["RUNNING", "DOWN"]), tmp_path)
+    assert fields["JobState"] == "UNKNOWN" and "Unable to contact slurm controller" in fields["Reason"]
 
 
 def test_sbatch_gets_the_gpu_the_run_directory_and_no_requeue(tmp_path):
