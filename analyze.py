@@ -31,12 +31,11 @@ import numpy as np
 
 import schema
 from analysis import claims, gitops, integrity, plots, report, slurm, stats, verdict
-from analysis.store import (COMPARE_DIR, INSIGHTS, MAIN_WORKER, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError,
-                            atomic_write, clean_summary, current_worker, failure_line, load_run, metrics_notes,
-                            parse_stamp, refuse_running_train, sha256_bytes, traceback_tail)
+from analysis.store import (COMPARE_DIR, IDEAS, INSIGHTS, PROGRESS_PNG, STAMP_FORMAT, Store, StoreError, atomic_write,
+                            clean_summary, current_worker, failure_line, load_run, metrics_notes, parse_stamp,
+                            refuse_running_train, sha256_bytes, traceback_tail, worker_of)
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
-IDEAS = "ideas_queue.md"      # the agent's prioritised hypotheses, in the store (`claims` lists their state)
 LOG_CLOCK_SLACK_S = 2.0       # started_at has 1 s resolution; a run.log last written before that is not this run's
 
 
@@ -400,7 +399,7 @@ def bookkeeping(run_id):
 def own_runs(ledger: list, worker: str) -> list:
     """The ledger rows of one worker (rows from before workers were recorded are the single agent's): with
     several workers, "the latest run" of keep, discard and sync is this worker's, not the store's."""
-    return [r for r in ledger if r.get("worker", MAIN_WORKER) == worker]
+    return [r for r in ledger if worker_of(r) == worker]
 
 
 def save_ledger(store: Store, ledger: list):

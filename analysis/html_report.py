@@ -30,10 +30,9 @@ import numpy as np
 
 import schema
 from analysis import claims, plots, report, verdict
-from analysis.store import INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, atomic_write, parse_stamp
+from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, atomic_write, parse_stamp, worker_of
 
 REPORT_HTML = "report.html"
-IDEAS = "ideas_queue.md"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "report.html.j2"
 NOTES_HEADING = "## Agent Investigation Notes"  # report.analysis_md ends with it; the agent writes below it
@@ -372,7 +371,7 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     started = parse_stamp(record.get("started_at"))
     return {"i": index, "run_id": run_id, "status": record.get("status"), "verdict": record.get("verdict") or "",
             "description": record.get("description") or "", "seed": record.get("seed"),
-            "worker": record.get("worker") or "main",
+            "worker": worker_of(record),
             "val_bpb": record.get("val_bpb") if verdict.finished(record) else None,
             "shown_val": record.get("val_bpb"), "delta": record.get("delta_best"),
             "delta_sigma": record.get("delta_sigma"), "p_value": record.get("p_value"),

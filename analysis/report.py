@@ -9,6 +9,7 @@ import numpy as np
 
 import schema
 from analysis import stats, verdict
+from analysis.store import MAIN_WORKER, worker_of
 
 STDOUT_MAX_LINES = 15         # what the agent reads after every run; the rest is in analysis.md
 MAX_CONFIG_ROWS = 40          # a config diff longer than this is cut (the full one is in run_summary.json)
@@ -335,14 +336,14 @@ def with_current_best(text, best_records: list) -> str:
 
 def worker_progress(ledger: list, live_claims=()) -> list:
     """[{worker, runs, counts, latest, best, testing}] of a night with several workers, in order of their
-    first run; [] for one agent. Rows from before workers were recorded are the single agent's, `main`."""
-    names = list(dict.fromkeys(r.get("worker") or "main" for r in ledger))
+    first run; [] for one agent."""
+    names = list(dict.fromkeys(worker_of(r) for r in ledger))
     names += [c["worker"] for c in live_claims if c["worker"] not in names]
-    if names in ([], ["main"]):
+    if names in ([], [MAIN_WORKER]):
         return []
     out = []
     for name in names:
-        runs = [r for r in ledger if (r.get("worker") or "main") == name]
+        runs = [r for r in ledger if worker_of(r) == name]
         counts = {}
         for r in runs:
             counts[r["status"]] = counts.get(r["status"], 0) + 1

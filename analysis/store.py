@@ -34,6 +34,7 @@ STORE_DIR = ".auto-log-research"
 RESULTS_TSV = "results.tsv"
 RUNS_JSONL = "runs.jsonl"
 INSIGHTS = "insights.md"
+IDEAS = "ideas_queue.md"      # the agents' prioritised hypotheses (`analyze.py claims` lists their state)
 PROGRESS_PNG = "progress.png"
 LOCK_FILE = ".lock"
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`
@@ -118,6 +119,11 @@ def current_worker(environ=None) -> tuple:
     environ = os.environ if environ is None else environ
     pid = environ.get(WORKER_PID_ENV, "")
     return environ.get(WORKER_ENV) or MAIN_WORKER, int(pid) if pid.isdigit() else None
+
+
+def worker_of(record: dict) -> str:
+    """The worker a ledger row is from (rows from before workers were recorded are the single agent's)."""
+    return record.get("worker") or MAIN_WORKER
 
 
 def replace_non_finite(value, path: str = ""):
