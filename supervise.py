@@ -27,15 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import claims, gitops, verdict
-from analysis.store import (INSIGHTS, RESULTS_TSV, STORE_DIR, WORKER_ENV, WORKER_PID_ENV, Store, StoreError,
-                            parse_stamp, proc_stat)
+from analysis.store import (IDEAS, INSIGHTS, RESULTS_TSV, STORE_DIR, WORKER_ENV, WORKER_PID_ENV, Store, StoreError,
+                            parse_stamp, proc_stat, worker_of)
 from launch import DEFAULT_GRES, LAUNCHER_ENV, LAUNCHERS, SLURM_ENV
 # The budget train.py will run with, read and checked once, by the harness: a bad
 # $AUTORESEARCH_TIME_BUDGET ends the supervisor here with prepare.py's one `error:` line.
 from prepare import TIME_BUDGET
 
 PROGRAM = "program.md"
-IDEAS = "ideas_queue.md"
 STATUS_LOG = "status.log"            # one line per event, in the store: `tail -f` it
 SUPERVISOR_LOG = "supervisor.log"    # every agent session's output and every tool call
 PID_FILE = "supervisor.pid"          # the running night, so the next start can find what a killed one left
@@ -252,13 +251,14 @@ def terminate(proc: subprocess.Popen, also=()) -> list:
     return killed
 
 
-def training_processes(repo: Path, script: str = "train.py") -> list:
-    """[(pid, age in seconds)] of `script` (train.py, analyze.py) processes running in `repo`."""
-    found, name = [], script.encode()
+def training_processes(repo: Path, *scripts: str) -> list:
+    """[(pid, age in seconds)] of the `scripts` (default train.py; launch.py, analyze.py) processes running
+    in `repo`, in one pass over the process table."""
+    found, names = [], [s.encode() for s in scripts or ("train.py",)]
     for pid in _pids():
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if not any(a == name or a.endswith(b"/" + name) for a in args[:4]):
+            if not any(a == name or a.endswith(b"/" + name) for a in args[:4] for name in names):
                 continue
             if Path(os.readlink(f"/proc/{pid}/cwd")) != repo.resolve():
                 continue  # another repository's run
@@ -336,7 +336,7 @@ class Supervisor:
     def own_runs(self, runs: list = None) -> list:
         """This worker's rows among `runs` (default: the night's new rows); all of them for the only agent."""
         runs = self.new_runs() if runs is None else runs
-        return runs if self.worker is None else [r for r in runs if r.get("worker") == self.worker]
+        return runs if self.worker is None else [r for r in runs if worker_of(r) == self.worker]
 
     def redact(self, text: str) -> str:
         return text.replace(self.secret, "[redacted]") if self.secret else text
@@ -369,8 +369,7 @@ class Supervisor:
                 end_processes([pid])
         if self.stopping is None:
             runs = self.new_runs()
-            own = self.own_runs(runs) if self.worker else None
-            reason = stop_reason(runs, self.rules, time.time(), self.started, own)
+            reason = stop_reason(runs, self.rules, time.time(), self.started, self.own_runs(runs))
             if reason:
                 self.stop(reason)
         self.refresh_report()
@@ -422,7 +421,7 @@ class Supervisor:
     def experiment_open(self):
         """Why the experiment in progress is not finished (a run training or awaiting keep/discard), or None."""
         runs = self.own_runs()  # read first: an analyze.py that wrote what this reads is gone by the check below
-        if training_processes(self.repo) or training_processes(self.repo, "launch.py"):
+        if training_processes(self.repo, "train.py", "launch.py"):
             return "a training run is in progress"
         if training_processes(self.repo, "analyze.py"):
             return "analyze.py is writing the ledger and git"  # e.g. a discard between its ledger and its commit
@@ -616,9 +615,7 @@ class Workers:
             argv = [*self.argv, "--worker", name, "--night", sup.night, "--night-rows", str(sup.start_rows)]
             pass_fds = ()
             if sup.secret:
-                read_end, write_end = os.pipe()
-                os.write(write_end, sup.secret.encode())
-                os.close(write_end)
+                read_end = key_pipe(sup.secret)
                 argv += [KEY_FD_FLAG, str(read_end)]
                 pass_fds = (read_end,)
             self.procs[name] = subprocess.Popen([sys.executable, str(self.repo / "supervise.py"), *argv],
@@ -667,7 +664,7 @@ class Workers:
 
     def summary(self) -> str:
         runs = self.sup.new_runs()
-        return "; ".join(f"{name} {run_counts([r for r in runs if r.get('worker') == name])}" for name, _ in self.names)
+        return "; ".join(f"{name} {run_counts([r for r in runs if worker_of(r) == name])}" for name, _ in self.names)
 
 
 def run_workers(sup: Supervisor, names: list, argv: list) -> int:
@@ -1098,6 +1095,15 @@ def run_api(sup: Supervisor) -> int:
 KEY_FD_FLAG = "--key-fd"  # internal: the API key arrives on this pipe, never through the environment
 
 
+def key_pipe(key: str) -> int:
+    """The read end of a pipe that holds the key (a key is far smaller than a pipe's buffer), for a process
+    started with it as --key-fd."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, key.encode())
+    os.close(write_end)
+    return read_end
+
+
 def handed_over_key(key_fd, argv: list):
     """The API key, kept out of every environment: the first call re-executes the supervisor without
     ANTHROPIC_API_KEY, the key on a pipe (so no process of the agent's can read it, not even from
@@ -1108,9 +1114,7 @@ def handed_over_key(key_fd, argv: list):
     key = os.environ.get("ANTHROPIC_API_KEY")
     if not key:
         return None
-    read_end, write_end = os.pipe()
-    os.write(write_end, key.encode())  # a key is far smaller than a pipe's buffer
-    os.close(write_end)
+    read_end = key_pipe(key)
     os.set_inheritable(read_end, True)
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv, KEY_FD_FLAG, str(read_end)], env)
