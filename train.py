@@ -5,49 +5,44 @@ Model: rotary embeddings, QK-norm, RMSNorm, ReLU^2 MLP, value embeddings with in
 gates, per-layer residual scalars, logit soft-capping, a sliding/full attention window pattern.
 Optimizer: Muon (Polar Express, NorMuon variance normalisation, cautious weight decay) for the
 matrices, AdamW for embeddings, head and scalars.
-Instrumentation: one metrics.jsonl line per step, a validation curve, per-layer statistics, and
-run_summary.json at the end, all through the logger in prepare.py (see schema.py for the keys).
+Instrumentation: a few calls on `run`, the harness's record of this run (harness/runlog.py): one
+metrics.jsonl line per step, a validation curve, per-layer statistics, and at the end the
+harness's own evaluation and run_summary.json.
 
-Usage: uv run train.py > run.log 2>&1        (SEED=7 uv run train.py for another seed)
+Usage: uv run launch.py > run.log 2>&1        (SEED=7 uv run launch.py ... for another seed)
 """
-
-import time
-
-t_start = time.time()  # before the heavy imports: total_seconds is the whole process
 
 import contextlib
 import gc
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
-import schema
-from prepare import (MAX_SEQ_LEN, TIME_BUDGET, HarnessError, LayerStats, RunLogger, Tokenizer, Watchdog,
-                     autodetect_device, compile_counters, data_label, device_description, evaluate_val,
-                     load_manifest, make_dataloader, peak_flops, peak_memory_mb, synchronize,
-                     warm_up_evaluation)
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, start_run
 
-# First thing: delete the previous run's summary and start a fresh metrics.jsonl, so a crash
-# from here on can never leave an earlier result behind.
-logger = RunLogger(globals(), t_start=t_start)
+# First thing: a fresh run (the previous run's files deleted, so a crash from here on can never
+# leave an earlier result behind), the watchdog, and the device.
+run = start_run(globals())
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (every UPPER_CASE name is captured into run_summary.json)
 # ---------------------------------------------------------------------------
 
-SEED = int(os.environ.get("SEED", 42))  # initialisation and data order; rerun a commit with another to measure noise
+SEED = int(os.environ.get("SEED", 42))  # initialisation and data order: rerun with another for noise
 
 # Model
 DEPTH = 8                  # transformer layers: the main size knob
 ASPECT_RATIO = 64          # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128
-WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over layers (S = SHORT_WINDOW, L = full); last layer is always L
+WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over layers (S = SHORT_WINDOW,
+                           # L = full); the last layer is always L
 SHORT_WINDOW = 1024        # tokens seen by an S layer
 LOGIT_SOFTCAP = 15.0       # logits = cap * tanh(logits / cap)
 VE_GATE_CHANNELS = 32      # input channels that drive the value-embedding gate
@@ -62,6 +57,7 @@ UNEMBEDDING_LR = 0.004     # AdamW, lm_head (same scaling)
 SCALAR_LR = 0.5            # AdamW, per-layer residual scalars
 WEIGHT_DECAY = 0.2         # Muon cautious weight decay, decayed linearly to 0 over the run
 ADAM_BETAS = (0.8, 0.95)
+X0_ADAM_BETAS = (0.96, 0.95)  # the x0 lambdas' AdamW betas: a slower average, as autoresearch's
 WARMUP_RATIO = 0.0         # fraction of the budget spent warming up the lr
 WARMDOWN_RATIO = 0.5       # fraction of the budget spent decaying it
 FINAL_LR_FRAC = 0.0        # lr multiplier at the end of the warmdown
@@ -72,32 +68,33 @@ MUON_MOMENTUM_WARMUP_STEPS = 300
 # Instrumentation and safety
 VAL_EVERY = 0.1            # fraction of the budget between validation-curve points
 LAYER_STATS_EVERY = 50     # steps between per-layer statistics
-CLOCK_WARMUP_STEPS = 3     # first steps kept off the training clock: one-time allocations (compilation is before it)
+CLOCK_WARMUP_STEPS = 3     # first steps kept off the training clock: one-time allocations
+                           # (compilation happens before it)
 EVAL_BATCH_SIZE = 128      # rows per evaluation batch (speed only: the metric does not depend on it)
-LOSS_EXPLODE_FACTOR = 2.0  # stop as "nan" once the loss exceeds this multiple of a uniform guess, ln(vocab)
-PRINT_EVERY_S = 5.0        # progress-line cadence when stdout is a file, so run.log stays short and readable
+LOSS_EXPLODE_FACTOR = 2.0  # stop as "nan" once the loss exceeds this multiple of ln(vocab)
 
 # ---------------------------------------------------------------------------
 # Device
 # ---------------------------------------------------------------------------
 
 # The fast path is the CUDA code: bf16 autocast, torch.compile of the model and of the optimizer
-# step, flex_attention for the sliding windows. AUTORESEARCH_CPU_FAST_PATH=1 runs that same code on
-# CPU, compiled with aot_eager (it traces like inductor and runs plain kernels), so that the tests
-# catch a change that would break the GPU run.
+# step, flex_attention for the sliding windows. AUTORESEARCH_CPU_FAST_PATH=1 runs that same code
+# on CPU, compiled with aot_eager (it traces like inductor and runs plain kernels), so that the
+# tests catch a change that would break the GPU run.
 FAST_PATH = True
 COMPILE_BACKEND = "inductor"
 COMPUTE_DTYPE = torch.bfloat16  # of q, k, v, the rotary tables and the embedding outputs
-device = autodetect_device()    # stops with the cause and the fix on a GPU machine whose CUDA is unusable
-if device.type != "cuda":
-    FAST_PATH = os.environ.get("AUTORESEARCH_CPU_FAST_PATH") == "1"
+device = run.device  # cuda when usable; the run stops with the cause and the fix on a GPU machine
+if device.type != "cuda":  # whose CUDA is unusable
+    FAST_PATH = run.fast_path
     COMPILE_BACKEND = "aot_eager"
     COMPUTE_DTYPE = torch.bfloat16 if FAST_PATH else torch.float32
-    # No CUDA: a small configuration that trains in minutes on a laptop CPU. Its numbers are
-    # a smoke test of the loop, not comparable with GPU runs.
+    # No CUDA: a small configuration that trains in minutes on a laptop CPU. Its numbers are a
+    # smoke test of the loop, not comparable with GPU runs.
     print(f"NOTE: no CUDA GPU found; running the small {device.type.upper()} configuration "
-          + ("(the CUDA code path: bf16, aot_eager compile, flex_attention). For tests, not for research."
-             if FAST_PATH else "(SDPA attention, fp32, no compile). For trying the loop, not for research."),
+          + ("(the CUDA code path: bf16, aot_eager compile, flex_attention). For tests, not for "
+             "research." if FAST_PATH else
+             "(SDPA attention, fp32, no compile). For trying the loop, not for research."),
           flush=True)
     DEPTH = 2
     HEAD_DIM = 64
@@ -116,6 +113,12 @@ autocast = (torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if
 # flex_attention (fused, with block-sparse sliding windows) on the fast path; SDPA with dense
 # masks elsewhere, because flex_attention has no backward on CPU.
 ATTENTION_BACKEND = "flex" if FAST_PATH else "sdpa"
+
+
+def synchronize():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
 
 # ---------------------------------------------------------------------------
 # Model
@@ -138,7 +141,9 @@ class GPTConfig:
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    # in x's dtype: CUDA autocast runs rms_norm in fp32 since torch 2.12, which would turn the
+    # bf16 residual stream into fp32 on one torch and not on another
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def has_ve(layer_idx, n_layer):
@@ -154,7 +159,8 @@ def apply_rotary_emb(x, cos, sin):
 
 def window_sizes(config):
     pattern = config.window_pattern.upper()
-    assert set(pattern) <= {"S", "L"}, f"WINDOW_PATTERN may contain only S and L, got {config.window_pattern!r}"
+    assert set(pattern) <= {"S", "L"}, \
+        f"WINDOW_PATTERN may contain only S and L, got {config.window_pattern!r}"
     sizes = [config.short_window if pattern[i % len(pattern)] == "S" else config.sequence_len
              for i in range(config.n_layer)]
     sizes[-1] = config.sequence_len  # the last layer always sees the full context
@@ -167,8 +173,8 @@ def sliding_window_mask(T, window, device):
 
 
 def attend(q, k, v, mask):
-    """Causal attention of (B, H, T, D) tensors; `mask` is one of GPT.prepare_attention's: None (plain
-    causal), a dense boolean mask (SDPA) or a flex_attention BlockMask."""
+    """Causal attention of (B, H, T, D) tensors; `mask` is one of GPT.prepare_attention's: None
+    (plain causal), a dense boolean mask (SDPA) or a flex_attention BlockMask."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, torch.Tensor):
@@ -200,7 +206,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        # autocast returns rms_norm (and the fp32 value-embedding sum) in fp32: attention gets one dtype
+        # the value-embedding sum is fp32 under autocast: attention gets one dtype
         q, k, v = (t.to(self.dtype).transpose(1, 2) for t in (q, k, v))
         y = attend(q, k, v, attn_mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -237,13 +243,16 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_embd)
-                                           for i in range(config.n_layer) if has_ve(i, config.n_layer)})
+                                           for i in range(config.n_layer)
+                                           if has_ve(i, config.n_layer)})
         self.windows = window_sizes(config)
         head_dim = config.n_embd // config.n_head
         rotary_shape = (1, config.sequence_len, 1, head_dim // 2)
-        self.register_buffer("cos", torch.empty(rotary_shape, dtype=config.dtype), persistent=False)
-        self.register_buffer("sin", torch.empty(rotary_shape, dtype=config.dtype), persistent=False)
-        self.masks = {}  # T -> one attention mask per layer, built before compiling (prepare_attention)
+        self.register_buffer("cos", torch.empty(rotary_shape, dtype=config.dtype),
+                             persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_shape, dtype=config.dtype),
+                             persistent=False)
+        self.masks = {}  # T -> one attention mask per layer, built before compiling
 
     @torch.no_grad()
     def init_weights(self):
@@ -261,16 +270,20 @@ class GPT(nn.Module):
             nn.init.uniform_(emb.weight, -s, s)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
-        head_dim = self.cos.size(-1) * 2  # rotary tables: buffers, so they are (re)computed here on the real device
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.cos.device) / head_dim))
-        freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=self.cos.device), inv_freq)
+        # the rotary tables are buffers: (re)computed here, on the real device
+        head_dim = self.cos.size(-1) * 2
+        dev = self.cos.device
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=dev)
+                                    / head_dim))
+        positions = torch.arange(self.config.sequence_len, dtype=torch.float32, device=dev)
+        freqs = torch.outer(positions, inv_freq)
         self.cos.copy_(freqs.cos()[None, :, None, :])
         self.sin.copy_(freqs.sin()[None, :, None, :])
 
     def prepare_attention(self, seq_lens):
-        """Build each layer's attention mask for every sequence length the run will use. Call it before
-        the first forward (and before torch.compile): the forward only looks masks up, so tracing never
-        builds one."""
+        """Build each layer's attention mask for every sequence length the run will use. Call it
+        before the first forward (and before torch.compile): the forward only looks masks up, so
+        tracing never builds one."""
         for T in seq_lens:
             by_window = {}
             for window in set(self.windows):
@@ -285,7 +298,8 @@ class GPT(nn.Module):
             self.masks[T] = tuple(by_window[w] for w in self.windows)
 
     def num_flops_per_token(self, T):
-        """Forward + backward FLOPs per token: 6 per matmul weight plus attention scores over each layer's window."""
+        """Forward + backward FLOPs per token: 6 per matmul weight plus attention scores over
+        each layer's window."""
         n_matmul = sum(p.numel() for n, p in self.named_parameters()
                        if p.ndim == 2 and not n.startswith(("wte", "value_embeds")))
         head_dim = self.config.n_embd // self.config.n_head
@@ -295,7 +309,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         B, T = idx.shape
         if T not in self.masks:
-            raise ValueError(f"no attention masks for sequence length {T}: call model.prepare_attention([{T}]) first")
+            raise ValueError(f"no attention masks for sequence length {T}: call "
+                             f"model.prepare_attention([{T}]) first")
         masks = self.masks[T]
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         dtype = self.config.dtype
@@ -308,7 +323,8 @@ class GPT(nn.Module):
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -332,116 +348,139 @@ def polar_express(G, steps=5):
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= Frobenius norm < 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral <= Frobenius norm < 1
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
 
 
-def normuon(X, second_moment, beta2):
-    """NorMuon: normalise each neuron's update by a running RMS, keeping the update's overall norm."""
+def normuon(X, second_moment, beta2, active=1.0):
+    """NorMuon: normalise each neuron's update by a running RMS, keeping the update's overall
+    norm. `active` (n, 1, 1) is 0 for a matrix without a gradient: its running RMS stays put."""
     red_dim = -1 if X.size(-2) >= X.size(-1) else -2
     n = X.size(red_dim)
     X = X.float()
     v_mean = X.square().mean(dim=red_dim, keepdim=True)
-    second_moment.lerp_(v_mean, 1 - beta2)
+    second_moment.add_((1 - beta2) * active * (v_mean - second_moment))
     step_size = second_moment.clamp_min(1e-10).rsqrt()
     norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
     norm_after = ((v_mean * step_size.square()).sum(dim=(-2, -1), keepdim=True) * n).sqrt()
     return X * step_size * (norm_before / norm_after.clamp_min(1e-10))
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, beta1: float, beta2: float,
-                 eps: float):
-    """AdamW on a group's parameters, in place. step, lr and weight_decay are 0-D tensors, so the
-    compiled version is not recompiled each time the schedule changes them."""
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        m.lerp_(g, 1 - beta1)
-        v.lerp_(g.square(), 1 - beta2)
+def adamw_update(params, grads, active, exp_avgs, exp_avg_sqs, step, lr, weight_decay,
+                 beta1: float, beta2: float, eps: float):
+    """AdamW on a group's parameters, in place; a parameter whose `active` entry is 0 (no
+    gradient this step) and its state stay as they are. step, lr and weight_decay are 0-D
+    tensors, so the compiled version is not recompiled each time the schedule changes them."""
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        on = active[i]
+        m.add_((1 - beta1) * on * (g - m))
+        v.add_((1 - beta2) * on * (g.square() - v))
         denom = (v / (1 - beta2 ** step)).sqrt() + eps
-        p.mul_(1 - lr * weight_decay)
-        p.sub_(lr / (1 - beta1 ** step) * m / denom)
+        p.mul_(1 - lr * weight_decay * on)
+        p.sub_(on * lr / (1 - beta1 ** step) * m / denom)
 
 
-def muon_update(params, grads, momentum_buffer, second_moment, momentum, lr, weight_decay, beta2: float,
-                ns_steps: int):
-    """Muon on a group of same-shape matrices, in place: Nesterov momentum, Polar Express, NorMuon,
-    cautious weight decay. momentum, lr and weight_decay are 0-D tensors (see adamw_update)."""
+def muon_update(params, grads, active, momentum_buffer, second_moment, momentum, lr,
+                weight_decay, beta2: float, ns_steps: int):
+    """Muon on a group of same-shape matrices, in place: Nesterov momentum, Polar Express,
+    NorMuon, cautious weight decay; a matrix whose `active` entry is 0 and its state stay as they
+    are. momentum, lr and weight_decay are 0-D tensors (see adamw_update)."""
+    on = active.view(-1, 1, 1)
     g = torch.stack(grads).float()
-    momentum_buffer.lerp_(g, 1 - momentum)
-    update = normuon(polar_express(g.lerp_(momentum_buffer, momentum), ns_steps), second_moment, beta2)
+    momentum_buffer.add_((1 - momentum) * on * (g - momentum_buffer))
+    update = normuon(polar_express(g.lerp_(momentum_buffer, momentum), ns_steps), second_moment,
+                     beta2, on)
     rows, cols = update.shape[-2:]
     lr = lr * max(1.0, rows / cols) ** 0.5
     weights = torch.stack(params).float()
     # cautious weight decay: decay only the coordinates where the update already shrinks the weight
-    weights = weights - lr * weight_decay * weights * (update * weights > 0) - lr * update
+    weights = weights - on * lr * (weight_decay * weights * (update * weights > 0) + update)
     for p, w in zip(params, weights.unbind(0)):
         p.copy_(w)
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Groups of kind "muon" hold same-shape matrices updated together; kind "adamw" groups are AdamW.
-
-    With compile_backend (the fast path), each group's update is one compiled graph instead of
-    hundreds of small kernels; it is compiled once per group shape, before the training clock."""
+    """Groups of kind "muon" hold same-shape matrices updated together; kind "adamw" groups are
+    AdamW. With compile_backend (the fast path), each group's update is one compiled graph
+    instead of hundreds of small kernels, compiled once per group before the training clock. A
+    parameter without a gradient is masked, not left out, so the graph never changes shape."""
 
     def __init__(self, param_groups, compile_backend=None):
         super().__init__(param_groups, {})
-        fuse = ((lambda fn: torch.compile(fn, backend=compile_backend, dynamic=False, fullgraph=True))
+        if compile_backend:
+            # one graph per group shape, and fullgraph fails hard past the recompile limit (8)
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, len(self.param_groups) + 1)
+        fuse = ((lambda fn: torch.compile(fn, backend=compile_backend, dynamic=False,
+                                          fullgraph=True))
                 if compile_backend else (lambda fn: fn))
         self._adamw, self._muon = fuse(adamw_update), fuse(muon_update)
         # the schedule's values, as 0-D CPU tensors (see adamw_update)
-        self._step, self._lr, self._wd, self._momentum = (torch.zeros((), dtype=torch.float32) for _ in range(4))
+        self._step, self._lr, self._wd, self._momentum = (torch.zeros((), dtype=torch.float32)
+                                                          for _ in range(4))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                (self._step_muon if group["kind"] == "muon" else self._step_adamw)(group, params)
+            params = group["params"]
+            if any(p.grad is not None for p in params):
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                state = self.state[params[0]]
+                flags = [float(p.grad is not None) for p in params]
+                if state.get("flags") != flags:  # copied to the device only when it changes
+                    state["flags"], state["active"] = flags, torch.tensor(flags,
+                                                                          device=params[0].device)
+                kind = self._step_muon if group["kind"] == "muon" else self._step_adamw
+                kind(group, params, grads, state["active"])
 
-    def _step_adamw(self, group, params):
+    def _step_adamw(self, group, params, grads, active):
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-        self._step.fill_(states[0]["step"])
+            if "exp_avg" not in state:
+                state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        group["step"] = group.get("step", 0) + 1
+        self._step.fill_(group["step"])
         self._lr.fill_(group["lr"])
         self._wd.fill_(group["weight_decay"])
         beta1, beta2 = group["betas"]
-        self._adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], self._step, self._lr, self._wd, beta1, beta2, group["eps"])
+        self._adamw(params, grads, active, [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], self._step, self._lr, self._wd, beta1, beta2,
+                    group["eps"])
 
-    def _step_muon(self, group, params):
+    def _step_muon(self, group, params, grads, active):
         state = self.state[params[0]]
-        if not state:
+        if "momentum" not in state:
             rows, cols = params[0].shape
-            state["momentum"] = torch.zeros((len(params), rows, cols), dtype=torch.float32, device=params[0].device)
-            state["second_moment"] = state["momentum"].new_zeros((len(params), rows, 1) if rows >= cols
-                                                                 else (len(params), 1, cols))
+            state["momentum"] = torch.zeros((len(params), rows, cols), dtype=torch.float32,
+                                            device=params[0].device)
+            state["second_moment"] = state["momentum"].new_zeros(
+                (len(params), rows, 1) if rows >= cols else (len(params), 1, cols))
         self._momentum.fill_(group["momentum"])
         self._lr.fill_(group["lr"])
         self._wd.fill_(group["weight_decay"])
-        self._muon(params, [p.grad for p in params], state["momentum"], state["second_moment"], self._momentum,
-                   self._lr, self._wd, group["beta2"], group["ns_steps"])
+        self._muon(params, grads, active, state["momentum"], state["second_moment"],
+                   self._momentum, self._lr, self._wd, group["beta2"], group["ns_steps"])
 
 
 def build_optimizer(model, model_dim, compile_backend=None):
     scale = (model_dim / 768) ** -0.5  # AdamW lrs were tuned at width 768
-    adam = dict(kind="adamw", betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
+    adam = dict(kind="adamw", eps=1e-10, weight_decay=0.0)
     groups = [
-        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale, **adam),
-        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale, **adam),
-        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale, **adam),
-        dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01, **adam),
-        dict(params=[model.x0_lambdas], lr=SCALAR_LR, **adam),
+        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale, betas=ADAM_BETAS, **adam),
+        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale, betas=ADAM_BETAS, **adam),
+        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale,
+             betas=ADAM_BETAS, **adam),
+        dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01, betas=ADAM_BETAS, **adam),
+        dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=X0_ADAM_BETAS, **adam),
     ]
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     for shape in sorted({tuple(p.shape) for p in matrices}):
-        groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=MATRIX_LR,
-                           momentum=MUON_MOMENTUM_START, ns_steps=5, beta2=0.95, weight_decay=WEIGHT_DECAY))
+        groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
+                           lr=MATRIX_LR, momentum=MUON_MOMENTUM_START, ns_steps=5, beta2=0.95,
+                           weight_decay=WEIGHT_DECAY))
     optimizer = MuonAdamW([g for g in groups if g["params"]], compile_backend)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -471,15 +510,14 @@ def weight_decay(progress):
 # Setup
 # ---------------------------------------------------------------------------
 
-watchdog = Watchdog(logger)
 tokenizer = Tokenizer.from_directory()
-manifest = load_manifest()
 vocab_size = tokenizer.get_vocab_size()
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(sequence_len=max(SEQ_LEN, MAX_SEQ_LEN), vocab_size=vocab_size, n_layer=DEPTH,
                    n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
-                   short_window=SHORT_WINDOW, softcap=LOGIT_SOFTCAP, ve_gate_channels=VE_GATE_CHANNELS,
-                   attention=ATTENTION_BACKEND, dtype=COMPUTE_DTYPE)
+                   short_window=SHORT_WINDOW, softcap=LOGIT_SOFTCAP,
+                   ve_gate_channels=VE_GATE_CHANNELS, attention=ATTENTION_BACKEND,
+                   dtype=COMPUTE_DTYPE)
 model = GPT(config).to(device)
 model.init_weights()
 model.prepare_attention(sorted({SEQ_LEN, MAX_SEQ_LEN}))  # training and evaluation lengths
@@ -487,26 +525,24 @@ num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.num_flops_per_token(SEQ_LEN)
 optimizer = build_optimizer(model, model_dim, COMPILE_BACKEND if FAST_PATH else None)
 compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False) if FAST_PATH else model
-layer_stats = LayerStats(model)
 
 tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
-assert TOTAL_BATCH_SIZE % tokens_per_micro == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * SEQ_LEN"
+assert TOTAL_BATCH_SIZE % tokens_per_micro == 0, \
+    "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * SEQ_LEN"
 grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
-train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train", device=device, seed=SEED)
+train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train", device=device,
+                               seed=SEED)
 x, y, epoch = next(train_loader)
-peak = peak_flops(device)
 loss_limit = LOSS_EXPLODE_FACTOR * math.log(vocab_size)
-
-logger.set(seed=SEED, torch_version=torch.__version__, depth=DEPTH, num_params_M=num_params / 1e6)
-print(f"device: {device_description(device)} | attention: {ATTENTION_BACKEND} | params: {num_params / 1e6:.1f}M "
-      f"| dim {model_dim} x {DEPTH} layers | batch {TOTAL_BATCH_SIZE:,} tokens ({grad_accum} x {DEVICE_BATCH_SIZE} "
-      f"x {SEQ_LEN}) | budget {TIME_BUDGET:.0f}s | data: {data_label(manifest)}", flush=True)
+print(f"attention: {ATTENTION_BACKEND} | params: {num_params / 1e6:.1f}M | dim {model_dim} x "
+      f"{DEPTH} layers | batch {TOTAL_BATCH_SIZE:,} tokens ({grad_accum} x {DEVICE_BATCH_SIZE} x "
+      f"{SEQ_LEN}) | budget {TIME_BUDGET:.0f}s", flush=True)
 
 
 def warm_up_compilation():
-    """Compile every graph the run uses before the training clock starts: a training micro-step and an
-    optimizer step (both undone afterwards, so the run starts from the initial weights and state),
-    then each batch shape of the evaluations."""
+    """Compile every graph the run uses before the training clock starts: a training micro-step
+    and an optimizer step (both undone afterwards, so the run starts from the initial weights and
+    state), then each batch shape of the evaluations."""
     initial = [p.detach().clone() for p in model.parameters()]
     with autocast:
         warm_loss = compiled(x, y)
@@ -516,32 +552,29 @@ def warm_up_compilation():
         for p, p0 in zip(model.parameters(), initial):
             p.copy_(p0)
     optimizer.state.clear()
+    for group in optimizer.param_groups:
+        group.pop("step", None)
     model.zero_grad(set_to_none=True)
     model.eval()
     with autocast:
-        warm_up_evaluation(compiled, tokenizer, EVAL_BATCH_SIZE)
+        run.warm_up_evaluation(compiled, EVAL_BATCH_SIZE)
     model.train()
 
 
 if FAST_PATH:
     warm_up_compilation()
-compiled_before_clock = compile_counters() if FAST_PATH else None
 
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
 
-startup_seconds = time.time() - t_start
-logger.set(startup_seconds=startup_seconds)
-interactive = sys.stdout.isatty()
+run.start_clock(model, TOTAL_BATCH_SIZE, flops_per_token)
 step = 0
 training_time = 0.0        # the clock TIME_BUDGET is measured against
-loss_ema = 0.0
 next_val = VAL_EVERY
-last_print = 0.0
 
 while True:
-    synchronize(device)
+    synchronize()
     t0 = time.time()
     for _ in range(grad_accum):
         with autocast:
@@ -556,19 +589,17 @@ while True:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
             group["momentum"], group["weight_decay"] = momentum, wd
-    measure_layers = step % LAYER_STATS_EVERY == 0
-    if measure_layers:
-        layer_stats.before_step()
-    optimizer.step()
-    stats = layer_stats.after_step() if measure_layers else {}
+    with run.layer_stats(model, step % LAYER_STATS_EVERY == 0) as stats:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
     loss_f = train_loss.item()  # the step's one sync
-    synchronize(device)
+    synchronize()
     dt = time.time() - t0
 
-    if not math.isfinite(loss_f) or loss_f > loss_limit or not all(map(math.isfinite, stats.values())):
+    if not math.isfinite(loss_f) or loss_f > loss_limit or \
+            not all(map(math.isfinite, stats.values())):
         message = f"loss {loss_f} at step {step} is not finite or exceeds {loss_limit:.1f} (diverged)"
-        logger.finish("nan", error=message, training_seconds=training_time)
+        run.fail("nan", error=message)
         print(f"\nFAIL: {message}", flush=True)
         sys.exit(1)
 
@@ -576,35 +607,16 @@ while True:
         training_time += dt
     progress = min(training_time / TIME_BUDGET, 1.0)
     done = step >= CLOCK_WARMUP_STEPS and training_time >= TIME_BUDGET
-    loss_ema = 0.9 * loss_ema + 0.1 * loss_f
-    tokens_per_sec = TOTAL_BATCH_SIZE / dt
-    mfu = 100 * flops_per_token * tokens_per_sec / peak if peak else 0.0
-    record = {
-        schema.STEP: step, schema.TIME_S: training_time, schema.TRAIN_LOSS: loss_f,
-        schema.TRAIN_LOSS_SMOOTH: loss_ema / (1 - 0.9 ** (step + 1)), schema.LR_MULTIPLIER: lrm,
-        schema.MUON_MOMENTUM: momentum, schema.WEIGHT_DECAY: wd, schema.PROGRESS: progress,
-        schema.STEP_TIME_MS: dt * 1000, schema.TOKENS_PER_SEC: tokens_per_sec, schema.MFU_PERCENT: mfu,
-        **stats,
-    }
+    record = {"step": step, "time_s": training_time, "train/loss": loss_f,
+              "train/lr_multiplier": lrm, "train/muon_momentum": momentum,
+              "train/weight_decay": wd, "perf/step_time_ms": dt * 1000, **stats}
     if progress >= next_val or done:  # validation-curve point, off the training clock
         model.eval()
         with autocast:
-            record[schema.VAL_BPB], record[schema.VAL_LOSS] = evaluate_val(compiled, tokenizer, EVAL_BATCH_SIZE,
-                                                                           curve=True)
+            record.update(run.validation_point(compiled, EVAL_BATCH_SIZE))
         model.train()
         next_val = (math.floor(progress / VAL_EVERY) + 1) * VAL_EVERY
-    logger.log_step(record)
-
-    if interactive or done or time.time() - last_print >= PRINT_EVERY_S or schema.VAL_BPB in record:
-        last_print = time.time()
-        val = f" | val_bpb: {record[schema.VAL_BPB]:.4f}" if schema.VAL_BPB in record else ""
-        line = (f"step {step:05d} ({100 * progress:.1f}%) | loss: {record[schema.TRAIN_LOSS_SMOOTH]:.6f} "
-                f"| lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {tokens_per_sec:,.0f} | mfu: {mfu:.1f}% "
-                f"| epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - training_time):.0f}s{val}")
-        if interactive:
-            print(f"\r{line}    ", end="", flush=True)
-        else:
-            print(line, flush=True)
+    run.log_step(record)
 
     if step == 0:  # after the first step's allocations: no GC pauses in the timed loop
         gc.collect()
@@ -615,30 +627,9 @@ while True:
         break
 
 # ---------------------------------------------------------------------------
-# Final evaluation and summary
+# The end: the harness evaluates the model itself, writes the summary and prints the final block
 # ---------------------------------------------------------------------------
 
-print()
-if FAST_PATH:  # graphs compiled after the clock started would have stalled it: 0 expected
-    compile_after = compile_counters()
-    compiled_stats = {"backend": COMPILE_BACKEND, **compile_after,
-                      "graphs_in_loop": compile_after["graphs"] - compiled_before_clock["graphs"],
-                      "recompiles_in_loop": compile_after["recompiles"] - compiled_before_clock["recompiles"]}
-    logger.set(compile=compiled_stats)
-    print(f"compile: {compile_after['graphs']} graphs, {compile_after['graph_breaks']} graph breaks, "
-          f"{compile_after['recompiles']} recompiles; compiled during the timed loop: "
-          f"{compiled_stats['graphs_in_loop']} graphs", flush=True)
 model.eval()
-timed_flops = flops_per_token * max(step - CLOCK_WARMUP_STEPS, 0) * TOTAL_BATCH_SIZE  # the steps on the clock
-with autocast:  # the final val_bpb: evaluated by the harness itself, on the full evaluation slice
-    summary = logger.evaluate_and_finish(
-        compiled, EVAL_BATCH_SIZE, training_seconds=training_time, peak_vram_mb=peak_memory_mb(device),
-        mfu_percent=100 * timed_flops / training_time / peak if peak and training_time > 0 else 0.0,
-        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6, num_steps=step)
-watchdog.stop()
-print("---")
-for key in schema.FINAL_BLOCK_KEYS:
-    value = summary[key]
-    print(f"{key + ':':<18}{value:.6f}" if key == "val_bpb" else
-          f"{key + ':':<18}{value:.1f}" if isinstance(value, float) else f"{key + ':':<18}{value}")
-print(f"{'data:':<18}{data_label(manifest)}")
+with autocast:
+    run.finish(compiled, EVAL_BATCH_SIZE)

@@ -7,7 +7,7 @@ The internals of analyze.py, one topic per module (fixed harness: the agent must
     integrity.py  metric integrity: harness, tokenizer and val data unchanged, training clock consistent
     plots.py    per-run figures and progress.png, driven from one list of series
     report.py   analysis.md, the `status` and `compare` texts, the Current Best block
-    gitops.py   the few git operations the bookkeeping commands need
+    git.py   the few git operations the bookkeeping commands need
 
 Nothing here imports torch: analysing a run must stay cheap next to a 5-minute training run.
 """

@@ -14,9 +14,10 @@ is read and written by `read` / `write` only, under the store lock (analyze.py's
 
 import json
 import re
-import time
 
-from analysis.store import STAMP_FORMAT, StoreError, atomic_write, pid_alive
+from harness import contract
+from harness.contract import HarnessError
+from harness.proc import pid_alive
 
 CLAIMS_FILE = "claims.json"
 CLAIMED, TESTED, RELEASED = "claimed", "tested", "released"
@@ -25,17 +26,17 @@ _MARKER = re.compile(r"^\s*(?:[-*+]\s+|\d+[.)]\s*|\[[ xX]\]\s*)+")  # "1. ", "- 
 _EMPHASIS = re.compile(r"[*`~]+|(?<!\w)_+|_+(?!\w)")  # markdown emphasis; an underscore inside a name stays
 
 
-class ClaimRefused(StoreError):
+class ClaimRefused(HarnessError):
     """The idea is another live worker's, or already tested: take the next one."""
 
 
 def idea_key(text: str) -> str:
     """The idea as claims compare it: without its list marker and emphasis, lower case, single spaces,
-    no trailing punctuation. Raises StoreError for text too short to name an idea."""
+    no trailing punctuation. Raises HarnessError for text too short to name an idea."""
     key = _EMPHASIS.sub("", _MARKER.sub("", text or ""))
     key = re.sub(r"\s+", " ", key).strip().rstrip(".:;,").lower()
     if len(key) < MIN_KEY_CHARS:
-        raise StoreError(f"{text!r} is too short to name an idea: pass the idea's whole line of ideas_queue.md")
+        raise HarnessError(f"{text!r} is too short to name an idea: pass the idea's whole line of ideas_queue.md")
     return key
 
 
@@ -48,7 +49,7 @@ def take(claims: list, idea: str, worker: str, pid, now: str = None, alive=pid_a
     """(claims, notes) after `worker` claims `idea`. Its other live claim, if any, is released (a worker
     tests one idea at a time), and so is a claim whose worker is gone. Raises ClaimRefused when the idea
     was tested already, or is claimed by another worker that is alive."""
-    key, now = idea_key(idea), now or time.strftime(STAMP_FORMAT)
+    key, now = idea_key(idea), now or contract.stamp()
     claims, notes = [dict(c) for c in claims], []
     for c in claims:
         if c["key"] != key:
@@ -98,7 +99,7 @@ def state_of(claims: list, line: str, alive=pid_alive):
     """The claim that decides a line of ideas_queue.md: tested, else live; None when the idea is free."""
     try:
         key = idea_key(line)
-    except StoreError:
+    except HarnessError:
         return None
     same = [c for c in claims if c["key"] == key]
     return (next((c for c in same if c["state"] == TESTED), None)
@@ -143,10 +144,10 @@ def read(store) -> list:
     try:
         return json.loads(path.read_text())["claims"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise StoreError(f"{path} is corrupt ({e}); it is only ever replaced atomically, so it was edited by "
+        raise HarnessError(f"{path} is corrupt ({e}); it is only ever replaced atomically, so it was edited by "
                          f"hand: fix it or remove it (every claim is then forgotten)") from None
 
 
 def write(store, claims: list):
     """Replace claims.json (call under store.lock())."""
-    atomic_write(store.path(CLAIMS_FILE), json.dumps({"claims": claims}, indent=1, sort_keys=True) + "\n")
+    contract.atomic_write(store.path(CLAIMS_FILE), json.dumps({"claims": claims}, indent=1, sort_keys=True) + "\n")

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-import schema
+from harness import contract
 from analysis import claims, plots, report, verdict
-from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, atomic_write, parse_stamp, worker_of
+from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, worker_of
 
 REPORT_HTML = "report.html"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -107,7 +107,7 @@ def split_notes(analysis: str) -> tuple:
 # ---------------------------------------------------------------------------
 
 def fmt(value, digits: int = 6, signed: bool = False, unit: str = "") -> str:
-    if not schema.finite_number(value):
+    if not contract.finite_number(value):
         return "—"
     return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}") + unit
 
@@ -132,9 +132,9 @@ def noise_sigma(noise: dict, best_mean):
 
 def night_hours(ledger: list):
     """Hours from the first run's start to the last run's analysis, or None."""
-    start = next((t for t in (parse_stamp(r.get("started_at")) or parse_stamp(r.get("analyzed_at")) for r in ledger)
+    start = next((t for t in (contract.parse_stamp(r.get("started_at")) or contract.parse_stamp(r.get("analyzed_at")) for r in ledger)
                   if t is not None), None)
-    end = next((t for t in (parse_stamp(r.get("analyzed_at")) for r in reversed(ledger)) if t is not None), None)
+    end = next((t for t in (contract.parse_stamp(r.get("analyzed_at")) for r in reversed(ledger)) if t is not None), None)
     if start is None or end is None or end < start:
         return None
     return (end - start) / 3600
@@ -161,7 +161,7 @@ def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
     hours = night_hours(ledger)
     devices = Counter(r.get("device") for r in finished if r.get("device")) or \
         Counter(r.get("device") for r in ledger if r.get("device"))
-    mfus = [r["mfu_percent"] for r in (best[1] if best else finished) if schema.finite_number(r.get("mfu_percent"))]
+    mfus = [r["mfu_percent"] for r in (best[1] if best else finished) if contract.finite_number(r.get("mfu_percent"))]
     return {"experiments": len(ledger), "keeps": counts["keep"], "discards": counts["discard"],
             "reruns": counts["rerun"], "pending": counts["pending"],
             "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES), "invalid": counts["invalid"],
@@ -306,15 +306,15 @@ def val_points(path: Path) -> list:
         return []
     out = []
     for line in text.splitlines():
-        if schema.VAL_BPB not in line:
+        if contract.VAL_BPB not in line:
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a truncated line of a crash; read_metrics reports it in that run's analysis.md
-        if isinstance(record, dict) and schema.finite_number(record.get(schema.STEP)) \
-                and schema.finite_number(record.get(schema.VAL_BPB)):
-            out.append((record[schema.STEP], record[schema.VAL_BPB]))
+        if isinstance(record, dict) and contract.finite_number(record.get(contract.STEP)) \
+                and contract.finite_number(record.get(contract.VAL_BPB)):
+            out.append((record[contract.STEP], record[contract.VAL_BPB]))
     return out
 
 
@@ -368,7 +368,7 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     head, notes = split_notes(analysis) if analysis is not None else (None, "")
     env = {"base": f"{run_id}/"}
     vram = record.get("peak_vram_mb")
-    started = parse_stamp(record.get("started_at"))
+    started = contract.parse_stamp(record.get("started_at"))
     return {"i": index, "run_id": run_id, "status": record.get("status"), "verdict": record.get("verdict") or "",
             "description": record.get("description") or "", "seed": record.get("seed"),
             "worker": worker_of(record),
@@ -376,7 +376,7 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
             "shown_val": record.get("val_bpb"), "delta": record.get("delta_best"),
             "delta_sigma": record.get("delta_sigma"), "p_value": record.get("p_value"),
             "steps": record.get("num_steps"), "mfu": record.get("mfu_percent"),
-            "vram_gb": vram / 1024 if schema.finite_number(vram) else None,
+            "vram_gb": vram / 1024 if contract.finite_number(vram) else None,
             "seconds": record.get("training_seconds"),
             "started": time.strftime("%m-%d %H:%M", time.localtime(started)) if started else "",
             "started_sort": started or 0, "cause": failure_cause(record) if not verdict.finished(record) else "",
@@ -462,5 +462,5 @@ def write(store: Store) -> Path:
     html = render(store)
     store.dir.mkdir(parents=True, exist_ok=True)
     path = store.path(REPORT_HTML)
-    atomic_write(path, html)
+    contract.atomic_write(path, html)
     return path

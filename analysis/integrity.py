@@ -2,7 +2,7 @@
 Metric integrity: is a run's val_bpb a number the fixed harness produced, under the fixed rules?
 
 An agent improves its number only by changing train.py. This module finds the other ways: an
-edited evaluation (prepare.py, schema.py, analyze.py, analysis/), a harness changed at run time from
+edited evaluation (prepare.py, harness/, analyze.py, analysis/), a harness changed at run time from
 train.py, a tokenizer or validation data that is no longer what prepare.py wrote, a summary or
 metrics file that is not what the harness's logger wrote (its seal), and a training time that the
 run's own step times or the harness's wall clock do not add up to, or that exceeds the budget. analyze.py marks a run with any problem `invalid`: it is
@@ -16,12 +16,12 @@ import json
 import math
 from pathlib import Path
 
-import schema
-from analysis import gitops, stats
-from analysis.store import StoreError
+from harness import contract
+from harness import git
+from harness.contract import HarnessError
+from analysis import stats
 
 # What git must show unchanged: the files of the harness hash plus the analysis that judges the runs.
-HARNESS_PATHSPECS = schema.HARNESS_FILES + ("analyze.py", "launch.py", "analysis/*.py")
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = (("tokenizer/tokenizer.pkl", "tokenizer_sha256"), ("tokenizer/token_bytes.npy", "token_bytes_sha256"))
 # train.py logs the same measured seconds into perf/step_time_ms and the clock, so an honest run agrees to
@@ -42,10 +42,10 @@ def _agrees(a: float, b: float) -> bool:
 
 def harness_git_problems(repo_root: Path, reference) -> list:
     """The harness files have no uncommitted changes, and none since the first run's commit."""
-    if not gitops.is_repo(repo_root):
+    if not git.is_repo(repo_root):
         return []
     problems = []
-    status = gitops.git("status", "--porcelain", "--untracked-files=all", "--", *HARNESS_PATHSPECS, cwd=repo_root)
+    status = git.git("status", "--porcelain", "--untracked-files=all", "--", *contract.FIXED_PATHSPECS, cwd=repo_root)
     for line in status.splitlines():
         path = line[3:].split(" -> ")[-1]
         if line.startswith("??"):
@@ -55,8 +55,8 @@ def harness_git_problems(repo_root: Path, reference) -> list:
     commit = (reference or {}).get("commit")
     if commit:
         try:
-            changed = gitops.git("diff", "--name-only", commit, "HEAD", "--", *HARNESS_PATHSPECS, cwd=repo_root)
-        except StoreError as e:
+            changed = git.git("diff", "--name-only", commit, "HEAD", "--", *contract.FIXED_PATHSPECS, cwd=repo_root)
+        except HarnessError as e:
             return problems + [f"cannot compare the harness with commit {commit} of the first run "
                                f"{reference.get('run_id')} ({e}): restore that commit, or start a new store"]
         for path in changed.splitlines():
@@ -68,13 +68,13 @@ def harness_git_problems(repo_root: Path, reference) -> list:
 def harness_hash_problems(summary: dict, repo_root: Path) -> list:
     """The harness_hash the run recorded is that of the harness files here now."""
     try:
-        now = schema.harness_hash(repo_root)
+        now = contract.harness_hash(repo_root)
     except OSError as e:
-        return [f"cannot hash the harness ({e}): restore {' and '.join(schema.HARNESS_FILES)} with git checkout"]
+        return [f"cannot hash the harness ({e}): restore prepare.py and harness/ with git checkout"]
     claimed = summary.get("harness_hash")
     if claimed != now:
-        files = " ".join(schema.HARNESS_FILES)
-        return [f"the run's harness_hash {claimed} is not that of {' + '.join(schema.HARNESS_FILES)} here ({now}): "
+        files = " ".join(contract.harness_files(repo_root))
+        return [f"the run's harness_hash {claimed} is not that of prepare.py + harness/ here ({now}): "
                 f"it ran under another evaluation harness; restore them (`git checkout -- {files}`) and train again"]
     return []
 
@@ -92,7 +92,7 @@ def data_problems(summary: dict, cache_dir: Path, reference) -> list:
     except json.JSONDecodeError as e:
         return [f"{path} is corrupt ({e.msg}): run `uv run prepare.py` again and train again"]
     problems = []
-    recorded, actual = manifest.get("manifest_hash"), schema.manifest_hash(manifest)
+    recorded, actual = manifest.get("manifest_hash"), contract.manifest_hash(manifest)
     if actual != recorded:
         problems.append(f"{path} was edited after prepare.py wrote it (its content hashes to "
                         f"{actual}, not {recorded}): run `uv run prepare.py` again")
@@ -112,7 +112,7 @@ def data_problems(summary: dict, cache_dir: Path, reference) -> list:
             problems.append(f"{path} records no sha256 for {rel}: run `uv run prepare.py` again")
         elif not file.is_file():
             problems.append(f"{file} is missing: the prepared data is incomplete; run `uv run prepare.py` again")
-        elif schema.sha256_file(file) != sha:
+        elif contract.sha256_file(file) != sha:
             problems.append(f"{file} is not the file prepare.py wrote (sha256 differs from {path}): the tokenizer "
                             f"and validation data are off limits; run `uv run prepare.py` again and train again")
     return problems
@@ -129,32 +129,32 @@ def clock_problems(summary: dict, records: list, reference) -> list:
         problems.append(f"time_budget_s {budget} differs from the first run {reference.get('run_id')}'s "
                         f"{first_budget}: every run of a store trains for the same budget; unset "
                         f"AUTORESEARCH_TIME_BUDGET (or set it as for the first run) and train again")
-    warmup_steps = (summary.get("config") or {}).get("CLOCK_WARMUP_STEPS")
-    first_warmup = ((reference or {}).get("config") or {}).get("CLOCK_WARMUP_STEPS")
+    warmup_steps = (summary.get("config") or {}).get(contract.WARMUP_KEY)
+    first_warmup = ((reference or {}).get("config") or {}).get(contract.WARMUP_KEY)
     if (reference and reference.get("device") == summary.get("device") and first_warmup is not None
             and warmup_steps != first_warmup):
         problems.append(f"CLOCK_WARMUP_STEPS {warmup_steps} differs from the first run {reference.get('run_id')}'s "
                         f"{first_warmup} on this device: steps kept off the training clock are compute for free; "
                         f"set CLOCK_WARMUP_STEPS = {first_warmup} in train.py and train again")
     claimed = summary.get("training_seconds")
-    if not schema.finite_number(claimed):
+    if not contract.finite_number(claimed):
         return problems + [f"training_seconds {claimed!r} is not a number: the training clock is off limits; "
                            f"restore the timing code of train.py and train again"]
-    warmup = int((summary.get("config") or {}).get("CLOCK_WARMUP_STEPS", 0) or 0)
+    warmup = contract.warmup_steps(summary)
     timed = stats.timed_steps(records, warmup)
-    step_s = [r[schema.STEP_TIME_MS] / 1000 for r in timed if schema.finite_number(r.get(schema.STEP_TIME_MS))]
+    step_s = [r[contract.STEP_TIME_MS] / 1000 for r in timed if contract.finite_number(r.get(contract.STEP_TIME_MS))]
     summed = math.fsum(step_s)
-    every_step = [r.get(schema.STEP) for r in timed] == list(range(warmup, warmup + len(timed)))
+    every_step = [r.get(contract.STEP) for r in timed] == list(range(warmup, warmup + len(timed)))
     if every_step and not _agrees(claimed, summed):  # a run that logs every Nth step is checked by the harness clock
         problems.append(f"training_seconds {claimed:.1f} disagrees with the sum of the run's own step times, "
                         f"{summed:.1f} s over {len(step_s)} steps from step {warmup} on: the training clock is off "
                         f"limits; restore the timing code of train.py and train again")
-    last = records[-1].get(schema.TIME_S)
-    if not schema.finite_number(last) or not _agrees(claimed, last):
+    last = records[-1].get(contract.TIME_S)
+    if not contract.finite_number(last) or not _agrees(claimed, last):
         problems.append(f"training_seconds {claimed:.1f} disagrees with the clock of the last metrics record "
                         f"({last}): the training clock is off limits; restore the timing code of train.py and "
                         f"train again")
-    if schema.finite_number(budget) and step_s:
+    if contract.finite_number(budget) and step_s:
         allowed = budget + step_s[-1]  # the loop stops after the step that crosses the budget
         if claimed > allowed and not _agrees(claimed, allowed):
             problems.append(f"training_seconds {claimed:.1f} exceeds the time budget of {budget:g} s by more than "
@@ -179,17 +179,17 @@ def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir:
 
 def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     """run_summary.json and metrics.jsonl are what the harness's logger wrote (its seal in the prepare
-    cache, schema.seal_path), and val_bpb is the number its own final evaluation computed."""
-    path = schema.seal_path(run_dir, summary.get("started_at"))
+    cache, contract.seal_path), and val_bpb is the number its own final evaluation computed."""
+    path = contract.seal_path(run_dir, summary.get("started_at"))
     if not path.is_file():
         return [f"run_summary.json has no seal from the harness ({path} is missing): it was not written by "
-                f"prepare.RunLogger, or its started_at was changed; restore train.py's logger calls and train again"]
+                f"the harness's run logger, or its started_at was changed; restore train.py's logger calls and train again"]
     try:
         seal = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         return [f"the harness's seal {path} is corrupt ({e.msg}): train again"]
     problems = []
-    if schema.sha256_file(run_dir / "run_summary.json") != seal.get("summary_sha256"):
+    if contract.sha256_file(run_dir / "run_summary.json") != seal.get("summary_sha256"):
         problems.append("run_summary.json was changed after the harness wrote it (it no longer matches the seal): "
                         "the summary is the harness's; remove what rewrites it from train.py and train again")
     if metrics_sha256 != seal.get("metrics_sha256"):
@@ -221,18 +221,18 @@ def harness_clock_problems(summary: dict, records: list) -> list:
     it timed itself; a step time that train.py under-reports (compute moved off the clock) shows here."""
     if summary.get("status") != "ok" or not records:
         return []
-    warmup = int((summary.get("config") or {}).get("CLOCK_WARMUP_STEPS", 0) or 0)
+    warmup = contract.warmup_steps(summary)
     timed = stats.timed_steps(records, warmup)
-    if any(not schema.finite_number(r.get(key)) for r in timed for key in schema.HARNESS_STEP_KEYS):
+    if any(not contract.finite_number(r.get(key)) for r in timed for key in contract.HARNESS_STEP_KEYS):
         return ["metrics.jsonl lacks the harness's clock stamps (harness/wall_s, harness/eval_s): it was not written "
                 "by logger.log_step; log through it and train again"]
     if len(timed) < 2:
         return []
     first, last = timed[0], timed[-1]
-    seen = (last[schema.WALL_S] - first[schema.WALL_S]) - (last[schema.EVAL_S] - first[schema.EVAL_S])
-    claimed = last[schema.TIME_S] - first[schema.TIME_S]  # the run's clock over the same span (steps may be unlogged)
-    if not schema.finite_number(claimed) or abs(seen - claimed) > HARNESS_CLOCK_REL_TOLERANCE * seen + CLOCK_ABS_TOLERANCE_S:
-        return [f"the run's step times add up to {claimed:.1f} s from step {first[schema.STEP] + 1} on, but the "
+    seen = (last[contract.WALL_S] - first[contract.WALL_S]) - (last[contract.EVAL_S] - first[contract.EVAL_S])
+    claimed = last[contract.TIME_S] - first[contract.TIME_S]  # the run's clock over the same span (steps may be unlogged)
+    if not contract.finite_number(claimed) or abs(seen - claimed) > HARNESS_CLOCK_REL_TOLERANCE * seen + CLOCK_ABS_TOLERANCE_S:
+        return [f"the run's step times add up to {claimed:.1f} s from step {first[contract.STEP] + 1} on, but the "
                 f"harness's clock saw {seen:.1f} s of training in that span (evaluations excluded): compute ran off "
                 f"the training clock; restore the timing code of train.py and train again"]
     return []

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import schema
+from harness import contract
 from analysis import stats, verdict
-from analysis.store import StoreError, atomic_write
+from harness.contract import HarnessError
 
 DPI = 90                      # small files the agent can read quickly; enough to see the curves
 PANEL_SIZE = (7.0, 2.6)       # inches per panel (width, height)
@@ -56,17 +56,17 @@ class Plot:
 
 
 PLOTS = (
-    Plot("loss_vs_step.png", "training loss vs step", schema.STEP, "step",
-         (Panel(schema.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)", raw=schema.TRAIN_LOSS),)),
-    Plot("loss_vs_time.png", "training loss vs training time", schema.TIME_S, "training time (s)",
-         (Panel(schema.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)"),)),
-    Plot("val_bpb.png", "validation curve", schema.STEP, "step",
-         (Panel(schema.VAL_BPB, "val bpb", markers=True),)),
-    Plot("schedules.png", "schedules", schema.STEP, "step",
-         (Panel(schema.LR_MULTIPLIER, "lr multiplier"), Panel(schema.MUON_MOMENTUM, "Muon momentum"),
-          Panel(schema.WEIGHT_DECAY, "weight decay"))),
-    Plot("perf.png", "step time and MFU", schema.STEP, "step",
-         (Panel(schema.STEP_TIME_MS, "step time (ms)"), Panel(schema.MFU_PERCENT, "MFU (%)"))),
+    Plot("loss_vs_step.png", "training loss vs step", contract.STEP, "step",
+         (Panel(contract.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)", raw=contract.TRAIN_LOSS),)),
+    Plot("loss_vs_time.png", "training loss vs training time", contract.TIME_S, "training time (s)",
+         (Panel(contract.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)"),)),
+    Plot("val_bpb.png", "validation curve", contract.STEP, "step",
+         (Panel(contract.VAL_BPB, "val bpb", markers=True),)),
+    Plot("schedules.png", "schedules", contract.STEP, "step",
+         (Panel(contract.LR_MULTIPLIER, "lr multiplier"), Panel(contract.MUON_MOMENTUM, "Muon momentum"),
+          Panel(contract.WEIGHT_DECAY, "weight decay"))),
+    Plot("perf.png", "step time and MFU", contract.STEP, "step",
+         (Panel(contract.STEP_TIME_MS, "step time (ms)"), Panel(contract.MFU_PERCENT, "MFU (%)"))),
 )
 LAYER_HEATMAP = "layer_grad_norm.png"
 AGENT_PLOT = "agent_metrics.png"
@@ -107,9 +107,9 @@ def line_figure(plot: Plot, runs: list):
 
 def _focus_loss_axis(plot: Plot, ax, runs):
     """Loss curves: start the y axis below the first 5 % of steps, where the initial drop would flatten the rest."""
-    if plot.panels[0].key != schema.TRAIN_LOSS_SMOOTH:
+    if plot.panels[0].key != contract.TRAIN_LOSS_SMOOTH:
         return
-    tails = [stats.series(records, schema.TRAIN_LOSS_SMOOTH, plot.x)[1] for _, records in runs]
+    tails = [stats.series(records, contract.TRAIN_LOSS_SMOOTH, plot.x)[1] for _, records in runs]
     tails = [y[len(y) // 20:] for y in tails if len(y) >= 20]
     if tails:
         lo, hi = min(float(t.min()) for t in tails), max(float(t.max()) for t in tails)
@@ -165,11 +165,11 @@ def layer_heatmap(runs: list):
 
 
 def agent_plot(records: list):
-    """The Plot of the agent's own metrics (schema.AGENT_PREFIX keys) of a run, one panel each, or None."""
+    """The Plot of the agent's own metrics (contract.AGENT_PREFIX keys) of a run, one panel each, or None."""
     keys = list(stats.agent_metrics(records))[:MAX_AGENT_PANELS]
     if not keys:
         return None
-    return Plot(AGENT_PLOT, "the agent's own metrics", schema.STEP, "step", tuple(Panel(k, k) for k in keys))
+    return Plot(AGENT_PLOT, "the agent's own metrics", contract.STEP, "step", tuple(Panel(k, k) for k in keys))
 
 
 def run_figure_jobs(runs: list) -> list:
@@ -215,7 +215,7 @@ def render_in_background(jobs: list):
     def wait(check: bool = True):
         status = os.waitpid(pid, 0)[1]
         if check and status != 0:
-            raise StoreError(f"the plotting process failed (exit status {status}; traceback above): "
+            raise HarnessError(f"the plotting process failed (exit status {status}; traceback above): "
                              f"the analysis and the ledger row are written, some plots may be missing")
     return wait
 
@@ -261,4 +261,4 @@ def save(fig, path):
     """Save atomically (a reader never sees half a PNG)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue(), mode="wb")
+    contract.atomic_write(path, buf.getvalue(), mode="wb")

@@ -7,9 +7,10 @@ import time
 
 import numpy as np
 
-import schema
+from harness import contract
 from analysis import stats, verdict
-from analysis.store import MAIN_WORKER, worker_of
+from harness.settings import MAIN_WORKER
+from analysis.store import worker_of
 
 STDOUT_MAX_LINES = 15         # what the agent reads after every run; the rest is in analysis.md
 MAX_CONFIG_ROWS = 40          # a config diff longer than this is cut (the full one is in run_summary.json)
@@ -160,7 +161,7 @@ def _performance_section(ctx) -> list:
     compiled = r.get("compile")
     if isinstance(compiled, dict):  # train.py's fast path: what torch.compile did, and whether it stalled the clock
         in_loop = sum(v for v in (compiled.get("graphs_in_loop"), compiled.get("recompiles_in_loop"))
-                      if schema.finite_number(v))
+                      if contract.finite_number(v))
         out.append(f"- compilation ({compiled.get('backend')}): {compiled.get('graphs')} graphs, "
                    f"{compiled.get('graph_breaks')} graph breaks, {compiled.get('recompiles')} recompiles; "
                    + (f"**{compiled.get('graphs_in_loop')} graphs and {compiled.get('recompiles_in_loop')} recompiles "
@@ -282,7 +283,7 @@ def analysis_md(ctx: dict) -> str:
     out += ["", "## Per-layer statistics", ""] + _layers_section(ctx)
     agent = ctx["trajectory"].get("agent")
     if agent:
-        out += ["", "## Agent metrics", "", f"Logged by train.py under `{schema.AGENT_PREFIX}`:", "",
+        out += ["", "## Agent metrics", "", f"Logged by train.py under `{contract.AGENT_PREFIX}`:", "",
                 "| key | points | first | last (step) | min | max |", "|---|---|---|---|---|---|"]
         out += [f"| `{k}` | {m['points']} | {m['first']:.6g} | {m['last']:.6g} ({m['last_step']}) | {m['min']:.6g} "
                 f"| {m['max']:.6g} |" for k, m in agent.items()]

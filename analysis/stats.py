@@ -1,7 +1,7 @@
 """
 Trajectory statistics of one run (and of one run against another), as pure functions.
 
-Inputs are the records of metrics.jsonl (see schema.py) or numpy arrays taken from them; outputs
+Inputs are the records of metrics.jsonl (see contract.py) or numpy arrays taken from them; outputs
 are plain dicts that report.py renders. Nothing here reads files, plots or decides a verdict.
 """
 
@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-import schema
+from harness import contract
 
 # scipy is imported inside the functions that use it: analyze.py draws its plots in a forked process
 # while this one imports scipy and computes, so neither waits for the other's imports.
@@ -42,7 +42,7 @@ MAD_TO_SD = 1.4826           # MAD of a normal distribution times this is its st
 # Records -> arrays
 # ---------------------------------------------------------------------------
 
-def series(records: list, key: str, x_key: str = schema.STEP):
+def series(records: list, key: str, x_key: str = contract.STEP):
     """(x, y) float arrays of the records that carry `key` (periodic keys are on some steps only)."""
     pairs = [(r[x_key], r[key]) for r in records if key in r and x_key in r]
     if not pairs:
@@ -53,16 +53,16 @@ def series(records: list, key: str, x_key: str = schema.STEP):
 
 def timed_steps(records: list, warmup_steps: int = 0) -> list:
     """The records on the training clock: clock-warmup (compilation) steps are excluded."""
-    return [r for r in records if r.get(schema.STEP, -1) >= warmup_steps]
+    return [r for r in records if r.get(contract.STEP, -1) >= warmup_steps]
 
 
 def agent_metrics(records: list) -> dict:
-    """{key: {points, first, last, min, max, last_step}} of the agent's own metrics (schema.AGENT_PREFIX keys)."""
+    """{key: {points, first, last, min, max, last_step}} of the agent's own metrics (contract.AGENT_PREFIX keys)."""
     found = {}
     for r in records:
         for key, value in r.items():
-            if isinstance(key, str) and key.startswith(schema.AGENT_PREFIX) and schema.finite_number(value):
-                found.setdefault(key, []).append((r.get(schema.STEP), value))
+            if isinstance(key, str) and key.startswith(contract.AGENT_PREFIX) and contract.finite_number(value):
+                found.setdefault(key, []).append((r.get(contract.STEP), value))
     return {key: {"points": len(points), "first": points[0][1], "last": points[-1][1],
                   "min": min(v for _, v in points), "max": max(v for _, v in points), "last_step": points[-1][0]}
             for key, points in sorted(found.items())}
@@ -73,11 +73,11 @@ def layer_table(records: list):
     table = {}
     for r in records:
         for key, value in r.items():
-            parsed = schema.parse_layer_key(key)
+            parsed = contract.parse_layer_key(key)
             if parsed:
                 name, stat = parsed
                 table.setdefault(name, {}).setdefault(stat, ([], []))
-                table[name][stat][0].append(r[schema.STEP])
+                table[name][stat][0].append(r[contract.STEP])
                 table[name][stat][1].append(value)
     return {name: {stat: (np.array(s, dtype=float), np.array(v, dtype=float)) for stat, (s, v) in by_stat.items()}
             for name, by_stat in table.items()}
@@ -200,10 +200,10 @@ def train_val_gap(records: list) -> list:
     """At every validation point: val loss minus smoothed train loss (nats/token; positive = val worse)."""
     rows = []
     for r in records:
-        if schema.VAL_BPB in r:
-            gap = r[schema.VAL_LOSS] - r[schema.TRAIN_LOSS_SMOOTH] if schema.VAL_LOSS in r else None
-            rows.append({"step": r[schema.STEP], "time_s": r[schema.TIME_S], "val_bpb": r[schema.VAL_BPB],
-                         "val_loss": r.get(schema.VAL_LOSS), "train_loss_smooth": r[schema.TRAIN_LOSS_SMOOTH],
+        if contract.VAL_BPB in r:
+            gap = r[contract.VAL_LOSS] - r[contract.TRAIN_LOSS_SMOOTH] if contract.VAL_LOSS in r else None
+            rows.append({"step": r[contract.STEP], "time_s": r[contract.TIME_S], "val_bpb": r[contract.VAL_BPB],
+                         "val_loss": r.get(contract.VAL_LOSS), "train_loss_smooth": r[contract.TRAIN_LOSS_SMOOTH],
                          "gap": gap})
     return rows
 

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-import schema
+from harness import contract, settings
 
 # ---------------------------------------------------------------------------
 # Thresholds
@@ -51,22 +51,15 @@ POLICIES = {
     # for a human who prefers gain over validated findings: more real gain at high noise, 1-3 false keeps a night
     "gain": dict(keep_alpha=0.3, strong_alpha=0.001, confirm_runs=3, futility=(0.2, 0.1, 0.05), max_runs=4),
 }
-# Which policy decides: the human's call for the night, never the agent's ($AUTORESEARCH_VERDICT, read by
-# analyze.py, which records the mode in every ledger row); this one unless it is set.
-VERDICT_MODE = "validated"
-VERDICT_ENV = "AUTORESEARCH_VERDICT"
+assert tuple(POLICIES) == settings.POLICY_NAMES, "a policy is named in harness/settings.py and defined here"
+# Which policy decides: the human's call for the night, never the agent's ($AUTORESEARCH_VERDICT, fixed
+# when the night starts; analyze.py records the mode in every ledger row); this one unless it is set.
+VERDICT_MODE = settings.POLICY_NAMES[0]
+VERDICT_ENV = settings.VERDICT_ENV
 KEEP_ALPHA = POLICIES[VERDICT_MODE]["keep_alpha"]                 # the default's, for reports and tests
 MAX_RUNS_PER_CANDIDATE = POLICIES[VERDICT_MODE]["max_runs"]
 
 
-def verdict_mode(environ) -> str:
-    """The policy name $AUTORESEARCH_VERDICT asks for (VERDICT_MODE when unset); a StoreError-worthy
-    ValueError with one actionable sentence for a name that is not one of POLICIES."""
-    mode = environ.get(VERDICT_ENV) or VERDICT_MODE
-    if mode not in POLICIES:
-        raise ValueError(f"{VERDICT_ENV}={mode!r} is not a verdict mode; use one of {', '.join(POLICIES)} "
-                         f"(default {VERDICT_MODE})")
-    return mode
 KEEP_CODE, DISCARD_CODE, RERUN_CODE = 1, 2, 0                     # sequential_verdict's answers
 
 
@@ -109,13 +102,19 @@ def code_key(record: dict):
     return record.get("train_sha256") or record.get("commit")
 
 
+def torch_release(version):
+    """torch's major.minor ("2.15" of "2.15.0+cu132"): a release changes kernels and autocast rules
+    (rms_norm in fp32 since 2.12), so runs under two releases are not repeats of each other."""
+    return ".".join(version.split("+")[0].split(".")[:2]) if isinstance(version, str) else None
+
+
 def comparable_key(record: dict) -> tuple:
-    """Only runs on the same device, budget, harness and data are compared or pooled."""
+    """Only runs on the same device, budget, harness, data and torch release are compared or pooled."""
     return (record.get("device"), record.get("time_budget_s"), record.get("harness_hash"),
-            (record.get("data") or {}).get("manifest_hash"))
+            (record.get("data") or {}).get("manifest_hash"), torch_release(record.get("torch_version")))
 
 
-POOL_PARTS = ("device", "budget", "harness", "data")  # what comparable_key is made of, in its order
+POOL_PARTS = ("device", "budget", "harness", "data", "torch")  # what comparable_key is made of, in order
 
 
 def pool_changes(record: dict, reference: dict) -> list:
@@ -125,7 +124,7 @@ def pool_changes(record: dict, reference: dict) -> list:
 
 
 def finished(record: dict) -> bool:
-    return record.get("status") not in NOT_COUNTED and schema.finite_number(record.get("val_bpb"))
+    return record.get("status") not in NOT_COUNTED and contract.finite_number(record.get("val_bpb"))
 
 
 def pools(ledger: list, comparable: tuple) -> dict:
@@ -198,7 +197,7 @@ def noise_estimate(groups) -> dict:
     return {"sigma": math.sqrt(ss / df), "df": df, "n_groups": used, "trusted": df >= MIN_NOISE_DF}
 
 
-KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal from outside ended it (prepare.RunLogger)
+KILLED_MARK = "terminated by SIGTERM"  # train.py's crash error when a signal from outside ended it (the harness's run logger)
 
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,

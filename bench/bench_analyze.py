@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import schema  # noqa: E402
+
 import synthetic  # noqa: E402
+from harness import contract  # noqa: E402
 from analysis.store import Store  # noqa: E402
 
 STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
@@ -49,11 +50,11 @@ def build_cache(cache: Path):
         (cache / rel).parent.mkdir(parents=True, exist_ok=True)
         (cache / rel).write_bytes(data)
     manifest = {"source": "climbmix", "smoke_test": False, "vocab_size": 8192,
-                "tokenizer_sha256": schema.sha256_file(cache / "tokenizer/tokenizer.pkl"),
-                "token_bytes_sha256": schema.sha256_file(cache / "tokenizer/token_bytes.npy"), "train_files": [],
+                "tokenizer_sha256": contract.sha256_file(cache / "tokenizer/tokenizer.pkl"),
+                "token_bytes_sha256": contract.sha256_file(cache / "tokenizer/token_bytes.npy"), "train_files": [],
                 "val_files": [{"path": "data/climbmix/shard_06542.parquet", "bytes": VAL_BYTES,
-                               "sha256": schema.sha256_file(cache / "data/climbmix/shard_06542.parquet")}]}
-    manifest["manifest_hash"] = schema.manifest_hash(manifest)
+                               "sha256": contract.sha256_file(cache / "data/climbmix/shard_06542.parquet")}]}
+    manifest["manifest_hash"] = contract.manifest_hash(manifest)
     (cache / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 

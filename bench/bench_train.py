@@ -29,19 +29,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-import prepare  # noqa: E402
-import schema  # noqa: E402
+from harness import contract, data, device, runlog, settings  # noqa: E402
+
 from train_defs import load_train_definitions  # noqa: E402
 from train_variants import run_train, write_variant  # noqa: E402
 
 
 def timeit(fn, n):
     fn()  # warm up
-    prepare.synchronize(DEVICE)
+    device.synchronize(DEVICE)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    prepare.synchronize(DEVICE)
+    device.synchronize(DEVICE)
     return (time.perf_counter() - t0) / n
 
 
@@ -54,7 +54,7 @@ def components(c: dict, vocab_size: int):
     depth, head_dim, batch, seq = c["DEPTH"], c["HEAD_DIM"], c["DEVICE_BATCH_SIZE"], c["SEQ_LEN"]
     every = c["LAYER_STATS_EVERY"]
     dim = -(-depth * c["ASPECT_RATIO"] // head_dim) * head_dim
-    config = defs["GPTConfig"](sequence_len=max(seq, prepare.MAX_SEQ_LEN), vocab_size=vocab_size,
+    config = defs["GPTConfig"](sequence_len=max(seq, settings.MAX_SEQ_LEN), vocab_size=vocab_size,
                                n_layer=depth, n_head=dim // head_dim, n_embd=dim, window_pattern=c["WINDOW_PATTERN"],
                                short_window=c["SHORT_WINDOW"], softcap=c["LOGIT_SOFTCAP"],
                                ve_gate_channels=c["VE_GATE_CHANNELS"], attention="sdpa",
@@ -76,7 +76,7 @@ def components(c: dict, vocab_size: int):
         return loss.detach().item()
 
     step_s = timeit(step, 5 if cpu else 20)
-    stats = prepare.LayerStats(model)
+    stats = runlog.LayerStats(model)
     with autocast:
         model(x, x).backward()
 
@@ -85,9 +85,11 @@ def components(c: dict, vocab_size: int):
         return stats.after_step()
 
     layer_stats_s = timeit(layer_stats, 20)
-    record = {k: 1.0 for k in schema.REQUIRED_STEP_KEYS} | {schema.STEP: 1}
+    stamped = {*contract.HARNESS_STEP_KEYS, *contract.DERIVED_STEP_KEYS}
+    record = {k: 1.0 for k in contract.REQUIRED_STEP_KEYS if k not in stamped} | {contract.STEP: 1}
     with tempfile.TemporaryDirectory() as d:
-        logger = RunLoggerNoHooks(d)
+        logger = RunNoHooks(d)
+        logger.start_clock(model, tokens_per_step=batch * seq, flops_per_token=model.num_flops_per_token(seq))
         log_s = timeit(lambda: logger.log_step(record), 2000)
         log_stats_s = timeit(lambda: logger.log_step(record | layer_stats()), 20) - layer_stats_s
     per_step = log_s + (layer_stats_s + log_stats_s) / every
@@ -98,13 +100,14 @@ def components(c: dict, vocab_size: int):
             "config": {"depth": depth, "dim": dim, "batch": batch, "seq_len": seq}}
 
 
-class RunLoggerNoHooks(prepare.RunLogger):
-    """The real logger, minus the process-wide excepthook and SIGTERM handler."""
+class RunNoHooks(runlog.Run):
+    """The harness's real record of a run, minus the process-wide excepthook and its watchdog."""
 
     def __init__(self, run_dir):
         hook = sys.excepthook
         super().__init__({}, run_dir=run_dir)
         sys.excepthook = hook
+        self.watchdog.stop()
 
 
 def end_to_end(budget, repeats):
@@ -125,14 +128,14 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=float, default=60, help="training seconds per end-to-end run")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per variant")
     args = parser.parse_args()
-    DEVICE = prepare.autodetect_device()
-    manifest = prepare.load_manifest()
+    DEVICE = device.autodetect_device()
+    manifest = data.load_manifest()
     e2e, run_config = end_to_end(args.budget, args.repeats)
     result = {
-        "date": time.strftime("%Y-%m-%d"), "device": prepare.device_description(DEVICE),
+        "date": time.strftime("%Y-%m-%d"), "device": device.device_description(DEVICE),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "data": prepare.data_label(manifest),
+        "data": data.data_label(manifest),
         "components": components(run_config, manifest["vocab_size"]),
         "end_to_end": e2e,
     }

@@ -14,18 +14,27 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HARNESS = ("train.py", "prepare.py", "schema.py")
+HARNESS = ("train.py", "prepare.py", "harness")  # what a run needs: the agent's file and the harness
 
-# Instrumentation off: the metrics line becomes a no-op, per-layer stats never fire, no curve points.
+# Instrumentation off: one metrics line, the last (the summary's steps and clock come from it),
+# per-layer stats never fire, no curve points.
 UNINSTRUMENTED = {
     "LAYER_STATS_EVERY = 50 ": "LAYER_STATS_EVERY = 10**9 ",
     "    LAYER_STATS_EVERY = 10\n": "    LAYER_STATS_EVERY = 10**9\n",
     "    if progress >= next_val or done:": "    if False:",
-    "    logger.log_step(record)\n": "",
+    "    run.log_step(record)\n": "    if done:\n        run.log_step(record)\n",
 }
 # Every layer through SDPA (dense boolean masks for the sliding windows) instead of flex_attention.
 SDPA_ATTENTION = {'ATTENTION_BACKEND = "flex" if FAST_PATH else "sdpa"': 'ATTENTION_BACKEND = "sdpa"'}
 VARIANTS = {"instrumented": {}, "uninstrumented": UNINSTRUMENTED, "sdpa": SDPA_ATTENTION}
+
+
+def copy(src: Path, dest: Path):
+    """A file, or a folder without its bytecode."""
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    else:
+        shutil.copy(src, dest)
 
 
 def write_variant(dest: Path, name: str) -> Path:
@@ -36,8 +45,8 @@ def write_variant(dest: Path, name: str) -> Path:
             raise SystemExit(f"error: benchmark variant {name!r} is stale: {old!r} is not in train.py; update "
                              f"bench/train_variants.py")
         source = source.replace(old, new)
-    for file in HARNESS[1:]:
-        shutil.copy(ROOT / file, dest / file)
+    for name in HARNESS[1:]:
+        copy(ROOT / name, dest / name)
     (dest / "train.py").write_text(source)
     return dest
 
@@ -46,7 +55,7 @@ def run_train(src_dir: Path, budget: float, env: dict = None):
     """One train.py run from a copy of src_dir: (figures, summary). Exits with train.py's stderr on failure."""
     with tempfile.TemporaryDirectory() as d:
         for name in HARNESS:
-            shutil.copy(src_dir / name, Path(d) / name)
+            copy(src_dir / name, Path(d) / name)
         env = {**os.environ, **(env or {}), "AUTORESEARCH_TIME_BUDGET": str(budget)}
         proc = subprocess.run([sys.executable, "train.py"], cwd=d, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -15,12 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Must happen before prepare.py is imported anywhere: its paths are read from the environment at import.
+# Must happen before the harness is imported anywhere: harness/settings.py reads the environment at import.
 SESSION_CACHE = Path(tempfile.mkdtemp(prefix="alr-test-cache-"))
 os.environ["AUTORESEARCH_CACHE"] = str(SESSION_CACHE)
 os.environ["AUTORESEARCH_DATA_URL"] = "http://127.0.0.1:9"  # discard port: refused at once
 
-import prepare  # noqa: E402
+from harness import data as harness_data, settings, tokenizer as harness_tokenizer  # noqa: E402
 from train_defs import load_train_definitions  # noqa: E402
 
 TEST_VOCAB = 1024  # small vocabulary: fast to train, small embedding tables for CPU smoke runs
@@ -29,22 +29,19 @@ TEST_VOCAB = 1024  # small vocabulary: fast to train, small embedding tables for
 @pytest.fixture(scope="session")
 def prepared():
     """The session cache, prepared once from the offline corpus; returns its manifest."""
-    return prepare.prepare("offline", vocab_size=TEST_VOCAB)
+    return harness_data.prepare("offline", vocab_size=TEST_VOCAB)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(prepared):
-    return prepare.Tokenizer.from_directory()
+    return harness_tokenizer.Tokenizer.from_directory()
 
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
-    """Point prepare.py's in-process paths at an empty cache of this test's own."""
+    """Point the harness's in-process cache (settings.CACHE_DIR) at an empty one of this test's own."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(prepare, "CACHE_DIR", cache)
-    monkeypatch.setattr(prepare, "DATA_DIR", cache / "data")
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", cache / "tokenizer")
-    monkeypatch.setattr(prepare, "MANIFEST_PATH", cache / "manifest.json")
+    monkeypatch.setattr(settings, "CACHE_DIR", cache)
     cache.mkdir()
     return cache
 
@@ -59,3 +56,10 @@ def run_script(args, cwd, env_extra=None, timeout=600):
 @pytest.fixture(scope="session")
 def train_defs():
     return load_train_definitions()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git repository holding the loop (tests/repos.py), its harness committed as "baseline"."""
+    from repos import make_repo
+    return make_repo(tmp_path)

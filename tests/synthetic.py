@@ -1,5 +1,5 @@
 """
-Synthetic training runs with known answers, written in the exact format train.py writes (schema.py):
+Synthetic training runs with known answers, written in the exact format train.py writes (harness/contract.py):
 a planted power-law loss curve with noise, optional spikes and offsets, a validation curve,
 per-layer statistics, run_summary.json and a run.log. Used by the analyze.py tests and its benchmark.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-import schema
+from harness import contract, runlog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,16 +27,19 @@ LAYER_KINDS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_
                "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-HARNESS_COPY = ("analyze.py", "launch.py", "schema.py", "prepare.py", "train.py")  # what a repository of the loop holds
+HARNESS_COPY = ("analyze.py", "launch.py", "prepare.py", "train.py")  # what a repository of the loop holds
+PACKAGES = ("harness", "analysis", "night")  # copied whole into every such repository
 
 
 def copy_harness(dest, files=HARNESS_COPY):
-    """Copy the project's `files` and analysis/ (without bytecode) into `dest`: a repository to test or
-    benchmark the loop in, as a user's checkout would hold them."""
+    """Copy the project's `files` and its packages (harness/, analysis/, night/, without bytecode) into
+    `dest`: a repository to test or benchmark the loop in, as a user's checkout would hold them."""
     dest = Path(dest)
     for name in files:
         shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "analysis", dest / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"),
+                        dirs_exist_ok=True)
 
 
 def param_names(depth: int) -> list:
@@ -68,31 +71,31 @@ def make_records(n_steps=400, l_inf=3.0, a=6.0, alpha=0.5, noise=0.02, seed=0, s
         wall += dt / 1000 + BOOKKEEPING_S
         progress = min(t / budget, 1.0)
         ema = 0.9 * ema + 0.1 * loss[s]
-        rec = {schema.STEP: int(s), schema.TIME_S: t, schema.TRAIN_LOSS: float(loss[s]),
-               schema.TRAIN_LOSS_SMOOTH: ema / (1 - 0.9 ** (s + 1)), schema.LR_MULTIPLIER: 1.0 - 0.5 * progress,
-               schema.MUON_MOMENTUM: 0.85 + 0.1 * min(s / 300, 1.0), schema.WEIGHT_DECAY: 0.2 * (1 - progress),
-               schema.PROGRESS: progress, schema.STEP_TIME_MS: dt, schema.TOKENS_PER_SEC: tokens_per_step / (dt / 1000),
-               schema.MFU_PERCENT: 40.0}
+        rec = {contract.STEP: int(s), contract.TIME_S: t, contract.TRAIN_LOSS: float(loss[s]),
+               contract.TRAIN_LOSS_SMOOTH: ema / (1 - 0.9 ** (s + 1)), contract.LR_MULTIPLIER: 1.0 - 0.5 * progress,
+               contract.MUON_MOMENTUM: 0.85 + 0.1 * min(s / 300, 1.0), contract.WEIGHT_DECAY: 0.2 * (1 - progress),
+               contract.PROGRESS: progress, contract.STEP_TIME_MS: dt, contract.TOKENS_PER_SEC: tokens_per_step / (dt / 1000),
+               contract.MFU_PERCENT: 40.0}
         if s % layer_every == 0:
             for j, name in enumerate(names):
                 frac = s / max(n_steps - 1, 1)
-                rec[schema.layer_key(name, "grad_norm")] = 0.1 * (1 + 0.05 * j % 3) * grad_scale.get(name, 1.0) \
+                rec[contract.layer_key(name, "grad_norm")] = 0.1 * (1 + 0.05 * j % 3) * grad_scale.get(name, 1.0) \
                     * math.exp(0.05 * rng.standard_normal())
-                rec[schema.layer_key(name, "weight_norm")] = 10.0 * (1 + (norm_growth.get(name, 1.0) - 1) * frac)
-                rec[schema.layer_key(name, "update_ratio")] = 0.01 * math.exp(0.05 * rng.standard_normal())
+                rec[contract.layer_key(name, "weight_norm")] = 10.0 * (1 + (norm_growth.get(name, 1.0) - 1) * frac)
+                rec[contract.layer_key(name, "update_ratio")] = 0.01 * math.exp(0.05 * rng.standard_normal())
         if progress >= next_val or s == n_steps - 1:
-            rec[schema.VAL_BPB] = float((l_inf + a * (s + 1.0) ** -alpha) / math.log(2) / 4.0)
-            rec[schema.VAL_LOSS] = float(l_inf + a * (s + 1.0) ** -alpha + 0.05)
+            rec[contract.VAL_BPB] = float((l_inf + a * (s + 1.0) ** -alpha) / math.log(2) / 4.0)
+            rec[contract.VAL_LOSS] = float(l_inf + a * (s + 1.0) ** -alpha + 0.05)
             next_val = (math.floor(progress / val_every) + 1) * val_every
             wall, evals = wall + EVAL_S, evals + EVAL_S
-        rec[schema.WALL_S], rec[schema.EVAL_S] = wall, evals
+        rec[contract.WALL_S], rec[contract.EVAL_S] = wall, evals
         records.append(rec)
     return records
 
 
 def cache_data() -> dict:
-    """The run_summary.json "data" of a run on the prepare cache as it is now (as prepare.RunLogger writes it)."""
-    path = schema.cache_dir() / "manifest.json"
+    """The run_summary.json "data" of a run on the prepare cache as it is now (as the harness's run logger writes it)."""
+    path = contract.cache_path(contract.MANIFEST)
     if not path.exists():
         return {"error": f"no prepared data ({path} is missing): run `uv run prepare.py` first"}
     manifest = json.loads(path.read_text())
@@ -103,13 +106,13 @@ def cache_data() -> dict:
 def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, status="ok", seed=42,
                  device="NVIDIA H100 80GB HBM3", started_at=None, budget_s=300.0, config=None, error=None, **extra):
     last = records[-1] if records else {}
-    summary = {k: None for k in schema.SUMMARY_KEYS}
+    summary = {k: None for k in contract.SUMMARY_KEYS}
     summary.update(
-        status=status, val_bpb=val_bpb if status == "ok" else None, training_seconds=last.get(schema.TIME_S, 0.0),
-        total_seconds=last.get(schema.TIME_S, 0.0) + 30, startup_seconds=20.0, peak_vram_mb=40000.0,
+        status=status, val_bpb=val_bpb if status == "ok" else None, training_seconds=last.get(contract.TIME_S, 0.0),
+        total_seconds=last.get(contract.TIME_S, 0.0) + 30, startup_seconds=20.0, peak_vram_mb=40000.0,
         mfu_percent=40.0, total_tokens_M=len(records) * 0.524288, num_steps=len(records), num_params_M=50.0,
         depth=4, seed=seed, device=device, torch_version="2.11.0", commit=commit, dirty=False,
-        data=cache_data(), harness_hash=schema.harness_hash(ROOT), train_sha256=train_sha256,
+        data=cache_data(), harness_hash=contract.harness_hash(ROOT), train_sha256=train_sha256,
         started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
         causality={"ok": True, "max_change": 0.0, "position": 1024, "rows": 128} if status == "ok" else None,
         harness_check={"ok": True, "changed": []} if status == "ok" else None,
@@ -121,17 +124,17 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
 
 
 def seal_run(folder, summary: dict, metrics_text: str):
-    """Write run_summary.json and the harness's seal of it and of the metrics, as prepare.RunLogger does."""
+    """Write run_summary.json and the harness's seal of it and of the metrics, as the harness's run logger does."""
     text = json.dumps(summary, indent=2)
     (Path(folder) / "run_summary.json").write_text(text)
-    schema.write_seal(folder, summary.get("started_at"), text, hashlib.sha256(metrics_text.encode()).hexdigest(),
+    contract.write_seal(folder, summary.get("started_at"), text, hashlib.sha256(metrics_text.encode()).hexdigest(),
                       metrics_text.count("\n"), summary.get("val_bpb") if summary.get("status") == "ok" else None)
 
 
 def stamped_log(summary: dict, body: str) -> str:
-    """The run.log of the run that wrote `summary`: the stamp line prepare.RunLogger prints first (which
+    """The run.log of the run that wrote `summary`: the stamp line the harness's run logger prints first (which
     tells analyze.py the log is that run's), then `body`."""
-    return f"{schema.log_stamp(summary['started_at'])}\n{body}"
+    return f"{contract.log_stamp(summary['started_at'])}\n{body}"
 
 
 def write_run(folder, records=None, summary=None, log=None, truncate_metrics=False, stamp=True):

@@ -10,85 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-import schema
 import synthetic
+from harness import contract
 from analysis import plots, report, stats
-from analysis.store import Store, read_metrics
-
-HARNESS = synthetic.HARNESS_COPY
-GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-CRASH_LOG = """step 00010 (3.0%) | loss: 5.1
-Traceback (most recent call last):
-  File "train.py", line 400, in <module>
-    loss = compiled(x, y)
-torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB
-nanobind: leaked 3 instances!
-"""  # output after the traceback (exit-time warnings) is not the error
-
-
-def git(repo, *args) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}).stdout
-
-
-def analyze(repo, *args):
-    return subprocess.run([sys.executable, "analyze.py", *args], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}, timeout=120)
-
-
-def head(repo) -> str:
-    return git(repo, "rev-parse", "--short", "HEAD").strip()
-
-
-def train_sha(repo) -> str:
-    import hashlib
-    return hashlib.sha256((repo / "train.py").read_bytes()).hexdigest()
-
-
-def make_repo(folder, files=HARNESS):
-    """A git repository in `folder` with copies of the project's `files` and analysis/, committed as "baseline"."""
-    folder.mkdir(exist_ok=True)
-    synthetic.copy_harness(folder, files)
-    (folder / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
-    git(folder, "init", "-q")
-    git(folder, "add", "-A")
-    git(folder, "commit", "-qm", "baseline")
-    return folder
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return make_repo(tmp_path)
-
-
-def fake_run(repo, val_bpb=1.0, seed=42, status="ok", log=None, n_steps=300, offset=None, **kw):
-    """Write the files of a finished run of the committed train.py, as train.py would."""
-    records = synthetic.make_records(n_steps=n_steps, seed=seed, offset=offset)
-    summary = synthetic.make_summary(records, val_bpb, commit=head(repo), train_sha256=train_sha(repo), seed=seed,
-                                     status=status, **kw)
-    synthetic.write_run(repo, records, summary, log if log is not None else f"run seed {seed}\nval_bpb: {val_bpb}\n")
-    return records, summary
-
-
-def commit_change(repo, old, new, message):
-    source = (repo / "train.py").read_text()
-    assert old in source
-    (repo / "train.py").write_text(source.replace(old, new, 1))
-    git(repo, "commit", "-qam", message)
-
-
-def ledger(repo):
-    return Store(repo).read_ledger()
-
-
-def baseline(repo, values=(1.0, 1.002, 0.998)):
-    """The baseline run three times with different seeds, kept."""
-    for i, v in enumerate(values):
-        fake_run(repo, v, seed=42 + i)
-        assert analyze(repo).returncode == 0
-    assert analyze(repo, "keep").returncode == 0
-
+from analysis.runfiles import read_metrics
+from analysis.store import Store
+from repos import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, train_sha
 
 # ---------------------------------------------------------------------------
 # Archive and ledger
@@ -541,9 +468,9 @@ def test_run_figures_plot_this_best_and_previous_series():
                 assert np.allclose(lines[label].get_xdata(), x) and np.allclose(lines[label].get_ydata(), y), \
                     (plot.file, panel.key, label)
     val = {line.get_label(): line for line in figures["val_bpb.png"].axes[0].get_lines()}
-    assert len(val["this"].get_xdata()) == sum(schema.VAL_BPB in r for r in this)
+    assert len(val["this"].get_xdata()) == sum(contract.VAL_BPB in r for r in this)
     raw = {line.get_label(): line for line in figures["loss_vs_step.png"].axes[0].get_lines()}["this (raw)"]
-    assert np.allclose(raw.get_ydata(), [r[schema.TRAIN_LOSS] for r in this])
+    assert np.allclose(raw.get_ydata(), [r[contract.TRAIN_LOSS] for r in this])
 
 
 def test_layer_heatmap_shows_log_grad_norms_of_each_run():

@@ -14,11 +14,12 @@ import sys
 
 import pytest
 
-import supervise
+from harness import proc as processes, settings
+from night import supervisor
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, outage
-from test_analyze import GIT_ENV, HARNESS, git, make_repo
+from repos import GIT_ENV, HARNESS, git, make_repo
 
 SECRET = "sk-ant-test-REAL-CLI-1b2c3d"
 PY = shlex.quote(sys.executable)
@@ -75,7 +76,7 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
            "AUTORESEARCH_TIME_BUDGET": "3"}
     try:
         proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--max-experiments", "3",
-                               "--restart-delay", "0.5", "--train-timeout", "300"], cwd=repo, env=env,
+                               "--restart-delay", "0.5", "--train-timeout", "700"], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=900)
     finally:
         api.close()
@@ -104,8 +105,8 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     for path in repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert SECRET.encode() not in path.read_bytes(), path
-    assert supervise.training_processes(repo) == []
-    assert [p for p in supervise.night_processes("") if cwd_of(p).startswith(str(repo))] == []  # nothing left running
+    assert processes.scripts_in(repo, "train.py") == []
+    assert [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_of(p).startswith(str(repo))] == []  # nothing left running
 
 
 def cwd_of(pid):

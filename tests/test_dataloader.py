@@ -4,13 +4,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import prepare
+from harness import contract, data as harness_data, loader as harness_loader, metric
 
 B, T = 4, 96
 
 
 def test_shapes_dtype_and_shift(prepared, tokenizer):
-    loader = prepare.make_dataloader(tokenizer, B, T, "train")
+    loader = harness_loader.make_dataloader(tokenizer, B, T, "train")
     for _ in range(3):
         x, y, epoch = next(loader)
         assert x.shape == y.shape == (B, T)
@@ -22,7 +22,7 @@ def test_shapes_dtype_and_shift(prepared, tokenizer):
 
 
 def test_every_row_starts_with_bos(prepared, tokenizer):
-    loader = prepare.make_dataloader(tokenizer, 8, T, "train")
+    loader = harness_loader.make_dataloader(tokenizer, 8, T, "train")
     for _ in range(5):
         x, _, _ = next(loader)
         assert (x[:, 0] == tokenizer.get_bos_token_id()).all()
@@ -31,9 +31,9 @@ def test_every_row_starts_with_bos(prepared, tokenizer):
 def test_rows_are_whole_documents_then_one_cropped_document(prepared, tokenizer):
     """No padding: each row is a run of complete documents, and only its last document may be cut short."""
     bos = tokenizer.get_bos_token_id()
-    docs = [t for path in prepare.split_files("val") for t in prepare._iter_parquet_texts(path)]
+    docs = [t for path in harness_loader.split_files("val") for t in harness_data._iter_parquet_texts(path)]
     documents = {tuple(ids) for ids in tokenizer.encode(docs, prepend=bos)}
-    rows = prepare.packed_rows(tokenizer, 512, "val", buffer_size=64)
+    rows = harness_loader.packed_rows(tokenizer, 512, "val", buffer_size=64)
     whole = 0
     for _ in range(20):
         row, _ = next(rows)
@@ -61,8 +61,8 @@ def test_best_fit_prefers_the_largest_document_that_fits(monkeypatch, tokenizer)
         def encode(self, batch, prepend=None):
             return [[prepend] + [1] * (len(t) - 1) for t in batch]
 
-    monkeypatch.setattr(prepare, "_document_batches", lambda split, seed: iter([(texts, 1)] + [(["y" * 50], 2)] * 100))
-    rows = prepare.packed_rows(FakeTok(), 12, "train", buffer_size=5)
+    monkeypatch.setattr(harness_loader, "_document_batches", lambda split, seed: iter([(texts, 1)] + [(["y" * 50], 2)] * 100))
+    rows = harness_loader.packed_rows(FakeTok(), 12, "train", buffer_size=5)
     row, _ = next(rows)
     starts = [i for i, t in enumerate(row) if t == bos]
     # space 12: take 9 (largest that fits), then space 3: take 3
@@ -77,12 +77,12 @@ def test_train_never_reads_the_val_split(prepared, tokenizer, monkeypatch):
         opened.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(prepare.pq, "ParquetFile", recording)
-    loader = prepare.make_dataloader(tokenizer, B, T, "train")
+    monkeypatch.setattr(harness_data.pq, "ParquetFile", recording)
+    loader = harness_loader.make_dataloader(tokenizer, B, T, "train")
     for _ in range(10):
         next(loader)
-    val_paths = {str(p) for p in prepare.split_files("val")}
-    train_paths = {str(p) for p in prepare.split_files("train")}
+    val_paths = {str(p) for p in harness_loader.split_files("val")}
+    train_paths = {str(p) for p in harness_loader.split_files("train")}
     assert opened and set(opened) <= train_paths
     assert not val_paths & set(opened)
 
@@ -90,7 +90,7 @@ def test_train_never_reads_the_val_split(prepared, tokenizer, monkeypatch):
 def test_seed_sets_data_order(prepared, tokenizer, monkeypatch):
     # small row groups so the shuffle has units to permute
     def first_batches(seed, n=3):
-        loader = prepare.make_dataloader(tokenizer, B, T, "train", seed=seed, buffer_size=8)
+        loader = harness_loader.make_dataloader(tokenizer, B, T, "train", seed=seed, buffer_size=8)
         return [next(loader)[0] for _ in range(n)]
 
     a, b, c = first_batches(1), first_batches(1), first_batches(2)
@@ -99,20 +99,20 @@ def test_seed_sets_data_order(prepared, tokenizer, monkeypatch):
 
 
 def test_val_rows_do_not_depend_on_seed_or_batch(prepared, tokenizer):
-    rows = prepare.val_rows(tokenizer, 3, T=128)
-    again = prepare.packed_rows(tokenizer, 129, "val", seed=123)
+    rows = metric.val_rows(tokenizer, 3, T=128)
+    again = harness_loader.packed_rows(tokenizer, 129, "val", seed=123)
     for r in rows:
         assert torch.equal(r, torch.from_numpy(next(again)[0]))
 
 
 def test_unknown_split_is_refused(prepared):
     with pytest.raises(ValueError, match="split"):
-        prepare.split_files("test")
+        harness_loader.split_files("test")
 
 
 def test_a_batch_is_not_overwritten_by_the_next(prepared, tokenizer):
     """The loader fills one buffer; what it hands out must survive the next batch."""
-    loader = prepare.make_dataloader(tokenizer, B, T, "train")
+    loader = harness_loader.make_dataloader(tokenizer, B, T, "train")
     x, y, _ = next(loader)
     kept = x.clone(), y.clone()
     x2, _, _ = next(loader)
@@ -121,5 +121,5 @@ def test_a_batch_is_not_overwritten_by_the_next(prepared, tokenizer):
 
 
 def test_the_dataloader_never_serves_the_validation_rows(prepared, tokenizer):
-    with pytest.raises(prepare.HarnessError, match="serves the train split only"):
-        next(prepare.make_dataloader(tokenizer, B, T, "val"))
+    with pytest.raises(contract.HarnessError, match="serves the train split only"):
+        next(harness_loader.make_dataloader(tokenizer, B, T, "val"))

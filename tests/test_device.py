@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-import prepare
+from harness import device
+import synthetic
 from conftest import ROOT, run_script
 
 OLD_DRIVER = "535.104.05"  # a CUDA 12.2 driver: too old for the CUDA 13 runtime of the locked torch
@@ -24,8 +25,7 @@ def fake_nvidia_smi(bin_dir, version=OLD_DRIVER):
 
 
 def workdir(path):
-    for name in ("train.py", "prepare.py", "schema.py"):
-        shutil.copy(ROOT / name, path / name)
+    synthetic.copy_harness(path, ("train.py", "prepare.py"))
     return path
 
 
@@ -62,48 +62,48 @@ def test_the_cpu_configuration_on_a_gpu_machine_is_an_explicit_choice(prepared, 
 def no_nvidia(tmp_path, monkeypatch):
     """A machine that shows no NVIDIA GPU: no nvidia-smi on PATH, no kernel module file, no device file."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr(prepare, "NVIDIA_DRIVER_VERSION_FILE", str(tmp_path / "no-such-version-file"))
-    monkeypatch.setattr(prepare, "NVIDIA_DEVICE_FILES", (str(tmp_path / "no-such-device"),))
+    monkeypatch.setattr(device, "NVIDIA_DRIVER_VERSION_FILE", str(tmp_path / "no-such-version-file"))
+    monkeypatch.setattr(device, "NVIDIA_DEVICE_FILES", (str(tmp_path / "no-such-device"),))
     return tmp_path
 
 
 def test_driver_version_from_nvidia_smi(no_nvidia, monkeypatch):
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(no_nvidia / "bin", "580.65.06")))
-    assert prepare.nvidia_driver_version() == "580.65.06"
+    assert device.nvidia_driver_version() == "580.65.06"
 
 
 def test_driver_version_from_the_kernel_module(no_nvidia, monkeypatch):
     version_file = no_nvidia / "version"
     version_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
                             "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
-    monkeypatch.setattr(prepare, "NVIDIA_DRIVER_VERSION_FILE", str(version_file))
-    assert prepare.nvidia_driver_version() == "535.104.05"
+    monkeypatch.setattr(device, "NVIDIA_DRIVER_VERSION_FILE", str(version_file))
+    assert device.nvidia_driver_version() == "535.104.05"
 
 
 def test_a_device_file_alone_shows_a_gpu(no_nvidia, monkeypatch):
     (no_nvidia / "nvidia0").write_text("")
-    monkeypatch.setattr(prepare, "NVIDIA_DEVICE_FILES", (str(no_nvidia / "nvidia0"),))
-    assert prepare.nvidia_driver_version() == ""
+    monkeypatch.setattr(device, "NVIDIA_DEVICE_FILES", (str(no_nvidia / "nvidia0"),))
+    assert device.nvidia_driver_version() == ""
 
 
 def test_no_sign_of_a_gpu(no_nvidia):
-    assert prepare.nvidia_driver_version() is None
-    assert prepare.autodetect_device().type in ("cpu", "mps")
+    assert device.nvidia_driver_version() is None
+    assert device.autodetect_device().type in ("cpu", "mps")
 
 
 def test_messages_name_the_cause_and_the_fix(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert prepare.cuda_unusable_message("2.15.0+cu132", "13.2", "535.104.05", "found version 12020") == (
+    assert device.cuda_unusable_message("2.15.0+cu132", "13.2", "535.104.05", "found version 12020") == (
         "an NVIDIA GPU is present (driver 535.104.05) but torch 2.15.0+cu132 cannot use it: its CUDA 13.2 "
         "runtime needs driver >= 580 (torch: found version 12020). Fix: upgrade the NVIDIA driver, or install "
         "a torch built for an older CUDA (README, 'GPU driver'); or set AUTORESEARCH_ALLOW_CPU=1 to train the "
         "small CPU configuration on this machine anyway")
-    assert prepare.cuda_unusable_message("2.15.0+cpu", None, "580.65.06", None) == (
+    assert device.cuda_unusable_message("2.15.0+cpu", None, "580.65.06", None) == (
         "an NVIDIA GPU is present (driver 580.65.06) but torch 2.15.0+cpu cannot use it: it is a CPU-only build. "
         "Fix: install a CUDA build of torch (README, 'GPU driver'); or set AUTORESEARCH_ALLOW_CPU=1 to train the "
         "small CPU configuration on this machine anyway")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert "CUDA_VISIBLE_DEVICES='' may hide every GPU" in prepare.cuda_unusable_message(
+    assert "CUDA_VISIBLE_DEVICES='' may hide every GPU" in device.cuda_unusable_message(
         "2.15.0+cu132", "13.2", "580.65.06", "no CUDA-capable device is detected")
 
 
@@ -115,6 +115,6 @@ def test_messages_name_the_cause_and_the_fix(monkeypatch):
 ])
 def test_peak_flops_by_exact_device_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    peak = prepare.peak_flops(torch.device("cuda"))
+    peak = device.peak_flops(torch.device("cuda"))
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
-    assert prepare.peak_flops(torch.device("cpu")) is None
+    assert device.peak_flops(torch.device("cpu")) is None

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harness import contract, data as harness_data
 import prepare
 from conftest import ROOT, run_script
 
@@ -72,17 +73,17 @@ class ShardServer:
 
     def add_shard(self, index: int, data: bytes = None) -> bytes:
         data = shard_bytes(index) if data is None else data
-        self.files["/" + prepare.shard_name(index)] = data
+        self.files["/" + harness_data.shard_name(index)] = data
         return data
 
     def script(self, index: int, *behaviours):
-        self.scripts["/" + prepare.shard_name(index)] = list(behaviours)
+        self.scripts["/" + harness_data.shard_name(index)] = list(behaviours)
 
     def gets(self, index: int) -> int:
-        return self.requests[("GET", "/" + prepare.shard_name(index))]
+        return self.requests[("GET", "/" + harness_data.shard_name(index))]
 
     def heads(self, index: int) -> int:
-        return self.requests[("HEAD", "/" + prepare.shard_name(index))]
+        return self.requests[("HEAD", "/" + harness_data.shard_name(index))]
 
     def _next_behaviour(self, method, path) -> str:
         with self.lock:
@@ -201,11 +202,11 @@ def test_download_shard_retries_until_complete(shard_server, dest, isolated_cach
                                                capsys):
     data = shard_server.add_shard(7)
     shard_server.script(7, *behaviours)
-    path = prepare.download_shard(7, dest, base_url=shard_server.url, **FAST)
-    assert path == dest / prepare.shard_name(7)
+    path = harness_data.download_shard(7, dest, base_url=shard_server.url, **FAST)
+    assert path == dest / harness_data.shard_name(7)
     assert path.read_bytes() == data
     assert shard_server.gets(7) == expected_gets
-    assert_no_leftovers(dest, [prepare.shard_name(7)])
+    assert_no_leftovers(dest, [harness_data.shard_name(7)])
     failures = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
     assert len(failures) == expected_gets - 1  # every failed attempt is reported
 
@@ -213,10 +214,10 @@ def test_download_shard_retries_until_complete(shard_server, dest, isolated_cach
 def test_download_shard_always_truncated(shard_server, dest, isolated_cache, capsys):
     shard_server.add_shard(3)
     shard_server.script(3, "truncate")
-    with pytest.raises(prepare.HarnessError) as exc:
-        prepare.download_shard(3, dest, base_url=shard_server.url, **FAST)
+    with pytest.raises(contract.HarnessError) as exc:
+        harness_data.download_shard(3, dest, base_url=shard_server.url, **FAST)
     message = str(exc.value)
-    assert f"{shard_server.url}/{prepare.shard_name(3)}" in message
+    assert f"{shard_server.url}/{harness_data.shard_name(3)}" in message
     assert "after 3 attempts" in message and "truncated download" in message
     assert "--offline" in message  # says what to do instead
     assert shard_server.gets(3) == 3
@@ -230,12 +231,12 @@ def test_download_shard_rejects_corrupt_body_without_length(shard_server, dest, 
     # the cut body really is a broken parquet file: only verify_parquet can tell
     broken = dest.parent / "broken.parquet"
     broken.write_bytes(data[:len(data) // 2])
-    with pytest.raises(prepare.HarnessError, match="corrupt parquet"):
-        prepare.verify_parquet(broken)
+    with pytest.raises(contract.HarnessError, match="corrupt parquet"):
+        harness_data.verify_parquet(broken)
     broken.unlink()
 
-    with pytest.raises(prepare.HarnessError) as exc:
-        prepare.download_shard(4, dest, base_url=shard_server.url, **FAST)
+    with pytest.raises(contract.HarnessError) as exc:
+        harness_data.download_shard(4, dest, base_url=shard_server.url, **FAST)
     assert "corrupt parquet file" in str(exc.value)  # caught by verification, not by a length check
     assert "truncated download" not in str(exc.value)
     assert shard_server.gets(4) == 3
@@ -245,9 +246,9 @@ def test_download_shard_rejects_corrupt_body_without_length(shard_server, dest, 
 def test_download_shard_gives_up_on_http_errors(shard_server, dest, isolated_cache):
     shard_server.add_shard(5)
     shard_server.script(5, "503")
-    with pytest.raises(prepare.HarnessError, match="503") as exc:
-        prepare.download_shard(5, dest, base_url=shard_server.url, **FAST)
-    assert prepare.shard_name(5) in str(exc.value)
+    with pytest.raises(contract.HarnessError, match="503") as exc:
+        harness_data.download_shard(5, dest, base_url=shard_server.url, **FAST)
+    assert harness_data.shard_name(5) in str(exc.value)
     assert shard_server.gets(5) == 3
     assert_no_leftovers(dest)
 
@@ -256,8 +257,8 @@ def test_download_shard_backoff_doubles(shard_server, dest, isolated_cache):
     shard_server.add_shard(6)
     shard_server.script(6, "503")
     t0 = time.monotonic()
-    with pytest.raises(prepare.HarnessError):
-        prepare.download_shard(6, dest, base_url=shard_server.url, attempts=3, backoff_s=0.1)
+    with pytest.raises(contract.HarnessError):
+        harness_data.download_shard(6, dest, base_url=shard_server.url, attempts=3, backoff_s=0.1)
     assert time.monotonic() - t0 >= 0.1 + 0.2  # slept 0.1 s, then 0.2 s
 
 
@@ -265,7 +266,7 @@ def test_download_shard_truncated_chunked_body(shard_server, dest, isolated_cach
     data = shard_server.add_shard(8)
     shard_server.script(8, "chunked_truncated", "ok")
     try:
-        path = prepare.download_shard(8, dest, base_url=shard_server.url, **FAST)
+        path = harness_data.download_shard(8, dest, base_url=shard_server.url, **FAST)
     finally:
         assert not any(".tmp" in p.name for p in dest.iterdir())
     assert path.read_bytes() == data and shard_server.gets(8) == 2
@@ -276,27 +277,27 @@ def test_download_shard_rejects_corrupt_data_pages(shard_server, dest, isolated_
     for k in range(200, 4000):  # inside the first row group's pages; the footer is intact
         damaged[k] ^= 0x5A
     shard_server.add_shard(9, bytes(damaged))
-    with pytest.raises(prepare.HarnessError):
-        prepare.download_shard(9, dest, base_url=shard_server.url, **FAST)
+    with pytest.raises(contract.HarnessError):
+        harness_data.download_shard(9, dest, base_url=shard_server.url, **FAST)
     assert_no_leftovers(dest)
 
 
 def test_existing_valid_shard_is_not_downloaded_again(shard_server, dest, isolated_cache):
     shard_server.add_shard(2)
     local = shard_bytes(102)  # a valid shard, different from what the server has
-    (dest / prepare.shard_name(2)).write_bytes(local)
-    path = prepare.download_shard(2, dest, base_url=shard_server.url, **FAST)
+    (dest / harness_data.shard_name(2)).write_bytes(local)
+    path = harness_data.download_shard(2, dest, base_url=shard_server.url, **FAST)
     assert path.read_bytes() == local
     assert shard_server.gets(2) == 0
 
 
 def test_existing_corrupt_shard_is_replaced(shard_server, dest, isolated_cache):
     data = shard_server.add_shard(2)
-    (dest / prepare.shard_name(2)).write_bytes(data[: len(data) // 3])  # an interrupted earlier download
-    path = prepare.download_shard(2, dest, base_url=shard_server.url, **FAST)
+    (dest / harness_data.shard_name(2)).write_bytes(data[: len(data) // 3])  # an interrupted earlier download
+    path = harness_data.download_shard(2, dest, base_url=shard_server.url, **FAST)
     assert path.read_bytes() == data
     assert shard_server.gets(2) == 1
-    assert_no_leftovers(dest, [prepare.shard_name(2)])
+    assert_no_leftovers(dest, [harness_data.shard_name(2)])
 
 
 # ---------------------------------------------------------------------------
@@ -304,15 +305,15 @@ def test_existing_corrupt_shard_is_replaced(shard_server, dest, isolated_cache):
 # ---------------------------------------------------------------------------
 
 def test_network_reachable(shard_server):
-    shard_server.add_shard(prepare.VAL_SHARD)
-    assert prepare.network_reachable(shard_server.url, timeout=5) is True
-    assert shard_server.heads(prepare.VAL_SHARD) == 1
-    assert shard_server.gets(prepare.VAL_SHARD) == 0  # a HEAD probe, not a download
+    shard_server.add_shard(harness_data.VAL_SHARD)
+    assert harness_data.network_reachable(shard_server.url, timeout=5) is True
+    assert shard_server.heads(harness_data.VAL_SHARD) == 1
+    assert shard_server.gets(harness_data.VAL_SHARD) == 0  # a HEAD probe, not a download
     # any HTTP answer counts as reachable, even a 404
-    assert prepare.network_reachable(f"{shard_server.url}/no/such/dataset", timeout=5) is True
-    assert shard_server.requests[("HEAD", f"/no/such/dataset/{prepare.shard_name(prepare.VAL_SHARD)}")] == 1
+    assert harness_data.network_reachable(f"{shard_server.url}/no/such/dataset", timeout=5) is True
+    assert shard_server.requests[("HEAD", f"/no/such/dataset/{harness_data.shard_name(harness_data.VAL_SHARD)}")] == 1
     t0 = time.monotonic()
-    assert prepare.network_reachable(closed_port_url(), timeout=5) is False
+    assert harness_data.network_reachable(closed_port_url(), timeout=5) is False
     assert time.monotonic() - t0 < 2  # a refused connection is answered at once
 
 
@@ -322,38 +323,38 @@ def test_network_reachable(shard_server):
 
 def test_download_climbmix_parallel_in_order(shard_server, isolated_cache):
     n = 4
-    data = {i: shard_server.add_shard(i) for i in [*range(n), prepare.VAL_SHARD]}
+    data = {i: shard_server.add_shard(i) for i in [*range(n), harness_data.VAL_SHARD]}
     shard_server.script(1, "503", "ok")
     shard_server.script(2, "truncate", "ok")
     shard_server.delay_s = 0.2
-    train, val = prepare.download_climbmix(n, base_url=shard_server.url, **FAST)
-    dest = prepare.DATA_DIR / "climbmix"
-    assert train == [dest / prepare.shard_name(i) for i in range(n)]
-    assert val == [dest / prepare.shard_name(prepare.VAL_SHARD)]
-    for i, path in zip([*range(n), prepare.VAL_SHARD], train + val):
+    train, val = harness_data.download_climbmix(n, base_url=shard_server.url, **FAST)
+    dest = contract.cache_path(contract.DATA_DIR, "climbmix")
+    assert train == [dest / harness_data.shard_name(i) for i in range(n)]
+    assert val == [dest / harness_data.shard_name(harness_data.VAL_SHARD)]
+    for i, path in zip([*range(n), harness_data.VAL_SHARD], train + val):
         assert path.read_bytes() == data[i]
     assert [shard_server.gets(i) for i in range(n)] == [1, 2, 2, 1]
-    assert shard_server.gets(prepare.VAL_SHARD) == 1
+    assert shard_server.gets(harness_data.VAL_SHARD) == 1
     assert shard_server.max_in_flight >= 2  # downloads overlapped
     assert_no_leftovers(dest, [p.name for p in train + val])
 
 
 def test_download_climbmix_reports_failed_shard(shard_server, isolated_cache):
-    for i in [0, 1, 2, prepare.VAL_SHARD]:
+    for i in [0, 1, 2, harness_data.VAL_SHARD]:
         shard_server.add_shard(i)
     shard_server.script(1, "truncate")
-    with pytest.raises(prepare.HarnessError) as exc:
-        prepare.download_climbmix(3, base_url=shard_server.url, **FAST)
-    assert "1 shard(s) failed" in str(exc.value) and prepare.shard_name(1) in str(exc.value)
+    with pytest.raises(contract.HarnessError) as exc:
+        harness_data.download_climbmix(3, base_url=shard_server.url, **FAST)
+    assert "1 shard(s) failed" in str(exc.value) and harness_data.shard_name(1) in str(exc.value)
     # the good shards are kept for the next attempt; the bad one left nothing behind
-    dest = prepare.DATA_DIR / "climbmix"
-    assert_no_leftovers(dest, [prepare.shard_name(i) for i in [0, 2, prepare.VAL_SHARD]])
+    dest = contract.cache_path(contract.DATA_DIR, "climbmix")
+    assert_no_leftovers(dest, [harness_data.shard_name(i) for i in [0, 2, harness_data.VAL_SHARD]])
 
 
-@pytest.mark.parametrize("num_shards", [0, prepare.MAX_SHARD + 1])
+@pytest.mark.parametrize("num_shards", [0, harness_data.MAX_SHARD + 1])
 def test_download_climbmix_rejects_bad_shard_count(shard_server, isolated_cache, num_shards):
-    with pytest.raises(prepare.HarnessError, match="--num-shards must be between 1 and"):
-        prepare.download_climbmix(num_shards, base_url=shard_server.url, **FAST)
+    with pytest.raises(contract.HarnessError, match="--num-shards must be between 1 and"):
+        harness_data.download_climbmix(num_shards, base_url=shard_server.url, **FAST)
     assert sum(shard_server.requests.values()) == 0
 
 
@@ -362,7 +363,7 @@ def test_download_climbmix_rejects_bad_shard_count(shard_server, isolated_cache,
 # ---------------------------------------------------------------------------
 
 def test_cli_climbmix_end_to_end(shard_server, tmp_path):
-    data = {i: shard_server.add_shard(i) for i in [0, 1, prepare.VAL_SHARD]}
+    data = {i: shard_server.add_shard(i) for i in [0, 1, harness_data.VAL_SHARD]}
     shard_server.script(0, "503", "ok")  # the CLI's own retry (default backoff 2 s) recovers
     cache = tmp_path / "cache"
     proc = run_script(["prepare.py", "--num-shards", "2", "--vocab-size", str(SMALL_VOCAB)], cwd=ROOT,
@@ -371,19 +372,19 @@ def test_cli_climbmix_end_to_end(shard_server, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert "no network" not in proc.stdout
-    assert shard_server.heads(prepare.VAL_SHARD) == 1  # the reachability probe
-    assert [shard_server.gets(i) for i in (0, 1, prepare.VAL_SHARD)] == [2, 1, 1]
+    assert shard_server.heads(harness_data.VAL_SHARD) == 1  # the reachability probe
+    assert [shard_server.gets(i) for i in (0, 1, harness_data.VAL_SHARD)] == [2, 1, 1]
 
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["source"] == "climbmix"
     assert manifest["smoke_test"] is False
     assert manifest["vocab_size"] == SMALL_VOCAB
-    assert [f["path"] for f in manifest["train_files"]] == [f"data/climbmix/{prepare.shard_name(i)}" for i in (0, 1)]
-    assert [f["path"] for f in manifest["val_files"]] == [f"data/climbmix/{prepare.shard_name(prepare.VAL_SHARD)}"]
-    for entry, i in zip(manifest["train_files"] + manifest["val_files"], [0, 1, prepare.VAL_SHARD]):
+    assert [f["path"] for f in manifest["train_files"]] == [f"data/climbmix/{harness_data.shard_name(i)}" for i in (0, 1)]
+    assert [f["path"] for f in manifest["val_files"]] == [f"data/climbmix/{harness_data.shard_name(harness_data.VAL_SHARD)}"]
+    for entry, i in zip(manifest["train_files"] + manifest["val_files"], [0, 1, harness_data.VAL_SHARD]):
         path = cache / entry["path"]
         assert path.read_bytes() == data[i]
-        assert entry["sha256"] == prepare.sha256_file(path)
+        assert entry["sha256"] == contract.sha256_file(path)
         assert entry["bytes"] == len(data[i]) and entry["rows"] == 120
         assert entry["tokens"] > entry["rows"]
     assert manifest["train_tokens"] > 0 and manifest["val_tokens"] > 0

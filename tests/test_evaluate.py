@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from harness import contract, metric, runlog, settings, tokenizer as harness_tokenizer
 import prepare
 
 PACKING_BUFFER_DOCS = 1000  # packed_rows' documented default: documents held for best-fit packing
@@ -53,8 +54,8 @@ def toy_loss(tokenizer):
 
 def val_documents():
     """The val split's non-empty texts, read with pyarrow in file and row-group order, forever (epochs)."""
-    manifest = json.loads(prepare.MANIFEST_PATH.read_text())
-    paths = [prepare.CACHE_DIR / f["path"] for f in manifest["val_files"]]
+    manifest = json.loads(contract.cache_path(contract.MANIFEST).read_text())
+    paths = [contract.cache_path(f["path"]) for f in manifest["val_files"]]
     while True:
         for path in paths:
             pf = pq.ParquetFile(path)
@@ -62,7 +63,7 @@ def val_documents():
                 yield [t for t in pf.read_row_group(rg).column("text").to_pylist() if t]
 
 
-def expected_val_rows(tokenizer, n_rows, row_len=prepare.MAX_SEQ_LEN + 1):
+def expected_val_rows(tokenizer, n_rows, row_len=settings.MAX_SEQ_LEN + 1):
     """The first n_rows evaluation rows, packed as packed_rows documents it: every document is BOS +
     its tokens; before each placement the buffer is topped up to PACKING_BUFFER_DOCS documents from
     the next row groups; the largest document that fits the space left goes in (of equal lengths, the
@@ -94,7 +95,7 @@ def expected_val_rows(tokenizer, n_rows, row_len=prepare.MAX_SEQ_LEN + 1):
 
 def counted(tokenizer, token) -> bool:
     """Special tokens (BOS) carry no bytes and are excluded from every sum."""
-    return token not in {tokenizer.enc.encode_single_token(t) for t in prepare.SPECIAL_TOKENS}
+    return token not in {tokenizer.enc.encode_single_token(t) for t in harness_tokenizer.SPECIAL_TOKENS}
 
 
 def hand_sums(tokenizer, rows, loss_of):
@@ -114,19 +115,19 @@ def hand_bpb(tokenizer, rows, loss_of):
     return nats / (math.log(2) * nbytes)
 
 
-FINAL_ROWS = prepare.CPU_EVAL_TOKENS // prepare.MAX_SEQ_LEN
-CURVE_ROWS = prepare.CPU_VAL_CURVE_TOKENS // prepare.MAX_SEQ_LEN
+FINAL_ROWS = settings.CPU_EVAL_TOKENS // settings.MAX_SEQ_LEN
+CURVE_ROWS = settings.CPU_VAL_CURVE_TOKENS // settings.MAX_SEQ_LEN
 
 
 def test_the_expected_rows_are_packed_documents_of_the_val_split(prepared, tokenizer):
     """The independent rows themselves: full length, each a run of whole val documents (BOS + tokens)
     that starts at a document start and ends with one cropped to fill the row."""
     bos = tokenizer.get_bos_token_id()
-    manifest = json.loads(prepare.MANIFEST_PATH.read_text())
+    manifest = json.loads(contract.cache_path(contract.MANIFEST).read_text())
     val_docs = {tuple(tokenizer.enc.encode_ordinary(t)) for f in manifest["val_files"]
-                for t in pq.read_table(prepare.CACHE_DIR / f["path"]).column("text").to_pylist() if t}
+                for t in pq.read_table(contract.cache_path(f["path"])).column("text").to_pylist() if t}
     rows = expected_val_rows(tokenizer, FINAL_ROWS)
-    assert len(rows) == FINAL_ROWS and all(len(r) == prepare.MAX_SEQ_LEN + 1 for r in rows)
+    assert len(rows) == FINAL_ROWS and all(len(r) == settings.MAX_SEQ_LEN + 1 for r in rows)
     for row in rows:
         assert row[0] == bos
         starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
@@ -138,27 +139,27 @@ def test_the_expected_rows_are_packed_documents_of_the_val_split(prepared, token
 def test_matches_hand_computation(prepared, tokenizer):
     model = Bigram(tokenizer.get_vocab_size())
     expected = hand_bpb(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), model.loss_of)
-    got = prepare.evaluate_bpb(model, tokenizer, batch_size=3)
+    got = metric.evaluate_val(model, tokenizer, batch_size=3)[0]
     assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_independent_of_batch_size(prepared, tokenizer):
     model = ToyModel(tokenizer.get_vocab_size())
-    values = {prepare.evaluate_bpb(model, tokenizer, batch_size=b) for b in (1, 2, 8)}
+    values = {metric.evaluate_val(model, tokenizer, batch_size=b)[0] for b in (1, 2, 8)}
     assert max(values) - min(values) < 1e-9
 
 
 def test_curve_slice_is_smaller_and_fixed(prepared, tokenizer):
     model = Bigram(tokenizer.get_vocab_size(), seed=1)
-    curve = prepare.evaluate_bpb(model, tokenizer, batch_size=2, curve=True)
+    curve = metric.evaluate_val(model, tokenizer, batch_size=2, curve=True)[0]
     assert curve == pytest.approx(hand_bpb(tokenizer, expected_val_rows(tokenizer, CURVE_ROWS), model.loss_of),
                                   rel=1e-6)
-    assert curve != pytest.approx(prepare.evaluate_bpb(model, tokenizer, batch_size=2), rel=1e-6)
+    assert curve != pytest.approx(metric.evaluate_val(model, tokenizer, batch_size=2)[0], rel=1e-6)
 
 
 def test_bias_model_matches_hand_computation(prepared, tokenizer):
     expected = hand_bpb(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), toy_loss(tokenizer))
-    got = prepare.evaluate_bpb(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=3)
+    got = metric.evaluate_val(ToyModel(tokenizer.get_vocab_size()), tokenizer, batch_size=3)[0]
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -169,15 +170,15 @@ def test_uniform_model_scores_log_vocab_per_token(prepared, tokenizer):
 
     rows = expected_val_rows(tokenizer, FINAL_ROWS)
     expected = hand_bpb(tokenizer, rows, lambda prev, t: math.log(tokenizer.get_vocab_size()))
-    assert prepare.evaluate_bpb(Uniform(1), tokenizer, batch_size=4) == pytest.approx(expected, rel=1e-6)
+    assert metric.evaluate_val(Uniform(1), tokenizer, batch_size=4)[0] == pytest.approx(expected, rel=1e-6)
 
 
 def test_val_loss_is_mean_nats_per_counted_token(prepared, tokenizer):
     model = Bigram(tokenizer.get_vocab_size(), seed=2)
     nats, _, n = hand_sums(tokenizer, expected_val_rows(tokenizer, FINAL_ROWS), model.loss_of)
-    bpb, loss = prepare.evaluate_val(model, tokenizer, batch_size=3)
+    bpb, loss = metric.evaluate_val(model, tokenizer, batch_size=3)
     assert loss == pytest.approx(nats / n, rel=1e-6)
-    assert bpb == prepare.evaluate_bpb(model, tokenizer, batch_size=3)
+    assert bpb == metric.evaluate_val(model, tokenizer, batch_size=3)[0]
 
 
 def test_the_loss_is_the_harnesss_the_model_gives_logits_only(prepared, tokenizer):
@@ -186,8 +187,8 @@ def test_the_loss_is_the_harnesss_the_model_gives_logits_only(prepared, tokenize
         def forward(self, x, y=None, reduction="none"):
             assert y is None  # the targets are never passed
             return (x % 7).float() * 0.0 + self.anchor  # a per-token "loss" (B, T), as before
-    with pytest.raises(prepare.HarnessError, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
-        prepare.evaluate_val(ReportsALoss(1), tokenizer, batch_size=3)
+    with pytest.raises(contract.HarnessError, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
+        metric.evaluate_val(ReportsALoss(1), tokenizer, batch_size=3)
 
 
 class Lookahead(nn.Module):
@@ -205,21 +206,24 @@ class Lookahead(nn.Module):
 @pytest.mark.parametrize("ahead", [False, True])
 def test_the_causality_probe_catches_a_model_that_reads_the_future(prepared, tokenizer, ahead):
     torch.manual_seed(0)
-    probe = prepare.causality_probe(Lookahead(tokenizer.get_vocab_size(), ahead), tokenizer, batch_size=4)
+    probe = metric.causality_probe(Lookahead(tokenizer.get_vocab_size(), ahead), tokenizer, batch_size=4)
     assert probe["ok"] is (not ahead)
-    assert probe["position"] == prepare.MAX_SEQ_LEN // 2
+    assert probe["position"] == settings.MAX_SEQ_LEN // 2
     assert (probe["max_change"] > 0.1) if ahead else probe["max_change"] == 0.0
 
 
-def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(tmp_path):
+def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(prepared, tmp_path):
+    import signal
     import sys
-    hook = sys.excepthook
-    logger = prepare.RunLogger({}, run_dir=tmp_path)
+    hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
+    logger = runlog.Run({}, run_dir=tmp_path)
     sys.excepthook = hook
+    signal.signal(signal.SIGTERM, handler)
+    logger.watchdog.stop()
     for fields in ({"val_bpb": 0.5}, {}):
-        with pytest.raises(prepare.HarnessError, match="val_bpb is the harness's"):
-            logger.finish("ok", **fields)
+        with pytest.raises(contract.HarnessError, match="val_bpb is the harness's"):
+            logger.fail("ok", **fields)
     for field in ("val_bpb", "causality", "device"):
-        with pytest.raises(prepare.HarnessError, match="written by the harness, not by train.py"):
+        with pytest.raises(contract.HarnessError, match="written by the harness, not by train.py"):
             logger.set(**{field: 0.5})
     assert not (tmp_path / "run_summary.json").exists()

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import prepare
-import schema
+from harness import contract, device, settings
+import synthetic
 from conftest import ROOT, run_script
 from train_defs import load_train_definitions
 
@@ -42,8 +43,7 @@ runpy.run_path("train.py", run_name="__main__")
 @pytest.fixture(scope="module")
 def fast_run(prepared, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fast")
-    for name in ("train.py", "prepare.py", "schema.py"):
-        shutil.copy(ROOT / name, cwd / name)
+    synthetic.copy_harness(cwd, ("train.py", "prepare.py"))
     (cwd / "run_fast.py").write_text(FAST_PATH_RUNNER)
     proc = run_script(["run_fast.py"], cwd=cwd, timeout=900,
                       env_extra={"AUTORESEARCH_CPU_FAST_PATH": "1", "AUTORESEARCH_TIME_BUDGET": "4"})
@@ -55,7 +55,7 @@ def test_fast_path_trains_on_cpu_with_no_graph_break_and_no_compile_on_the_clock
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "the CUDA code path" in proc.stdout
     summary = json.loads((cwd / "run_summary.json").read_text())
-    assert schema.summary_problems(summary) == []
+    assert contract.summary_problems(summary) == []
     assert summary["status"] == "ok" and math.isfinite(summary["val_bpb"])
     config = summary["config"]
     assert config["FAST_PATH"] is True and config["ATTENTION_BACKEND"] == "flex"
@@ -66,9 +66,9 @@ def test_fast_path_trains_on_cpu_with_no_graph_break_and_no_compile_on_the_clock
     assert compiled["graphs_in_loop"] == 0 and compiled["recompiles_in_loop"] == 0, compiled
     assert compiled["graphs"] >= 4  # training step, evaluation, the AdamW and the Muon updates
     records = [json.loads(line) for line in (cwd / "metrics.jsonl").read_text().splitlines()]
-    assert all(schema.step_record_problems(r) == [] for r in records)
-    assert sum(schema.VAL_BPB in r for r in records) >= 2
-    assert records[-1][schema.TRAIN_LOSS_SMOOTH] < records[0][schema.TRAIN_LOSS_SMOOTH] - 0.5  # it learns
+    assert all(contract.step_record_problems(r) == [] for r in records)
+    assert sum(contract.VAL_BPB in r for r in records) >= 2
+    assert records[-1][contract.TRAIN_LOSS_SMOOTH] < records[0][contract.TRAIN_LOSS_SMOOTH] - 0.5  # it learns
 
 
 def cuda_autocast():
@@ -104,15 +104,15 @@ def test_attention_runs_in_bf16_under_cuda_autocast():
     assert defs["FAST_PATH"] and defs["COMPUTE_DTYPE"] == torch.bfloat16  # train.py's defaults: the CUDA run
     dim = math.ceil(defs["DEPTH"] * defs["ASPECT_RATIO"] / defs["HEAD_DIM"]) * defs["HEAD_DIM"]
     config = defs["GPTConfig"](
-        sequence_len=prepare.MAX_SEQ_LEN, vocab_size=prepare.VOCAB_SIZE, n_layer=defs["DEPTH"],
+        sequence_len=settings.MAX_SEQ_LEN, vocab_size=settings.VOCAB_SIZE, n_layer=defs["DEPTH"],
         n_head=dim // defs["HEAD_DIM"], n_embd=dim, window_pattern=defs["WINDOW_PATTERN"],
         short_window=defs["SHORT_WINDOW"], softcap=defs["LOGIT_SOFTCAP"],
         ve_gate_channels=defs["VE_GATE_CHANNELS"], attention="flex", dtype=defs["COMPUTE_DTYPE"])
     with FakeTensorMode(), torch.device("cuda"):
         model = defs["GPT"](config)
         model.init_weights()
-        model.prepare_attention([prepare.MAX_SEQ_LEN])
-        idx = torch.zeros(2, prepare.MAX_SEQ_LEN, dtype=torch.int64)
+        model.prepare_attention([settings.MAX_SEQ_LEN])
+        idx = torch.zeros(2, settings.MAX_SEQ_LEN, dtype=torch.int64)
         with cuda_autocast(), RecordSDPA(calls):
             logits = model(idx)
             loss = model(idx, idx)
@@ -121,7 +121,7 @@ def test_attention_runs_in_bf16_under_cuda_autocast():
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32  # softcap and cross-entropy in fp32
     assert len(calls) == 2 * defs["DEPTH"]
     windows = model.windows
-    expected = [("flex" if w < prepare.MAX_SEQ_LEN else "sdpa", torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    expected = [("flex" if w < settings.MAX_SEQ_LEN else "sdpa", torch.bfloat16, torch.bfloat16, torch.bfloat16)
                 for w in windows]
     assert calls == expected * 2
     assert {c[0] for c in calls} == {"flex", "sdpa"}  # both the sliding and the full layers were seen
@@ -153,7 +153,7 @@ def test_compiled_optimizer_step_matches_eager_and_is_not_recompiled_by_the_sche
                     group["momentum"], group["weight_decay"] = 0.85 + 0.03 * step, 0.2 * lrm
             optimizer.step()
             model.zero_grad(set_to_none=True)
-        recompiles.append(prepare.compile_counters()["recompiles"])
+        recompiles.append(device.compile_counters()["recompiles"])
         for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name} after step {step}")
     assert recompiles[1:] == [recompiles[0]] * 3  # new lr, momentum, weight decay: same graphs
@@ -179,7 +179,7 @@ def test_gpu_check_runs_each_variant_and_reports_every_figure(prepared, tmp_path
     """The GPU check end to end on CPU: the prepared cache is reused, one JSON line per variant and a
     summary line (the figures are CPU ones, not GPU results)."""
     out = tmp_path / "check.jsonl"
-    proc = run_script(["bench/gpu_check.py", "--cache", str(prepare.CACHE_DIR),
+    proc = run_script(["bench/gpu_check.py", "--cache", str(settings.CACHE_DIR),
                        "--budget", "1", "--variants", "instrumented,uninstrumented", "--out", str(out)],
                       cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,11 +12,12 @@ import sys
 
 import pytest
 
-import schema
+from harness import contract, runlog
 import synthetic
-from analysis import gitops
-from analysis.store import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES, Store
-from test_analyze import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger, repo  # noqa: F401
+from harness import git as git_ops
+from analysis.runfiles import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES
+from analysis.store import Store
+from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger
 
 STORE = ".auto-log-research"
 SYNTAX_ERROR = "def (\n"  # a train.py that dies before train.py's logger starts
@@ -235,13 +236,13 @@ def edit_metrics_line(repo, line_no: int, edit):
 
 
 MALFORMED = {  # id: (what to change in a finished run's files, what analysis.md must name)
-    "NaN in metrics": (lambda repo: edit_metrics_line(repo, 5, lambda r: json.dumps({**r, schema.TRAIN_LOSS: float("nan")})),
+    "NaN in metrics": (lambda repo: edit_metrics_line(repo, 5, lambda r: json.dumps({**r, contract.TRAIN_LOSS: float("nan")})),
                        "line 5 of metrics.jsonl (step 4): train/loss=nan is not a finite number; skipped"),
-    "Infinity in metrics": (lambda repo: edit_metrics_line(repo, 6, lambda r: json.dumps({**r, schema.STEP_TIME_MS: float("inf")})),
+    "Infinity in metrics": (lambda repo: edit_metrics_line(repo, 6, lambda r: json.dumps({**r, contract.STEP_TIME_MS: float("inf")})),
                             "line 6 of metrics.jsonl (step 5): perf/step_time_ms=inf is not a finite number; skipped"),
-    "a string step": (lambda repo: edit_metrics_line(repo, 7, lambda r: json.dumps({**r, schema.STEP: "6"})),
+    "a string step": (lambda repo: edit_metrics_line(repo, 7, lambda r: json.dumps({**r, contract.STEP: "6"})),
                       "line 7 of metrics.jsonl (step '6'): step='6' is not a finite number; skipped"),
-    "a null time_s": (lambda repo: edit_metrics_line(repo, 8, lambda r: json.dumps({**r, schema.TIME_S: None})),
+    "a null time_s": (lambda repo: edit_metrics_line(repo, 8, lambda r: json.dumps({**r, contract.TIME_S: None})),
                       "line 8 of metrics.jsonl (step 7): time_s=None is not a finite number; skipped"),
     "an array line": (lambda repo: edit_metrics_line(repo, 9, lambda r: json.dumps(list(r.values()))),
                       "line 9 of metrics.jsonl is not an object; skipped"),
@@ -300,7 +301,7 @@ def test_a_huge_run_log_is_hashed_whole_but_read_and_archived_bounded(repo, endi
     proc = analyze(repo)
     assert proc.returncode == 0, proc.stderr
     entry = ledger(repo)[0]
-    assert entry["run_log_sha256"] == schema.sha256_file(repo / "run.log")
+    assert entry["run_log_sha256"] == contract.sha256_file(repo / "run.log")
     archived = (repo / STORE / entry["run_id"] / "run.log").read_bytes()
     marks = re.findall(rb"\n\[\.\.\. (\d+) bytes cut \.\.\.\]\n", archived)
     assert len(marks) == 1
@@ -418,12 +419,12 @@ def test_keep_refuses_a_run_whose_local_module_is_not_committed(repo):
 
 
 def test_local_imports_are_the_modules_beside_train_py(tmp_path):
-    for name in ("helpers.py", "prepare.py", "schema.py", "pkg/__init__.py"):
+    for name in ("helpers.py", "prepare.py", "harness/__init__.py", "pkg/__init__.py"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("")
-    code = ("import os, helpers\nimport pkg.sub as s\nfrom prepare import RunLogger\nimport schema\n"
+    code = ("import os, helpers\nimport pkg.sub as s\nfrom prepare import start_run\nimport harness.metric\n"
             "def f():\n    from pkg import x\n    import numpy\n")
-    assert gitops.local_imports(code, tmp_path) == ["helpers.py", "pkg"]
+    assert git_ops.local_imports(code, tmp_path) == ["helpers.py", "pkg"]
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def test_local_imports_are_the_modules_beside_train_py(tmp_path):
 
 HOLD_RUN_LOCK = f"""
 import fcntl, os, sys
-lock = open({schema.RUN_LOCK_FILE!r}, "a+")  # as prepare.RunLogger holds it for a run's lifetime
+lock = open({contract.RUN_LOCK_FILE!r}, "a+")  # as the harness's run logger holds it for a run's lifetime
 fcntl.flock(lock, fcntl.LOCK_EX)
 lock.truncate(0)
 lock.write(f"{{os.getpid()}}\\n")

@@ -6,14 +6,15 @@ import os
 
 import pytest
 
-import schema
+from harness import contract, settings
 import synthetic
 from analysis import integrity, verdict
 from conftest import ROOT
-from test_analyze import analyze, fake_run, git, head, ledger, repo  # noqa: F401 (repo: fixture)
+from repos import analyze, fake_run, git, head, ledger
 
-EVAL_LINE = "    return evaluate_val(model, tokenizer, batch_size, curve)[0]"
-HALVED_EVAL = "    return 0.5 * evaluate_val(model, tokenizer, batch_size, curve)[0]"
+EVAL_LINE = "    return nats / (math.log(2) * nbytes), nats / ntokens"
+METRIC = "harness/metric.py"
+HALVED_EVAL = "    return 0.5 * nats / (math.log(2) * nbytes), nats / ntokens"
 
 
 def make_cache(folder, val_bytes=3 << 20):
@@ -24,13 +25,13 @@ def make_cache(folder, val_bytes=3 << 20):
     for rel, data in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
-    sha = {rel: schema.sha256_file(folder / rel) for rel in files}
+    sha = {rel: contract.sha256_file(folder / rel) for rel in files}
     manifest = {"source": "offline", "smoke_test": True, "vocab_size": 1024,
                 "tokenizer_sha256": sha["tokenizer/tokenizer.pkl"],
                 "token_bytes_sha256": sha["tokenizer/token_bytes.npy"],
                 "train_files": [{"path": "data/train.parquet", "sha256": sha["data/train.parquet"]}],
                 "val_files": [{"path": "data/val.parquet", "sha256": sha["data/val.parquet"]}]}
-    manifest["manifest_hash"] = schema.manifest_hash(manifest)
+    manifest["manifest_hash"] = contract.manifest_hash(manifest)
     manifest["created"] = "2026-11-22T10:00:00+0000"
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -71,7 +72,7 @@ def test_edited_manifest_is_found(tmp_path):
     manifest = make_cache(tmp_path)
     _, summary = summary_on(manifest)
     flip_byte(tmp_path / "data/val.parquet")
-    manifest["val_files"][0]["sha256"] = schema.sha256_file(tmp_path / "data/val.parquet")  # "bless" the tampered file
+    manifest["val_files"][0]["sha256"] = contract.sha256_file(tmp_path / "data/val.parquet")  # "bless" the tampered file
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     problems = integrity.data_problems(summary, tmp_path, None)
     assert len(problems) == 1 and "was edited after prepare.py wrote it" in problems[0]
@@ -99,18 +100,16 @@ def test_missing_manifest_is_a_problem_only_for_a_run_that_claims_data(tmp_path)
 
 
 def test_harness_hash_is_defined_once_and_checked():
-    import prepare
-    assert prepare.harness_hash() == schema.harness_hash(ROOT)
     summary = synthetic.make_summary(synthetic.make_records(n_steps=20), 1.0)
     assert integrity.harness_hash_problems(summary, ROOT) == []
     problems = integrity.harness_hash_problems({**summary, "harness_hash": "0123456789abcdef"}, ROOT)
-    assert len(problems) == 1 and "0123456789abcdef" in problems[0] and schema.harness_hash(ROOT) in problems[0]
+    assert len(problems) == 1 and "0123456789abcdef" in problems[0] and contract.harness_hash(ROOT) in problems[0]
 
 
 def test_manifest_hash_is_defined_once(prepared):
-    assert schema.manifest_hash(prepared) == prepared["manifest_hash"]
-    on_disk = json.loads((schema.cache_dir() / "manifest.json").read_text())
-    assert schema.manifest_hash(on_disk) == on_disk["manifest_hash"] == prepared["manifest_hash"]
+    assert contract.manifest_hash(prepared) == prepared["manifest_hash"]
+    on_disk = json.loads((contract.cache_path(contract.MANIFEST)).read_text())
+    assert contract.manifest_hash(on_disk) == on_disk["manifest_hash"] == prepared["manifest_hash"]
 
 
 def test_training_time_must_match_the_step_times():
@@ -188,9 +187,9 @@ def test_decide_discards_an_invalid_run_loudly():
 # ---------------------------------------------------------------------------
 
 def halve_the_metric(repo):
-    source = (repo / "prepare.py").read_text()
+    source = (repo / METRIC).read_text()
     assert source.count(EVAL_LINE) == 1
-    (repo / "prepare.py").write_text(source.replace(EVAL_LINE, HALVED_EVAL))
+    (repo / METRIC).write_text(source.replace(EVAL_LINE, HALVED_EVAL))
 
 
 def assert_invalid(repo, proc, problem):
@@ -208,15 +207,15 @@ def assert_invalid(repo, proc, problem):
 
 def test_an_uncommitted_edit_of_the_evaluation_makes_the_run_invalid(repo):
     halve_the_metric(repo)
-    fake_run(repo, 0.5, harness_hash=schema.harness_hash(repo))  # what train.py records under the edited harness
-    entry = assert_invalid(repo, analyze(repo), "prepare.py has uncommitted changes")
-    assert "git checkout -- prepare.py" in entry["integrity"][0]
+    fake_run(repo, 0.5, harness_hash=contract.harness_hash(repo))  # what train.py records under the edited harness
+    entry = assert_invalid(repo, analyze(repo), f"{METRIC} has uncommitted changes")
+    assert f"git checkout -- {METRIC}" in entry["integrity"][0]
     proc = analyze(repo, "keep")
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
-    git(repo, "checkout", "--", "prepare.py")
+    git(repo, "checkout", "--", METRIC)
     proc = analyze(repo, "keep", entry["run_id"])
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith(f"error: run {entry['run_id']} is invalid and can never be kept: prepare.py")
+    assert proc.stderr.startswith(f"error: run {entry['run_id']} is invalid and can never be kept: {METRIC}")
     assert ledger(repo)[-1]["status"] == "invalid"
 
 
@@ -228,15 +227,15 @@ def test_a_committed_edit_of_the_evaluation_is_caught_and_never_becomes_the_best
     first = head(repo)
     halve_the_metric(repo)
     git(repo, "commit", "-qam", "faster evaluation")
-    fake_run(repo, 0.5, seed=1, harness_hash=schema.harness_hash(repo))
-    invalid = assert_invalid(repo, analyze(repo), f"prepare.py changed since commit {first}")
+    fake_run(repo, 0.5, seed=1, harness_hash=contract.harness_hash(repo))
+    invalid = assert_invalid(repo, analyze(repo), f"{METRIC} changed since commit {first}")
     proc = analyze(repo, "keep")
     assert proc.returncode != 0 and "is invalid and can never be kept" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     status = analyze(repo, "status").stdout
     assert f"best: {first} val_bpb 1.000000" in status and "1 invalid" in status
     # the harness restored, a clean run of new code is judged normally again
-    git(repo, "checkout", first, "--", "prepare.py")
+    git(repo, "checkout", first, "--", METRIC)
     git(repo, "commit", "-qam", "restore the harness")
     fake_run(repo, 1.001, seed=2)
     proc = analyze(repo)
@@ -255,7 +254,8 @@ def test_tampered_validation_data_makes_the_run_invalid(repo, tmp_path, monkeypa
     cache = tmp_path / "cache"
     cache.mkdir()
     make_cache(cache)
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))  # for fake_run's summary and the analyze.py process
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))  # for the analyze.py process
+    monkeypatch.setattr(settings, "CACHE_DIR", cache)  # for fake_run's summary, in this process
     fake_run(repo, 1.0)
     proc = analyze(repo)
     assert proc.returncode == 0 and ledger(repo)[-1]["integrity"] == [], proc.stdout
@@ -267,4 +267,4 @@ def test_tampered_validation_data_makes_the_run_invalid(repo, tmp_path, monkeypa
 def test_synthetic_runs_pass_the_checks(repo):
     """No false alarm on the runs the other tests and the benchmark use."""
     records, summary = fake_run(repo, 1.0)
-    assert integrity.integrity_problems(summary, records, repo, schema.cache_dir(), None) == []
+    assert integrity.integrity_problems(summary, records, repo, settings.CACHE_DIR, None) == []

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from analysis import slurm
+from harness import slurm
+from harness.contract import HarnessError
 from conftest import ROOT
 
 # `scontrol show job -o 5` of a job cancelled mid-run (Slurm 22.05, fields cut for length)
@@ -82,7 +83,7 @@ class Scheduler:
     def show(self, job):
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
         if state == "DOWN":
-            raise slurm.LaunchError("scontrol show job 7 failed: Unable to contact slurm controller")
+            raise HarnessError("scontrol show job 7 failed: Unable to contact slurm controller")
         return None if state is None else {"JobState": state, "Reason": "Resources"}
 
     def cancel(self, job):

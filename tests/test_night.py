@@ -9,15 +9,17 @@ import re
 import signal
 import subprocess
 import sys
+import shlex
 import time
 from pathlib import Path
 
 import pytest
 
-import supervise
+from harness import proc as processes, settings
+from night import claude, supervisor
 from analysis.store import Store
 from conftest import ROOT
-from test_analyze import GIT_ENV, HARNESS, git, make_repo
+from repos import GIT_ENV, HARNESS, git, make_repo
 
 SECRET = "sk-ant-test-NIGHT-7d1e0b"
 
@@ -55,7 +57,7 @@ import subprocess, sys
 sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
 import synthetic
 from pathlib import Path
-from test_analyze import head, train_sha
+from repos import head, train_sha
 repo = Path.cwd()
 val = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
 records = synthetic.make_records(n_steps=50)
@@ -113,12 +115,12 @@ def alive(pid):
 
 def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allowlisted_environment(night):
     repo, calls, start = night
-    proc = start([[{"exit": 0}]], "--train-timeout", "900", "--pass-env", "CALLS,PLAN,MY_VISIBLE",
+    proc = start([[{"exit": 0}]], "--train-timeout", "1500", "--pass-env", "CALLS,PLAN,MY_VISIBLE",
                  env={"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf-secret", "SSH_AUTH_SOCK": "/tmp/agent.sock",
                       "GITHUB_TOKEN": "gh-secret", "MY_VISIBLE": "yes", "ANTHROPIC_API_KEY": SECRET})
     out, _ = proc.communicate(timeout=120)
     env = json.loads((calls / "env.1").read_text())
-    assert env["BASH_DEFAULT_TIMEOUT_MS"] == env["BASH_MAX_TIMEOUT_MS"] == str((900 + 600) * 1000)
+    assert env["BASH_DEFAULT_TIMEOUT_MS"] == env["BASH_MAX_TIMEOUT_MS"] == str((1500 + 600) * 1000)
     for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "SSH_AUTH_SOCK", "GITHUB_TOKEN"):
         assert name not in env, name
     assert env["MY_VISIBLE"] == "yes" and env["PATH"].startswith(str(calls.parent / "bin"))
@@ -126,22 +128,22 @@ def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allow
     # through Claude Code's apiKeyHelper, which hands it out once
     assert "ANTHROPIC_API_KEY" not in env and SECRET not in json.dumps(env)
     argv = json.loads((calls / "argv.1").read_text())
-    assert argv[:-2] == supervise.shlex.split(supervise.DEFAULT_CLAUDE_COMMAND)[1:] and argv[-2] == "--settings"
+    assert argv[:-2] == shlex.split(claude.DEFAULT_CLAUDE_COMMAND)[1:] and argv[-2] == "--settings"
     assert (calls / "key.1.1").read_text() == SECRET and (calls / "key.1.2").read_text() == ""
     assert int(env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"]) >= 24 * 3600 * 1000
     assert not Path(json.loads(argv[-1])["apiKeyHelper"]).exists()  # cleaned up with the night
-    assert env[supervise.NIGHT_ENV].startswith(f"{proc.pid}-")
+    assert env[settings.NIGHT_ENV].startswith(f"{proc.pid}-")
     assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
 
 
 def test_root_is_refused_before_the_cli_starts(night, monkeypatch):
     really_root = os.geteuid() == 0
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    command = supervise.shlex.split(supervise.DEFAULT_CLAUDE_COMMAND)
-    assert supervise.root_refusal(command, {}) == supervise.ROOT_REFUSAL
-    assert supervise.root_refusal(command, {"IS_SANDBOX": "1"}) is None
+    command = shlex.split(claude.DEFAULT_CLAUDE_COMMAND)
+    assert claude.root_refusal(command, {}) == claude.ROOT_REFUSAL
+    assert claude.root_refusal(command, {"IS_SANDBOX": "1"}) is None
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert supervise.root_refusal(command, {}) is None
+    assert claude.root_refusal(command, {}) is None
     monkeypatch.undo()
     if not really_root:
         pytest.skip("the end-to-end half needs root")
@@ -231,7 +233,7 @@ def test_sighup_ends_every_process_of_the_night_even_in_its_own_session(night):
     assert proc.returncode == 1, out
     assert not alive(orphan)
     assert "stopped: stopped by a signal (SIGHUP)" in status_lines(repo)[-1]
-    assert not (repo / ".auto-log-research" / supervise.PID_FILE).exists()
+    assert not (repo / ".auto-log-research" / supervisor.PID_FILE).exists()
 
 
 def test_what_a_killed_supervisor_left_running_is_ended_by_the_next_start(night):
@@ -303,13 +305,13 @@ def test_a_training_run_is_aged_from_its_own_start(night, tmp_path):
     repo, calls, start = night
     run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"], cwd=repo)
     try:
-        wait_for(lambda: supervise.training_processes(repo), "the run to show")
-        [(pid, age)] = supervise.training_processes(repo)
+        wait_for(lambda: processes.scripts_in(repo, "train.py"), "the run to show")
+        [(pid, age)] = processes.scripts_in(repo, "train.py")
         assert pid == run.pid and 0 <= age < 30
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
-        assert supervise.training_processes(elsewhere) == []  # another repository's run is not ours
+        assert processes.scripts_in(elsewhere, "train.py") == []  # another repository's run is not ours
     finally:
         run.kill()
         run.wait()
-    assert supervise.training_processes(repo) == []
+    assert processes.scripts_in(repo, "train.py") == []

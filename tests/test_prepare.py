@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
-import schema
+from harness import contract, data as harness_data, tokenizer as harness_tokenizer
+import synthetic
 from conftest import ROOT, run_script
 
 SMALL_VOCAB = 300
@@ -61,7 +62,7 @@ def random_bytes(n: int, seed: int = 0, nul=True) -> bytes:
 
 def cache_contents(cache) -> dict:
     """Every file under the cache, by relative path, with its sha256: what a refused prepare must not change."""
-    return {str(p.relative_to(cache)): prepare.sha256_file(p) for p in sorted(cache.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(cache)): contract.sha256_file(p) for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
 def write_jsonl(path, records):
@@ -107,7 +108,7 @@ def assert_manifest_files_consistent(manifest, cache):
         path = cache / entry["path"]
         assert path.is_file(), entry["path"]
         assert entry["bytes"] == path.stat().st_size
-        assert entry["sha256"] == prepare.sha256_file(path)
+        assert entry["sha256"] == contract.sha256_file(path)
         assert entry["rows"] == pq.ParquetFile(path).metadata.num_rows > 0
         assert entry["tokens"] > entry["rows"]  # at least a BOS plus one token per document
     assert manifest["train_tokens"] == sum(f["tokens"] for f in manifest["train_files"]) > 0
@@ -131,7 +132,7 @@ def mixed_corpus(tmp_path):
     (root / "sub").mkdir(parents=True)
     paragraphs = make_paragraphs(1, 60)  # ~40 kB: cut into several documents
     long_txt = "\n\n".join(paragraphs)
-    assert len(long_txt) > 3 * prepare.TXT_DOC_CHARS
+    assert len(long_txt) > 3 * harness_data.TXT_DOC_CHARS
     (root / "a_long.txt").write_text(long_txt + "\n", encoding="utf-8")
     jsonl_docs = make_docs(2, 40)
     records = [{"text": d, "id": i} for i, d in enumerate(jsonl_docs)]
@@ -142,7 +143,7 @@ def mixed_corpus(tmp_path):
     parquet_docs = make_docs(3, 40)
     write_parquet(root / "sub" / "c_table.parquet", parquet_docs, n=list(range(40)))
     (root / "README.md").write_text("not part of the corpus: unsupported suffix\n")
-    expected = prepare._txt_documents(long_txt) + jsonl_docs + parquet_docs
+    expected = harness_data._txt_documents(long_txt) + jsonl_docs + parquet_docs
     return root, expected
 
 
@@ -169,7 +170,7 @@ def test_cli_data_mixed_directory(tmp_path, mixed_corpus):
     # every document landed in exactly one split, and the split is split_documents'
     train = [t for f in manifest["train_files"] for t in pq.read_table(cache / f["path"])["text"].to_pylist()]
     val = [t for f in manifest["val_files"] for t in pq.read_table(cache / f["path"])["text"].to_pylist()]
-    assert (train, val) == prepare.split_documents(expected)
+    assert (train, val) == harness_data.split_documents(expected)
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(expected)
 
@@ -180,9 +181,9 @@ def test_cli_data_mixed_directory(tmp_path, mixed_corpus):
 
 def test_read_user_documents_mixed_directory(mixed_corpus):
     root, expected = mixed_corpus
-    docs = prepare.read_user_documents(root)
+    docs = harness_data.read_user_documents(root)
     assert docs == expected
-    txt_docs = prepare._txt_documents((root / "a_long.txt").read_text())
+    txt_docs = harness_data._txt_documents((root / "a_long.txt").read_text())
     assert len(txt_docs) >= 4  # the long .txt was cut into several documents
     assert not any("record without text" in d for d in docs)
     assert "not part of the corpus" not in "".join(docs)  # README.md ignored
@@ -191,7 +192,7 @@ def test_read_user_documents_mixed_directory(mixed_corpus):
 def test_read_user_documents_single_file(tmp_path):
     path = tmp_path / "one.jsonl"
     write_jsonl(path, [{"text": "first"}, {"other": 1}, ["a", "list"], {"text": 7}, {"text": "second"}])
-    assert prepare.read_user_documents(path) == ["first", "second"]
+    assert harness_data.read_user_documents(path) == ["first", "second"]
 
 
 def test_jsonl_lines_end_at_newlines_only(tmp_path):
@@ -200,30 +201,30 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     texts = ["a line separator\u2028inside a record", "a record after a CRLF", "é and ü"]
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps({"text": t}, ensure_ascii=False)
                                                 for t in texts).encode("utf-8"))
-    assert prepare.read_user_documents(path) == texts
+    assert harness_data.read_user_documents(path) == texts
 
 
 def test_long_txt_split_at_paragraph_breaks():
     paragraphs = make_paragraphs(4, 50)
     text = "\n\n".join(paragraphs)
-    docs = prepare._txt_documents("\n" + text + "\n\n")
+    docs = harness_data._txt_documents("\n" + text + "\n\n")
     assert len(docs) >= 3
     # cut only between paragraphs: rejoining gives the text back, paragraph for paragraph
     assert "\n\n".join(docs) == text
     assert all(d.split("\n\n")[0] in paragraphs and d.split("\n\n")[-1] in paragraphs for d in docs)
     longest_paragraph = max(map(len, paragraphs))
-    assert all(len(d) <= prepare.TXT_DOC_CHARS + longest_paragraph for d in docs)
-    assert all(len(d) > prepare.TXT_DOC_CHARS // 2 for d in docs[:-1])  # not cut into tiny pieces
+    assert all(len(d) <= harness_data.TXT_DOC_CHARS + longest_paragraph for d in docs)
+    assert all(len(d) > harness_data.TXT_DOC_CHARS // 2 for d in docs[:-1])  # not cut into tiny pieces
     # a short file is one document; an empty one none
-    assert prepare._txt_documents("  short text \n") == ["short text"]
-    assert prepare._txt_documents(" \n\n ") == []
+    assert harness_data._txt_documents("  short text \n") == ["short text"]
+    assert harness_data._txt_documents(" \n\n ") == []
 
 
 def test_split_documents_deterministic_and_disjoint():
     docs = make_docs(5, 500)
-    train, val = prepare.split_documents(docs)
-    assert prepare.split_documents(list(docs)) == (train, val)
-    assert len(val) == round(prepare.VAL_FRACTION * len(docs))
+    train, val = harness_data.split_documents(docs)
+    assert harness_data.split_documents(list(docs)) == (train, val)
+    assert len(val) == round(harness_data.VAL_FRACTION * len(docs))
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(docs)
     # train and val keep the corpus order
@@ -233,35 +234,35 @@ def test_split_documents_deterministic_and_disjoint():
     for seed in range(3):
         shuffled = list(docs)
         random.Random(seed).shuffle(shuffled)
-        train2, val2 = prepare.split_documents(shuffled)
+        train2, val2 = harness_data.split_documents(shuffled)
         assert set(val2) == set(val) and set(train2) == set(train)
 
 
 def test_split_documents_small_corpora():
-    train, val = prepare.split_documents(["one document", "another document"])
+    train, val = harness_data.split_documents(["one document", "another document"])
     assert len(train) == len(val) == 1 and {*train, *val} == {"one document", "another document"}
-    with pytest.raises(prepare.HarnessError, match="at least 2 documents"):
-        prepare.split_documents(["alone"])
+    with pytest.raises(contract.HarnessError, match="at least 2 documents"):
+        harness_data.split_documents(["alone"])
 
 
 def test_prepare_custom_in_process(isolated_cache, mixed_corpus):
     root, expected = mixed_corpus
-    manifest = prepare.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB)
-    assert manifest == prepare.load_manifest()
+    manifest = harness_data.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB)
+    assert manifest == harness_data.load_manifest()
     assert manifest["source"] == "custom" and manifest["smoke_test"] is False
     assert_manifest_files_consistent(manifest, isolated_cache)
-    tokenizer = prepare.Tokenizer.from_directory()
+    tokenizer = harness_tokenizer.Tokenizer.from_directory()
     assert tokenizer.get_vocab_size() == SMALL_VOCAB
     sample = expected[0][:500]
     assert tokenizer.decode(tokenizer.encode(sample)) == sample
     # preparing the same corpus again gives the same content hash, and keeps the trained tokenizer
     tokenizer_mtime = (isolated_cache / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns
-    again = prepare.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB)
+    again = harness_data.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB)
     assert again["manifest_hash"] == manifest["manifest_hash"]
     assert (isolated_cache / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns == tokenizer_mtime
     # another vocabulary is a new tokenizer
-    bigger = prepare.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB + 20)
-    assert prepare.Tokenizer.from_directory().get_vocab_size() == SMALL_VOCAB + 20
+    bigger = harness_data.prepare("custom", data_path=root, vocab_size=SMALL_VOCAB + 20)
+    assert harness_tokenizer.Tokenizer.from_directory().get_vocab_size() == SMALL_VOCAB + 20
     assert bigger["tokenizer_sha256"] != manifest["tokenizer_sha256"]
 
 
@@ -270,18 +271,18 @@ def test_a_prepare_that_fails_half_way_leaves_no_stale_manifest(isolated_cache, 
     good = tmp_path / "good"
     good.mkdir()
     write_jsonl(good / "a.jsonl", [{"text": d} for d in make_docs(6, 60)])
-    prepare.prepare("custom", data_path=good, vocab_size=SMALL_VOCAB)
+    harness_data.prepare("custom", data_path=good, vocab_size=SMALL_VOCAB)
 
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     write_jsonl(tiny / "a.jsonl", [{"text": "a few words"}, {"text": "and a few more"}, {"text": "done"}])
-    with pytest.raises(prepare.HarnessError, match="too little text"):
-        prepare.prepare("custom", data_path=tiny)  # default vocabulary: far too big for this corpus
+    with pytest.raises(contract.HarnessError, match="too little text"):
+        harness_data.prepare("custom", data_path=tiny)  # default vocabulary: far too big for this corpus
 
     # no manifest describing files it did not build: train.py then says "run prepare.py first"
-    assert not prepare.MANIFEST_PATH.exists()
-    with pytest.raises(prepare.HarnessError, match="uv run prepare.py"):
-        prepare.load_manifest()
+    assert not contract.cache_path(contract.MANIFEST).exists()
+    with pytest.raises(contract.HarnessError, match="uv run prepare.py"):
+        harness_data.load_manifest()
 
 
 def _refused_inputs(tmp_path) -> dict:
@@ -304,15 +305,15 @@ def _refused_inputs(tmp_path) -> dict:
 
 def test_a_refused_data_leaves_the_previous_preparation_intact(isolated_cache, tmp_path):
     from analysis import integrity
-    manifest = prepare.prepare("offline", vocab_size=SMALL_VOCAB)
+    manifest = harness_data.prepare("offline", vocab_size=SMALL_VOCAB)
     before = cache_contents(isolated_cache)
     assert "manifest.json" in before and any(p.startswith("data/offline/") for p in before)
 
     for name, path in _refused_inputs(tmp_path).items():
-        with pytest.raises(prepare.HarnessError, match=r"^--data "):
-            prepare.prepare("custom", data_path=path, vocab_size=SMALL_VOCAB)
+        with pytest.raises(contract.HarnessError, match=r"^--data "):
+            harness_data.prepare("custom", data_path=path, vocab_size=SMALL_VOCAB)
         assert cache_contents(isolated_cache) == before, f"{name}: the refused call changed the cache"
-        assert prepare.load_manifest() == manifest, name
+        assert harness_data.load_manifest() == manifest, name
         # the data still verifies, as analyze.py checks it before trusting a run's number
         assert integrity.data_problems({"data": {"manifest_hash": manifest["manifest_hash"]}},
                                        isolated_cache, None) == [], name
@@ -348,7 +349,7 @@ def test_cli_data_says_what_it_read_and_skipped(tmp_path):
     lines = proc.stdout.splitlines()
     size = (root / "good.jsonl").stat().st_size
     assert f"--data {root}: read {len(docs)} documents from 1 file(s), {size:,} bytes; skipped 4 file(s)" in lines
-    assert f"  skipped {root / 'blank.txt'}: {prepare.NO_TEXT}" in lines
+    assert f"  skipped {root / 'blank.txt'}: {harness_data.NO_TEXT}" in lines
     assert f"  skipped {root / 'latin1.txt'}: not UTF-8 text (byte 0xe8 at offset 2); if it is text in another " \
            f"encoding, convert it, e.g. `iconv -f latin1 -t utf-8`" in lines
     assert f"  skipped {root / 'noise.txt'}: binary, not text (it contains NUL bytes)" in lines
@@ -366,11 +367,11 @@ def test_cli_data_says_what_it_read_and_skipped(tmp_path):
 
 def test_copies_of_a_document_stay_on_one_side_of_the_split():
     docs = [f"unique document number {i}" for i in range(40)] + ["the same text"] * 10
-    train, val = prepare.split_documents(docs)
+    train, val = harness_data.split_documents(docs)
     assert ("the same text" in train) != ("the same text" in val)
     assert len(train) + len(val) == len(docs)
-    with pytest.raises(prepare.HarnessError, match="copy of the same text"):
-        prepare.split_documents(["same"] * 5)
+    with pytest.raises(contract.HarnessError, match="copy of the same text"):
+        harness_data.split_documents(["same"] * 5)
 
 
 # ---------------------------------------------------------------------------
@@ -516,8 +517,7 @@ def test_cli_data_unsupported_file(tmp_path):
 def test_train_before_prepare(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("train.py", "prepare.py", "schema.py"):
-        shutil.copy(ROOT / name, repo / name)
+    synthetic.copy_harness(repo, ("train.py", "prepare.py"))
     stale = {"status": "ok", "val_bpb": 0.123, "note": "stale summary of an earlier run"}
     (repo / "run_summary.json").write_text(json.dumps(stale))
     empty_cache = tmp_path / "empty-cache"
@@ -535,4 +535,4 @@ def test_train_before_prepare(tmp_path):
     summary = json.loads((repo / "run_summary.json").read_text())
     assert "note" not in summary and summary["status"] == "crash"
     assert "run `uv run prepare.py` first" in summary["error"]
-    assert schema.summary_problems(summary) == []
+    assert contract.summary_problems(summary) == []

@@ -17,7 +17,7 @@ import pytest
 import synthetic
 from analysis import html_report
 from analysis.store import Store
-from test_analyze import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, make_repo
+from repos import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, make_repo
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_TIMEOUT_S = 120      # a cold headless start on a loaded 2-core machine takes seconds; this is only a hang guard

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import synthetic
 from conftest import ROOT, run_script
 
 BAD_SECONDS = ["abc", "-1", "0", "nan", "inf", ""]
@@ -25,8 +26,7 @@ def seconds_error(variable, value) -> str:
 @pytest.fixture
 def scripts(tmp_path):
     """A copy of the scripts in a folder of their own: were a check missing, nothing runs in the repository."""
-    for name in ("prepare.py", "schema.py", "train.py"):
-        shutil.copy(ROOT / name, tmp_path / name)
+    synthetic.copy_harness(tmp_path, ("prepare.py", "train.py"))
     return tmp_path
 
 
@@ -63,7 +63,7 @@ def test_status_n_must_be_a_positive_integer(tmp_path, n):
 
 
 def test_status_n_lists_that_many_latest_runs(tmp_path):
-    from test_analyze import analyze, fake_run, ledger, make_repo
+    from repos import analyze, fake_run, ledger, make_repo
     repo = make_repo(tmp_path / "repo")
     for seed in (1, 2, 3):
         fake_run(repo, 1.0 + seed / 1000, seed=seed)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis import slurm
+from harness import slurm
 from analysis.store import Store
 from conftest import ROOT
-from test_analyze import GIT_ENV
-from test_workers import night_repo
+from repos import GIT_ENV, night_repo
 
 sys.path.insert(0, str(ROOT / "bench"))
 from slurm_local import PARTITION, URGENT_PARTITION, LocalSlurm, available  # noqa: E402

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import schema
+from harness import contract
 import synthetic
 from analysis import stats
 
@@ -104,8 +104,8 @@ def test_train_val_gap_uses_the_same_units():
     records = synthetic.make_records(n_steps=200)
     rows = stats.train_val_gap(records)
     assert len(rows) >= 10 and rows[-1]["step"] == 199
-    for row, rec in zip(rows, [r for r in records if schema.VAL_BPB in r]):
-        assert row["gap"] == pytest.approx(rec[schema.VAL_LOSS] - rec[schema.TRAIN_LOSS_SMOOTH])
+    for row, rec in zip(rows, [r for r in records if contract.VAL_BPB in r]):
+        assert row["gap"] == pytest.approx(rec[contract.VAL_LOSS] - rec[contract.TRAIN_LOSS_SMOOTH])
 
 
 def test_step_time_stats():

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import supervise
+from harness import proc as processes
+from night import claude, rules, supervisor
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, error
-from test_analyze import GIT_ENV, HARNESS, analyze, fake_run, git, make_repo
+from repos import GIT_ENV, HARNESS, analyze, fake_run, git, make_repo
 
 SECRET = "sk-ant-test-DO-NOT-WRITE-4f9c2e"
 PY = shlex.quote(sys.executable)
@@ -44,19 +45,19 @@ def rows(*statuses):
 
 
 def test_stop_rules():
-    rules = supervise.StopRules(max_consecutive_crashes=3, max_without_keep=4, max_experiments=10)
+    stop_rules = rules.StopRules(max_consecutive_crashes=3, max_without_keep=4, max_experiments=10)
     now = time.time()
-    assert supervise.stop_reason(rows("keep", "crash", "crash"), rules, now, now) is None
-    assert "3 crashes in a row" in supervise.stop_reason(rows("keep", "crash", "nan", "timeout"), rules, now, now)
-    assert "no keep in the last 4" in supervise.stop_reason(rows("keep", "discard", "crash", "discard", "rerun"),
-                                                            rules, now, now)
-    assert "budget" in supervise.stop_reason(rows(*["keep"] * 10), rules, now, now)
-    assert "deadline" in supervise.stop_reason([], supervise.StopRules(deadline=now - 1), now, now)
-    hours = supervise.StopRules(max_hours_without_keep=1.0)
-    assert supervise.stop_reason(rows("discard"), hours, now, now - 1800) is None
-    assert "no keep for 2.0 hours" in supervise.stop_reason(rows("discard"), hours, now, now - 7200)
+    assert rules.stop_reason(rows("keep", "crash", "crash"), stop_rules, now, now) is None
+    assert "3 crashes in a row" in rules.stop_reason(rows("keep", "crash", "nan", "timeout"), stop_rules, now, now)
+    assert "no keep in the last 4" in rules.stop_reason(rows("keep", "discard", "crash", "discard", "rerun"),
+                                                            stop_rules, now, now)
+    assert "budget" in rules.stop_reason(rows(*["keep"] * 10), stop_rules, now, now)
+    assert "deadline" in rules.stop_reason([], rules.StopRules(deadline=now - 1), now, now)
+    hours = rules.StopRules(max_hours_without_keep=1.0)
+    assert rules.stop_reason(rows("discard"), hours, now, now - 1800) is None
+    assert "no keep for 2.0 hours" in rules.stop_reason(rows("discard"), hours, now, now - 7200)
     recent_keep = [{"status": "keep", "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now - 600))}]
-    assert supervise.stop_reason(recent_keep + rows("discard"), hours, now, now - 7200) is None
+    assert rules.stop_reason(recent_keep + rows("discard"), hours, now, now - 7200) is None
 
 
 def test_the_report_follows_the_ledger_and_a_failure_is_one_status_line(repo):
@@ -64,7 +65,7 @@ def test_the_report_follows_the_ledger_and_a_failure_is_one_status_line(repo):
                               max_hours_without_keep=None, pass_env=set())
     fake_run(repo, 1.0)
     assert analyze(repo).returncode == 0
-    sup = supervise.Supervisor(args, repo)
+    sup = supervisor.Supervisor(args, repo)
     report = repo / ".auto-log-research" / "report.html"
     sup.refresh_report(wait=True)
     assert report.read_text().count('<tr class="run"') == 1
@@ -113,10 +114,10 @@ def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, st
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out  # a night that never got going failed
     n = int((calls / "n").read_text())
-    assert n == supervise.MAX_QUICK_EXITS
+    assert n == claude.MAX_QUICK_EXITS
     assert (calls / "stdin.1").read_text() == (repo / "program.md").read_text()
     resume = (calls / "stdin.2").read_text()
-    assert resume == supervise.RESUME_PROMPT
+    assert resume == claude.RESUME_PROMPT
     for name in ("insights.md", "ideas_queue.md", "results.tsv", "program.md"):
         assert name in resume
     store = repo / ".auto-log-research"
@@ -175,7 +176,7 @@ def three_experiments():
         done("discarded"),
         # 3: a change that crashes, discarded
         [{"type": "tool_use", "name": "edit_file",
-          "input": {"path": "train.py", "old": "startup_seconds = time.time() - t_start",
+          "input": {"path": "train.py", "old": "run.start_clock(model, TOTAL_BATCH_SIZE, flops_per_token)",
                     "new": "raise RuntimeError('planted bug')"}}],
         [bash('git commit -qam "a planted bug"')],
         [bash(f"{TRAIN_ANALYZE}; {PY} analyze.py discard")],
@@ -249,7 +250,7 @@ def test_ctrl_c_in_the_middle_of_a_run_leaves_no_corrupt_file(prepared, repo):
     finally:
         api.close()
     assert proc.returncode == 130, out
-    assert supervise.training_processes(repo) == []
+    assert processes.scripts_in(repo, "train.py") == []
     summary = json.loads((repo / "run_summary.json").read_text())  # written whole, by the SIGTERM handler
     assert summary["status"] == "crash"
     for line in metrics.read_text().splitlines():
@@ -306,7 +307,7 @@ def test_program_md_commands_exist_and_run(repo):
     # the status command runs in a fresh repository
     proc = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0
-    for name in ("train.py", "prepare.py", "schema.py", "analyze.py", "analysis/", "pyproject.toml",
+    for name in ("train.py", "prepare.py", "contract.py", "analyze.py", "analysis/", "pyproject.toml",
                  "README.md"):
         assert name in (ROOT / "program.md").read_text() and Path(ROOT / name.rstrip("/")).exists(), name
 

@@ -15,7 +15,7 @@ import pytest
 
 import synthetic
 from conftest import ROOT
-from test_analyze import GIT_ENV, analyze, git, ledger
+from repos import GIT_ENV, analyze, git, ledger
 
 BUDGET_S = "300"    # the store's budget: every run stops long before it, at FIXED_STEPS or FIXED_SECONDS
 FIXED_STEPS = 6     # 2 clock-warmup steps + 4 timed ones: a second or two of CPU training
@@ -27,72 +27,76 @@ SCHEDULE = "    progress = min(training_time / TIME_BUDGET, 1.0)\n    lrm, momen
 FIXED_SCHEDULE = "    progress = min(step / FIXED_STEPS, 1.0)\n    lrm, momentum, wd = "
 # the clock evasions train for 3 s of their own clock instead: enough wall time for a 2 % + 1 s tolerance to resolve
 UNCAPPED = {"FIXED_STEPS = 6\n": "FIXED_STEPS = 10**9\n", "FIXED_SECONDS = 10**9\n": "FIXED_SECONDS = 3\n"}
-FINAL_CALL = "    summary = logger.evaluate_and_finish(\n        compiled, EVAL_BATCH_SIZE, training_seconds"
-SETUP_END = "x, y, epoch = next(train_loader)\npeak = "
+END = "    run.finish(compiled, EVAL_BATCH_SIZE)\n"  # train.py's last line: the harness's own ending
+SETUP_END = "x, y, epoch = next(train_loader)\nloss_limit = "
 FAKE = "lambda *a, **k: (0.5, 0.5)"
 
 
 def after_setup(code: str) -> dict:
     """An edit that runs `code` at module level once the model and loader exist."""
-    return {SETUP_END: f"x, y, epoch = next(train_loader)\n{code}\npeak = "}
+    return {SETUP_END: f"x, y, epoch = next(train_loader)\n{code}\nloss_limit = "}
+
+
+def after_finish(code: str) -> dict:
+    """An edit that runs `code` at module level after the harness wrote and sealed the summary."""
+    return {END: END + code}
 
 
 def final_summary(val_bpb: str) -> dict:
-    """Replace the harness's ending by a summary train.py writes through the logger's internals."""
-    return {FINAL_CALL: "    summary = (lambda **kw: logger._write('ok', dict(kw, val_bpb=" + val_bpb + ", causality={'ok': True},"
-                        " harness_check={'ok': True, 'changed': []})))(\n        training_seconds"}
+    """Replace the harness's ending by a summary train.py writes through the run's internals."""
+    return {END: "    run._write('ok', dict(val_bpb=" + val_bpb + ", causality={'ok': True},"
+                 " harness_check={'ok': True, 'changed': []}))\n"}
 
 
 # (name, edits of train.py, expected: "invalid" / "crash" with a fragment of the problem, or "honest")
 EVASIONS = [
     ("val_bpb scaled in the summary after finish",
-     {"print(\"---\")\n": "import json as _j\n_s = _j.load(open('run_summary.json'))\n_s['val_bpb'] *= 0.5\n"
-                         "open('run_summary.json', 'w').write(_j.dumps(_s, indent=2) + '\\n')\nprint(\"---\")\n"},
+     after_finish("import json as _j\n_s = _j.load(open('run_summary.json'))\n_s['val_bpb'] *= 0.5\n"
+                  "open('run_summary.json', 'w').write(_j.dumps(_s, indent=2) + '\\n')\n"),
      "invalid", "run_summary.json was changed after the harness wrote it"),
     ("a line appended to metrics.jsonl after finish",
-     {"print(\"---\")\n": "open('metrics.jsonl', 'a').write(open('metrics.jsonl').read().splitlines()[-1] + '\\n')\n"
-                         "print(\"---\")\n"},
+     after_finish("open('metrics.jsonl', 'a').write(open('metrics.jsonl').read().splitlines()[-1] + '\\n')\n"),
      "invalid", "metrics.jsonl is not what the harness's logger wrote"),
-    ("a caller-supplied val_bpb through logger.finish",
-     {FINAL_CALL: "    summary = logger.finish(\n        'ok', val_bpb=0.5, training_seconds"},
+    ("a caller-supplied val_bpb through run.fail",
+     {END: "    run.fail('ok', val_bpb=0.5)\n"},
      "crash", "val_bpb is the harness's"),
-    ("a summary written through the logger's internals",
+    ("a summary written through the run's internals",
      final_summary("0.5"), "invalid", "is not the number the harness's final evaluation computed"),
     ("the final evaluation on the small curve slice",
-     final_summary("evaluate_val(compiled, tokenizer, EVAL_BATCH_SIZE, curve=True)[0]"),
+     final_summary("run.validation_point(compiled, EVAL_BATCH_SIZE)['val/bpb']"),
      "invalid", "is not the number the harness's final evaluation computed"),
     ("training on the val split",
      {'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train"': 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "val"'},
      "crash", "serves the train split only"),
     ("a model that halves its loss with reduction='none'",
-     {"        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)":
+     {"        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),\n"
+      "                               reduction=reduction)":
       "        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)\n"
       "        return 0.5 * loss if reduction == 'none' else loss"},
      "honest", None),
-    ("rows written into prepare's validation cache",
-     after_setup("import prepare\nfor _n in range(1, 65):\n"
-                 "    prepare._VAL_ROWS[(prepare.MAX_SEQ_LEN, _n)] = torch.zeros(_n, prepare.MAX_SEQ_LEN + 1, dtype=torch.long)"),
+    ("rows written into the harness's validation cache",
+     after_setup("from harness import metric, settings\nfor _n in range(1, 65):\n"
+                 "    metric._VAL_ROWS[(settings.MAX_SEQ_LEN, _n)] = torch.zeros(_n, settings.MAX_SEQ_LEN + 1, dtype=torch.long)"),
      "honest", None),
-    ("prepare's module dict through vars()",
-     after_setup(f"import prepare\nvars(prepare)['evaluate_val'] = {FAKE}"),
-     "invalid", "train.py changed the harness at run time (prepare.evaluate_val)"),
-    ("prepare through importlib",
-     after_setup(f"import importlib\nimportlib.import_module('prepare').evaluate_val = {FAKE}"),
-     "invalid", "train.py changed the harness at run time (prepare.evaluate_val)"),
+    ("the harness's module dict through vars()",
+     after_setup(f"import harness.metric\nvars(harness.metric)['evaluate_val'] = {FAKE}"),
+     "invalid", "train.py changed the harness at run time (harness.metric.evaluate_val)"),
+    ("the harness through importlib",
+     after_setup(f"import importlib\nimportlib.import_module('harness.metric').evaluate_val = {FAKE}"),
+     "invalid", "train.py changed the harness at run time (harness.metric.evaluate_val)"),
     ("a harness constant through exec",
-     after_setup("exec('import prepare; prepare.CPU_EVAL_TOKENS = prepare.MAX_SEQ_LEN')"),
-     "invalid", "train.py changed the harness at run time (prepare.CPU_EVAL_TOKENS)"),
+     after_setup("exec('import harness.settings as s; s.CPU_EVAL_TOKENS = s.MAX_SEQ_LEN')"),
+     "invalid", "train.py changed the harness at run time (harness.settings.CPU_EVAL_TOKENS)"),
     ("the evaluation's code replaced in place",
-     after_setup(f"evaluate_val.__code__ = ({FAKE}).__code__"),
-     "invalid", "train.py changed the harness at run time (prepare.evaluate_val)"),
-    ("a method of the harness's logger class",
-     after_setup("RunLogger.evaluate_and_finish = lambda self, model, batch_size, **kw: self._write("
-                 "'ok', dict(kw, val_bpb=0.5))"),
+     after_setup(f"from harness.metric import evaluate_val\nevaluate_val.__code__ = ({FAKE}).__code__"),
+     "invalid", "train.py changed the harness at run time (harness.metric.evaluate_val)"),
+    ("a method of the harness's run class",
+     after_setup("type(run).finish = lambda self, model, batch_size: self._write('ok', dict(val_bpb=0.5))"),
      "invalid", "is not the number the harness's final evaluation computed"),
-    ("train.py's own evaluate_val through globals()",
-     after_setup(f"globals()['evaluate_val'] = {FAKE}"), "honest", None),
-    ("train.py's own evaluate_val through a walrus",
-     after_setup(f"(evaluate_val := {FAKE})"), "honest", None),
+    ("train.py's own start_run through globals()",
+     after_setup(f"globals()['start_run'] = {FAKE}"), "honest", None),
+    ("train.py's own start_run through a walrus",
+     after_setup(f"(start_run := {FAKE})"), "honest", None),
     ("compute moved off the clock by more warm-up steps",
      {"    CLOCK_WARMUP_STEPS = 2\n": "    CLOCK_WARMUP_STEPS = 1000\n"},
      "invalid", "CLOCK_WARMUP_STEPS 1000 differs from the first run"),
@@ -110,13 +114,13 @@ IDIOMS = [
                                    "        self.extra_modules = nn.ModuleDict()\n"
                                    "        self.extra_modules['probe'] = nn.Identity()\n"
                                    "        self.value_embeds = nn.ModuleDict("}),
-    ("an imported helper name rebound", after_setup("data_label = lambda manifest: 'renamed label'")),
-    ("metrics logged every other step", {"    logger.log_step(record)\n":
-                                         "    if step % 2 == 0 or done or schema.VAL_BPB in record:\n"
-                                         "        logger.log_step(record)\n"}),
+    ("an imported helper name rebound", after_setup("Tokenizer = lambda: 'renamed'")),
+    ("metrics logged every other step", {"    run.log_step(record)\n":
+                                         "    if step % 2 == 0 or done or 'val/bpb' in record:\n"
+                                         "        run.log_step(record)\n"}),
     ("a constant renamed", {"EVAL_BATCH_SIZE": "EVAL_ROWS_PER_BATCH"}),
-    ("a metric of the agent's own", {"    logger.log_step(record)\n":
-                                     "    record['agent/loss_x2'] = 2 * loss_f\n    logger.log_step(record)\n"}),
+    ("a metric of the agent's own", {"    run.log_step(record)\n":
+                                     "    record['agent/loss_x2'] = 2 * loss_f\n    run.log_step(record)\n"}),
 ]
 
 
@@ -143,7 +147,7 @@ def train_and_analyze(repo, message: str):
 def store(prepared, tmp_path_factory):
     """A repository with the harness and a fixed-step train.py, its baseline trained, analysed and kept."""
     repo = tmp_path_factory.mktemp("tampering")
-    synthetic.copy_harness(repo, ("prepare.py", "schema.py", "analyze.py"))
+    synthetic.copy_harness(repo, ("prepare.py", "analyze.py"))
     source = (ROOT / "train.py").read_text()
     source = edited(source, {STOP: FIXED_STOP, SCHEDULE: FIXED_SCHEDULE, "# Instrumentation and safety\n":
                              f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"})

@@ -9,17 +9,16 @@ import time
 
 import pytest
 
-import prepare
-import schema
+import synthetic
+from harness import contract, metric
 from conftest import ROOT, run_script
 
-HARNESS = ("train.py", "prepare.py", "schema.py")
+HARNESS = ("train.py", "prepare.py")
 
 
 def workdir(tmp_path, replace=None, stale_summary=True):
     """A copy of the scripts in tmp_path, optionally with train.py edited (old -> new, old must exist)."""
-    for name in HARNESS:
-        shutil.copy(ROOT / name, tmp_path / name)
+    synthetic.copy_harness(tmp_path, HARNESS)
     if replace:
         source = (tmp_path / "train.py").read_text()
         for old, new in replace.items():
@@ -62,16 +61,16 @@ def test_metrics_follow_the_contract(smoke):
     records = read_metrics(cwd)
     assert len(records) >= 3
     for rec in records:
-        assert schema.step_record_problems(rec) == [], rec
-    assert [r[schema.STEP] for r in records] == list(range(len(records)))  # fresh file, every step
-    times = [r[schema.TIME_S] for r in records]
+        assert contract.step_record_problems(rec) == [], rec
+    assert [r[contract.STEP] for r in records] == list(range(len(records)))  # fresh file, every step
+    times = [r[contract.TIME_S] for r in records]
     assert times == sorted(times)
-    assert 0 <= records[0][schema.PROGRESS] and records[-1][schema.PROGRESS] == pytest.approx(1.0)
-    val = [r[schema.VAL_BPB] for r in records if schema.VAL_BPB in r]
+    assert 0 <= records[0][contract.PROGRESS] and records[-1][contract.PROGRESS] == pytest.approx(1.0)
+    val = [r[contract.VAL_BPB] for r in records if contract.VAL_BPB in r]
     assert len(val) >= 2
-    assert schema.VAL_BPB in records[-1]  # the curve always ends at the end of training
+    assert contract.VAL_BPB in records[-1]  # the curve always ends at the end of training
     assert all(0 < v < 20 for v in val)
-    assert all((schema.VAL_BPB in r) == (schema.VAL_LOSS in r) for r in records)  # measured together
+    assert all((contract.VAL_BPB in r) == (contract.VAL_LOSS in r) for r in records)  # measured together
 
 
 def test_layer_stats_cover_every_matrix(smoke):
@@ -79,32 +78,32 @@ def test_layer_stats_cover_every_matrix(smoke):
     records = read_metrics(cwd)
     summary = read_summary(cwd)
     every = summary["config"]["LAYER_STATS_EVERY"]
-    with_stats = [r[schema.STEP] for r in records if any(schema.parse_layer_key(k) for k in r)]
+    with_stats = [r[contract.STEP] for r in records if any(contract.parse_layer_key(k) for k in r)]
     assert with_stats == [s for s in range(len(records)) if s % every == 0]
-    names = {schema.parse_layer_key(k)[0] for k in records[0] if schema.parse_layer_key(k)}
+    names = {contract.parse_layer_key(k)[0] for k in records[0] if contract.parse_layer_key(k)}
     assert {"wte.weight", "lm_head.weight", "blocks.0.attn.c_q.weight", "blocks.1.mlp.c_fc.weight"} <= names
     for name in names:
-        for stat in schema.LAYER_STATS:
-            assert schema.layer_key(name, stat) in records[0]
+        for stat in contract.LAYER_STATS:
+            assert contract.layer_key(name, stat) in records[0]
     # step 0: the zero-initialised output projections get gradient, the inputs to them not yet
-    assert records[0][schema.layer_key("blocks.0.mlp.c_proj.weight", "grad_norm")] > 0
-    assert records[0][schema.layer_key("lm_head.weight", "update_ratio")] > 0
+    assert records[0][contract.layer_key("blocks.0.mlp.c_proj.weight", "grad_norm")] > 0
+    assert records[0][contract.layer_key("lm_head.weight", "update_ratio")] > 0
 
 
 def test_summary_follows_the_contract(smoke):
     cwd, proc = smoke
     summary = read_summary(cwd)
     assert "stale" not in summary
-    assert schema.summary_problems(summary) == []
+    assert contract.summary_problems(summary) == []
     assert summary["status"] == "ok"
     assert summary["num_steps"] == len(read_metrics(cwd))
     assert summary["training_seconds"] >= 4
     assert summary["total_seconds"] > summary["training_seconds"] + summary["startup_seconds"] * 0.99
     assert summary["seed"] == 42 and summary["device"] == "cpu" and summary["depth"] == 2
-    assert summary["causality"]["ok"] is True and summary["causality"]["max_change"] <= prepare.CAUSALITY_TOLERANCE
+    assert summary["causality"]["ok"] is True and summary["causality"]["max_change"] <= metric.CAUSALITY_TOLERANCE
     assert summary["data"]["source"] == "offline" and summary["data"]["smoke_test"] is True
-    assert re.fullmatch(r"[0-9a-f]{16}", summary["harness_hash"])
-    assert summary["train_sha256"] == prepare.sha256_file(cwd / "train.py")
+    assert summary["harness_hash"] == contract.harness_hash(ROOT)  # the one definition, of this checkout
+    assert summary["train_sha256"] == contract.sha256_file(cwd / "train.py")
     config = summary["config"]
     for name in ("DEPTH", "MATRIX_LR", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "SEED", "ADAM_BETAS"):
         assert name in config
@@ -117,7 +116,7 @@ def test_final_block_is_greppable(smoke):
     lines = proc.stdout.splitlines()
     block = lines[lines.index("---") + 1:]
     keys = [line.split(":")[0] for line in block]
-    assert keys[:len(schema.FINAL_BLOCK_KEYS)] == list(schema.FINAL_BLOCK_KEYS)
+    assert keys[:len(contract.FINAL_BLOCK_KEYS)] == list(contract.FINAL_BLOCK_KEYS)
     val_line = next(line for line in lines if line.startswith("val_bpb:"))
     assert float(val_line.split()[1]) == pytest.approx(summary["val_bpb"], abs=1e-6)
     assert "SMOKE-TEST" in block[-1]  # the data is labelled as a smoke-test corpus
@@ -131,8 +130,9 @@ def test_a_constant_the_agent_adds_is_captured(prepared, tmp_path):
 
 
 def test_the_device_is_the_harnesss_not_what_train_py_says(prepared, tmp_path):
-    cwd = workdir(tmp_path, {"startup_seconds = time.time() - t_start\n":
-                             "startup_seconds = time.time() - t_start\nlogger.set(device='NVIDIA H100 80GB HBM3')\n"})
+    cwd = workdir(tmp_path, {"run.start_clock(model, TOTAL_BATCH_SIZE, flops_per_token)\n":
+                             "run.start_clock(model, TOTAL_BATCH_SIZE, flops_per_token)\n"
+                             "run.set(device='NVIDIA H100 80GB HBM3')\n"})
     proc = train(cwd, budget=0.5)
     assert proc.returncode == 1
     assert "error: run_summary.json's device: written by the harness, not by train.py" in proc.stderr
@@ -145,8 +145,8 @@ def test_seed_changes_the_run(prepared, smoke, tmp_path):
     proc = train(cwd, budget=0.5, SEED="7")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_summary(cwd)["seed"] == 7
-    first = read_metrics(cwd)[0][schema.TRAIN_LOSS]
-    assert first != read_metrics(smoke[0])[0][schema.TRAIN_LOSS]
+    first = read_metrics(cwd)[0][contract.TRAIN_LOSS]
+    assert first != read_metrics(smoke[0])[0][contract.TRAIN_LOSS]
 
 
 def test_crash_reports_crash_not_the_stale_result(prepared, tmp_path):
@@ -160,7 +160,7 @@ def test_crash_reports_crash_not_the_stale_result(prepared, tmp_path):
     assert "injected failure" in summary["error"]
     assert "stale" not in summary
     records = read_metrics(cwd)
-    assert [r[schema.STEP] for r in records] == [0]  # the stale metrics are gone too
+    assert [r[contract.STEP] for r in records] == [0]  # the stale metrics are gone too
 
 
 @pytest.mark.parametrize("fault", [
@@ -176,7 +176,7 @@ def test_divergence_stops_at_once_with_status_nan(prepared, tmp_path, fault):
     assert summary["status"] == "nan" and summary["val_bpb"] is None
     assert "diverged" in summary["error"]
     records = read_metrics(cwd)
-    assert all(math.isfinite(r[schema.TRAIN_LOSS]) for r in records)
+    assert all(math.isfinite(r[contract.TRAIN_LOSS]) for r in records)
     assert len(records) <= 2  # stopped at the bad step, not at the end of the budget
 
 
@@ -186,16 +186,17 @@ HANG_WATCHDOG_S = 5  # counted from the hang itself (below), so no guess of how 
 def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
     # The run's watchdog starts when the run hangs at step 2, not at setup: its limit is then relative to
     # an event of the run, however long startup takes on a loaded machine (a limit counted from setup
-    # once fired before step 2).
+    # once fired before step 2). The harness's own, started with the run, is the same class with the
+    # default limit (an hour here), stopped first.
     cwd = workdir(tmp_path, {
-        "watchdog = Watchdog(logger)\n": "",
-        "    optimizer.step()\n    stats = ": "    optimizer.step()\n"
-                                             "    if step == 2:\n"
-                                             "        watchdog = Watchdog(logger)\n"
-                                             "        print('hanging at step 2', flush=True)\n"
-                                             "        time.sleep(3600)\n"
-                                             "    stats = "})
-    proc = train(cwd, budget=60, AUTORESEARCH_WATCHDOG_S=str(HANG_WATCHDOG_S))  # run_script's timeout: the net
+        "        optimizer.step()\n": "        optimizer.step()\n"
+                                      "    if step == 2:\n"
+                                      "        from harness.runlog import Watchdog\n"
+                                      "        run.watchdog.stop()\n"
+                                      f"        Watchdog(run, {HANG_WATCHDOG_S})\n"
+                                      "        print('hanging at step 2', flush=True)\n"
+                                      "        time.sleep(3600)\n"})
+    proc = train(cwd, budget=60, AUTORESEARCH_WATCHDOG_S="3600")  # run_script's timeout: the net
     assert proc.returncode == 124, proc.stderr[-3000:]
     assert "hanging at step 2" in proc.stdout
     assert f"watchdog: run exceeded {HANG_WATCHDOG_S}s of wall time (budget 60s)" in proc.stderr
@@ -203,7 +204,7 @@ def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
     assert summary["status"] == "timeout" and summary["val_bpb"] is None
     assert "watchdog" in summary["error"]
     assert summary["num_steps"] == 2
-    assert [r[schema.STEP] for r in read_metrics(cwd)] == [0, 1]  # the steps before the hang, kept
+    assert [r[contract.STEP] for r in read_metrics(cwd)] == [0, 1]  # the steps before the hang, kept
 
 
 def test_sigterm_is_a_crash_said_to_come_from_outside_and_a_second_one_cannot_cut_the_summary(prepared, tmp_path):

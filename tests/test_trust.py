@@ -3,7 +3,7 @@ repository (issue 10, items 4 and 5): a rerun under a seed already used is not a
 rules are those of its first *finished* run."""
 
 import synthetic
-from test_analyze import analyze, baseline, commit_change, fake_run, ledger, repo  # noqa: F401 (repo: fixture)
+from repos import analyze, baseline, commit_change, fake_run, ledger
 
 
 def test_a_rerun_under_the_same_seed_is_not_pooled_and_the_next_command_names_a_new_one(repo):
@@ -38,32 +38,36 @@ def test_the_integrity_reference_is_the_first_finished_run_not_a_crash_before_it
     assert any("time_budget_s 600.0 differs from the first run" in p for p in row["integrity"]), row["integrity"]
 
 
-def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(tmp_path):
+def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(prepared, tmp_path):
     import json
     import signal
     import sys
 
     import pytest
 
-    import prepare
-    import schema
+    import torch
+
+    from harness import contract, metric, runlog
     hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
-    logger = prepare.RunLogger({}, run_dir=tmp_path)
+    logger = runlog.Run({}, run_dir=tmp_path)
     sys.excepthook = hook
     signal.signal(signal.SIGTERM, handler)
-    record = {k: v for k, v in synthetic.make_records(n_steps=1)[0].items() if k not in schema.HARNESS_STEP_KEYS}
-    with pytest.raises(prepare.HarnessError, match="harness/wall_s: stamped by the harness, not by train.py"):
-        logger.log_step({**record, schema.WALL_S: 0.0})
+    logger.watchdog.stop()
+    logger.start_clock(torch.nn.Linear(2, 2), tokens_per_step=1024, flops_per_token=6.0)
+    stamped = {*contract.HARNESS_STEP_KEYS, *contract.DERIVED_STEP_KEYS}
+    record = {k: v for k, v in synthetic.make_records(n_steps=1)[0].items() if k not in stamped}
+    with pytest.raises(contract.HarnessError, match="harness/wall_s: stamped by the harness, not by train.py"):
+        logger.log_step({**record, contract.WALL_S: 0.0})
     for bad in ({"agent/": 1.0}, {"agent/note": "text"}, {"mine/x": 1.0}):
-        with pytest.raises(prepare.HarnessError, match="breaks the contract"):
+        with pytest.raises(contract.HarnessError, match="breaks the contract"):
             logger.log_step({**record, **bad})
-    prepare.EVALUATION_CLOCK.seconds += 2.5  # what evaluate_val adds after an evaluation
+    metric.EVALUATION_CLOCK.seconds += 2.5  # what evaluate_val adds after an evaluation
     logger.log_step({**record, "agent/grad_clip_frac": 0.25})
     [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
     written = json.loads(line)
-    assert written["agent/grad_clip_frac"] == 0.25 and written[schema.EVAL_S] == 2.5
-    assert 0 <= written[schema.WALL_S] < 600
-    assert schema.step_record_problems(written) == []
+    assert written["agent/grad_clip_frac"] == 0.25 and written[contract.EVAL_S] == 2.5
+    assert 0 <= written[contract.WALL_S] < 600
+    assert contract.step_record_problems(written) == []
 
 
 def test_the_keep_policy_is_the_humans_choice_through_the_environment(repo, monkeypatch):

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import supervise
+from harness import proc as processes, settings
+from night import rules, workers
 import synthetic
 from analysis import claims
-from analysis.store import Store, StoreError
+from analysis.store import Store
+from harness.contract import HarnessError
 from conftest import ROOT
-from test_analyze import GIT_ENV, fake_run, git
+from repos import GIT_ENV, fake_run, git, ledger, night_repo
 
 IDEAS = ["set WEIGHT_DECAY to 0.1", "set MATRIX_LR to 0.03", "set WARMDOWN_RATIO to 0.4", "set SCALAR_LR to 0.4"]
 
@@ -60,20 +62,6 @@ if not os.path.exists(done):
     open(done, "w").write(run["run_id"])
 time.sleep(3600)
 """
-
-
-def night_repo(folder: Path) -> Path:
-    """A repository of the loop as a user's clone holds it (the project's .gitignore), committed."""
-    folder.mkdir()
-    synthetic.copy_harness(folder, synthetic.HARNESS_COPY + ("supervise.py", "program.md", ".gitignore"))
-    git(folder, "init", "-q", "-b", "main")
-    git(folder, "add", "-A")
-    git(folder, "commit", "-qm", "baseline")
-    return folder
-
-
-def ledger(repo):
-    return Store(repo).read_ledger()
 
 
 def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(prepared, tmp_path):
@@ -169,7 +157,7 @@ def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
     assert all(f"| worker {w} | stopped: stopped by Ctrl-C" in lines for w in ("gpu0", "gpu1")), lines
     assert "stopped: stopped by Ctrl-C" in lines.splitlines()[-1] and "| worker " not in lines.splitlines()[-1]
     assert not (repo / ".worktrees" / "gpu0").exists() and not (repo / ".worktrees" / "gpu1").exists()
-    assert [p for p in supervise.night_processes("") if cwd_inside(p, repo)] == []  # agents and workers are gone
+    assert [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] == []  # agents and workers are gone
 
 
 def cwd_inside(pid: int, folder: Path) -> bool:
@@ -302,7 +290,7 @@ def dead_pid() -> int:
 def test_an_idea_is_matched_by_its_text_whatever_its_list_marker_and_emphasis():
     assert claims.idea_key("3. **Set** `MATRIX_LR` to 0.03.") == claims.idea_key("- set MATRIX_LR to   0.03")
     assert claims.idea_key("1) [ ] Longer warmdown") == "longer warmdown"
-    with pytest.raises(StoreError):
+    with pytest.raises(HarnessError):
         claims.idea_key("2. lr")
 
 
@@ -349,7 +337,7 @@ def test_a_worker_that_ends_has_its_claims_released_by_the_night(tmp_path, prepa
     claims.write(store, claims.take([], "set MATRIX_LR to 0.03", "gpu1", os.getpid())[0])
     sup = type("Sup", (), {"store": store, "repo": repo, "lines": [],
                            "status": lambda self, line: self.lines.append(line)})()
-    night = supervise.Workers(sup, [("gpu1", "1")], [])
+    night = workers.Workers(sup, [("gpu1", "1")], [])
     night.procs = {"gpu1": subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])}
     night.procs["gpu1"].wait()
     night.reap()
@@ -365,7 +353,7 @@ def test_a_worker_that_ends_has_its_claims_released_by_the_night(tmp_path, prepa
 WRITER = f"""
 import os, subprocess, sys
 sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
-from test_analyze import fake_run
+from repos import fake_run
 from pathlib import Path
 tree, n = Path.cwd(), int(sys.argv[1])
 for i in range(n):
@@ -394,21 +382,21 @@ def test_three_worktrees_writing_at_once_lose_and_duplicate_no_row(tmp_path, pre
 
 
 def test_crashes_in_a_row_stop_their_worker_and_every_other_rule_counts_the_night():
-    rules = supervise.StopRules(max_experiments=10, max_consecutive_crashes=2)
+    stop_rules = rules.StopRules(max_experiments=10, max_consecutive_crashes=2)
     runs = [{"status": "crash", "worker": "gpu1"}, {"status": "discard", "worker": "gpu0"},
             {"status": "crash", "worker": "gpu1"}]
     own0 = [r for r in runs if r["worker"] == "gpu0"]
     own1 = [r for r in runs if r["worker"] == "gpu1"]
-    assert supervise.stop_reason(runs, rules, 0, 0, own0) is None
-    assert supervise.stop_reason(runs, rules, 0, 0, own1).startswith("2 crashes in a row")
-    assert supervise.stop_reason(runs, rules, 0, 0) is None  # the only agent: its rows are the night's
-    budget = supervise.StopRules(max_experiments=3)
-    assert supervise.stop_reason(runs, budget, 0, 0, own0) == "experiment budget used (3 runs)"
+    assert rules.stop_reason(runs, stop_rules, 0, 0, own0) is None
+    assert rules.stop_reason(runs, stop_rules, 0, 0, own1).startswith("2 crashes in a row")
+    assert rules.stop_reason(runs, stop_rules, 0, 0) is None  # the only agent: its rows are the night's
+    budget = rules.StopRules(max_experiments=3)
+    assert rules.stop_reason(runs, budget, 0, 0, own0) == "experiment budget used (3 runs)"
 
 
 def test_a_worker_gets_the_nights_options_less_the_ones_that_make_it_a_night_of_workers():
     argv = ["--backend", "claude", "--gpus", "0,1", "--tag=dec01", "--hours", "8", "--workers", "2", "--launcher", "slurm"]
-    assert supervise.worker_argv(argv) == ["--backend", "claude", "--hours", "8", "--launcher", "slurm"]
+    assert workers.worker_argv(argv) == ["--backend", "claude", "--hours", "8", "--launcher", "slurm"]
 
 
 @pytest.mark.parametrize("gpus", ["", "0,0", "a,b"])

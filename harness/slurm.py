@@ -13,11 +13,17 @@ The parsing of scontrol's output and the decisions are pure functions (tests run
 the rest calls the Slurm commands, which must be on PATH (the agents' node is a Slurm client).
 """
 
+import math
 import re
 import shlex
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+from harness import settings
+from harness.contract import HarnessError
 
 LAUNCHER_PREFIX = "launcher: "      # the first word of every line launch.py adds to run.log
 SUCCESS_STATES = ("COMPLETED",)
@@ -28,13 +34,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NOD
 MAX_REQUEUES = 1                   # a pre-empted run is submitted again once; pre-empted twice, it is a crash
 POLL_S = 1.0                       # how often the job's state is read (scontrol is cheap; one call a second)
 GONE_AFTER_S = 60.0                # a job id scontrol no longer knows for this long has left no state: a crash
-DEFAULT_PENDING_S = 600.0          # a job still pending after this long (busy or unsatisfiable) is cancelled: a crash;
-                                   # within the agents' tool timeout (supervise.py: --train-timeout + 10 min) with the run
 OUTCOME = re.compile(r"^launcher: slurm job (?P<job>\S+) ended (?P<state>[A-Z_]+)(?P<rest>.*)$")
-
-
-class LaunchError(Exception):
-    """The job could not be submitted or followed: launch.py prints it as one `launcher:` line."""
 
 
 def parse_job(text: str) -> dict:
@@ -111,13 +111,13 @@ def _run(command: list, what: str) -> str:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise LaunchError(f"{command[0]} is not on PATH: this node is no Slurm client (install slurm-client, or "
+        raise HarnessError(f"{command[0]} is not on PATH: this node is no Slurm client (install slurm-client, or "
                           f"run without --launcher slurm)") from None
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"{what} did not answer in 120 s: is slurmctld up? (`scontrol ping`)") from None
+        raise HarnessError(f"{what} did not answer in 120 s: is slurmctld up? (`scontrol ping`)") from None
     if proc.returncode != 0:
         message = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
-        raise LaunchError(f"{what} failed: {message}")
+        raise HarnessError(f"{what} failed: {message}")
     return proc.stdout
 
 
@@ -129,16 +129,16 @@ def submit(command: list) -> str:
 
 def show(job_id: str):
     """The job's scontrol fields, or None once slurmctld no longer knows it (MinJobAge passed). Raises
-    LaunchError when scontrol fails otherwise (slurmctld down or restarting: follow() waits that out)."""
+    HarnessError when scontrol fails otherwise (slurmctld down or restarting: follow() waits that out)."""
     try:
         proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
                               timeout=120)
     except subprocess.TimeoutExpired:
-        raise LaunchError("scontrol did not answer in 120 s") from None
+        raise HarnessError("scontrol did not answer in 120 s") from None
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return None
-        raise LaunchError(f"scontrol show job {job_id} failed: {(proc.stderr.strip() or '?').splitlines()[-1]}")
+        raise HarnessError(f"scontrol show job {job_id} failed: {(proc.stderr.strip() or '?').splitlines()[-1]}")
     return parse_job(proc.stdout)
 
 
@@ -192,7 +192,7 @@ def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_u
         tail.pump()
         try:
             fields = show_job(job_id)
-        except LaunchError as e:  # slurmctld restarting or overloaded: as good as unknown, for a while
+        except HarnessError as e:  # slurmctld restarting or overloaded: as good as unknown, for a while
             fields, problem = None, str(e)
         if fields is None:
             unknown_since = unknown_since or time.monotonic()
@@ -217,3 +217,45 @@ def follow(job_id: str, tail: OutputTail, pending_limit_s: float, cancelled_by_u
             cancel_job(job_id)
             cancelled = True
         time.sleep(poll_s)
+
+
+def say(text: str):
+    print(f"{LAUNCHER_PREFIX}{text}", flush=True)
+
+
+def launch(args: list, run_dir: Path) -> int:
+    """Run `python train.py ARGS` in `run_dir` as a Slurm job (settings.SLURM), its output copied to
+    stdout as it is written; submitted again once when pre-empted. Returns the run's exit code."""
+    stop = {"asked": False}
+
+    def on_signal(signum, frame):
+        stop["asked"] = True  # follow() cancels the job and waits for its end
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    time_limit = math.ceil(settings.LIMITS["slurm_s"] / 60)
+    command = sbatch_command(settings.SLURM, run_dir, sys.executable, args, time_limit,
+                             f"autoresearch-{settings.WORKER}")
+    for attempt in range(MAX_REQUEUES + 1):
+        try:
+            job = submit(command)
+        except HarnessError as e:
+            say(f"slurm job - ended BOOT_FAIL (never submitted: {e})")
+            return 1
+        say(f"submitted slurm job {job} ({' '.join(command[2:-1])})")
+        tail = OutputTail(run_dir / f".slurm-{job}.out", sys.stdout.buffer)
+        try:
+            fields = follow(job, tail, settings.SLURM["pending_s"], lambda: stop["asked"])
+        except HarnessError as e:  # scancel failed: the job may still run; only a person can tell
+            tail.line(f"{LAUNCHER_PREFIX}slurm job {job} ended UNKNOWN (lost track of it: {e}; check "
+                      f"it with `scontrol show job {job}`, end it with `scancel {job}`)")
+            return 1
+        (run_dir / f".slurm-{job}.out").unlink(missing_ok=True)
+        state = job_state(fields)
+        if state in REQUEUE_STATES and attempt < MAX_REQUEUES and not stop["asked"]:
+            tail.line(f"{LAUNCHER_PREFIX}slurm job {job} was {state} "
+                      f"({tail.notice or 'no notice'}): submitting the run again, once")
+            continue
+        tail.line(outcome_line(job, fields, tail.notice))
+        return exit_code(fields)
+    return 1  # not reached: the last attempt always returns

@@ -1,18 +1,84 @@
 """
-The metrics and summary contract of auto-log-research, defined once.
+The contract every piece shares, defined once: the keys of `metrics.jsonl` and `run_summary.json`
+and their validators, the names of a run's files and of the prepare cache, the timestamp format,
+what the harness is and its hash, the seal, the one error class and the one atomic write.
 
-train.py writes `metrics.jsonl` (one JSON object per training step) and
-`run_summary.json` (one object per run) through the logger in prepare.py;
-analyze.py, the tests and program.md read them using the names below.
-Part of the fixed harness: the agent must not edit it. No torch import here,
-so analyze.py can use it without paying for torch.
+train.py writes its files through the harness's run logger (harness/runlog.py); analyze.py, the
+tests and program.md read them by the names below. Standard library only, so the analysis and the
+night use it without paying for torch.
 """
 
 import hashlib
 import json
 import math
 import os
+from datetime import datetime
 from pathlib import Path
+
+from harness import settings
+
+
+class HarnessError(Exception):
+    """A user-facing refusal or failure: printed as one `error: ...` line, never a traceback."""
+
+
+# ---------------------------------------------------------------------------
+# The files of a run, of the prepare cache, and the time stamps
+# ---------------------------------------------------------------------------
+
+RUN_METRICS = "metrics.jsonl"
+RUN_SUMMARY = "run_summary.json"
+RUN_LOG = "run.log"
+RUN_LOCK_FILE = ".train.lock"          # flock-held by a running train.py in its directory: analyze.py waits
+TRAIN_PY = "train.py"                  # the agent's file
+TRAIN_COMMAND = "uv run launch.py > run.log 2>&1"  # program.md's one training command
+MANIFEST = "manifest.json"             # what prepare.py prepared, in the cache
+DATA_DIR = "data"                      # the prepared corpus, in the cache
+TOKENIZER_DIR = "tokenizer"            # tokenizer.pkl and token_bytes.npy, in the cache
+SEALS_DIR = "seals"                    # the harness's seals of finished runs, in the cache
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (the run logger) and analyzed_at (analyze.py)
+LOG_STAMP_PREFIX = "run started_at: "  # the first line a run prints (so run.log's), then its started_at
+
+
+def cache_path(*parts) -> Path:
+    """A path in the prepare cache ($AUTORESEARCH_CACHE), e.g. cache_path(MANIFEST)."""
+    return settings.CACHE_DIR.joinpath(*parts)
+
+
+def stamp(t: float = None) -> str:
+    """A wall-clock time as every record writes it."""
+    import time
+    return time.strftime(STAMP_FORMAT, time.localtime(t))
+
+
+def parse_stamp(text):
+    """Epoch seconds of a STAMP_FORMAT time stamp, or None."""
+    try:
+        return datetime.strptime(text, STAMP_FORMAT).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def log_stamp(started_at: str) -> str:
+    """The line a run prints first: a run.log without its summary's stamp is another (later) process's log."""
+    return f"{LOG_STAMP_PREFIX}{started_at}"
+
+
+def atomic_write(path, data, mode: str = "w"):
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new,
+    never half. A failed write (a full disk) removes its temporary file; one a killed process left
+    is the store's repair's (analysis/store.py)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 # ---------------------------------------------------------------------------
 # metrics.jsonl: one line per step
@@ -35,12 +101,15 @@ REQUIRED_STEP_KEYS = (
     WEIGHT_DECAY, PROGRESS, STEP_TIME_MS, TOKENS_PER_SEC, MFU_PERCENT,
 )
 
-# Stamped on every line by the harness (prepare.RunLogger.log_step), never by train.py: the training clock's
+# Stamped on every line by the harness (harness/runlog.py), never by train.py: the training clock's
 # witness. Between two lines the wall clock advances by the step's time plus the evaluations in between,
 # so a step time that train.py under-reports (compute moved off the clock) shows.
 WALL_S = "harness/wall_s"              # seconds since the logger started (time.monotonic, read by the harness)
 EVAL_S = "harness/eval_s"              # seconds the harness spent in evaluate_val so far
 HARNESS_STEP_KEYS = (WALL_S, EVAL_S)
+# Derived by the harness from the step's own fields (harness/runlog.py), never supplied by train.py, so
+# that the smoothed loss, the progress, the throughput and the MFU mean the same in every run.
+DERIVED_STEP_KEYS = (TRAIN_LOSS_SMOOTH, PROGRESS, TOKENS_PER_SEC, MFU_PERCENT)
 # The agent's own metrics: any finite number under this prefix (analysis.md lists them, a plot shows them).
 AGENT_PREFIX = "agent/"
 
@@ -86,35 +155,34 @@ SUMMARY_KEYS = (
                 # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
 )
 
-# The `---` block train.py prints at the end, in this order, so `grep "^val_bpb:" run.log` works.
+# The `---` block a finished run prints at the end, in this order, so `grep "^val_bpb:" run.log` works.
 FINAL_BLOCK_KEYS = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
     "total_tokens_M", "num_steps", "num_params_M", "depth",
 )
-
-# What links a run's files to the process that wrote them (prepare.RunLogger writes, analyze.py checks).
-RUN_LOCK_FILE = ".train.lock"          # flock-held by a running train.py in its directory: analyze.py waits for it
-LOG_STAMP_PREFIX = "run started_at: "  # the first line a run prints (so run.log's), then its summary's started_at
+WARMUP_KEY = "CLOCK_WARMUP_STEPS"  # the config constant of the steps kept off the training clock
 
 
-def log_stamp(started_at: str) -> str:
-    """The line a run prints first: a run.log without its summary's stamp is another (later) process's log."""
-    return f"{LOG_STAMP_PREFIX}{started_at}"
+def warmup_steps(summary: dict) -> int:
+    """The steps a run kept off its training clock (its config's CLOCK_WARMUP_STEPS; 0 without one)."""
+    value = (summary.get("config") or {}).get(WARMUP_KEY, 0)
+    return int(value) if finite_number(value) else 0
 
 
-# Files the harness consists of: their hash goes into every summary (metric integrity).
-HARNESS_FILES = ("prepare.py", "schema.py")
+# ---------------------------------------------------------------------------
+# The harness, its hash, and the identity of the prepared data
+# ---------------------------------------------------------------------------
+
+HARNESS_PACKAGE = "harness"   # the fixed harness: every .py file in it, and prepare.py, are hashed
+HARNESS_FILES = ("prepare.py",)
+# What git must show unchanged in a store: the hashed harness, and what launches and judges the runs.
+FIXED_PATHSPECS = (*HARNESS_FILES, HARNESS_PACKAGE, "launch.py", "analyze.py", "analysis")
+HARNESS_MODULES = ("prepare", HARNESS_PACKAGE)  # what a train.py imports of the fixed harness
 HASH_CHUNK_BYTES = 1 << 20    # files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
 
 
-# ---------------------------------------------------------------------------
-# Identity of the harness and of the prepared data (shared by prepare.py and analyze.py, which must
-# compute them identically and must not import each other's dependencies)
-# ---------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Where prepare.py writes data, tokenizer and manifest.json: $AUTORESEARCH_CACHE or ~/.cache/autoresearch."""
-    return Path(os.environ.get("AUTORESEARCH_CACHE", Path.home() / ".cache" / "autoresearch"))
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path, chunk: int = HASH_CHUNK_BYTES) -> str:
@@ -125,36 +193,42 @@ def sha256_file(path, chunk: int = HASH_CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
+def harness_files(root) -> list:
+    """The files of the harness in `root`, relative, in the order they are hashed."""
+    root = Path(root)
+    package = sorted(p.relative_to(root).as_posix() for p in (root / HARNESS_PACKAGE).glob("*.py"))
+    return [*HARNESS_FILES, *package]
+
+
 def harness_hash(root) -> str:
-    """16 hex digits of sha256 over every HARNESS_FILES name and content in `root` (a summary's harness_hash)."""
+    """16 hex digits of sha256 over the name and content of every harness file in `root`."""
     h = hashlib.sha256()
-    for name in HARNESS_FILES:
+    for name in harness_files(root):
         h.update(name.encode() + b"\0" + (Path(root) / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 def manifest_hash(manifest: dict) -> str:
-    """16 hex digits of sha256 over a manifest's content: everything but its own hash and creation time,
-    so re-preparing the same data keeps the hash, and an edited manifest.json no longer matches it."""
+    """16 hex digits of sha256 over a manifest's content: everything but its own hash and creation
+    time, so re-preparing the same data keeps the hash, and an edited manifest.json no longer matches."""
     content = {k: v for k, v in manifest.items() if k not in ("manifest_hash", "created")}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# The seal: what the harness wrote, kept outside the run directory (in the prepare cache), so a summary or
-# metrics file that train.py rewrote, appended to or wrote itself no longer matches.
-SEALS_DIR = "seals"
-
+# The seal: what the harness wrote, kept outside the run directory (in the prepare cache), so a
+# summary or metrics file that train.py rewrote, appended to or wrote itself no longer matches.
 
 def seal_path(run_dir, started_at: str) -> Path:
     """Where the harness seals the run that started at `started_at` in `run_dir`."""
     key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{started_at}".encode()).hexdigest()[:16]
-    return cache_dir() / SEALS_DIR / f"{key}.json"
+    return cache_path(SEALS_DIR, f"{key}.json")
 
 
-def write_seal(run_dir, started_at: str, summary_text: str, metrics_sha256: str, metrics_lines: int, val_bpb):
-    """Seal a run's files as the harness wrote them: the summary's sha256, the metrics' sha256 and line count,
-    and the val_bpb the harness computed itself (None for a run that did not finish)."""
-    seal = {"summary_sha256": hashlib.sha256(summary_text.encode()).hexdigest(), "metrics_sha256": metrics_sha256,
+def write_seal(run_dir, started_at: str, summary_text: str, metrics_sha256: str, metrics_lines: int,
+               val_bpb):
+    """Seal a run's files as the harness wrote them: the summary's sha256, the metrics' sha256 and
+    line count, and the val_bpb the harness computed itself (None for a run that did not finish)."""
+    seal = {"summary_sha256": sha256_bytes(summary_text.encode()), "metrics_sha256": metrics_sha256,
             "metrics_lines": metrics_lines, "val_bpb": val_bpb}
     path = seal_path(run_dir, started_at)
     path.parent.mkdir(parents=True, exist_ok=True)

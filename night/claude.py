@@ -1,0 +1,230 @@
+"""
+The claude backend: your Claude Code CLI (`claude -p`), restarted whenever it exits, its output
+read into supervisor.log one line per message, tool call and result, its key handed over by a
+file it reads once.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from harness import proc, settings
+from night import rules
+from night.environment import agent_environment
+from night.supervisor import POLL_S, PROGRAM, Supervisor, worker_preamble
+
+# unattended: no permission prompts; stream-json so that every tool call and result reaches the log
+DEFAULT_CLAUDE_COMMAND = "claude -p --dangerously-skip-permissions --output-format stream-json --verbose"
+
+QUICK_EXIT_S = 60                    # a claude session shorter than this without an experiment is a failed start
+
+MAX_QUICK_EXITS = 5                  # ... and this many in a row stop the night (not logged in, bad command, ...)
+
+RESTART_DELAY_S = 10.0               # pause before restarting an agent; doubles after each failed session
+
+MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
+
+DEFAULT_MAX_OUTAGE_H = 1.0           # failed sessions (API down, 5xx, 401) for this long end the night
+
+LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
+
+ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run the night "
+                "as a non-root user, or, inside a container or VM you are willing to let the agent own, set "
+                "IS_SANDBOX=1 (Claude Code's variable for sandboxed environments); see README, 'Threat model'")
+
+RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
+Read program.md and follow its loop. The state of the research is on disk, not in your memory:
+- .auto-log-research/insights.md (the Current Best block and validated findings),
+- .auto-log-research/ideas_queue.md (prioritised hypotheses),
+- .auto-log-research/results.tsv (every run so far; `uv run analyze.py status` summarises it).
+Check `git status` and `git log -3` first: finish or revert any half-done experiment, then continue the loop.
+Never stop to ask; keep experimenting."""
+
+
+def root_refusal(command: list, env: dict):
+    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so before starting."""
+    if os.geteuid() == 0 and "--dangerously-skip-permissions" in command and not env.get("IS_SANDBOX"):
+        return ROOT_REFUSAL
+    return None
+
+
+def claude_environment(sup) -> dict:
+    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the longest
+    training run (the CLI's default, 2 minutes, would cut every run and blame the idea's code)."""
+    env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
+    ms = str(int((sup.args.train_timeout + settings.TOOL_MARGIN_S) * 1000))
+    env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
+    return env
+
+
+class SessionLog:
+    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log as
+    one readable line per message, tool call and result, redacted; remembers the last error."""
+
+    def __init__(self, sup, stream):
+        self.sup, self.last_error, self.last_line, self.api_retry = sup, None, None, None
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for raw in stream:
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):
+                self.sup.write_log(line)
+                self.last_line = line
+                if "error" in line.lower():
+                    self.last_error = line.strip()
+                continue
+            for text in self._describe(event):
+                self.sup.write_log(text)
+
+    def _describe(self, event: dict) -> list:
+        kind = event.get("type")
+        if kind == "assistant":
+            out = []
+            for block in event.get("message", {}).get("content", []):
+                if block.get("type") == "text":
+                    out.append(f"[assistant] {block.get('text', '')}")
+                elif block.get("type") == "tool_use":
+                    out.append(f"[tool {block.get('name')}] {json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
+            return out
+        if kind == "user":
+            out = []
+            for block in event.get("message", {}).get("content", []):
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    content = block.get("content")
+                    if isinstance(content, list):
+                        content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+                    flag = " ERROR" if block.get("is_error") else ""
+                    out.append(f"[result{flag}] {str(content)[-LOG_RESULT_CHARS:]}")
+            return out
+        if kind == "system" and event.get("subtype") == "api_retry":
+            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, retry "
+                              f"{event.get('attempt')} of {event.get('max_retries')}").replace("  ", " ")
+            self.last_error = self.api_retry
+            return [f"[claude] {self.api_retry}"]
+        if kind == "result":
+            text = str(event.get("result", ""))
+            if event.get("is_error"):
+                self.last_error = text.strip() or str(event.get("subtype"))
+            self.last_line = text.splitlines()[-1] if text.strip() else self.last_line
+            return [f"[claude result {event.get('subtype')}] {text[-LOG_RESULT_CHARS:]}"]
+        if kind == "system" and event.get("subtype") == "init":
+            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, model {event.get('model')}"]
+        return []
+
+
+class KeyHandover:
+    """Gives the claude CLI its API key without an environment variable: a key file readable by this user
+    only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it and deletes
+    it. The CLI reads it once at start (its helper TTL is set beyond the night), before the agent can run
+    a command, and then holds it in memory only: the agent's commands and train.py never inherit it."""
+
+    TTL_MS = str(7 * 24 * 3600 * 1000)  # never ask the helper again during a session: the file is gone
+
+    def __init__(self, secret: str):
+        import tempfile
+        self.secret = secret
+        self.dir = Path(tempfile.mkdtemp(prefix="alr-key-"))  # 0700
+        self.key_file = self.dir / "key"
+        self.helper = self.dir / "api-key-helper"
+        self.helper.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self.key_file))} 2>/dev/null\n"
+                               f"rm -f {shlex.quote(str(self.key_file))}\n")
+        self.helper.chmod(0o700)
+
+    def arm(self, command: list, env: dict) -> list:
+        """Put the key in place for one session; the command with the helper setting added."""
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.secret)
+        env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"] = self.TTL_MS
+        return command + ["--settings", json.dumps({"apiKeyHelper": str(self.helper)})]
+
+    def disarm(self):
+        self.key_file.unlink(missing_ok=True)
+
+    def close(self):
+        self.disarm()
+        self.helper.unlink(missing_ok=True)
+        self.dir.rmdir()
+
+
+def run_claude(sup: Supervisor) -> int:
+    command = shlex.split(sup.args.claude_command)
+    env = claude_environment(sup)
+    refusal = root_refusal(command, env)
+    if refusal:
+        sup.stop(refusal, failed=True)
+        print(f"error: {refusal}", file=sys.stderr)
+        return sup.finish()
+    handover = KeyHandover(sup.secret) if sup.secret else None
+    program = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
+    session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
+    while not sup.check():
+        session += 1
+        prompt = program if session == 1 else worker_preamble(sup) + RESUME_PROMPT
+        rows_before, t0 = len(sup.new_runs()), time.time()
+        sup.status(f"claude session {session} started")
+        sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        session_command = handover.arm(command, env) if handover else command
+        try:
+            child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+        except FileNotFoundError:
+            sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)", failed=True)
+            break
+        output = SessionLog(sup, child.stdout)
+        try:
+            child.stdin.write(prompt)
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited before reading: handled below like any exit
+        while child.poll() is None:
+            if sup.should_end_agent():
+                proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
+                break
+            time.sleep(POLL_S)
+        output.thread.join(timeout=30)
+        if handover:
+            handover.disarm()  # read by the CLI at its start; gone in any case once the session is
+        duration = time.time() - t0
+        sup.write_log(f"=== claude session {session} exited with code {child.returncode} after {duration:.0f} s")
+        new_run = len(sup.new_runs()) > rows_before
+        if new_run or (child.returncode == 0 and duration >= QUICK_EXIT_S):
+            quick_exits, failures, failing_since, delay = 0, 0, None, sup.args.restart_delay
+        elif sup.stopping is None:
+            failures += 1
+            failing_since = failing_since or t0
+            # a quick exit that never reached the API is a bad start (command, login); one that did is an outage
+            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S and not output.api_retry else 0
+            error = output.last_error or output.last_line or f"exit code {child.returncode}"
+            what = "API unreachable" if output.api_retry else "agent sessions failing"
+            if quick_exits >= MAX_QUICK_EXITS:
+                sup.stop(f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an experiment "
+                         f"(last exit code {child.returncode}): {error}", failed=True)
+            elif time.time() - failing_since >= sup.args.max_outage_hours * 3600:
+                sup.stop(f"{what} since {rules.hhmm(failing_since)} "
+                         f"({failures} sessions without a run): {error}", failed=True)
+            else:
+                sup.status(f"{what} since {rules.hhmm(failing_since)} "
+                           f"({failures} failed sessions); last error: {error}; retrying in {delay:.0f} s")
+        if sup.stopping is None:
+            if not failures:
+                sup.status(f"claude session {session} exited (code {child.returncode}); restarting")
+            sup.sleep(delay)
+            if failures:
+                delay = min(delay * 2, MAX_BACKOFF_S)
+    if handover:
+        handover.close()
+    return sup.finish()

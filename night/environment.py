@@ -1,0 +1,74 @@
+"""
+What the agent and its commands get of the night: an allowlisted environment with no API key,
+cloud, Hugging Face or GitHub tokens or ssh agent; the key itself travels on a pipe instead.
+"""
+
+import os
+import sys
+
+from harness import settings
+
+KEY_ENV = "ANTHROPIC_API_KEY"
+KEY_FD_FLAG = "--key-fd"  # internal: the API key arrives on this pipe, never through the environment
+# What the agent's processes may see of the supervisor's environment (plus --pass-env): no cloud,
+# Hugging Face or GitHub tokens, no ssh agent, unless the user names them.
+ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+             "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+             "IS_SANDBOX", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+             "no_proxy", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+             "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"}
+# the cluster's client settings (SLURM_CONF, SBATCH_ACCOUNT) hold no secrets
+ENV_ALLOW_PREFIXES = ("LC_", "XDG_", "AUTORESEARCH_", "CUDA_", "NVIDIA_", "UV_", "TORCH",
+                      "TRITON_", "SLURM_", "SBATCH_")
+CLIENT_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "DISABLE_")  # the claude CLI's own (its key too)
+
+
+def agent_environment(extra_names=(), client=False, night=None) -> dict:
+    """The environment of the agent and its commands: the allowlist, the names the user passed,
+    the night's marker, and (for the claude CLI itself, `client`) its own ANTHROPIC_/CLAUDE_
+    settings."""
+    def allowed(name):
+        return (name in ENV_ALLOW or name in extra_names or name.startswith(ENV_ALLOW_PREFIXES)
+                or (client and name.startswith(CLIENT_ENV_PREFIXES)))
+    env = {k: v for k, v in os.environ.items() if allowed(k)}
+    if night:
+        env[settings.NIGHT_ENV] = night
+    return env
+
+
+def key_pipe(key: str) -> int:
+    """The read end of a pipe that holds the key (far smaller than a pipe's buffer), for a process
+    started with it as --key-fd."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, key.encode())
+    os.close(write_end)
+    return read_end
+
+
+def handed_over_key(key_fd, script: str, argv: list):
+    """The API key, kept out of every environment: the first call re-executes `script` (the
+    supervisor) without ANTHROPIC_API_KEY, the key on a pipe (so no process of the agent's can read
+    it, not even from /proc/<supervisor>/environ), and does not return; the re-executed one reads
+    it from key_fd. None without a key."""
+    if key_fd is not None:
+        with os.fdopen(key_fd) as f:
+            return f.read() or None
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return None
+    read_end = key_pipe(key)
+    os.set_inheritable(read_end, True)
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv, KEY_FD_FLAG,
+                               str(read_end)], env)
+
+
+def launcher_environment(args, environ):
+    """Where `uv run launch.py` trains, for every process of the night: the launcher options as the
+    AUTORESEARCH_ settings launch.py reads (an option not given leaves the environment's value)."""
+    for value, name in ((args.launcher, settings.LAUNCHER_ENV),
+                        (args.partition, settings.SLURM_PARTITION_ENV),
+                        (args.gres, settings.SLURM_GRES_ENV),
+                        (args.slurm_args, settings.SLURM_ARGS_ENV)):
+        if value is not None:
+            environ[name] = value
