@@ -315,3 +315,46 @@ def test_a_training_run_is_aged_from_its_own_start(night, tmp_path):
         run.kill()
         run.wait()
     assert processes.scripts_in(repo, "train.py") == []
+
+
+def test_the_keep_policy_is_the_one_the_night_started_with(night):
+    """The agent cannot change the night's keep policy: an analyze.py run under another
+    AUTORESEARCH_VERDICT judges with the policy the night fixed at its start, says so, and records it."""
+    repo, calls, start = night
+    gain = "AUTORESEARCH_VERDICT=gain"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"{sys.executable} analyze.py keep"},
+                   {"sh": f"{gain} {sys.executable} analyze.py status > {calls}/status.out 2>&1"},
+                   {"sh": "sed -i 's/^DEPTH = 8 /DEPTH = 9 /' train.py && git commit -qam 'depth 9'"},
+                   {"sh": f"{gain} make_run 0.99 > {calls}/analyze.out 2>&1"},
+                   {"sleep": 120}]],
+                 "--max-experiments", "2", "--stop-grace", "2")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "AUTORESEARCH_VERDICT" not in json.loads((calls / "env.1").read_text())  # the agent's own
+    said = (calls / "analyze.out").read_text()
+    assert "note: AUTORESEARCH_VERDICT=gain is ignored: the night running here (supervise.py pid " in said
+    assert "fixed the keep policy validated when it started" in said
+    rows = Store(repo).read_ledger()
+    assert rows[-1]["verdict_mode"] == "validated" and rows[-1]["delta_best"] is not None
+    assert "verdict mode: validated" in (calls / "status.out").read_text()
+    assert not (repo / ".auto-log-research" / "night.json").exists()  # the night is over: nothing is fixed now
+
+
+def test_a_hung_run_is_recorded_timeout_by_its_watchdog_not_killed_by_the_night(prepared, night):
+    """The one ordering of limits at work: a run that hangs is ended by the harness's watchdog, which
+    writes its `timeout` summary, long before the night's own kill (watchdog + 120 s) would fire."""
+    repo, calls, start = night
+    source = (repo / "train.py").read_text()
+    hang = "    run.log_step(record)\n"
+    assert hang in source
+    (repo / "train.py").write_text(source.replace(hang, hang + "    if step == 2:\n        time.sleep(3600)\n", 1))
+    git(repo, "commit", "-qam", "a hang at step 2")
+    train = f"{sys.executable} launch.py > run.log 2>&1; {sys.executable} analyze.py"
+    proc = start([[{"sh": train}, {"sleep": 300}]], "--max-experiments", "1",
+                 env={"AUTORESEARCH_WATCHDOG_S": "20", "AUTORESEARCH_TIME_BUDGET": "60"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    [row] = Store(repo).read_ledger()
+    assert row["status"] == "timeout" and "watchdog: run exceeded 20s of wall time" in row["error"], row
+    text = (repo / ".auto-log-research" / "status.log").read_text()
+    assert "killed a training run" not in text and "stopped: experiment budget used (1 runs)" in text
