@@ -307,8 +307,8 @@ def test_program_md_commands_exist_and_run(repo):
     # the status command runs in a fresh repository
     proc = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0
-    for name in ("train.py", "prepare.py", "contract.py", "analyze.py", "analysis/", "pyproject.toml",
-                 "README.md"):
+    for name in ("train.py", "harness/metric.py", "prepare.py", "launch.py", "analyze.py", "harness/",
+                 "analysis/", "pyproject.toml", "README.md"):
         assert name in (ROOT / "program.md").read_text() and Path(ROOT / name.rstrip("/")).exists(), name
 
 
@@ -348,3 +348,13 @@ def test_a_context_that_grew_too_long_is_trimmed_and_the_experiment_goes_on(repo
     first_result = retried["messages"][2]["content"][0]["content"]
     assert first_result.startswith("[trimmed: the context grew too long]") and len(first_result) < 3000
     assert "[assistant] finished after trimming" in log
+
+
+def test_what_program_md_has_the_agent_read_at_setup_is_named_counted_and_under_1000_lines():
+    text = (ROOT / "program.md").read_text()
+    said = re.search(r"Read `train.py` and `harness/metric.py` \(the evaluation\): about (\d+) lines in all",
+                     text)
+    assert said, "program.md's setup no longer says what to read and how long it is"
+    actual = sum(len((ROOT / name).read_text().splitlines()) for name in ("train.py", "harness/metric.py"))
+    assert actual < 1000 and abs(actual - int(said[1])) <= 0.05 * actual, (actual, said[1])
+    assert "prepare.py (the constants" not in text and "evaluate_bpb" not in text  # no 1,300-line skim
