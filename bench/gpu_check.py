@@ -219,7 +219,8 @@ def summarise(check: Check) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description="The whole GPU measurement of train.py as one "
+                                     "command under a wall-clock deadline (see its docstring).")
     parser.add_argument("--wheels", type=Path, help="folder of .whl files to install first "
                                                     "(offline)")
     parser.add_argument("--cache", type=Path,
