@@ -13,12 +13,9 @@ so the tokenizer and validation hashes cost what they cost on the real data.
 Usage: uv run bench/bench_analyze.py [--runs 500] [--repeats 5] [--out bench/results/NAME.json]
 """
 
-import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 import synthetic  # noqa: E402
+from bench_common import envelope, parse_args, timed_run, timings, write_result  # noqa: E402
 from harness import contract  # noqa: E402
 from analysis.store import Store  # noqa: E402
 
@@ -80,11 +78,7 @@ def build_history(repo: Path, n_runs: int, commit: str):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     repo = Path(tempfile.mkdtemp(prefix="alr-bench-analyze-"))
     cache = Path(tempfile.mkdtemp(prefix="alr-bench-cache-"))
@@ -110,29 +104,20 @@ def main():
                                          train_sha256=f"{10_000 + k:064x}",
                                          started_at=f"2026-11-22T00:00:{k:02d}+0000")
         synthetic.write_run(repo, records, summary, f"bench run {k}\n")
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "analyze.py"], cwd=repo, capture_output=True, text=True)
-        times.append(time.perf_counter() - t)
-        if proc.returncode != 0:
-            sys.exit(f"analyze.py failed: {proc.stderr.strip()}")
+        seconds, proc = timed_run(["analyze.py"], repo)
+        times.append(seconds)
         if "INVALID" in proc.stdout:
             sys.exit(f"the benchmark run was judged invalid, so it did not time a normal analysis:\n{proc.stdout}")
         print(f"repeat {k + 1}: {times[-1]:.2f} s")
     ledger_rows = len(Store(repo).read_ledger())
     result = {
-        "benchmark": "bench/bench_analyze.py", "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
-        "python": platform.python_version(), "history_runs": args.runs, "steps": STEPS, "depth": DEPTH,
-        "val_bytes_hashed": VAL_BYTES,
-        "ledger_rows_after": ledger_rows, "seconds": times,
-        "median_s": statistics.median(times), "max_s": max(times),
+        **envelope(__file__), "history_runs": args.runs, "steps": STEPS, "depth": DEPTH,
+        "val_bytes_hashed": VAL_BYTES, "ledger_rows_after": ledger_rows, **timings(times),
         "last_stdout": proc.stdout.strip().splitlines(),
     }
     print(f"median {result['median_s']:.2f} s, max {result['max_s']:.2f} s over {args.repeats} runs "
           f"with {args.runs} archived")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     shutil.rmtree(repo)
     shutil.rmtree(cache)
 

@@ -12,12 +12,9 @@ whole `python analyze.py report` process, interpreter start and imports included
 Usage: uv run bench/bench_report.py [--runs 500] [--repeats 5] [--out bench/results/NAME.json]
 """
 
-import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synthetic  # noqa: E402
+from bench_common import envelope, parse_args, timed_run, timings, write_result  # noqa: E402
 from analysis import html_report  # noqa: E402
 from analysis.store import Store  # noqa: E402
 
@@ -110,11 +108,7 @@ def build_store(repo: Path, n_runs: int, analysis: str):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     tmp = Path(tempfile.mkdtemp(prefix="alr-bench-report-"))
     cache = tmp / "cache"
@@ -128,25 +122,17 @@ def main():
     print(f"store of {args.runs} runs written in {time.perf_counter() - t0:.1f} s")
     times = []
     for k in range(args.repeats):
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "analyze.py", "report"], cwd=repo, capture_output=True, text=True)
-        times.append(time.perf_counter() - t)
-        if proc.returncode != 0:
-            sys.exit(f"analyze.py report failed: {proc.stderr.strip()}")
+        seconds, proc = timed_run(["analyze.py", "report"], repo)
+        times.append(seconds)
         print(f"repeat {k + 1}: {times[-1]:.2f} s")
     size = Store(repo).path(html_report.REPORT_HTML).stat().st_size
     result = {
-        "benchmark": "bench/bench_report.py", "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
-        "python": platform.python_version(), "runs": args.runs, "kept": len(range(0, args.runs, KEEP_EVERY)),
-        "seconds": times, "median_s": statistics.median(times), "max_s": max(times),
-        "report_bytes": size, "last_stdout": proc.stdout.strip(),
+        **envelope(__file__), "runs": args.runs, "kept": len(range(0, args.runs, KEEP_EVERY)),
+        **timings(times), "report_bytes": size, "last_stdout": proc.stdout.strip(),
     }
     print(f"median {result['median_s']:.2f} s, max {result['max_s']:.2f} s over {args.repeats} repeats; "
           f"report.html {size / 1e6:.2f} MB for {args.runs} runs")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     shutil.rmtree(tmp)
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from harness import contract, data, device, runlog, settings  # noqa: E402
 
 from train_defs import load_train_definitions  # noqa: E402
-from train_variants import run_train, write_variant  # noqa: E402
+from train_variants import RunFailed, run_train, write_variant  # noqa: E402
 
 
 def timeit(fn, n):
@@ -130,7 +130,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     DEVICE = device.autodetect_device()
     manifest = data.load_manifest()
-    e2e, run_config = end_to_end(args.budget, args.repeats)
+    try:
+        e2e, run_config = end_to_end(args.budget, args.repeats)
+    except RunFailed as e:
+        sys.exit(f"error: {e}\n{e.stdout_tail}\n{e.stderr_tail}")
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": device.device_description(DEVICE),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
