@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synthetic  # noqa: E402
 from bench_common import envelope, parse_args, timed_run, timings, write_result  # noqa: E402
-from harness import contract  # noqa: E402
+from harness import contract, settings  # noqa: E402
 from analysis.store import Store  # noqa: E402
 
 STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
@@ -83,7 +83,8 @@ def main():
     repo = Path(tempfile.mkdtemp(prefix="alr-bench-analyze-"))
     cache = Path(tempfile.mkdtemp(prefix="alr-bench-cache-"))
     build_cache(cache)
-    os.environ["AUTORESEARCH_CACHE"] = str(cache)  # for the summaries written here and the analyze.py processes
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)  # for the analyze.py processes
+    settings.CACHE_DIR = cache  # for the summaries written here (this process read its settings at import)
     synthetic.copy_harness(repo)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")
     git("init", "-q", cwd=repo)
