@@ -25,9 +25,11 @@ __all__ = ["MAX_SEQ_LEN", "TIME_BUDGET", "Tokenizer", "make_dataloader", "start_
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for auto-log-research.")
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for "
+                                                 "auto-log-research.")
     parser.add_argument("--num-shards", type=int, default=data.DEFAULT_NUM_SHARDS,
-                        help=f"climbmix train shards to download (default {data.DEFAULT_NUM_SHARDS})")
+                        help=f"climbmix train shards to download "
+                             f"(default {data.DEFAULT_NUM_SHARDS})")
     parser.add_argument("--data", metavar="PATH",
                         help="your own corpus: a .txt/.jsonl/.parquet file or a directory of them")
     parser.add_argument("--offline", action="store_true",

@@ -29,7 +29,8 @@ class HarnessError(Exception):
 RUN_METRICS = "metrics.jsonl"
 RUN_SUMMARY = "run_summary.json"
 RUN_LOG = "run.log"
-RUN_LOCK_FILE = ".train.lock"          # flock-held by a running train.py in its directory: analyze.py waits
+# flock-held by a running train.py in its directory: analyze.py waits
+RUN_LOCK_FILE = ".train.lock"
 TRAIN_PY = "train.py"                  # the agent's file
 TRAIN_COMMAND = "uv run launch.py > run.log 2>&1"  # program.md's one training command
 MANIFEST = "manifest.json"             # what prepare.py prepared, in the cache
@@ -37,7 +38,8 @@ DATA_DIR = "data"                      # the prepared corpus, in the cache
 TOKENIZER_DIR = "tokenizer"            # tokenizer.pkl and token_bytes.npy, in the cache
 SEALS_DIR = "seals"                    # the harness's seals of finished runs, in the cache
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (the run logger) and analyzed_at (analyze.py)
-LOG_STAMP_PREFIX = "run started_at: "  # the first line a run prints (so run.log's), then its started_at
+# the first line a run prints (so run.log's), then its started_at
+LOG_STAMP_PREFIX = "run started_at: "
 
 
 def cache_path(*parts) -> Path:
@@ -60,7 +62,8 @@ def parse_stamp(text):
 
 
 def log_stamp(started_at: str) -> str:
-    """The line a run prints first: a run.log without its summary's stamp is another (later) process's log."""
+    """The line a run prints first: a run.log without its summary's stamp is another (later)
+    process's log."""
     return f"{LOG_STAMP_PREFIX}{started_at}"
 
 
@@ -85,7 +88,8 @@ def atomic_write(path, data, mode: str = "w"):
 # ---------------------------------------------------------------------------
 
 STEP = "step"                          # 0-based optimizer step
-TIME_S = "time_s"                      # training clock (s): excludes startup, compile warmup and evals
+# training clock (s): excludes startup, compile warmup and evals
+TIME_S = "time_s"
 TRAIN_LOSS = "train/loss"              # loss of this step's last micro-batch (nats/token)
 TRAIN_LOSS_SMOOTH = "train/loss_smooth"  # bias-corrected EMA of train/loss
 LR_MULTIPLIER = "train/lr_multiplier"  # schedule multiplier applied to every group's base lr
@@ -102,15 +106,17 @@ REQUIRED_STEP_KEYS = (
 )
 
 # Stamped on every line by the harness (harness/runlog.py), never by train.py: the training clock's
-# witness. Between two lines the wall clock advances by the step's time plus the evaluations in between,
-# so a step time that train.py under-reports (compute moved off the clock) shows.
-WALL_S = "harness/wall_s"              # seconds since the logger started (time.monotonic, read by the harness)
+# witness. Between two lines the wall clock advances by the step's time plus the evaluations in
+# between, so a step time that train.py under-reports (compute moved off the clock) shows.
+# seconds since harness/runlog.py's Run started (time.monotonic, read by the harness)
+WALL_S = "harness/wall_s"
 EVAL_S = "harness/eval_s"              # seconds the harness spent in evaluate_val so far
 HARNESS_STEP_KEYS = (WALL_S, EVAL_S)
-# Derived by the harness from the step's own fields (harness/runlog.py), never supplied by train.py, so
-# that the smoothed loss, the progress, the throughput and the MFU mean the same in every run.
+# Derived by the harness from the step's own fields (harness/runlog.py), never supplied by train.py,
+# so that the smoothed loss, the progress, the throughput and the MFU mean the same in every run.
 DERIVED_STEP_KEYS = (TRAIN_LOSS_SMOOTH, PROGRESS, TOKENS_PER_SEC, MFU_PERCENT)
-# The agent's own metrics: any finite number under this prefix (analysis.md lists them, a plot shows them).
+# The agent's own metrics: any finite number under this prefix (analysis.md lists them, a plot shows
+# them).
 AGENT_PREFIX = "agent/"
 
 # Periodic keys: present only on the steps where they were measured.
@@ -148,14 +154,18 @@ SUMMARY_KEYS = (
     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
     "harness_hash", "train_sha256", "config",
-    "causality",  # the harness's probe at the final evaluation: ok, max_change of earlier logits, position, rows
-    "harness_check",  # the harness's own functions and classes as imported, checked at the final evaluation:
-                      # ok, changed (the names train.py rebound or whose code it replaced)
-    "compile",  # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
-                # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
+    # the harness's probe at the final evaluation: ok, max_change of earlier logits, position, rows
+    "causality",
+    # the harness's own functions and classes as imported, checked at the final evaluation
+    # (harness/selfcheck.py): ok, changed (the names train.py rebound or whose code it replaced)
+    "harness_check",
+    # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
+    # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
+    "compile",
 )
 
-# The `---` block a finished run prints at the end, in this order, so `grep "^val_bpb:" run.log` works.
+# The `---` block a finished run prints at the end, in this order, so `grep "^val_bpb:" run.log`
+# works.
 FINAL_BLOCK_KEYS = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
     "total_tokens_M", "num_steps", "num_params_M", "depth",
@@ -164,7 +174,8 @@ WARMUP_KEY = "CLOCK_WARMUP_STEPS"  # the config constant of the steps kept off t
 
 
 def warmup_steps(summary: dict) -> int:
-    """The steps a run kept off its training clock (its config's CLOCK_WARMUP_STEPS; 0 without one)."""
+    """The steps a run kept off its training clock (its config's CLOCK_WARMUP_STEPS; 0 without
+    one)."""
     value = (summary.get("config") or {}).get(WARMUP_KEY, 0)
     return int(value) if finite_number(value) else 0
 
@@ -175,10 +186,12 @@ def warmup_steps(summary: dict) -> int:
 
 HARNESS_PACKAGE = "harness"   # the fixed harness: every .py file in it, and prepare.py, are hashed
 HARNESS_FILES = ("prepare.py",)
-# What git must show unchanged in a store: the hashed harness, and what launches and judges the runs.
+# What git must show unchanged in a store: the hashed harness, and what launches and judges the
+# runs.
 FIXED_PATHSPECS = (*HARNESS_FILES, HARNESS_PACKAGE, "launch.py", "analyze.py", "analysis")
 HARNESS_MODULES = ("prepare", HARNESS_PACKAGE)  # what a train.py imports of the fixed harness
-HASH_CHUNK_BYTES = 1 << 20    # files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
+# files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
+HASH_CHUNK_BYTES = 1 << 20
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -210,7 +223,8 @@ def harness_hash(root) -> str:
 
 def manifest_hash(manifest: dict) -> str:
     """16 hex digits of sha256 over a manifest's content: everything but its own hash and creation
-    time, so re-preparing the same data keeps the hash, and an edited manifest.json no longer matches."""
+    time, so re-preparing the same data keeps the hash, and an edited manifest.json no longer
+    matches."""
     content = {k: v for k, v in manifest.items() if k not in ("manifest_hash", "created")}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -247,7 +261,8 @@ def finite_number(v) -> bool:
 def step_record_problems(rec: dict) -> list:
     problems = [f"missing {k}" for k in REQUIRED_STEP_KEYS if k not in rec]
     for k, v in rec.items():
-        if (k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or k in HARNESS_STEP_KEYS or parse_layer_key(k)
+        if (k in REQUIRED_STEP_KEYS or k in (VAL_BPB, VAL_LOSS) or k in HARNESS_STEP_KEYS
+            or parse_layer_key(k)
             or (isinstance(k, str) and k.startswith(AGENT_PREFIX) and len(k) > len(AGENT_PREFIX))):
             if not finite_number(v):
                 problems.append(f"{k}={v!r} is not a finite number")

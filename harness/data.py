@@ -39,7 +39,8 @@ TOKENIZER_DOC_CAP = 10_000           # chars taken from one document, so no sing
 
 USER_DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 VAL_FRACTION = 0.1            # share of --data / offline documents held out for validation
-TXT_DOC_CHARS = 8_000         # a long .txt is cut at paragraph breaks into documents of about this size
+# a long .txt is cut at paragraph breaks into documents of about this size
+TXT_DOC_CHARS = 8_000
 ROWS_PER_FILE = 50_000        # documents per prepared train parquet file
 ROW_GROUP_SIZE = 1024         # documents per parquet row group: the dataloader's unit of shuffling
 
@@ -55,10 +56,12 @@ def verify_parquet(path, read_all: bool = False) -> int:
         pf = pq.ParquetFile(path)
         schema_ = pf.schema_arrow
         if "text" not in schema_.names:
-            raise HarnessError(f"parquet file {path} has no 'text' column (columns: {schema_.names})")
+            raise HarnessError(f"parquet file {path} has no 'text' column "
+                               f"(columns: {schema_.names})")
         text_type = schema_.field("text").type
         if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-            raise HarnessError(f"parquet file {path}: the 'text' column holds {text_type}, not strings")
+            raise HarnessError(f"parquet file {path}: the 'text' column holds {text_type}, "
+                               f"not strings")
         if read_all:
             for rg in range(pf.num_row_groups):
                 pf.read_row_group(rg, columns=["text"])
@@ -107,7 +110,8 @@ def network_reachable(base_url: str = None, timeout: float = PROBE_TIMEOUT_S) ->
 
 
 def download_shard(index: int, dest_dir: Path, base_url: str = None,
-                   attempts: int = DOWNLOAD_ATTEMPTS, backoff_s: float = DOWNLOAD_BACKOFF_S) -> Path:
+                   attempts: int = DOWNLOAD_ATTEMPTS,
+                   backoff_s: float = DOWNLOAD_BACKOFF_S) -> Path:
     """Download one shard to a temporary name, verify it, then rename; retries with backoff."""
     base_url = base_url or settings.DATA_URL
     final = dest_dir / shard_name(index)
@@ -124,7 +128,8 @@ def download_shard(index: int, dest_dir: Path, base_url: str = None,
         if attempt:
             time.sleep(backoff_s * 2 ** (attempt - 1))
         try:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
+            with (urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+                  open(tmp, "wb") as f):
                 expected = resp.headers.get("Content-Length")
                 written = 0
                 while block := resp.read(1 << 20):
@@ -138,7 +143,8 @@ def download_shard(index: int, dest_dir: Path, base_url: str = None,
         except (urllib.error.URLError, http.client.HTTPException, OSError, HarnessError) as e:
             last_error = e
             tmp.unlink(missing_ok=True)
-            print(f"  {shard_name(index)}: attempt {attempt + 1}/{attempts} failed: {e}", file=sys.stderr)
+            print(f"  {shard_name(index)}: attempt {attempt + 1}/{attempts} failed: {e}",
+                  file=sys.stderr)
     raise HarnessError(f"could not download {url} after {attempts} attempts ({last_error}); "
                        f"check the network, or use --data PATH / --offline")
 
@@ -151,7 +157,8 @@ def download_climbmix(num_shards: int, base_url: str = None, **kwargs):
     dest = contract.cache_path(contract.DATA_DIR, "climbmix")
     dest.mkdir(parents=True, exist_ok=True)
     indices = list(range(num_shards)) + [VAL_SHARD]
-    print(f"downloading {num_shards} train shards + val shard {VAL_SHARD} from {base_url} -> {dest}")
+    print(f"downloading {num_shards} train shards + val shard {VAL_SHARD} from {base_url} "
+          f"-> {dest}")
     with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(indices))) as pool:
         futures = {i: pool.submit(download_shard, i, dest, base_url, **kwargs) for i in indices}
     errors = []
@@ -169,7 +176,8 @@ def download_climbmix(num_shards: int, base_url: str = None, **kwargs):
 # ---------------------------------------------------------------------------
 
 def _txt_documents(text: str) -> list:
-    """A .txt file is one document, or, when long, paragraphs grouped into ~TXT_DOC_CHARS documents."""
+    """A .txt file is one document, or, when long, paragraphs grouped into ~TXT_DOC_CHARS
+    documents."""
     text = text.strip()
     if len(text) <= TXT_DOC_CHARS:
         return [text] if text else []
@@ -198,13 +206,15 @@ def _read_utf8(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise _NotText(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); if it is text in "
-                       f"another encoding, convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise _NotText(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       f"if it is text in another encoding, convert it, e.g. "
+                       f"`iconv -f latin1 -t utf-8`") from None
 
 
 def _jsonl_documents(path: Path) -> list:
     docs = []
-    # split at "\n" only: str.splitlines also splits at U+2028 and other separators a JSON string may hold
+    # split at "\n" only: str.splitlines also splits at U+2028 and other separators a JSON string
+    # may hold
     for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
@@ -235,7 +245,8 @@ SKIPPED_LISTED = 20  # skipped --data files named one by one; past that they are
 
 @dataclass
 class UserCorpus:
-    """What --data gave: the documents (in sorted file order) and an account of every file looked at."""
+    """What --data gave: the documents (in sorted file order) and an account of every file looked
+    at."""
     root: Path
     docs: list
     read: list      # (path, bytes) of every file that gave documents
@@ -243,15 +254,17 @@ class UserCorpus:
     ignored: dict   # suffix -> number of files of a type prepare.py does not read
 
     def report(self) -> list:
-        """The lines prepare.py prints: what was read, each skipped file and why, what was ignored."""
+        """The lines prepare.py prints: what was read, each skipped file and why, what was
+        ignored."""
         size = sum(n for _, n in self.read)
-        lines = [f"--data {self.root}: read {len(self.docs):,} documents from {len(self.read)} file(s), "
-                 f"{size:,} bytes; skipped {len(self.skipped)} file(s)"]
+        lines = [f"--data {self.root}: read {len(self.docs):,} documents from "
+                 f"{len(self.read)} file(s), {size:,} bytes; skipped {len(self.skipped)} file(s)"]
         lines += [f"  skipped {path}: {why}" for path, why in self.skipped[:SKIPPED_LISTED]]
         if len(self.skipped) > SKIPPED_LISTED:
             lines.append(f"  ... and {len(self.skipped) - SKIPPED_LISTED} more skipped file(s)")
         if self.ignored:
-            lines.append(f"  ignored {sum(self.ignored.values())} file(s) of other types ({_suffix_counts(self.ignored)}); "
+            lines.append(f"  ignored {sum(self.ignored.values())} file(s) of other types "
+                         f"({_suffix_counts(self.ignored)}); "
                          f"prepare.py reads {', '.join(USER_DATA_SUFFIXES)}")
         return lines
 
@@ -262,15 +275,17 @@ def _suffix_counts(counts: dict) -> str:
 
 def read_user_corpus(path) -> UserCorpus:
     """Read a --data file or directory of .txt / .jsonl / .parquet. Files that are not UTF-8 text or
-    hold no text are skipped and accounted for; HarnessError when nothing usable remains, or a file is
-    broken in its own format (a bad JSON line, a corrupt parquet file). Touches nothing in the cache."""
+    hold no text are skipped and accounted for; HarnessError when nothing usable remains, or a file
+    is broken in its own format (a bad JSON line, a corrupt parquet file). Touches nothing in the
+    cache."""
     root = Path(path).expanduser()
     if not root.exists():
         raise HarnessError(f"--data {path}: no such file or directory")
     ignored = {}
     if root.is_file():
         if root.suffix not in USER_DATA_SUFFIXES:
-            raise HarnessError(f"--data {path}: unsupported file type {root.suffix!r}; use {', '.join(USER_DATA_SUFFIXES)}")
+            raise HarnessError(f"--data {path}: unsupported file type {root.suffix!r}; "
+                               f"use {', '.join(USER_DATA_SUFFIXES)}")
         files = [root]
     else:
         files = []
@@ -280,8 +295,10 @@ def read_user_corpus(path) -> UserCorpus:
             else:
                 ignored[p.suffix] = ignored.get(p.suffix, 0) + 1
         if not files:
-            found = f"it has {sum(ignored.values())} other file(s): {_suffix_counts(ignored)}" if ignored else "it is empty"
-            raise HarnessError(f"--data {path}: no {', '.join(USER_DATA_SUFFIXES)} files in this directory ({found})")
+            found = (f"it has {sum(ignored.values())} other file(s): {_suffix_counts(ignored)}"
+                     if ignored else "it is empty")
+            raise HarnessError(f"--data {path}: no {', '.join(USER_DATA_SUFFIXES)} files "
+                               f"in this directory ({found})")
     docs, read, skipped = [], [], []
     for f in files:
         try:
@@ -298,7 +315,8 @@ def read_user_corpus(path) -> UserCorpus:
             skipped.append((f, NO_TEXT))
     if not docs:
         listed = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_LISTED])
-        more = f"; and {len(skipped) - SKIPPED_LISTED} more" if len(skipped) > SKIPPED_LISTED else ""
+        more = (f"; and {len(skipped) - SKIPPED_LISTED} more" if len(skipped) > SKIPPED_LISTED
+                else "")
         raise HarnessError(f"--data {path}: no text found in {len(files)} file(s): {listed}{more} "
                            f"(.txt and .jsonl must be UTF-8; .jsonl records need a 'text' field, "
                            f".parquet files a 'text' column)")
@@ -311,7 +329,8 @@ def read_user_documents(path) -> list:
 
 
 def offline_documents() -> list:
-    """Text every Python installation has: pydoc's topic help and the standard library's docstrings."""
+    """Text every Python installation has: pydoc's topic help and the standard library's
+    docstrings."""
     import ast
     import sysconfig
     import pydoc_data.topics
@@ -334,10 +353,11 @@ def offline_documents() -> list:
 
 
 def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
-    """Deterministic train/val split by content hash: the same corpus always gives the same split, in
-    any file order, and copies of one text always land on the same side."""
+    """Deterministic train/val split by content hash: the same corpus always gives the same split,
+    in any file order, and copies of one text always land on the same side."""
     if len(docs) < 2:
-        raise HarnessError(f"need at least 2 documents to split into train and val, found {len(docs)}")
+        raise HarnessError(f"need at least 2 documents to split into train and val, "
+                           f"found {len(docs)}")
     digests = [hashlib.blake2b(d.encode(), digest_size=8).digest() for d in docs]
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     cutoff = sorted(digests)[n_val - 1]  # val = the documents with the n_val smallest hashes
@@ -349,7 +369,8 @@ def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
 
 
 def write_local_corpus(source: str, train: list, val: list):
-    """Write the split documents as parquet under the cache's data/<source>, replacing what was there."""
+    """Write the split documents as parquet under the cache's data/<source>, replacing what was
+    there."""
     dest = contract.cache_path(contract.DATA_DIR, source)
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.parquet"):
@@ -383,7 +404,8 @@ def _file_entry(path: Path, enc: tokenizer.Tokenizer, sha256: str) -> dict:
     n_tokens = 0
     pf = pq.ParquetFile(path)
     for rg in range(pf.num_row_groups):
-        n_tokens += sum(len(ids) + 1 for ids in enc.encode(row_group_texts(pf, rg)))  # +1: BOS per doc
+        # +1: BOS per doc
+        n_tokens += sum(len(ids) + 1 for ids in enc.encode(row_group_texts(pf, rg)))
     return {"path": str(path.relative_to(settings.CACHE_DIR)), "bytes": path.stat().st_size,
             "sha256": sha256, "rows": pf.metadata.num_rows, "tokens": n_tokens}
 
@@ -435,20 +457,23 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
     elif source == "offline":
         docs = offline_documents()
         split = split_documents(docs)
-        description = (f"offline SMOKE-TEST corpus: Python {sys.version.split()[0]} pydoc topics and stdlib "
-                       f"docstrings ({len(docs)} documents); fine for trying the loop, useless for research")
+        description = (f"offline SMOKE-TEST corpus: Python {sys.version.split()[0]} pydoc topics "
+                       f"and stdlib docstrings ({len(docs)} documents); fine for trying the loop, "
+                       f"useless for research")
     else:
         raise ValueError(f"unknown source {source!r}")
 
     # From here on the cache changes. The manifest is what train.py trusts: remove it first, so a
-    # prepare that fails half way leaves "run prepare.py" behind, never an old manifest describing new files.
+    # prepare that fails half way leaves "run prepare.py" behind, never an old manifest describing
+    # new files.
     manifest_path = contract.cache_path(contract.MANIFEST)
     manifest_path.unlink(missing_ok=True)
     if source != "climbmix":
         train_paths, val_paths = write_local_corpus(source, *split)
 
     hashes = {p: contract.sha256_file(p) for p in [*train_paths, *val_paths]}
-    # what the tokenizer depends on: when none of it changed, retraining (minutes on climbmix) is skipped
+    # what the tokenizer depends on: when none of it changed, retraining (minutes on climbmix) is
+    # skipped
     trained_on = {"vocab_size": vocab_size, "pattern": tokenizer.SPLIT_PATTERN,
                   "special_tokens": tokenizer.SPECIAL_TOKENS,
                   "max_chars": TOKENIZER_MAX_CHARS, "doc_cap": TOKENIZER_DOC_CAP,

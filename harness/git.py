@@ -13,7 +13,8 @@ from harness.contract import HARNESS_MODULES, TRAIN_PY, HarnessError
 
 INDEX_LOCK = "index.lock"
 # Operations that leave the repository half-way (the file or folder git keeps while one is in
-# progress), with what finishes and what abandons each: a commit in their middle would be part of them.
+# progress), with what finishes and what abandons each: a commit in their middle would be part of
+# them.
 IN_PROGRESS = (("MERGE_HEAD", "a merge", "git merge --continue", "git merge --abort"),
                ("rebase-merge", "a rebase", "git rebase --continue", "git rebase --abort"),
                ("rebase-apply", "a rebase (or git am)", "git rebase --continue",
@@ -180,8 +181,8 @@ def refuse_unsafe_state(cwd="."):
         branches = git("for-each-ref", "--points-at", "HEAD", "--format=%(refname:short)",
                        "refs/heads/", cwd=cwd).splitlines()
         branch = branches[0] if len(branches) == 1 else "<branch>"
-        raise HarnessError(f"HEAD is detached (at {head(cwd)}): a commit here would be on no branch; "
-                           f"`git switch {branch}` first, then run the command again")
+        raise HarnessError(f"HEAD is detached (at {head(cwd)}): a commit here would be on no "
+                           f"branch; `git switch {branch}` first, then run the command again")
 
 
 def local_imports(code: str, folder=".") -> list:

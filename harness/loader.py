@@ -25,7 +25,8 @@ def split_files(split: str, manifest: dict = None) -> list:
 
 def _document_batches(split: str, seed: int):
     """Yield (list of texts, epoch) forever, one parquet row group at a time.
-    Train visits row groups in a seed-dependent order that changes every epoch; val reads in file order."""
+    Train visits row groups in a seed-dependent order that changes every epoch; val reads in file
+    order."""
     files = split_files(split)
     parquet = {p: pq.ParquetFile(p) for p in files}
     units = [(p, rg) for p in files for rg in range(parquet[p].num_row_groups)]
@@ -39,11 +40,13 @@ def _document_batches(split: str, seed: int):
         epoch += 1
 
 
-def packed_rows(tokenizer: Tokenizer, row_len: int, split: str, seed: int = 0, buffer_size: int = 1000):
+def packed_rows(tokenizer: Tokenizer, row_len: int, split: str, seed: int = 0,
+                buffer_size: int = 1000):
     """Yield (row, epoch) forever: numpy int64 rows of exactly row_len tokens.
 
     Every row starts at a document start (BOS). Documents are placed best-fit (the largest that fits
-    the space left); when none fits, the shortest is cropped to fill the row, so there is no padding."""
+    the space left); when none fits, the shortest is cropped to fill the row, so there is no
+    padding."""
     bos = tokenizer.get_bos_token_id()
     docs = _document_batches(split, seed)
     buffer = []   # sorted by length: (length, tiebreak, ids)
@@ -68,16 +71,16 @@ def packed_rows(tokenizer: Tokenizer, row_len: int, split: str, seed: int = 0, b
 
 def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, device="cpu", seed: int = 0,
                     buffer_size: int = 1000):
-    """Yield (inputs, targets, epoch) forever: contiguous (B, T) int64 tensors on `device`, targets =
-    inputs shifted by one.
+    """Yield (inputs, targets, epoch) forever: contiguous (B, T) int64 tensors on `device`,
+    targets = inputs shifted by one.
 
     On CUDA the rows are written straight into one preallocated pinned host buffer (inputs then
     targets, so each is contiguous) and copied to the GPU without blocking the host; before the
     buffer is refilled, the host waits for the previous copy only, not for the training step."""
     import torch
     if split != "train":
-        raise HarnessError(f"make_dataloader serves the train split only (asked for {split!r}): the validation "
-                           f"rows are the harness's, read by evaluate_val alone")
+        raise HarnessError(f"make_dataloader serves the train split only (asked for {split!r}): "
+                           f"the validation rows are the harness's, read by evaluate_val alone")
     device = torch.device(device)
     rows_iter = packed_rows(tokenizer, T + 1, split, seed, buffer_size)
     cuda = device.type == "cuda"

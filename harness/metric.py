@@ -15,15 +15,18 @@ from harness import loader, settings
 from harness.contract import HarnessError
 from harness.tokenizer import Tokenizer, get_token_bytes
 
-LOSS_CHUNK_ROWS = 8         # rows whose log-softmax exists at once: the loss costs 1/16 of 128 rows'
-                            # logits in memory, not a second copy of them (8 GiB at 128 x 2048 x 8192)
-CAUSALITY_TOLERANCE = 1e-2  # largest |change| of an earlier logit allowed; reading ahead moves them O(1)
+# rows whose log-softmax exists at once: the loss costs 1/16 of 128 rows' logits in memory, not a
+# second copy of them (8 GiB at 128 x 2048 x 8192)
+LOSS_CHUNK_ROWS = 8
+# largest |change| of an earlier logit allowed; reading ahead moves them O(1)
+CAUSALITY_TOLERANCE = 1e-2
 _VAL_ROWS = {}              # (T, n_rows) -> int64 CPU tensor: the curve's rows, tokenized once
 
 
 class _EvaluationClock:
-    """Seconds this process spent in evaluate_val: the run logger's wall-clock stamps subtract them,
-    as the training clock leaves evaluations out."""
+    """Seconds this process spent in evaluate_val: the run logger's wall-clock stamps
+    (harness/runlog.py, Run.log_step) subtract them, as the training clock leaves evaluations
+    out."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -52,9 +55,9 @@ def eval_batch_rows(device_type: str, batch_size: int) -> list:
 
 
 def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = None, fresh: bool = False):
-    """The first n_rows packed rows of the val split, T + 1 tokens each (T: MAX_SEQ_LEN); fresh: read
-    from the val files now, bypassing this process's cache (the final evaluation: nothing written
-    into the cache reaches its number)."""
+    """The first n_rows packed rows of the val split, T + 1 tokens each (T: MAX_SEQ_LEN); fresh:
+    read from the val files now, bypassing this process's cache (the final evaluation: nothing
+    written into the cache reaches its number)."""
     import torch
     T = T or settings.MAX_SEQ_LEN
     key = (T, n_rows)
@@ -69,7 +72,8 @@ def val_rows(tokenizer: Tokenizer, n_rows: int, T: int = None, fresh: bool = Fal
 
 def warm_up_evaluation(model, tokenizer: Tokenizer, batch_size: int):
     """Run `model` once on every batch shape evaluate_val will use, so that no evaluation compiles
-    a graph on the clock. Call it in eval mode under the evaluations' autocast; it measures nothing."""
+    a graph on the clock. Call it in eval mode under the evaluations' autocast; it measures
+    nothing."""
     import torch
     device = next(model.parameters()).device
     sizes = eval_batch_rows(device.type, batch_size)
@@ -116,7 +120,8 @@ def batch_sums(logits, y, token_bytes):
 
 
 def next_token_nats(logits, y):
-    """Per-token cross-entropy (nats, flat, fp32) of logits (B, T, V) against the next tokens (B, T)."""
+    """Per-token cross-entropy (nats, flat, fp32) of logits (B, T, V) against the next tokens
+    (B, T)."""
     import torch.nn.functional as F
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(y.shape):
         raise HarnessError(f"the model returned {tuple(logits.shape)} for inputs {tuple(y.shape)}: "
@@ -128,7 +133,8 @@ def next_token_nats(logits, y):
 def causality_probe(model, tokenizer: Tokenizer, batch_size: int) -> dict:
     """Do the logits at positions <= t stay put when only the tokens after t change? A language
     model's must: one that reads the future (the targets) would score an impossible val_bpb. Run on
-    the smallest evaluation batch shape (a graph already compiled), in eval mode under the autocast."""
+    the smallest evaluation batch shape (a graph already compiled), in eval mode under the
+    autocast."""
     import torch
     device = next(model.parameters()).device
     n = eval_batch_rows(device.type, batch_size)[0]

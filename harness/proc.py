@@ -91,7 +91,8 @@ def environ(pid: int) -> list:
 
 
 def marked(name: str, prefix: str) -> set:
-    """Processes (not this one) whose environment has `name` set to a value starting with `prefix`."""
+    """Processes (not this one) whose environment has `name` set to a value starting with
+    `prefix`."""
     needle = f"{name}={prefix}".encode()
     me = os.getpid()
     return {p for p in pids() if p != me and any(v.startswith(needle) for v in environ(p))}
@@ -125,8 +126,9 @@ def scripts_in(folder: Path, *scripts: str) -> list:
 
 
 def end_processes(targets, grace: float = KILL_GRACE_S) -> list:
-    """SIGTERM every process (train.py writes its crash summary, git removes its lock), SIGKILL those
-    left after `grace` seconds, and wait until they are gone. Returns the pids that needed SIGKILL."""
+    """SIGTERM every process (train.py writes its crash summary, git removes its lock), SIGKILL
+    those left after `grace` seconds, and wait until they are gone. Returns the pids that needed
+    SIGKILL."""
     targets = {p for p in targets if p != os.getpid()}
     _signal_all(targets, signal.SIGTERM)
     left = _wait_gone(targets, grace)
@@ -150,7 +152,8 @@ def _wait_gone(targets, seconds: float) -> set:
     while True:
         for p in targets:
             try:
-                os.waitpid(p, os.WNOHANG)  # reap our own children; others are reaped by their parents
+                # reap our own children; others are reaped by their parents
+                os.waitpid(p, os.WNOHANG)
             except ChildProcessError:
                 pass  # not our child
         targets = {p for p in targets if running(p)}

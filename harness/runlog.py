@@ -1,14 +1,16 @@
 """
 A run, as the harness records it: train.py's instrumentation is a few calls on one object.
 
-    run = start_run(globals())               first thing: the lock, fresh files, the watchdog, the device
-    run.warm_up_evaluation(model, rows)      compile every evaluation shape before the clock (fast path)
-    run.start_clock(model, tokens, flops)    startup ends: the training clock starts
-    with run.layer_stats(model, on) as s:    per-layer statistics of one optimizer step
-    run.validation_point(model, rows)        a point of the validation curve, off the clock
-    run.log_step(record)                     one metrics.jsonl line, stamped, derived fields added
-    run.fail(status, error=...)              a failed run's summary (nan); a crash writes its own
-    run.finish(model, rows)                  the harness's own final evaluation, summary and seal
+    run = start_run(globals())                 first thing: the lock, fresh files, the watchdog,
+                                               the device
+    run.warm_up_evaluation(model, batch_size)  compile every evaluation shape before the clock
+                                               (fast path)
+    run.start_clock(model, tokens, flops)      startup ends: the training clock starts
+    with run.layer_stats(model, on) as s:      per-layer statistics of one optimizer step
+    run.validation_point(model, batch_size)    a point of the validation curve, off the clock
+    run.log_step(record)                       one metrics.jsonl line, stamped, derived fields added
+    run.fail(status, error=...)                a failed run's summary (nan); a crash writes its own
+    run.finish(model, batch_size)              the harness's own final evaluation, summary and seal
 
 metrics.jsonl is a fresh file per run with one flushed line per step; run_summary.json is written
 once, atomically, and sealed outside the run directory (contract.write_seal). An uncaught exception
@@ -33,7 +35,8 @@ from harness import contract, data, device, git, metric, proc, selfcheck, settin
 from harness.contract import HarnessError
 from harness.tokenizer import Tokenizer
 
-PRINT_EVERY_S = 5.0   # progress-line cadence when stdout is a file, so run.log stays short and readable
+# progress-line cadence when stdout is a file, so run.log stays short and readable
+PRINT_EVERY_S = 5.0
 LOSS_EMA = 0.9        # the smoothing of train/loss_smooth (bias-corrected)
 UPPER = re.compile(r"[A-Z][A-Z0-9_]*")  # the names capture_config records: train.py's constants
 HARNESS_FIELDS = ("status", "val_bpb", "causality", "harness_check", "device", "harness_hash",
@@ -64,7 +67,8 @@ def process_start() -> float:
     return time.time() - age if age is not None else _IMPORTED_AT
 
 
-_IMPORTED_AT = time.time()  # where /proc cannot say (macOS): the harness's import, train.py's first line
+# where /proc cannot say (macOS): the harness's import, train.py's first line
+_IMPORTED_AT = time.time()
 
 
 def start_run(train_globals: dict, run_dir=".") -> "Run":
@@ -112,7 +116,8 @@ class Run:
               f"{settings.TIME_BUDGET:.0f}s | data: {data.data_label(self.manifest)}", flush=True)
 
     def _lock_run(self):
-        """Held until the process ends: a second train.py here is refused, analyze.py waits for it."""
+        """Held until the process ends: a second train.py here is refused, analyze.py waits for
+        it."""
         self._run_lock = open(self.run_dir / contract.RUN_LOCK_FILE, "a+")
         try:
             fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +133,8 @@ class Run:
     # -- before the clock ------------------------------------------------------------------------
 
     def warm_up_evaluation(self, model, batch_size: int):
-        """Compile every batch shape the evaluations use (call in eval mode, under their autocast)."""
+        """Compile every batch shape the evaluations use (call in eval mode, under their
+        autocast)."""
         metric.warm_up_evaluation(model, self.tokenizer, batch_size)
 
     def start_clock(self, model, tokens_per_step: int, flops_per_token: float):
@@ -196,9 +202,11 @@ class Run:
         tokens_per_s = self.clock["tokens"] / (step_s / 1000)
         peak = self.clock["peak"]
         return {contract.TRAIN_LOSS_SMOOTH: self._ema / (1 - LOSS_EMA ** (self._metrics_lines + 1)),
-                contract.PROGRESS: min(record.get(contract.TIME_S, 0.0) / settings.TIME_BUDGET, 1.0),
+                contract.PROGRESS: min(record.get(contract.TIME_S, 0.0) / settings.TIME_BUDGET,
+                                       1.0),
                 contract.TOKENS_PER_SEC: tokens_per_s,
-                contract.MFU_PERCENT: 100 * self.clock["flops"] * tokens_per_s / peak if peak else 0.0}
+                contract.MFU_PERCENT: (100 * self.clock["flops"] * tokens_per_s / peak if peak
+                                       else 0.0)}
 
     def _print_progress(self, r: dict, end: bool = False):
         self._printed = time.monotonic()
@@ -304,7 +312,8 @@ class Run:
         summary.update(status=status, started_at=self.started_at,
                        total_seconds=time.time() - self.t_start, time_budget_s=settings.TIME_BUDGET,
                        harness_hash=contract.harness_hash(Path(__file__).resolve().parent.parent),
-                       device=device.hardware_identity(), config=config, compile=self._compile_stats(),
+                       device=device.hardware_identity(), config=config,
+                       compile=self._compile_stats(),
                        torch_version=torch.__version__ if torch else None)
         try:
             manifest = data.load_manifest()
@@ -322,10 +331,11 @@ class Run:
             self._previous_hook(etype, value, tb)
 
     def _on_sigterm(self, signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the summary short
+        # a second SIGTERM must not cut the summary short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt(f"terminated by SIGTERM after {time.time() - self.t_start:.0f} s: "
-                                f"killed from outside (a tool or supervisor timeout, or a stop), not "
-                                f"by an error in train.py")
+                                f"killed from outside (a tool or supervisor timeout, or a stop), "
+                                f"not by an error in train.py")
 
 
 class LayerStats:
@@ -340,8 +350,8 @@ class LayerStats:
     def before_step(self):
         import torch
         params = [p for _, p in self.named]
-        self._grad_norms = torch._foreach_norm([p.grad if p.grad is not None else torch.zeros_like(p)
-                                                for p in params])
+        self._grad_norms = torch._foreach_norm([p.grad if p.grad is not None
+                                                else torch.zeros_like(p) for p in params])
         self._before = [p.detach().clone() for p in params]
 
     def after_step(self) -> dict:
@@ -362,8 +372,8 @@ class LayerStats:
 
 
 class Watchdog:
-    """Ends a run that has overrun its budget by a wide margin (a hang) with status "timeout", before
-    anything outside kills it (settings.run_limits)."""
+    """Ends a run that has overrun its budget by a wide margin (a hang) with status "timeout",
+    before anything outside kills it (settings.run_limits)."""
 
     def __init__(self, run: Run, limit_s: float = None):
         self.run = run

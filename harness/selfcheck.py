@@ -42,8 +42,8 @@ def snapshot():
 
 
 def harness_check(instance=None) -> dict:
-    """{"ok", "changed"}: the names train.py rebound, added or whose code it replaced in the harness's
-    modules and their classes since the snapshot (and methods shadowed on `instance`)."""
+    """{"ok", "changed"}: the names train.py rebound, added or whose code it replaced in the
+    harness's modules and their classes since the snapshot (and methods shadowed on `instance`)."""
     if _PRISTINE is None:
         snapshot()
     then, now = _PRISTINE["bindings"], bindings(_PRISTINE["modules"])

@@ -17,10 +17,12 @@ from pathlib import Path
 # ---------------------------------------------------------------------------
 
 MAX_SEQ_LEN = 2048                # context length of training and of the evaluation
-DEFAULT_TIME_BUDGET_S = 300       # training seconds per run (startup, compilation, evaluations excluded)
+# training seconds per run (startup, compilation, evaluations excluded)
+DEFAULT_TIME_BUDGET_S = 300
 EVAL_TOKENS = 40 * 524288         # tokens behind the final val_bpb on CUDA (as in autoresearch)
 VAL_CURVE_TOKENS = 2 * 524288     # per validation-curve point on CUDA: ~5 % of the final evaluation
-CPU_EVAL_TOKENS = 8 * MAX_SEQ_LEN  # the final val_bpb off CUDA: a CPU run is a smoke test, not research
+# the final val_bpb off CUDA: a CPU run is a smoke test, not research
+CPU_EVAL_TOKENS = 8 * MAX_SEQ_LEN
 CPU_VAL_CURVE_TOKENS = 2 * MAX_SEQ_LEN
 VOCAB_SIZE = 8192                 # BPE vocabulary prepare.py trains by default
 
@@ -41,18 +43,23 @@ SLURM_GRES_ENV = "AUTORESEARCH_SLURM_GRES"
 SLURM_ARGS_ENV = "AUTORESEARCH_SLURM_ARGS"
 SLURM_PENDING_ENV = "AUTORESEARCH_SLURM_PENDING_S"
 WORKER_ENV = "AUTORESEARCH_WORKER"          # the worker of a night with several (gpu0, w1, ...)
-WORKER_PID_ENV = "AUTORESEARCH_WORKER_PID"  # ... and its supervisor's pid: its idea claims live as long
+# ... and its supervisor's pid: its idea claims live as long
+WORKER_PID_ENV = "AUTORESEARCH_WORKER_PID"
 WORKER_INDEX_ENV = "AUTORESEARCH_WORKER_INDEX"  # set for the agent's commands, read by none of ours
-WORKER_SEED_ENV = "AUTORESEARCH_WORKER_SEED"    # the worker's baseline SEED, read by program.md's shell
-NIGHT_ENV = "AUTORESEARCH_NIGHT"            # marks every process of a night (read from /proc by the night)
+# the worker's baseline SEED, read by program.md's shell
+WORKER_SEED_ENV = "AUTORESEARCH_WORKER_SEED"
+# marks every process of a night (read from /proc by the night)
+NIGHT_ENV = "AUTORESEARCH_NIGHT"
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoresearch"
 # climbmix-400b-shuffle: the public parquet layout autoresearch uses
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-POLICY_NAMES = ("validated", "gain")  # analysis/verdict.py defines each; the human picks one a night
+# analysis/verdict.py defines each; the human picks one a night
+POLICY_NAMES = ("validated", "gain")
 LAUNCHERS = ("local", "slurm")
 DEFAULT_GRES = "gpu:1"
-DEFAULT_SLURM_PENDING_S = 600.0   # a job still pending this long is cancelled: within the tool timeout
+# a job still pending this long is cancelled: within the tool timeout
+DEFAULT_SLURM_PENDING_S = 600.0
 MAIN_WORKER = "main"              # the worker of a night with one agent, or of commands run by hand
 BASELINE_SEED = 42                # train.py's default SEED: worker K runs its baseline under 42 + K
 
@@ -63,8 +70,9 @@ BASELINE_SEED = 42                # train.py's default SEED: worker K runs its b
 
 WATCHDOG_BUDGET_FACTOR = 2.0  # a run is hung once it has used twice its budget ...
 WATCHDOG_GRACE_S = 600        # ... plus ten minutes for startup, compilation and evaluation
-KILL_MARGIN_S = 120           # the night kills a run this long after its watchdog (measured from the
-                              # process's start, a few seconds of imports before the watchdog's)
+# the night kills a run this long after its watchdog (measured from the process's start, a few
+# seconds of imports before the watchdog's)
+KILL_MARGIN_S = 120
 SLURM_MARGIN_S = 120          # Slurm's --time: the watchdog plus this, the scheduler's outer bound
 TOOL_MARGIN_S = 600           # the agent's shell-command timeout: the kill plus time to analyse
 TIMEOUT_EXIT_CODE = 124       # as timeout(1)
@@ -91,7 +99,8 @@ def _refuse(name: str, raw: str, what: str):
 
 
 def _text(name: str, default, what: str = "", empty_ok: bool = False):
-    """$name as it is set; `default` when it is unset. Set but empty is refused unless `empty_ok`."""
+    """$name as it is set; `default` when it is unset. Set but empty is refused unless
+    `empty_ok`."""
     raw = os.environ.get(name)
     if raw is None:
         return default

@@ -49,7 +49,8 @@ def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE, folder: Path = None) ->
     enc = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(),
                             mergeable_ranks=ranks, special_tokens=specials)
     if enc.decode(enc.encode_ordinary(ROUND_TRIP_SAMPLE)) != ROUND_TRIP_SAMPLE:
-        raise HarnessError("trained tokenizer does not round-trip text; this is a bug in prepare.py")
+        raise HarnessError("trained tokenizer does not round-trip text; "
+                           "this is a bug in prepare.py")
     # bits per byte needs each token's UTF-8 length; special tokens count 0 and are excluded
     token_bytes = np.zeros(n_merged + len(SPECIAL_TOKENS), dtype=np.int32)
     for b, r in ranks.items():
@@ -89,7 +90,8 @@ class Tokenizer:
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
-        """A string -> a list of ids, a list of strings -> a list of lists; special tokens as text."""
+        """A string -> a list of ids, a list of strings -> a list of lists; special tokens as
+        text."""
         head = [] if prepend is None else [prepend]
         if isinstance(text, str):
             return head + self.enc.encode_ordinary(text)
