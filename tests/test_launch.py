@@ -146,4 +146,5 @@ def test_an_unknown_launcher_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py")], cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "AUTORESEARCH_LAUNCHER": "kubernetes"})
     assert proc.returncode == 1
-    assert proc.stderr == "error: AUTORESEARCH_LAUNCHER='kubernetes' is not a launcher (one of: local, slurm)\n"
+    assert proc.stderr == ("error: AUTORESEARCH_LAUNCHER='kubernetes' is not a launcher; use one of local, slurm "
+                           "(default local)\n")
