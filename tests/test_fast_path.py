@@ -206,3 +206,87 @@ def test_gpu_check_installs_the_wheels_it_is_given_offline(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import alr_probe; print(alr_probe.ANSWER)"],
                           env={**os.environ, **env}, capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.strip() == "42", proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The residual stream's dtype under CUDA autocast
+# ---------------------------------------------------------------------------
+
+CUDA_BUILD = pytest.mark.skipif(
+    torch.version.cuda is None, reason="a CPU-only torch build has no CUDA kernels to dispatch to, "
+    "even for fake tensors; the locked torch is a CUDA build")
+
+
+def torch_release():
+    """This torch's (major, minor), e.g. (2, 15) for "2.15.0+cu132"."""
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def full_size_config(defs):
+    """train.py's default model (its CUDA configuration) at the harness's length and vocabulary."""
+    dim = math.ceil(defs["DEPTH"] * defs["ASPECT_RATIO"] / defs["HEAD_DIM"]) * defs["HEAD_DIM"]
+    return defs["GPTConfig"](
+        sequence_len=settings.MAX_SEQ_LEN, vocab_size=settings.VOCAB_SIZE, n_layer=defs["DEPTH"],
+        n_head=dim // defs["HEAD_DIM"], n_embd=dim, window_pattern=defs["WINDOW_PATTERN"],
+        short_window=defs["SHORT_WINDOW"], softcap=defs["LOGIT_SOFTCAP"],
+        ve_gate_channels=defs["VE_GATE_CHANNELS"], attention="flex", dtype=defs["COMPUTE_DTYPE"])
+
+
+def record_residual_stream(model, defs, stream):
+    """Append (place, dtype) to `stream` for x0 (the first norm() of a forward, of the embedding)
+    and for every Block's input and output. norm() is wrapped, not replaced: the real one runs."""
+    real_norm = defs["norm"]
+
+    def recording_norm(x):
+        out = real_norm(x)
+        if not stream:
+            stream.append(("x0", out.dtype))
+        return out
+
+    defs["norm"] = recording_norm  # train.py's functions look `norm` up in this namespace
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(
+            lambda module, args, i=i: stream.append((f"block {i} input", args[0].dtype)))
+        block.register_forward_hook(
+            lambda module, args, out, i=i: stream.append((f"block {i} output", out.dtype)))
+
+
+@CUDA_BUILD
+def test_the_residual_stream_stays_bf16_under_cuda_autocast():
+    """The full-size default model traced under CUDA's autocast rules (fake tensors on "cuda"): x0
+    and every Block's input and output are bf16, whatever dtype autocast gives rms_norm (fp32
+    since torch 2.12), so the residual stream's dtype does not depend on the torch release."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    defs = load_train_definitions(
+        overrides={"flex_attention": lambda q, k, v, block_mask=None: torch.empty_like(q)})
+    assert defs["FAST_PATH"] and defs["COMPUTE_DTYPE"] == torch.bfloat16
+    stream = []
+    with FakeTensorMode(), torch.device("cuda"):
+        model = defs["GPT"](full_size_config(defs))
+        model.init_weights()
+        model.prepare_attention([settings.MAX_SEQ_LEN])
+        record_residual_stream(model, defs, stream)
+        idx = torch.zeros(2, settings.MAX_SEQ_LEN, dtype=torch.int64)
+        with cuda_autocast():
+            logits = model(idx)
+    assert logits.device.type == "cuda"
+    places = ["x0"] + [f"block {i} {end}" for i in range(defs["DEPTH"])
+                       for end in ("input", "output")]
+    assert [place for place, _ in stream] == places
+    assert stream == [(place, torch.bfloat16) for place in places]
+
+
+@CUDA_BUILD
+def test_cuda_autocast_runs_rms_norm_in_fp32_on_this_torch():
+    """The premise of norm()'s cast back to its input's dtype: on this torch, CUDA autocast turns
+    F.rms_norm of a bf16 tensor into an fp32 result (from torch 2.12 on; bf16 before)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    if torch_release() < (2, 12):
+        pytest.skip(f"torch {torch.__version__} is older than 2.12: its CUDA autocast keeps "
+                    f"rms_norm in its input's dtype, the premise holds from 2.12 on")
+    with FakeTensorMode(), torch.device("cuda"):
+        x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+        with cuda_autocast():
+            y = F.rms_norm(x, (64,))
+    assert x.dtype == torch.bfloat16 and y.device.type == "cuda"
+    assert y.dtype == torch.float32
