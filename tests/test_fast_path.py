@@ -290,3 +290,113 @@ def test_cuda_autocast_runs_rms_norm_in_fp32_on_this_torch():
             y = F.rms_norm(x, (64,))
     assert x.dtype == torch.bfloat16 and y.device.type == "cuda"
     assert y.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# The compiled optimizer: many group shapes, parameters without a gradient
+# ---------------------------------------------------------------------------
+
+def shaped_groups(n_adamw, n_muon, adamw_size=1, muon_size=2, seed=0):
+    """MuonAdamW param groups of distinct shapes: n_adamw AdamW groups of `adamw_size` (3 + i, 4)
+    tensors and n_muon Muon groups of `muon_size` (4 + i, 6) matrices; the same values for the
+    same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    adam = dict(kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    muon = dict(kind="muon", lr=0.02, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.1)
+    groups = [dict(params=[torch.nn.Parameter(torch.randn(3 + i, 4, generator=gen))
+                           for _ in range(adamw_size)], **adam) for i in range(n_adamw)]
+    groups += [dict(params=[torch.nn.Parameter(torch.randn(4 + i, 6, generator=gen) * 0.1)
+                            for _ in range(muon_size)], **muon) for i in range(n_muon)]
+    return groups
+
+
+def set_grads(groups, step, missing=()):
+    """Give every parameter a gradient drawn from `step`'s seed (the same for any copy of the
+    groups), except the (group index, parameter index) pairs in `missing`: grad None."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad = None if (g, i) in missing else grad
+
+
+def all_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo as a new process (train.py) has it: no graph cached yet; the recompile limit that
+    MuonAdamW raises is put back after the test."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
+
+
+def test_the_compiled_optimizer_takes_more_group_shapes_than_the_recompile_limit(
+        train_defs, fresh_dynamo):
+    """One compiled graph per group shape, fullgraph: 10 AdamW and 10 Muon groups of distinct
+    shapes (more than torch's default recompile limit of 8 per function) step twice without
+    FailOnRecompileLimitHit and end where the eager optimizer ends."""
+    MuonAdamW = train_defs["MuonAdamW"]
+    eager = MuonAdamW(shaped_groups(10, 10))
+    compiled = MuonAdamW(shaped_groups(10, 10), "aot_eager")
+    initial = [p.detach().clone() for p in all_params(compiled)]
+    graphs = [device.compile_counters()["graphs"]]
+    for step in range(2):
+        for optimizer in (eager, compiled):
+            set_grads(optimizer.param_groups, step)
+            optimizer.step()
+        graphs.append(device.compile_counters()["graphs"])
+    assert graphs[1] - graphs[0] >= 20  # a graph per group shape, in the first step
+    assert graphs[2] == graphs[1]  # and none in the second
+    for i, (a, b) in enumerate(zip(all_params(eager), all_params(compiled))):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"parameter {i}")
+    assert all(not torch.equal(p, p0) for p, p0 in zip(all_params(compiled), initial))
+
+
+def optimizer_state(optimizer, p, group):
+    """Copies of what MuonAdamW keeps for parameter `p` of `group`: AdamW's exp_avg and exp_avg_sq,
+    or Muon's momentum and second-moment rows of that matrix (its row in the group's stacks)."""
+    if group["kind"] == "adamw":
+        state = optimizer.state[p]
+        return [state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+    i = next(i for i, q in enumerate(group["params"]) if q is p)
+    state = optimizer.state[group["params"][0]]
+    return [state["momentum"][i].clone(), state["second_moment"][i].clone()]
+
+
+def test_a_parameter_without_a_gradient_neither_recompiles_nor_moves(train_defs, fresh_dynamo):
+    """After a warm step with every gradient, a step where one matrix of a Muon group and one AdamW
+    parameter have no gradient compiles nothing (same graphs, no recompile); those two and their
+    optimizer state stay bit for bit, every other parameter moves as the eager optimizer moves it
+    given the same gradients; a third step with every gradient back compiles nothing either."""
+    MuonAdamW = train_defs["MuonAdamW"]
+    eager = MuonAdamW(shaped_groups(2, 1, adamw_size=2, muon_size=3))
+    compiled = MuonAdamW(shaped_groups(2, 1, adamw_size=2, muon_size=3), "aot_eager")
+    missing = {(1, 1), (2, 1)}  # the second tensor of an AdamW group, the second Muon matrix
+    for optimizer in (eager, compiled):
+        set_grads(optimizer.param_groups, 0)
+        optimizer.step()
+    groups = compiled.param_groups
+    idle = [(groups[g]["params"][i], groups[g]) for g, i in sorted(missing)]
+    before = [(p.detach().clone(), optimizer_state(compiled, p, group)) for p, group in idle]
+    params_before = [p.detach().clone() for p in all_params(compiled)]
+    warm = device.compile_counters()
+    for step in (1, 2):
+        for optimizer in (eager, compiled):
+            set_grads(optimizer.param_groups, step, missing if step == 1 else ())
+            optimizer.step()
+        counters = device.compile_counters()
+        assert (counters["graphs"], counters["recompiles"]) == \
+            (warm["graphs"], warm["recompiles"]), counters["recompile_reasons"]
+        if step == 1:
+            for (p, group), (p0, state0) in zip(idle, before):
+                assert torch.equal(p, p0)
+                for now, then in zip(optimizer_state(compiled, p, group), state0):
+                    assert torch.equal(now, then)
+            moved = [not torch.equal(p, p0) for p, p0 in zip(all_params(compiled), params_before)]
+            assert moved == [all(p is not q for q, _ in idle) for p in all_params(compiled)]
+        for i, (a, b) in enumerate(zip(all_params(eager), all_params(compiled))):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6,
+                                       msg=f"parameter {i} after step {step}")
