@@ -400,3 +400,39 @@ def test_a_parameter_without_a_gradient_neither_recompiles_nor_moves(train_defs,
         for i, (a, b) in enumerate(zip(all_params(eager), all_params(compiled))):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6,
                                        msg=f"parameter {i} after step {step}")
+
+
+# ---------------------------------------------------------------------------
+# A crash before the clock keeps torch.compile's statistics
+# ---------------------------------------------------------------------------
+
+WARM_UP_STEP = "    warm_loss.backward()\n    optimizer.step()\n"
+WARM_UP_CRASH = 'raise RuntimeError("planted: the warm-up compilation crashed")'
+
+
+def test_a_crash_in_the_warm_up_compilation_keeps_the_compile_statistics(prepared, tmp_path):
+    """A real fast-path run on CPU whose train.py raises inside warm_up_compilation(), after the
+    training step and the optimizer step compiled: it crashes with a `crash` summary that still
+    holds the `compile` object (graphs compiled so far) and no in-loop fields (the clock never
+    started)."""
+    source = (ROOT / "train.py").read_text()
+    assert source.count(WARM_UP_STEP) == 1  # the place to plant the crash is still there
+    synthetic.copy_harness(tmp_path, ("train.py", "prepare.py"))
+    (tmp_path / "train.py").write_text(
+        source.replace(WARM_UP_STEP, f"{WARM_UP_STEP}    {WARM_UP_CRASH}\n"))
+    (tmp_path / "run_fast.py").write_text(FAST_PATH_RUNNER)
+    proc = run_script(["run_fast.py"], cwd=tmp_path, timeout=900,
+                      env_extra={"AUTORESEARCH_CPU_FAST_PATH": "1",
+                                 "AUTORESEARCH_TIME_BUDGET": "2"})
+    assert proc.returncode != 0
+    assert "planted: the warm-up compilation crashed" in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert contract.summary_problems(summary) == []
+    assert summary["status"] == "crash" and "planted" in summary["error"]
+    assert summary["num_steps"] == 0 and not (tmp_path / "metrics.jsonl").read_text()
+    compiled = summary["compile"]
+    assert isinstance(compiled, dict), summary
+    assert compiled["backend"] == "aot_eager"
+    assert compiled["graphs"] >= 3  # the training step, the AdamW and the Muon updates
+    assert compiled["graph_breaks"] == 0
+    assert "graphs_in_loop" not in compiled and "recompiles_in_loop" not in compiled
