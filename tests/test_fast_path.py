@@ -46,7 +46,8 @@ def fast_run(prepared, tmp_path_factory):
     synthetic.copy_harness(cwd, ("train.py", "prepare.py"))
     (cwd / "run_fast.py").write_text(FAST_PATH_RUNNER)
     proc = run_script(["run_fast.py"], cwd=cwd, timeout=900,
-                      env_extra={"AUTORESEARCH_CPU_FAST_PATH": "1", "AUTORESEARCH_TIME_BUDGET": "4"})
+                      env_extra={"AUTORESEARCH_CPU_FAST_PATH": "1",
+                                 "AUTORESEARCH_TIME_BUDGET": "8"})
     return cwd, proc
 
 
@@ -68,7 +69,10 @@ def test_fast_path_trains_on_cpu_with_no_graph_break_and_no_compile_on_the_clock
     records = [json.loads(line) for line in (cwd / "metrics.jsonl").read_text().splitlines()]
     assert all(contract.step_record_problems(r) == [] for r in records)
     assert sum(contract.VAL_BPB in r for r in records) >= 2
-    assert records[-1][contract.TRAIN_LOSS_SMOOTH] < records[0][contract.TRAIN_LOSS_SMOOTH] - 0.5  # it learns
+    # it learns: the raw loss drops by 0.5 within 4 steps (2 on the clock), the smoothed one in 6;
+    # how many steps fit in the budget depends on how loaded the CPU is (up to 3 s a step, shared)
+    assert len(records) >= 4
+    assert records[-1][contract.TRAIN_LOSS] < records[0][contract.TRAIN_LOSS] - 0.5
 
 
 def cuda_autocast():
