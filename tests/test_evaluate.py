@@ -9,6 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import contract, metric, runlog, settings, tokenizer as harness_tokenizer
 import prepare
@@ -227,3 +230,42 @@ def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(prepared, tmp_p
         with pytest.raises(contract.HarnessError, match="written by the harness, not by train.py"):
             logger.set(**{field: 0.5})
     assert not (tmp_path / "run_summary.json").exists()
+
+
+class RecordSizes(TorchDispatchMode):
+    """Records the numel of every tensor an aten op produces while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sizes += [t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_the_loss_of_a_batch_is_computed_a_chunk_of_rows_at_a_time():
+    """batch_sums never holds a tensor the size of the whole batch's logits (at 128 x 2048 x 8192,
+    8 GiB in fp32, and as much again for their log-softmax): the largest tensor any op produces is
+    one chunk of LOSS_CHUNK_ROWS rows; its sums are a plain whole-batch cross-entropy's."""
+    chunk = metric.LOSS_CHUNK_ROWS
+    assert chunk * settings.MAX_SEQ_LEN * settings.VOCAB_SIZE * 4 <= 2**30  # <= 1 GiB in fp32
+    rows, T, vocab = 2 * chunk + 3, 12, 40  # two whole chunks and a partial one
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, T, vocab, generator=gen) * 3
+    y = torch.randint(0, vocab, (rows, T), generator=gen)
+    token_bytes = torch.randint(0, 4, (vocab,), generator=gen)  # 0 bytes: a special token
+    token_bytes[y[0, 0]] = 0
+    with RecordSizes() as recorded:
+        sums = metric.batch_sums(logits, y, token_bytes)
+    assert recorded.sizes and max(recorded.sizes) <= chunk * T * vocab < logits.numel()
+    with RecordSizes() as whole:  # the probe does see a whole-batch log-softmax where there is one
+        nats = F.cross_entropy(logits.reshape(-1, vocab).double(), y.reshape(-1), reduction="none")
+    assert max(whole.sizes) >= logits.numel()
+    nbytes = token_bytes[y.reshape(-1)]
+    kept = nbytes > 0
+    assert 0 < kept.sum() < y.numel()
+    assert sums.dtype == torch.float64
+    assert sums[0].item() == pytest.approx(nats[kept].sum().item(), rel=1e-6)
+    assert sums[1:].tolist() == [nbytes.sum().item(), kept.sum().item()]

@@ -180,3 +180,21 @@ def test_the_vectorised_rule_is_the_scalar_one():
     codes = verdict.sequential_verdict(n, delta, se, 5)
     assert list(codes) == [int(verdict.sequential_verdict(a, b, c, 5)) for a, b, c in zip(n, delta, se)]
     assert codes[-1] == verdict.DISCARD_CODE and codes[0] == verdict.KEEP_CODE
+
+
+def test_runs_under_two_torch_releases_are_in_different_pools():
+    """torch's major.minor is part of the pool: identical records under 2.11 and 2.15 are not
+    comparable (pool_changes names the releases), while two patch releases of 2.15 pool together."""
+    def run(run_id, torch_version, val):
+        return {"run_id": run_id, "train_sha256": "a", "seed": 42, "val_bpb": val,
+                "status": "keep", "device": "NVIDIA H100 80GB HBM3", "time_budget_s": 300.0,
+                "harness_hash": "h", "data": {"manifest_hash": "m"},
+                "torch_version": torch_version}
+    old, new = run("r1", "2.11.0", 1.0), run("r2", "2.15.0+cu132", 0.99)
+    assert verdict.comparable_key(old) != verdict.comparable_key(new)
+    assert verdict.pool_changes(new, old) == ["torch '2.11' -> '2.15'"]
+    assert verdict.pools([old, new], verdict.comparable_key(new)) == {"a": [new]}
+    assert verdict.same_seed_run([old], new) is None  # same code and seed, another release
+    patch = {**run("r3", "2.15.1+cu132", 0.995), "seed": 43}
+    assert verdict.pool_changes(patch, run("r4", "2.15.0", 1.0)) == []
+    assert verdict.pools([new, patch], verdict.comparable_key(patch)) == {"a": [new, patch]}
