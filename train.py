@@ -1,14 +1,9 @@
 """
 Pretrain a small GPT for a fixed time budget and report val_bpb: the one file the agent edits.
-
 Model: rotary embeddings, QK-norm, RMSNorm, ReLU^2 MLP, value embeddings with input-dependent
 gates, per-layer residual scalars, logit soft-capping, a sliding/full attention window pattern.
-Optimizer: Muon (Polar Express, NorMuon variance normalisation, cautious weight decay) for the
-matrices, AdamW for embeddings, head and scalars.
-Instrumentation: a few calls on `run`, the harness's record of this run (harness/runlog.py): one
-metrics.jsonl line per step, a validation curve, per-layer statistics, and at the end the
-harness's own evaluation and run_summary.json.
-
+Optimizer: Muon (Polar Express, NorMuon, cautious weight decay) for the matrices, AdamW for the
+rest. Instrumentation: a few calls on `run`, the harness's record of this run (harness/runlog.py).
 Usage: uv run launch.py > run.log 2>&1        (SEED=7 uv run launch.py ... for another seed)
 """
 
@@ -35,14 +30,13 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention 
 # Hyperparameters (every UPPER_CASE name is captured into run_summary.json)
 # ---------------------------------------------------------------------------
 
-SEED = int(os.environ.get("SEED", 42))  # initialisation and data order: rerun with another for noise
+SEED = int(os.environ.get("SEED", 42))  # initialisation and data order; another one measures noise
 
 # Model
 DEPTH = 8                  # transformer layers: the main size knob
 ASPECT_RATIO = 64          # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128
-WINDOW_PATTERN = "SSSL"    # per-layer attention window, tiled over layers (S = SHORT_WINDOW,
-                           # L = full); the last layer is always L
+WINDOW_PATTERN = "SSSL"    # attention window per layer, tiled: S = SHORT_WINDOW, L = full (last: L)
 SHORT_WINDOW = 1024        # tokens seen by an S layer
 LOGIT_SOFTCAP = 15.0       # logits = cap * tanh(logits / cap)
 VE_GATE_CHANNELS = 32      # input channels that drive the value-embedding gate
@@ -68,19 +62,17 @@ MUON_MOMENTUM_WARMUP_STEPS = 300
 # Instrumentation and safety
 VAL_EVERY = 0.1            # fraction of the budget between validation-curve points
 LAYER_STATS_EVERY = 50     # steps between per-layer statistics
-CLOCK_WARMUP_STEPS = 3     # first steps kept off the training clock: one-time allocations
-                           # (compilation happens before it)
-EVAL_BATCH_SIZE = 128      # rows per evaluation batch (speed only: the metric does not depend on it)
+CLOCK_WARMUP_STEPS = 3     # first steps off the training clock: allocations (compiling is before)
+EVAL_BATCH_SIZE = 128      # rows per evaluation batch (speed only: the metric does not change)
 LOSS_EXPLODE_FACTOR = 2.0  # stop as "nan" once the loss exceeds this multiple of ln(vocab)
 
 # ---------------------------------------------------------------------------
 # Device
 # ---------------------------------------------------------------------------
 
-# The fast path is the CUDA code: bf16 autocast, torch.compile of the model and of the optimizer
-# step, flex_attention for the sliding windows. AUTORESEARCH_CPU_FAST_PATH=1 runs that same code
-# on CPU, compiled with aot_eager (it traces like inductor and runs plain kernels), so that the
-# tests catch a change that would break the GPU run.
+# The fast path is the CUDA code: bf16 autocast, torch.compile of the model and the optimizer step,
+# flex_attention for the sliding windows. AUTORESEARCH_CPU_FAST_PATH=1 runs it on CPU, compiled with
+# aot_eager (it traces like inductor), so that the tests catch a change that breaks the GPU run.
 FAST_PATH = True
 COMPILE_BACKEND = "inductor"
 COMPUTE_DTYPE = torch.bfloat16  # of q, k, v, the rotary tables and the embedding outputs
@@ -89,13 +81,10 @@ if device.type != "cuda":  # whose CUDA is unusable
     FAST_PATH = run.fast_path
     COMPILE_BACKEND = "aot_eager"
     COMPUTE_DTYPE = torch.bfloat16 if FAST_PATH else torch.float32
-    # No CUDA: a small configuration that trains in minutes on a laptop CPU. Its numbers are a
-    # smoke test of the loop, not comparable with GPU runs.
-    print(f"NOTE: no CUDA GPU found; running the small {device.type.upper()} configuration "
-          + ("(the CUDA code path: bf16, aot_eager compile, flex_attention). For tests, not for "
-             "research." if FAST_PATH else
-             "(SDPA attention, fp32, no compile). For trying the loop, not for research."),
-          flush=True)
+    # No CUDA: a small configuration that trains in minutes on a laptop CPU: a smoke test
+    print(f"NOTE: no CUDA GPU found; running the small {device.type.upper()} configuration " + (
+        "(the CUDA code path: bf16, aot_eager compile, flex_attention). For tests" if FAST_PATH
+        else "(SDPA attention, fp32, no compile). For trying the loop") + ", not for research.")
     DEPTH = 2
     HEAD_DIM = 64
     SHORT_WINDOW = 64
@@ -110,15 +99,10 @@ torch.manual_seed(SEED)
 torch.set_float32_matmul_precision("high")
 autocast = (torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if FAST_PATH
             else contextlib.nullcontext())
+synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 # flex_attention (fused, with block-sparse sliding windows) on the fast path; SDPA with dense
 # masks elsewhere, because flex_attention has no backward on CPU.
 ATTENTION_BACKEND = "flex" if FAST_PATH else "sdpa"
-
-
-def synchronize():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 # ---------------------------------------------------------------------------
 # Model
@@ -140,9 +124,7 @@ class GPTConfig:
     dtype: torch.dtype = torch.float32  # of q, k, v, the rotary tables and the embedding outputs
 
 
-def norm(x):
-    # in x's dtype: CUDA autocast runs rms_norm in fp32 since torch 2.12, which would turn the
-    # bf16 residual stream into fp32 on one torch and not on another
+def norm(x):  # in x's dtype: since torch 2.12, CUDA autocast would return rms_norm in fp32
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
@@ -248,10 +230,8 @@ class GPT(nn.Module):
         self.windows = window_sizes(config)
         head_dim = config.n_embd // config.n_head
         rotary_shape = (1, config.sequence_len, 1, head_dim // 2)
-        self.register_buffer("cos", torch.empty(rotary_shape, dtype=config.dtype),
-                             persistent=False)
-        self.register_buffer("sin", torch.empty(rotary_shape, dtype=config.dtype),
-                             persistent=False)
+        for name in ("cos", "sin"):  # the rotary tables, filled by init_weights on the device
+            self.register_buffer(name, torch.empty(rotary_shape, dtype=config.dtype), False)
         self.masks = {}  # T -> one attention mask per layer, built before compiling
 
     @torch.no_grad()
@@ -271,12 +251,10 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         # the rotary tables are buffers: (re)computed here, on the real device
-        head_dim = self.cos.size(-1) * 2
-        dev = self.cos.device
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=dev)
-                                    / head_dim))
-        positions = torch.arange(self.config.sequence_len, dtype=torch.float32, device=dev)
-        freqs = torch.outer(positions, inv_freq)
+        head_dim, dev = self.cos.size(-1) * 2, self.cos.device
+        inv_freq = 10000 ** -(torch.arange(0, head_dim, 2, device=dev).float() / head_dim)
+        freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=dev),
+                            inv_freq)
         self.cos.copy_(freqs.cos()[None, :, None, :])
         self.sin.copy_(freqs.sin()[None, :, None, :])
 
@@ -298,8 +276,7 @@ class GPT(nn.Module):
             self.masks[T] = tuple(by_window[w] for w in self.windows)
 
     def num_flops_per_token(self, T):
-        """Forward + backward FLOPs per token: 6 per matmul weight plus attention scores over
-        each layer's window."""
+        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention's."""
         n_matmul = sum(p.numel() for n, p in self.named_parameters()
                        if p.ndim == 2 and not n.startswith(("wte", "value_embeds")))
         head_dim = self.config.n_embd // self.config.n_head
@@ -414,53 +391,46 @@ class MuonAdamW(torch.optim.Optimizer):
             # one graph per group shape, and fullgraph fails hard past the recompile limit (8)
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, len(self.param_groups) + 1)
-        fuse = ((lambda fn: torch.compile(fn, backend=compile_backend, dynamic=False,
-                                          fullgraph=True))
-                if compile_backend else (lambda fn: fn))
+        fuse = ((lambda f: torch.compile(f, backend=compile_backend, dynamic=False, fullgraph=True))
+                if compile_backend else (lambda f: f))
         self._adamw, self._muon = fuse(adamw_update), fuse(muon_update)
         # the schedule's values, as 0-D CPU tensors (see adamw_update)
-        self._step, self._lr, self._wd, self._momentum = (torch.zeros((), dtype=torch.float32)
-                                                          for _ in range(4))
+        self._step, self._lr, self._wd, self._momentum = (torch.zeros(()) for _ in range(4))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
-            if any(p.grad is not None for p in params):
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                state = self.state[params[0]]
-                flags = [float(p.grad is not None) for p in params]
-                if state.get("flags") != flags:  # copied to the device only when it changes
-                    state["flags"], state["active"] = flags, torch.tensor(flags,
-                                                                          device=params[0].device)
-                kind = self._step_muon if group["kind"] == "muon" else self._step_adamw
-                kind(group, params, grads, state["active"])
+            params, state = group["params"], self.state[group["params"][0]]
+            flags = [float(p.grad is not None) for p in params]
+            if not any(flags):
+                continue
+            if state.get("flags") != flags:  # copied to the device only when it changes
+                state.update(flags=flags, active=torch.tensor(flags, device=params[0].device))
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            self._lr.fill_(group["lr"])
+            self._wd.fill_(group["weight_decay"])
+            kind = self._step_muon if group["kind"] == "muon" else self._step_adamw
+            kind(group, params, grads, state["active"])
 
     def _step_adamw(self, group, params, grads, active):
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if "exp_avg" not in state:
                 state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        group["step"] = group.get("step", 0) + 1
-        self._step.fill_(group["step"])
-        self._lr.fill_(group["lr"])
-        self._wd.fill_(group["weight_decay"])
+        states[0]["step"] = states[0].get("step", 0) + 1  # the group's: reset with the state
+        self._step.fill_(states[0]["step"])
         beta1, beta2 = group["betas"]
         self._adamw(params, grads, active, [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states], self._step, self._lr, self._wd, beta1, beta2,
                     group["eps"])
 
     def _step_muon(self, group, params, grads, active):
-        state = self.state[params[0]]
+        state, (rows, cols) = self.state[params[0]], params[0].shape
         if "momentum" not in state:
-            rows, cols = params[0].shape
-            state["momentum"] = torch.zeros((len(params), rows, cols), dtype=torch.float32,
-                                            device=params[0].device)
+            state["momentum"] = torch.zeros((len(params), rows, cols), device=params[0].device)
             state["second_moment"] = state["momentum"].new_zeros(
                 (len(params), rows, 1) if rows >= cols else (len(params), 1, cols))
         self._momentum.fill_(group["momentum"])
-        self._lr.fill_(group["lr"])
-        self._wd.fill_(group["weight_decay"])
         self._muon(params, grads, active, state["momentum"], state["second_moment"],
                    self._momentum, self._lr, self._wd, group["beta2"], group["ns_steps"])
 
@@ -515,9 +485,8 @@ vocab_size = tokenizer.get_vocab_size()
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(sequence_len=max(SEQ_LEN, MAX_SEQ_LEN), vocab_size=vocab_size, n_layer=DEPTH,
                    n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
-                   short_window=SHORT_WINDOW, softcap=LOGIT_SOFTCAP,
-                   ve_gate_channels=VE_GATE_CHANNELS, attention=ATTENTION_BACKEND,
-                   dtype=COMPUTE_DTYPE)
+                   short_window=SHORT_WINDOW, softcap=LOGIT_SOFTCAP, dtype=COMPUTE_DTYPE,
+                   ve_gate_channels=VE_GATE_CHANNELS, attention=ATTENTION_BACKEND)
 model = GPT(config).to(device)
 model.init_weights()
 model.prepare_attention(sorted({SEQ_LEN, MAX_SEQ_LEN}))  # training and evaluation lengths
@@ -526,10 +495,8 @@ flops_per_token = model.num_flops_per_token(SEQ_LEN)
 optimizer = build_optimizer(model, model_dim, COMPILE_BACKEND if FAST_PATH else None)
 compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False) if FAST_PATH else model
 
-tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
-assert TOTAL_BATCH_SIZE % tokens_per_micro == 0, \
-    "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * SEQ_LEN"
-grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
+grad_accum, rest = divmod(TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE * SEQ_LEN)
+assert rest == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * SEQ_LEN"
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train", device=device,
                                seed=SEED)
 x, y, epoch = next(train_loader)
@@ -552,8 +519,6 @@ def warm_up_compilation():
         for p, p0 in zip(model.parameters(), initial):
             p.copy_(p0)
     optimizer.state.clear()
-    for group in optimizer.param_groups:
-        group.pop("step", None)
     model.zero_grad(set_to_none=True)
     model.eval()
     with autocast:
@@ -596,9 +561,8 @@ while True:
     synchronize()
     dt = time.time() - t0
 
-    if not math.isfinite(loss_f) or loss_f > loss_limit or \
-            not all(map(math.isfinite, stats.values())):
-        message = f"loss {loss_f} at step {step} is not finite or exceeds {loss_limit:.1f} (diverged)"
+    if not all(map(math.isfinite, [loss_f, *stats.values()])) or loss_f > loss_limit:
+        message = f"loss {loss_f} at step {step} is not finite or above {loss_limit:.1f} (diverged)"
         run.fail("nan", error=message)
         print(f"\nFAIL: {message}", flush=True)
         sys.exit(1)
