@@ -17,8 +17,9 @@ from harness.contract import HarnessError
 from analysis import verdict
 
 TRACEBACK_LINES = 30          # lines of a crashed run's log shown in analysis.md
-LOG_HEAD_BYTES = 64 << 10     # the start of run.log that is read and archived: uv's and the imports'
-                              # output, then the run's stamp line (the run logger prints it first)
+# the start of run.log that is read and archived: uv's and the imports' output, then the run's
+# stamp line (the run logger prints it first)
+LOG_HEAD_BYTES = 64 << 10
 LOG_TAIL_BYTES = 1 << 20      # the end of run.log that is read and archived: the traceback and the
                               # final block, however much a run printed (200 MB are neither read
                               # whole nor copied whole)
@@ -34,7 +35,8 @@ def replace_non_finite(value, path: str = ""):
     if isinstance(value, float) and not math.isfinite(value):
         return None, [path or "value"]
     if isinstance(value, dict):
-        pairs = [(k, replace_non_finite(v, f"{path}.{k}" if path else str(k))) for k, v in value.items()]
+        pairs = [(k, replace_non_finite(v, f"{path}.{k}" if path else str(k)))
+                 for k, v in value.items()]
         return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
     if isinstance(value, list):
         items = [replace_non_finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -47,15 +49,17 @@ def replace_non_finite(value, path: str = ""):
 # ---------------------------------------------------------------------------
 
 def _measured(key: str) -> bool:
-    """A metrics key whose value must be a finite number (the step keys, validation, per-layer statistics)."""
-    return key in contract.REQUIRED_STEP_KEYS or key in (contract.VAL_BPB, contract.VAL_LOSS) or bool(contract.parse_layer_key(key))
+    """A metrics key whose value must be a finite number (the step keys, validation, per-layer
+    statistics)."""
+    return (key in contract.REQUIRED_STEP_KEYS or key in (contract.VAL_BPB, contract.VAL_LOSS)
+            or bool(contract.parse_layer_key(key)))
 
 
 def read_metrics(path: Path):
     """(records, problems) of a metrics.jsonl. A crashed run may end in a half-written line: the
     complete lines are kept and the truncation reported, never raised. A line that is not a JSON
-    object, lacks a step key or holds a value that is not a finite number (NaN, a string step, a null
-    time) is skipped and reported, so the statistics and plots only ever see clean numbers."""
+    object, lacks a step key or holds a value that is not a finite number (NaN, a string step, a
+    null time) is skipped and reported, so the statistics and plots only ever see clean numbers."""
     path = Path(path)
     if not path.exists():
         return [], [f"{path.name} is missing"]
@@ -75,9 +79,11 @@ def read_metrics(path: Path):
             continue
         bad = contract.step_record_problems(record)
         unusable = (any(k not in record for k in contract.REQUIRED_STEP_KEYS)
-                    or any(_measured(k) and not contract.finite_number(v) for k, v in record.items()))
+                    or any(_measured(k) and not contract.finite_number(v)
+                           for k, v in record.items()))
         if bad:
-            problems.append(f"{where} (step {record.get(contract.STEP)!r}): {bad[0]}" + ("; skipped" if unusable else ""))
+            problems.append(f"{where} (step {record.get(contract.STEP)!r}): {bad[0]}"
+                            + ("; skipped" if unusable else ""))
         if not unusable:
             records.append(record)
     return records, problems
@@ -86,51 +92,59 @@ def read_metrics(path: Path):
 def metrics_notes(problems: list) -> list:
     """The problems of a metrics.jsonl as analysis.md notes: the first few, then how many more."""
     more = len(problems) - MAX_METRICS_NOTES
-    return problems[:MAX_METRICS_NOTES] + ([f"... and {more} more problems in metrics.jsonl"] if more > 0 else [])
+    return problems[:MAX_METRICS_NOTES] + ([f"... and {more} more problems in metrics.jsonl"]
+                                           if more > 0 else [])
 
 
-# What analyze.py relies on each run_summary.json field being; None is always allowed (a failed run's
-# summary lacks what it never measured). A field of another type is dropped with a note, never crashed on.
+# What analyze.py relies on each run_summary.json field being; None is always allowed (a failed
+# run's summary lacks what it never measured). A field of another type is dropped with a note, never
+# crashed on.
 SUMMARY_FIELD_KINDS = {
-    **dict.fromkeys(("val_bpb", "training_seconds", "total_seconds", "startup_seconds", "peak_vram_mb",
-                     "mfu_percent", "total_tokens_M", "num_steps", "num_params_M", "depth", "seed",
-                     "time_budget_s"), "a number"),
+    **dict.fromkeys(("val_bpb", "training_seconds", "total_seconds", "startup_seconds",
+                     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
+                     "depth", "seed", "time_budget_s"), "a number"),
     **dict.fromkeys(("status", "device", "torch_version", "commit", "harness_hash", "train_sha256",
                      "started_at", "error"), "a string"),
     "dirty": "true or false",
     **dict.fromkeys(("data", "config", "causality", "compile"), "an object"),
 }
 KIND_CHECKS = {"a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-               "a string": lambda v: isinstance(v, str), "true or false": lambda v: isinstance(v, bool),
+               "a string": lambda v: isinstance(v, str),
+               "true or false": lambda v: isinstance(v, bool),
                "an object": lambda v: isinstance(v, dict)}
 
 
 def clean_summary(summary: dict) -> tuple:
-    """(summary, notes): run_summary.json with every non-finite number replaced by None and every field of
-    the wrong type (data or config not an object, a list for a device, ...) dropped, each with a note."""
+    """(summary, notes): run_summary.json with every non-finite number replaced by None and every
+    field of the wrong type (data or config not an object, a list for a device, ...) dropped, each
+    with a note."""
     summary, replaced = replace_non_finite(summary)
-    notes = [f"run_summary.json's {p} is not a finite number (NaN or infinite): recorded as null" for p in replaced]
+    notes = [f"run_summary.json's {p} is not a finite number (NaN or infinite): recorded as null"
+             for p in replaced]
     for key, kind in SUMMARY_FIELD_KINDS.items():
         value = summary.get(key)
         if value is not None and not KIND_CHECKS[kind](value):
-            notes.append(f"run_summary.json's {key} is {type(value).__name__} {json.dumps(value)[:60]}, not {kind}: "
-                         f"ignored")
+            notes.append(f"run_summary.json's {key} is {type(value).__name__} "
+                         f"{json.dumps(value)[:60]}, not {kind}: ignored")
             summary[key] = None
     warmup = (summary.get("config") or {}).get(contract.WARMUP_KEY)
     if warmup is not None and not KIND_CHECKS["a number"](warmup):
-        notes.append(f"run_summary.json's config.{contract.WARMUP_KEY} is {json.dumps(warmup)[:60]}, not a number: ignored")
-        summary["config"] = {k: v for k, v in summary["config"].items() if k != contract.WARMUP_KEY}
+        notes.append(f"run_summary.json's config.{contract.WARMUP_KEY} is "
+                     f"{json.dumps(warmup)[:60]}, not a number: ignored")
+        summary["config"] = {k: v for k, v in summary["config"].items()
+                             if k != contract.WARMUP_KEY}
     return summary, notes
 
 
 def _last_traceback(lines: list):
     """(start, end) of the last Python traceback in log lines, end just past its exception line
     (output printed after it, such as exit-time warnings, is not part of it); None without one."""
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    starts = [i for i, line in enumerate(lines)
+              if line.startswith("Traceback (most recent call last)")]
     if not starts:
         return None
-    end = next((i + 1 for i in range(starts[-1] + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
-               len(lines))
+    end = next((i + 1 for i in range(starts[-1] + 1, len(lines))
+                if lines[i] and not lines[i][0].isspace()), len(lines))
     return starts[-1], end
 
 
@@ -151,11 +165,11 @@ def failure_line(log_text: str):
 
 
 def read_log(path: Path):
-    """run.log in one streaming pass, whatever its size: {sha256, size, mtime, mtime_ns, head, text, cut,
-    archived}. head is the text of its first LOG_HEAD_BYTES (where the stamp line is); text is the whole
-    log, or, past LOG_HEAD_BYTES + LOG_TAIL_BYTES, its last LOG_TAIL_BYTES from a line start (where the
-    traceback is); cut is how many bytes neither holds; archived is what goes into the archive: the
-    whole log, or head, a cut mark and tail. None when there is no run.log."""
+    """run.log in one streaming pass, whatever its size: {sha256, size, mtime, mtime_ns, head, text,
+    cut, archived}. head is the text of its first LOG_HEAD_BYTES (where the stamp line is); text is
+    the whole log, or, past LOG_HEAD_BYTES + LOG_TAIL_BYTES, its last LOG_TAIL_BYTES from a line
+    start (where the traceback is); cut is how many bytes neither holds; archived is what goes into
+    the archive: the whole log, or head, a cut mark and tail. None when there is no run.log."""
     path = Path(path)
     try:
         f = open(path, "rb")
@@ -177,14 +191,16 @@ def read_log(path: Path):
         cut += start
         del tail[:start]
     archived = head + (LOG_CUT_MARK.format(n=cut).encode() if cut else b"") + bytes(tail)
-    return {"sha256": digest.hexdigest(), "size": stat.st_size, "mtime": stat.st_mtime, "mtime_ns": stat.st_mtime_ns,
+    return {"sha256": digest.hexdigest(), "size": stat.st_size, "mtime": stat.st_mtime,
+            "mtime_ns": stat.st_mtime_ns,
             "head": head.decode(errors="replace"), "cut": cut, "archived": archived,
             "text": (tail if cut else head + tail).decode(errors="replace")}
 
 
 def file_identity(path: Path):
-    """(sha256, mtime_ns) of a file, hashed in chunks; (None, None) when it does not exist. Two runs that
-    left byte-identical files (two SyntaxErrors) are still told apart by when each was written."""
+    """(sha256, mtime_ns) of a file, hashed in chunks; (None, None) when it does not exist. Two runs
+    that left byte-identical files (two SyntaxErrors) are still told apart by when each was
+    written."""
     path = Path(path)
     try:
         mtime_ns = path.stat().st_mtime_ns
@@ -194,8 +210,8 @@ def file_identity(path: Path):
 
 
 def refuse_running_train(run_dir):
-    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its RUN_LOCK_FILE
-    for its whole life (the harness's run logger), with its pid written in it."""
+    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its
+    RUN_LOCK_FILE for its whole life (the harness's run logger), with its pid written in it."""
     path = Path(run_dir) / contract.RUN_LOCK_FILE
     try:
         f = open(path)
@@ -206,13 +222,14 @@ def refuse_running_train(run_dir):
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = f.read().strip() or "?"
-            raise HarnessError(f"train.py is still running in {Path(run_dir).resolve()} (pid {pid}): wait for it to "
-                             f"finish, then run analyze.py") from None
+            raise HarnessError(f"train.py is still running in {Path(run_dir).resolve()} "
+                               f"(pid {pid}): wait for it to finish, then run analyze.py") from None
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_run(run_dir) -> dict:
-    """The files train.py left in `run_dir`, as found (nothing is checked against the store here)."""
+    """The files train.py left in `run_dir`, as found (nothing is checked against the store
+    here)."""
     run_dir = Path(run_dir)
     summary, summary_problem, summary_sha256 = None, None, None
     summary_path = run_dir / contract.RUN_SUMMARY
@@ -224,12 +241,14 @@ def load_run(run_dir) -> dict:
             if not isinstance(summary, dict):
                 summary, summary_problem = None, "run_summary.json is not an object"
         except (json.JSONDecodeError, RecursionError) as e:
-            summary_problem = f"run_summary.json is corrupt ({getattr(e, 'msg', 'nested too deeply')})"
+            summary_problem = (f"run_summary.json is corrupt "
+                               f"({getattr(e, 'msg', 'nested too deeply')})")
     log = read_log(run_dir / contract.RUN_LOG)
     records, metrics_problems = read_metrics(run_dir / contract.RUN_METRICS)
     metrics_sha256, metrics_mtime_ns = file_identity(run_dir / contract.RUN_METRICS)
     return {
-        "dir": run_dir, "summary": summary, "summary_problem": summary_problem, "summary_sha256": summary_sha256,
+        "dir": run_dir, "summary": summary, "summary_problem": summary_problem,
+        "summary_sha256": summary_sha256,
         "records": records, "metrics_problems": metrics_problems,
         "log": log["text"] if log else None, "log_file": log,
         "metrics_sha256": metrics_sha256, "metrics_mtime_ns": metrics_mtime_ns,
@@ -239,9 +258,9 @@ def load_run(run_dir) -> dict:
 
 
 def archived_as(ledger: list, kind: str, sha256, mtime_ns):
-    """The run id whose archived `kind` file ("run_log", "metrics") was this one: the same sha256 and the
-    same mtime (two SyntaxError runs leave identical logs, written at different times). A record from
-    before mtimes were recorded matches on its sha256 alone."""
+    """The run id whose archived `kind` file ("run_log", "metrics") was this one: the same sha256
+    and the same mtime (two SyntaxError runs leave identical logs, written at different times). A
+    record from before mtimes were recorded matches on its sha256 alone."""
     if sha256 is None:
         return None
     return next((r["run_id"] for r in ledger if r.get(f"{kind}_sha256") == sha256
@@ -250,17 +269,19 @@ def archived_as(ledger: list, kind: str, sha256, mtime_ns):
 
 def log_relation(log_file: dict, summary: dict) -> str:
     """Whose run.log this is, next to `summary`: "own" (it carries the summary's stamp line, which
-    the harness's run logger prints first), "older" (last written before that run started: a run not captured
-    with `> run.log`), or "later": written after that run started without its stamp, so by a later
-    process that died before train.py's logger started (a SyntaxError, a kill during the imports) and
-    wrote no summary of its own. A summary without a usable started_at is taken as the log's own."""
+    the harness's run logger prints first), "older" (last written before that run started: a run
+    not captured with `> run.log`), or "later": written after that run started without its stamp,
+    so by a later process that died before train.py's logger started (a SyntaxError, a kill during
+    the imports) and wrote no summary of its own. A summary without a usable started_at is taken
+    as the log's own."""
     stamp = summary.get("started_at")
     if not isinstance(stamp, str):
         return "own"
     start = contract.parse_stamp(stamp)
     if start is not None and log_file["mtime"] < start - LOG_CLOCK_SLACK_S:
         return "older"
-    stamped = any(line.rstrip().endswith(contract.log_stamp(stamp)) for line in log_file["head"].splitlines())
+    stamped = any(line.rstrip().endswith(contract.log_stamp(stamp))
+                  for line in log_file["head"].splitlines())
     return "own" if stamped else "later"
 
 
@@ -338,8 +359,8 @@ def classify(run: dict, ledger: list) -> dict:
 
 
 def ran_code(run_dir: Path, summary) -> tuple:
-    """(train.py text, exact) of the code that ran: the working copy or the commit's, whichever matches
-    the summary's train_sha256; else the working copy, flagged as possibly not what ran."""
+    """(train.py text, exact) of the code that ran: the working copy or the commit's, whichever
+    matches the summary's train_sha256; else the working copy, flagged as possibly not what ran."""
     candidates = []
     for folder in dict.fromkeys((run_dir, Path("."))):
         if (folder / contract.TRAIN_PY).exists():
@@ -359,6 +380,7 @@ def ran_code(run_dir: Path, summary) -> tuple:
 def unified_diff(old: str, new: str, old_label: str, new_label: str) -> str:
     ensure = (lambda t: t if t.endswith("\n") else t + "\n")
     return "".join(difflib.unified_diff(ensure(old).splitlines(True), ensure(new).splitlines(True),
-                                        fromfile=f"a/train.py ({old_label})", tofile=f"b/train.py ({new_label})"))
+                                        fromfile=f"a/train.py ({old_label})",
+                                        tofile=f"b/train.py ({new_label})"))
 
 

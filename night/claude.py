@@ -19,43 +19,56 @@ from night.environment import agent_environment
 from night.supervisor import POLL_S, PROGRAM, Supervisor, worker_preamble
 
 # unattended: no permission prompts; stream-json so that every tool call and result reaches the log
-DEFAULT_CLAUDE_COMMAND = "claude -p --dangerously-skip-permissions --output-format stream-json --verbose"
+DEFAULT_CLAUDE_COMMAND = ("claude -p --dangerously-skip-permissions --output-format stream-json "
+                          "--verbose")
 
-QUICK_EXIT_S = 60                    # a claude session shorter than this without an experiment is a failed start
+# a claude session shorter than this without an experiment is a failed start
+QUICK_EXIT_S = 60
 
-MAX_QUICK_EXITS = 5                  # ... and this many in a row stop the night (not logged in, bad command, ...)
+# ... and this many in a row stop the night (not logged in, bad command, ...)
+MAX_QUICK_EXITS = 5
 
-RESTART_DELAY_S = 10.0               # pause before restarting an agent; doubles after each failed session
+# pause before restarting an agent; doubles after each failed session
+RESTART_DELAY_S = 10.0
 
 MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
 
-DEFAULT_MAX_OUTAGE_H = 1.0           # failed sessions (API down, 5xx, 401) for this long end the night
+# failed sessions (API down, 5xx, 401) for this long end the night
+DEFAULT_MAX_OUTAGE_H = 1.0
 
 LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
 
-ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run the night "
-                "as a non-root user, or, inside a container or VM you are willing to let the agent own, set "
-                "IS_SANDBOX=1 (Claude Code's variable for sandboxed environments); see README, 'Threat model'")
+ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run "
+                "the night as a non-root user, or, inside a container or VM you are willing to let "
+                "the agent own, set IS_SANDBOX=1 (Claude Code's variable for sandboxed "
+                "environments); see README, 'Threat model'")
 
-RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
-Read program.md and follow its loop. The state of the research is on disk, not in your memory:
-- .auto-log-research/insights.md (the Current Best block and validated findings),
-- .auto-log-research/ideas_queue.md (prioritised hypotheses),
-- .auto-log-research/results.tsv (every run so far; `uv run analyze.py status` summarises it).
-Check `git status` and `git log -3` first: finish or revert any half-done experiment, then continue the loop.
-Never stop to ask; keep experimenting."""
+RESUME_PROMPT = (
+    "You are resuming an autoresearch session that was interrupted; your earlier context is gone.\n"
+    "Read program.md and follow its loop. The state of the research is on disk, not in your "
+    "memory:\n"
+    "- .auto-log-research/insights.md (the Current Best block and validated findings),\n"
+    "- .auto-log-research/ideas_queue.md (prioritised hypotheses),\n"
+    "- .auto-log-research/results.tsv (every run so far; `uv run analyze.py status` summarises "
+    "it).\n"
+    "Check `git status` and `git log -3` first: finish or revert any half-done experiment, then "
+    "continue the loop.\n"
+    "Never stop to ask; keep experimenting.")
 
 
 def root_refusal(command: list, env: dict):
-    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so before starting."""
-    if os.geteuid() == 0 and "--dangerously-skip-permissions" in command and not env.get("IS_SANDBOX"):
+    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so
+    before starting."""
+    if (os.geteuid() == 0 and "--dangerously-skip-permissions" in command
+            and not env.get("IS_SANDBOX")):
         return ROOT_REFUSAL
     return None
 
 
 def claude_environment(sup) -> dict:
-    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the longest
-    training run (the CLI's default, 2 minutes, would cut every run and blame the idea's code)."""
+    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the
+    longest training run (the CLI's default, 2 minutes, would cut every run and blame the idea's
+    code)."""
     env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
     ms = str(int((sup.args.train_timeout + settings.TOOL_MARGIN_S) * 1000))
     env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
@@ -63,8 +76,8 @@ def claude_environment(sup) -> dict:
 
 
 class SessionLog:
-    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log as
-    one readable line per message, tool call and result, redacted; remembers the last error."""
+    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log
+    as one readable line per message, tool call and result, redacted; remembers the last error."""
 
     def __init__(self, sup, stream):
         self.sup, self.last_error, self.last_line, self.api_retry = sup, None, None, None
@@ -97,7 +110,8 @@ class SessionLog:
                 if block.get("type") == "text":
                     out.append(f"[assistant] {block.get('text', '')}")
                 elif block.get("type") == "tool_use":
-                    out.append(f"[tool {block.get('name')}] {json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
+                    out.append(f"[tool {block.get('name')}] "
+                               f"{json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
             return out
         if kind == "user":
             out = []
@@ -105,13 +119,15 @@ class SessionLog:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     content = block.get("content")
                     if isinstance(content, list):
-                        content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+                        content = "\n".join(c.get("text", "") for c in content
+                                            if isinstance(c, dict))
                     flag = " ERROR" if block.get("is_error") else ""
                     out.append(f"[result{flag}] {str(content)[-LOG_RESULT_CHARS:]}")
             return out
         if kind == "system" and event.get("subtype") == "api_retry":
-            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, retry "
-                              f"{event.get('attempt')} of {event.get('max_retries')}").replace("  ", " ")
+            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, "
+                              f"retry {event.get('attempt')} of {event.get('max_retries')}"
+                              ).replace("  ", " ")
             self.last_error = self.api_retry
             return [f"[claude] {self.api_retry}"]
         if kind == "result":
@@ -121,17 +137,20 @@ class SessionLog:
             self.last_line = text.splitlines()[-1] if text.strip() else self.last_line
             return [f"[claude result {event.get('subtype')}] {text[-LOG_RESULT_CHARS:]}"]
         if kind == "system" and event.get("subtype") == "init":
-            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, model {event.get('model')}"]
+            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, "
+                    f"model {event.get('model')}"]
         return []
 
 
 class KeyHandover:
-    """Gives the claude CLI its API key without an environment variable: a key file readable by this user
-    only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it and deletes
-    it. The CLI reads it once at start (its helper TTL is set beyond the night), before the agent can run
-    a command, and then holds it in memory only: the agent's commands and train.py never inherit it."""
+    """Gives the claude CLI its API key without an environment variable: a key file readable by this
+    user only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it
+    and deletes it. The CLI reads it once at start (its helper TTL is set beyond the night), before
+    the agent can run a command, and then holds it in memory only: the agent's commands and
+    train.py never inherit it."""
 
-    TTL_MS = str(7 * 24 * 3600 * 1000)  # never ask the helper again during a session: the file is gone
+    # never ask the helper again during a session: the file is gone
+    TTL_MS = str(7 * 24 * 3600 * 1000)
 
     def __init__(self, secret: str):
         import tempfile
