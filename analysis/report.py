@@ -213,20 +213,7 @@ def _trajectory_section(ctx) -> list:
                    f"a trend)")
     else:
         out.append(f"- power-law fit: not available ({pl['reason']})")
-    div = t.get("divergence")
-    if div is None:
-        out.append("- divergence from the best: no best run to compare with")
-    elif not div["ok"]:
-        out.append(f"- divergence from the best: not computed ({div['reason']})")
-    elif div["diverged"]:
-        out.append(f"- divergence from the best: the curves parted at step "
-                   f"{div['separated_at']} and this run has been **{div['direction']}** beyond "
-                   f"the noise (±{div['threshold']:.4f}) since step {div['beyond_noise_from']}; "
-                   f"gap over the last 10 % of shared steps {div['final_gap']:+.4f} nats/token")
-    else:
-        out.append(f"- divergence from the best: none — within ±{div['threshold']:.4f} "
-                   f"nats/token at the end of {div['shared_steps']} shared steps "
-                   f"(final gap {div['final_gap']:+.4f})")
+    out.append(_divergence_line(t.get("divergence")))
     spikes = t["spikes"]
     if spikes:
         out.append(f"- loss spikes: {len(spikes)} (robust z > {stats.SPIKE_Z:g} against the "
@@ -238,26 +225,46 @@ def _trajectory_section(ctx) -> list:
                        f"(z {s['z']:.0f}); {rec}")
     else:
         out.append(f"- loss spikes: none (robust z > {stats.SPIKE_Z:g})")
-    val = t["val"]
     out.append("")
-    if val:
-        out += ["Validation curve (small fixed slice; the final val_bpb uses the full eval set):",
-                "",
-                "| step | time (s) | val bpb | val loss | train loss (EMA) | gap (val − train) |",
-                "|---|---|---|---|---|---|"]
-        for i in sorted(set(np.linspace(0, len(val) - 1, min(len(val), MAX_TABLE_ROWS))
-                            .round().astype(int))):
-            row = val[i]
-            out.append(f"| {row['step']} | {row['time_s']:.0f} | {row['val_bpb']:.4f} | "
-                       f"{_f(row['val_loss'], 4)} | "
-                       f"{row['train_loss_smooth']:.4f} | {_f(row['gap'], 4, signed=True)} |")
-        gaps = [v["gap"] for v in val if v["gap"] is not None]
-        if len(gaps) >= 2:
-            trend = "widening (overfitting or train/val shift)" if gaps[-1] > gaps[0] + 0.02 else \
-                "narrowing" if gaps[-1] < gaps[0] - 0.02 else "steady"
-            out.append(f"\ntrain/val gap {gaps[0]:+.4f} → {gaps[-1]:+.4f} nats/token: {trend}")
-    else:
-        out.append("No validation points in metrics.jsonl.")
+    return out + _validation_lines(t["val"])
+
+
+def _divergence_line(div) -> str:
+    """The loss trajectory's line on the divergence from the best (stats.divergence's result, or
+    None without a best)."""
+    if div is None:
+        return "- divergence from the best: no best run to compare with"
+    if not div["ok"]:
+        return f"- divergence from the best: not computed ({div['reason']})"
+    if div["diverged"]:
+        return (f"- divergence from the best: the curves parted at step "
+                f"{div['separated_at']} and this run has been **{div['direction']}** beyond "
+                f"the noise (±{div['threshold']:.4f}) since step {div['beyond_noise_from']}; "
+                f"gap over the last 10 % of shared steps {div['final_gap']:+.4f} nats/token")
+    return (f"- divergence from the best: none — within ±{div['threshold']:.4f} "
+            f"nats/token at the end of {div['shared_steps']} shared steps "
+            f"(final gap {div['final_gap']:+.4f})")
+
+
+def _validation_lines(val: list) -> list:
+    """The validation curve as a table (at most MAX_TABLE_ROWS points, spread over the run) and
+    the trend of the train/val gap."""
+    if not val:
+        return ["No validation points in metrics.jsonl."]
+    out = ["Validation curve (small fixed slice; the final val_bpb uses the full eval set):", "",
+           "| step | time (s) | val bpb | val loss | train loss (EMA) | gap (val − train) |",
+           "|---|---|---|---|---|---|"]
+    for i in sorted(set(np.linspace(0, len(val) - 1, min(len(val), MAX_TABLE_ROWS))
+                        .round().astype(int))):
+        row = val[i]
+        out.append(f"| {row['step']} | {row['time_s']:.0f} | {row['val_bpb']:.4f} | "
+                   f"{_f(row['val_loss'], 4)} | "
+                   f"{row['train_loss_smooth']:.4f} | {_f(row['gap'], 4, signed=True)} |")
+    gaps = [v["gap"] for v in val if v["gap"] is not None]
+    if len(gaps) >= 2:
+        trend = "widening (overfitting or train/val shift)" if gaps[-1] > gaps[0] + 0.02 else \
+            "narrowing" if gaps[-1] < gaps[0] - 0.02 else "steady"
+        out.append(f"\ntrain/val gap {gaps[0]:+.4f} → {gaps[-1]:+.4f} nats/token: {trend}")
     return out
 
 

@@ -288,37 +288,62 @@ def log_relation(log_file: dict, summary: dict) -> str:
 def classify(run: dict, ledger: list) -> dict:
     """Decide which of the files found belong to this run, and its status.
 
-    Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's start time
-    and code) are an earlier run's, and so is a summary whose stamp line a later run.log lacks: a new
-    run.log next to an old summary means this run died before train.py's logger started, which is a
-    crash, never the old number."""
-    summary, records, log, log_file = run["summary"], run["records"], run["log"], run["log_file"]
-    notes = []
-    if summary is None and log is None and not records and run["summary_problem"] is None:
-        raise HarnessError(f"no run to analyze in {run['dir'].resolve()}: run `{contract.TRAIN_COMMAND}` first")
-    summary, summary_fixes = clean_summary(summary) if summary is not None else (None, [])
-    log_of = archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"]) if log_file else None
-    metrics_of = archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"]) if records else None
-    summary_of = None
-    if summary is not None and summary.get("started_at"):  # the same file: workers start the same code in one second
-        summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
-                           and r.get("train_sha256") == summary.get("train_sha256")
-                           and r.get("summary_sha256", run["summary_sha256"]) == run["summary_sha256"]), None)
+    Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's
+    start time and code) are an earlier run's, and so is a summary whose stamp line a later run.log
+    lacks: a new run.log next to an old summary means this run died before train.py's logger
+    started, which is a crash, never the old number."""
+    if (run["summary"] is None and run["log"] is None and not run["records"]
+            and run["summary_problem"] is None):
+        raise HarnessError(f"no run to analyze in {run['dir'].resolve()}: run "
+                           f"`{contract.TRAIN_COMMAND}` first")
+    summary, records, log, notes = _own_files(run, ledger)
+    status, error = _run_status(summary, log, run["summary_problem"])
+    return {"summary": summary, "records": records, "log": log, "status": status, "error": error,
+            "notes": notes}
+
+
+def _summary_archived_as(ledger: list, summary, summary_sha256):
+    """The run id whose archived run_summary.json this one is: the same start time, code and
+    sha256 (the same file: workers start the same code in one second); None for a summary without
+    a start time."""
+    if summary is None or not summary.get("started_at"):
+        return None
+    return next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
+                 and r.get("train_sha256") == summary.get("train_sha256")
+                 and r.get("summary_sha256", summary_sha256) == summary_sha256), None)
+
+
+def _own_files(run: dict, ledger: list) -> tuple:
+    """(summary, records, log, notes): the files of `run` that are this run's own; an earlier
+    run's is None (or no records), with a note that says whose it is. Raises when none of the files
+    is new."""
+    records, log, log_file = run["records"], run["log"], run["log_file"]
+    summary, summary_fixes = (clean_summary(run["summary"]) if run["summary"] is not None
+                              else (None, []))
+    log_of = (archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"])
+              if log_file else None)
+    metrics_of = (archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"])
+                  if records else None)
+    summary_of = _summary_archived_as(ledger, summary, run["summary_sha256"])
     relation = log_relation(log_file, summary) if summary is not None and log_file else None
+    notes = []
     if relation == "later" and not summary_of:
-        notes.append(f"run_summary.json belongs to an earlier run (started at {summary['started_at']}) that was never "
-                     f"analyzed: run.log was written after it and lacks its stamp line "
-                     f"({contract.log_stamp(summary['started_at'])!r}), so this run failed before train.py's logger "
-                     f"started; that earlier result, and its metrics.jsonl, are ignored")
+        notes.append(f"run_summary.json belongs to an earlier run (started at "
+                     f"{summary['started_at']}) that was never analyzed: run.log was written after "
+                     f"it and lacks its stamp line "
+                     f"({contract.log_stamp(summary['started_at'])!r}), so this run failed before "
+                     f"train.py's logger started; that earlier result, and its metrics.jsonl, are "
+                     f"ignored")
         summary, records = None, []
     anything_new = ((log is not None and not log_of) or (summary is not None and not summary_of)
                     or (records and not metrics_of) or run["summary_problem"])
     if not anything_new:
-        raise HarnessError(f"this run is already archived as {log_of or summary_of or metrics_of}: train again "
-                         f"(`{contract.TRAIN_COMMAND}`) before analyzing")
+        raise HarnessError(f"this run is already archived as {log_of or summary_of or metrics_of}: "
+                           f"train again (`{contract.TRAIN_COMMAND}`) before analyzing")
     if summary_of:
-        notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run wrote none, "
-                     f"so it failed before train.py's logger started; that earlier result is ignored")
+        notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run "
+                     f"wrote none, so it failed before train.py's logger started; that earlier "
+                     f"result is ignored")
         summary = None
     if metrics_of:
         notes.append(f"metrics.jsonl belongs to run {metrics_of} (already archived); ignored")
@@ -335,14 +360,20 @@ def classify(run: dict, ledger: list) -> dict:
         log = None
     if summary is not None:
         notes.extend(summary_fixes)
+    return summary, records, log, notes
 
+
+def _run_status(summary, log, summary_problem) -> tuple:
+    """(status, error) of a run from its own summary and log: without a summary it is a crash; a
+    job the scheduler ended (cancelled, pre-empted, out of time, never started) says so first."""
     error = None
     if summary is None:
         status = "crash"
-        error = run["summary_problem"] or failure_line(log) or (
-            "no run_summary.json: the process died without writing one (killed, out of memory, or it failed "
-            "before train.py's logger started)" + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
-                                                   if log and log.strip() else ""))
+        error = summary_problem or failure_line(log) or (
+            "no run_summary.json: the process died without writing one (killed, out of memory, or "
+            "it failed before train.py's logger started)"
+            + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
+               if log and log.strip() else ""))
     elif summary.get("status") == "ok":
         status = "ok"
         if not verdict.finished({"val_bpb": summary.get("val_bpb")}):
@@ -352,10 +383,11 @@ def classify(run: dict, ledger: list) -> dict:
     else:
         status, error = "crash", f"run_summary.json has an unknown status {summary.get('status')!r}"
     ended = slurm.run_failure(log) if status != "ok" else None
-    if ended:  # the scheduler ended the job (cancelled, pre-empted, out of time, never started): its words first
+    if ended:  # the scheduler ended the job: its words first
         status = ended[0] if status == "crash" else status
-        error = ended[1] + (f"; train.py: {error}" if error and not error.startswith("no run_summary.json") else "")
-    return {"summary": summary, "records": records, "log": log, "status": status, "error": error, "notes": notes}
+        error = ended[1] + (f"; train.py: {error}"
+                            if error and not error.startswith("no run_summary.json") else "")
+    return status, error
 
 
 def ran_code(run_dir: Path, summary) -> tuple:

@@ -228,7 +228,8 @@ KILLED_MARK = "terminated by SIGTERM"
 
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
-           error: str = None, new_pool: list = None, repeats_seed_of: str = None, policy: dict = None) -> dict:
+           error: str = None, new_pool: list = None, repeats_seed_of: str = None,
+           policy: dict = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
@@ -236,40 +237,70 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     noise: noise_estimate() over the comparable runs; failed: the run's failure status, if any
     ("invalid": it broke metric integrity, see analysis/integrity.py, and is discarded).
     same_as_best: the candidate *is* the best's code (a repeat): it is pooled into the best.
-    error: a failed run's error line; a run killed from outside is told apart from a bug in its code.
-    new_pool: with no best in the candidate's pool, what sets it apart from the kept runs (pool_changes):
-    such a run is never a silent new baseline. repeats_seed_of: the run id of an earlier run of the same code
-    under the same SEED (same_seed_run): this run measured nothing new and is not pooled. policy: one of
-    POLICIES (default: VERDICT_MODE's); the keep, rerun and discard of a finished run are sequential_verdict's."""
-    from scipy import stats  # here, not at the top: see analysis/stats.py
-    if failed == "invalid":
-        return {"verdict": "discard", "reason": "INVALID: the evaluation harness, the prepared data or the training "
-                                                "clock does not check out, so this val_bpb is never kept, pooled or "
-                                                "counted as the best"}
-    if failed == "crash" and error and KILLED_MARK in error:
-        return {"verdict": "crash", "reason": "KILLED from outside (a tool or supervisor timeout, or a stop), not by "
-                                              "an error in train.py: the idea is untested; give the run enough time "
-                                              "(program.md) and run it again"}
-    if failed:
-        return {"verdict": "crash", "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
-    if repeats_seed_of:
-        return {"verdict": "rerun", "reason": f"the same train.py already ran under this SEED (run {repeats_seed_of}): "
-                                              f"a repeat measures noise only under another seed, so this run is not "
-                                              f"pooled; run it again with a new SEED"}
+    error: a failed run's error line; a run killed from outside is told apart from a bug in its
+    code. new_pool: with no best in the candidate's pool, what sets it apart from the kept runs
+    (pool_changes): such a run is never a silent new baseline. repeats_seed_of: the run id of an
+    earlier run of the same code under the same SEED (same_seed_run): this run measured nothing new
+    and is not pooled. policy: one of POLICIES (default: VERDICT_MODE's); the keep, rerun and
+    discard of a finished run are sequential_verdict's."""
+    unjudged = _unjudged(failed, error, repeats_seed_of)
+    if unjudged is not None:
+        return unjudged
     candidate = np.asarray(candidate, float)
     out = {"n_candidate": len(candidate), "candidate_mean": float(candidate.mean())}
     if (best is None or len(best) == 0) and new_pool:
         return {**out, "verdict": "discard",
-                "reason": f"NEW POOL: not comparable with the kept runs ({'; '.join(new_pool)}), so not kept; if "
-                          f"that change is meant, start a new baseline: `uv run analyze.py keep --new-baseline`"}
+                "reason": f"NEW POOL: not comparable with the kept runs ({'; '.join(new_pool)}), "
+                          f"so not kept; if that change is meant, start a new baseline: "
+                          f"`uv run analyze.py keep --new-baseline`"}
     if best is None or len(best) == 0:
         return {**out, "verdict": "keep", "reason": "no best yet: this run becomes the baseline"}
     if same_as_best:
         return {**out, "verdict": "keep",
-                "reason": f"same train.py as the best: a repeat, pooled into it ({len(candidate)} runs)"}
+                "reason": f"same train.py as the best: a repeat, pooled into it ({len(candidate)} "
+                          f"runs)"}
     best = np.asarray(best, float)
     best_mean = float(best.mean())
-    noise = noise or noise_estimate([])
+    sigma, df, sigma_source = _verdict_sigma(noise or noise_estimate([]), best_mean)
+    delta = out["candidate_mean"] - best_mean
+    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
+    z = delta / se if se > 0 else (-math.inf if delta < 0 else math.inf if delta > 0 else 0.0)
+    p_noise, p_welch = _p_values(z, df, candidate, best)
+    policy = POLICIES[VERDICT_MODE] if policy is None else policy
+    out.update(n_best=len(best), best_mean=best_mean, delta=delta, sigma=sigma,
+               sigma_source=sigma_source, delta_sigma=delta / sigma if sigma > 0 else None, se=se,
+               z=z, p_value=p_noise, p_welch=p_welch, keep_alpha=policy["keep_alpha"],
+               policy=dict(policy, futility=list(policy["futility"])))
+    return {**out, **_sequential_decision(len(candidate), delta, se, df, p_noise, p_welch, policy)}
+
+
+def _unjudged(failed: str, error: str, repeats_seed_of: str):
+    """The verdict on a run whose val_bpb is not judged: a failed, invalid or killed run, or a
+    repeat under a SEED its code already ran with; None for a finished run to judge."""
+    if failed == "invalid":
+        return {"verdict": "discard",
+                "reason": "INVALID: the evaluation harness, the prepared data or the training "
+                          "clock does not check out, so this val_bpb is never kept, pooled or "
+                          "counted as the best"}
+    if failed == "crash" and error and KILLED_MARK in error:
+        return {"verdict": "crash",
+                "reason": "KILLED from outside (a tool or supervisor timeout, or a stop), not by "
+                          "an error in train.py: the idea is untested; give the run enough time "
+                          "(program.md) and run it again"}
+    if failed:
+        return {"verdict": "crash",
+                "reason": f"the run ended with status {failed}: there is no val_bpb to judge"}
+    if repeats_seed_of:
+        return {"verdict": "rerun",
+                "reason": f"the same train.py already ran under this SEED (run {repeats_seed_of}): "
+                          f"a repeat measures noise only under another seed, so this run is not "
+                          f"pooled; run it again with a new SEED"}
+    return None
+
+
+def _verdict_sigma(noise: dict, best_mean: float) -> tuple:
+    """(σ, df, where σ comes from) of one run: the pooled estimate once trusted (df its degrees
+    of freedom), else FALLBACK_NOISE_FRACTION of the best (df None); never below the floor."""
     if noise["trusted"]:
         sigma, df = noise["sigma"], noise["df"]
         sigma_source = f"pooled from repeats ({df} df)"
@@ -280,41 +311,50 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     if sigma < NOISE_FLOOR_FRACTION * best_mean:
         sigma = NOISE_FLOOR_FRACTION * best_mean
         sigma_source += f", raised to the floor of {NOISE_FLOOR_FRACTION:.2%} of the best val_bpb"
-    delta = out["candidate_mean"] - best_mean
-    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
-    z = delta / se if se > 0 else (-math.inf if delta < 0 else math.inf if delta > 0 else 0.0)
-    p_noise = float(stats.t.cdf(z, df) if df else stats.norm.cdf(z))  # one-sided: H1 candidate < best
+    return sigma, df, sigma_source
+
+
+def _p_values(z: float, df, candidate, best) -> tuple:
+    """(p, Welch p), both one-sided for H1 candidate < best: p of the difference's z against the
+    noise (Student's t on df, the normal without); Welch's test on the runs themselves, None
+    without repeats on both sides or where it is undefined (identical values)."""
+    from scipy import stats  # here, not at the top: see analysis/stats.py
+    p_noise = float(stats.t.cdf(z, df) if df else stats.norm.cdf(z))
     p_welch = None
     if len(candidate) >= 2 and len(best) >= 2:
-        with warnings.catch_warnings():  # identical values: scipy warns and returns NaN, handled below
+        with warnings.catch_warnings():  # identical values: scipy warns and returns NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             p = stats.ttest_ind(candidate, best, equal_var=False, alternative="less").pvalue
         p_welch = float(p) if np.isfinite(p) else None
-    policy = POLICIES[VERDICT_MODE] if policy is None else policy
-    out.update(n_best=len(best), best_mean=best_mean, delta=delta, sigma=sigma, sigma_source=sigma_source,
-               delta_sigma=delta / sigma if sigma > 0 else None, se=se, z=z, p_value=p_noise, p_welch=p_welch,
-               keep_alpha=policy["keep_alpha"], policy=dict(policy, futility=list(policy["futility"])))
+    return p_noise, p_welch
+
+
+def _sequential_decision(n: int, delta: float, se: float, df, p_noise: float, p_welch,
+                         policy: dict) -> dict:
+    """{verdict, reason} (and confirm: True for an unconfirmed gain) of a finished candidate with
+    `n` runs: sequential_verdict's keep, rerun or discard, with the reason in words."""
     p_text = f"p = {p_noise:.3g}" + (f", Welch p = {p_welch:.3g}" if p_welch is not None else "")
-    n = len(candidate)
     code = int(sequential_verdict(n, delta, se, df or 0, policy))
     if delta >= 0:
-        return {**out, "verdict": "discard", "reason": f"not better than the best ({p_text})"}
+        return {"verdict": "discard", "reason": f"not better than the best ({p_text})"}
     if code == KEEP_CODE:
-        return {**out, "verdict": "keep",
-                "reason": f"better than the best beyond the noise over {n} run(s) ({p_text} < {policy['keep_alpha']})"}
+        return {"verdict": "keep",
+                "reason": f"better than the best beyond the noise over {n} run(s) ({p_text} < "
+                          f"{policy['keep_alpha']})"}
     if code == RERUN_CODE and p_noise < policy["keep_alpha"]:
-        return {**out, "verdict": "rerun", "confirm": True,
-                "reason": f"better than the best beyond the noise on {n} run(s) ({p_text}), not yet confirmed: a keep "
-                          f"needs {policy['confirm_runs']} runs unless p < {policy['strong_alpha']}; run it again "
-                          f"with another SEED"}
+        return {"verdict": "rerun", "confirm": True,
+                "reason": f"better than the best beyond the noise on {n} run(s) ({p_text}), not "
+                          f"yet confirmed: a keep needs {policy['confirm_runs']} runs unless "
+                          f"p < {policy['strong_alpha']}; run it again with another SEED"}
     if code == RERUN_CODE:
-        return {**out, "verdict": "rerun",
-                "reason": f"better than the best but within the noise ({p_text}); promising enough to run it again "
-                          f"with another SEED"}
+        return {"verdict": "rerun",
+                "reason": f"better than the best but within the noise ({p_text}); promising enough "
+                          f"to run it again with another SEED"}
     if n >= policy["max_runs"]:
-        return {**out, "verdict": "discard",
-                "reason": f"better than the best but still within the noise after {n} runs ({p_text})"}
+        return {"verdict": "discard",
+                "reason": f"better than the best but still within the noise after {n} runs "
+                          f"({p_text})"}
     bound = (tuple(policy["futility"]) + (0.0,))[min(n, len(policy["futility"])) - 1]
-    return {**out, "verdict": "discard",
-            "reason": f"better than the best but within the noise ({p_text} >= {bound} after {n} run(s)): "
-                      f"too small to resolve at the price of more runs"}
+    return {"verdict": "discard",
+            "reason": f"better than the best but within the noise ({p_text} >= {bound} after {n} "
+                      f"run(s)): too small to resolve at the price of more runs"}

@@ -179,7 +179,87 @@ class KeyHandover:
         self.dir.rmdir()
 
 
+class SessionFailures:
+    """The claude sessions that failed since the last good one (one that ran an experiment, or ran
+    long and exited cleanly): how many, how many quick exits in a row, since when, and the pause
+    before the next session, doubled after each failure up to MAX_BACKOFF_S."""
+
+    def __init__(self, restart_delay: float):
+        self.restart_delay = restart_delay
+        self.quick_exits, self.count, self.since, self.delay = 0, 0, None, restart_delay
+
+    def record(self, sup: Supervisor, returncode: int, output: SessionLog, t0: float,
+               duration: float, new_run: bool):
+        """Count a session that started at t0 and ran `duration` s. Too many quick exits in a row,
+        or failures for longer than --max-outage-hours, stop the night; a failure short of that is
+        one status line."""
+        if new_run or (returncode == 0 and duration >= QUICK_EXIT_S):
+            self.quick_exits, self.count, self.since, self.delay = 0, 0, None, self.restart_delay
+            return
+        if sup.stopping is not None:
+            return
+        self.count += 1
+        self.since = self.since or t0
+        # a quick exit that never reached the API is a bad start (command, login); one that did is
+        # an outage
+        self.quick_exits = (self.quick_exits + 1
+                            if duration < QUICK_EXIT_S and not output.api_retry else 0)
+        error = output.last_error or output.last_line or f"exit code {returncode}"
+        what = "API unreachable" if output.api_retry else "agent sessions failing"
+        if self.quick_exits >= MAX_QUICK_EXITS:
+            sup.stop(f"claude exited {self.quick_exits} times in a row within {QUICK_EXIT_S} s "
+                     f"without an experiment (last exit code {returncode}): {error}", failed=True)
+        elif time.time() - self.since >= sup.args.max_outage_hours * 3600:
+            sup.stop(f"{what} since {rules.hhmm(self.since)} "
+                     f"({self.count} sessions without a run): {error}", failed=True)
+        else:
+            sup.status(f"{what} since {rules.hhmm(self.since)} "
+                       f"({self.count} failed sessions); last error: {error}; retrying in "
+                       f"{self.delay:.0f} s")
+
+    def pause(self, sup: Supervisor):
+        """Wait before the next session; while sessions fail, each wait is twice the last."""
+        sup.sleep(self.delay)
+        if self.count:
+            self.delay = min(self.delay * 2, MAX_BACKOFF_S)
+
+
+def run_session(sup: Supervisor, session: int, command: list, env: dict, handover, prompt: str):
+    """Start claude session number `session`, hand it `prompt` and log its output until it exits
+    or the agent must end. (the process, its SessionLog); None when the command cannot be started
+    (the night is stopped then)."""
+    sup.status(f"claude session {session} started")
+    sup.write_log(f"=== claude session {session} ({' '.join(command)}), "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    session_command = handover.arm(command, env) if handover else command
+    try:
+        child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True, env=env)
+    except FileNotFoundError:
+        sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use "
+                 f"--backend api)", failed=True)
+        return None
+    output = SessionLog(sup, child.stdout)
+    try:
+        child.stdin.write(prompt)
+        child.stdin.close()
+    except BrokenPipeError:
+        pass  # it exited before reading: handled like any exit
+    while child.poll() is None:
+        if sup.should_end_agent():
+            proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
+            break
+        time.sleep(POLL_S)
+    output.thread.join(timeout=30)
+    if handover:
+        handover.disarm()  # read by the CLI at its start; gone in any case once the session is
+    return child, output
+
+
 def run_claude(sup: Supervisor) -> int:
+    """The claude backend: the CLI restarted whenever it exits (program.md for the first session,
+    RESUME_PROMPT after), until a stop rule or its failures end the night."""
     command = shlex.split(sup.args.claude_command)
     env = claude_environment(sup)
     refusal = root_refusal(command, env)
@@ -189,61 +269,24 @@ def run_claude(sup: Supervisor) -> int:
         return sup.finish()
     handover = KeyHandover(sup.secret) if sup.secret else None
     program = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
-    session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
+    session, failures = 0, SessionFailures(sup.args.restart_delay)
     while not sup.check():
         session += 1
         prompt = program if session == 1 else worker_preamble(sup) + RESUME_PROMPT
         rows_before, t0 = len(sup.new_runs()), time.time()
-        sup.status(f"claude session {session} started")
-        sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        session_command = handover.arm(command, env) if handover else command
-        try:
-            child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
-        except FileNotFoundError:
-            sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)", failed=True)
+        ended = run_session(sup, session, command, env, handover, prompt)
+        if ended is None:
             break
-        output = SessionLog(sup, child.stdout)
-        try:
-            child.stdin.write(prompt)
-            child.stdin.close()
-        except BrokenPipeError:
-            pass  # it exited before reading: handled below like any exit
-        while child.poll() is None:
-            if sup.should_end_agent():
-                proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
-                break
-            time.sleep(POLL_S)
-        output.thread.join(timeout=30)
-        if handover:
-            handover.disarm()  # read by the CLI at its start; gone in any case once the session is
+        child, output = ended
         duration = time.time() - t0
-        sup.write_log(f"=== claude session {session} exited with code {child.returncode} after {duration:.0f} s")
-        new_run = len(sup.new_runs()) > rows_before
-        if new_run or (child.returncode == 0 and duration >= QUICK_EXIT_S):
-            quick_exits, failures, failing_since, delay = 0, 0, None, sup.args.restart_delay
-        elif sup.stopping is None:
-            failures += 1
-            failing_since = failing_since or t0
-            # a quick exit that never reached the API is a bad start (command, login); one that did is an outage
-            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S and not output.api_retry else 0
-            error = output.last_error or output.last_line or f"exit code {child.returncode}"
-            what = "API unreachable" if output.api_retry else "agent sessions failing"
-            if quick_exits >= MAX_QUICK_EXITS:
-                sup.stop(f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an experiment "
-                         f"(last exit code {child.returncode}): {error}", failed=True)
-            elif time.time() - failing_since >= sup.args.max_outage_hours * 3600:
-                sup.stop(f"{what} since {rules.hhmm(failing_since)} "
-                         f"({failures} sessions without a run): {error}", failed=True)
-            else:
-                sup.status(f"{what} since {rules.hhmm(failing_since)} "
-                           f"({failures} failed sessions); last error: {error}; retrying in {delay:.0f} s")
+        sup.write_log(f"=== claude session {session} exited with code {child.returncode} after "
+                      f"{duration:.0f} s")
+        failures.record(sup, child.returncode, output, t0, duration,
+                        new_run=len(sup.new_runs()) > rows_before)
         if sup.stopping is None:
-            if not failures:
+            if not failures.count:
                 sup.status(f"claude session {session} exited (code {child.returncode}); restarting")
-            sup.sleep(delay)
-            if failures:
-                delay = min(delay * 2, MAX_BACKOFF_S)
+            failures.pause(sup)
     if handover:
         handover.close()
     return sup.finish()
