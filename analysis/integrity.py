@@ -2,12 +2,12 @@
 Metric integrity: is a run's val_bpb a number the fixed harness produced, under the fixed rules?
 
 An agent improves its number only by changing train.py. This module finds the other ways: an
-edited evaluation (prepare.py, harness/, analyze.py, analysis/), a harness changed at run time from
-train.py, a tokenizer or validation data that is no longer what prepare.py wrote, a summary or
-metrics file that is not what the harness's logger wrote (its seal), and a training time that the
-run's own step times or the harness's wall clock do not add up to, or that exceeds the budget.
-analyze.py marks a run with any problem `invalid`: it is archived with its val_bpb for reference
-but never pooled, kept or counted as the best.
+edited evaluation (prepare.py, harness/, launch.py, analyze.py, analysis/), a harness changed at
+run time from train.py, a tokenizer or validation data that is no longer what prepare.py wrote, a
+summary or metrics file that is not what the harness's logger wrote (its seal), and a training
+time that the run's own step times or the harness's wall clock do not add up to, or that exceeds
+the budget. analyze.py marks a run with any problem `invalid`: it is archived with its val_bpb
+for reference but never pooled, kept or counted as the best.
 
 Each check is a function returning a list of problems, one actionable sentence each (empty: the
 check passed). Only git subprocesses and file hashing: no torch, no import of prepare.py.
@@ -210,7 +210,7 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     if not path.is_file():
         return [f"run_summary.json has no seal from the harness ({path} is missing): it was not "
                 f"written by the harness's run logger, or its started_at was changed; restore "
-                f"train.py's logger calls and train again"]
+                f"train.py's calls on `run` (harness/runlog.py) and train again"]
     try:
         seal = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -223,23 +223,23 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     if metrics_sha256 != seal.get("metrics_sha256"):
         problems.append(f"metrics.jsonl is not what the harness's logger wrote "
                         f"({seal.get('metrics_lines')} lines sealed): lines were added, removed or "
-                        f"edited outside logger.log_step; log through logger.log_step only and "
-                        f"train again")
+                        f"edited outside run.log_step; log through run.log_step only and train "
+                        f"again")
     if summary.get("val_bpb") != seal.get("val_bpb"):
         problems.append(f"val_bpb {summary.get('val_bpb')} is not the number the harness's final "
                         f"evaluation computed ({seal.get('val_bpb')}): end train.py with "
-                        f"logger.evaluate_and_finish and train again")
+                        f"run.finish and train again")
     return problems
 
 
 def runtime_harness_problems(summary: dict) -> list:
     """At the final evaluation the harness found its own functions and classes as imported
-    (prepare.harness_check)."""
+    (selfcheck.harness_check)."""
     check = summary.get("harness_check")
     if not isinstance(check, dict):
         return ["the summary has no harness_check: the final val_bpb was not the harness's own "
-                "evaluation (train.py must end with logger.evaluate_and_finish); restore that "
-                "ending of train.py"]
+                "evaluation (train.py must end with run.finish); restore that ending of "
+                "train.py"]
     if check.get("ok") is not True:
         names = ", ".join(check.get("changed") or ["?"])
         return [f"train.py changed the harness at run time ({names}): {RESTORE_HINT}, also from "
@@ -259,7 +259,7 @@ def harness_clock_problems(summary: dict, records: list) -> list:
     if any(not contract.finite_number(r.get(key))
            for r in timed for key in contract.HARNESS_STEP_KEYS):
         return ["metrics.jsonl lacks the harness's clock stamps (harness/wall_s, harness/eval_s): "
-                "it was not written by logger.log_step; log through it and train again"]
+                "it was not written by run.log_step; log through it and train again"]
     if len(timed) < 2:
         return []
     first, last = timed[0], timed[-1]
@@ -277,14 +277,14 @@ def harness_clock_problems(summary: dict, records: list) -> list:
 
 
 def causality_problems(summary: dict) -> list:
-    """The harness's final evaluation probed the model (prepare.causality_probe): its logits at
+    """The harness's final evaluation probed the model (metric.causality_probe): its logits at
     earlier positions must not move when only later tokens change, or the model reads the
     future."""
     probe = summary.get("causality")
     if not isinstance(probe, dict):
         return ["the summary has no causality probe: the final val_bpb was not the harness's own "
-                "evaluation (train.py must end with logger.evaluate_and_finish); restore that "
-                "ending of train.py"]
+                "evaluation (train.py must end with run.finish); restore that ending of "
+                "train.py"]
     if probe.get("ok") is not True:
         return [f"the logits at positions <= {probe.get('position')} changed by "
                 f"{probe.get('max_change')} when only later tokens changed: the model reads the "

@@ -271,7 +271,7 @@ def log_relation(log_file: dict, summary: dict) -> str:
     """Whose run.log this is, next to `summary`: "own" (it carries the summary's stamp line, which
     the harness's run logger prints first), "older" (last written before that run started: a run
     not captured with `> run.log`), or "later": written after that run started without its stamp,
-    so by a later process that died before train.py's logger started (a SyntaxError, a kill during
+    so by a later process that died before train.py called start_run (a SyntaxError, a kill during
     the imports) and wrote no summary of its own. A summary without a usable started_at is taken
     as the log's own."""
     stamp = summary.get("started_at")
@@ -290,8 +290,8 @@ def classify(run: dict, ledger: list) -> dict:
 
     Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's
     start time and code) are an earlier run's, and so is a summary whose stamp line a later run.log
-    lacks: a new run.log next to an old summary means this run died before train.py's logger
-    started, which is a crash, never the old number."""
+    lacks: a new run.log next to an old summary means this run died before train.py called
+    start_run, which is a crash, never the old number."""
     if (run["summary"] is None and run["log"] is None and not run["records"]
             and run["summary_problem"] is None):
         raise HarnessError(f"no run to analyze in {run['dir'].resolve()}: run "
@@ -332,7 +332,7 @@ def _own_files(run: dict, ledger: list) -> tuple:
                      f"{summary['started_at']}) that was never analyzed: run.log was written after "
                      f"it and lacks its stamp line "
                      f"({contract.log_stamp(summary['started_at'])!r}), so this run failed before "
-                     f"train.py's logger started; that earlier result, and its metrics.jsonl, are "
+                     f"train.py called start_run; that earlier result, and its metrics.jsonl, are "
                      f"ignored")
         summary, records = None, []
     anything_new = ((log is not None and not log_of) or (summary is not None and not summary_of)
@@ -342,7 +342,7 @@ def _own_files(run: dict, ledger: list) -> tuple:
                            f"train again (`{contract.TRAIN_COMMAND}`) before analyzing")
     if summary_of:
         notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run "
-                     f"wrote none, so it failed before train.py's logger started; that earlier "
+                     f"wrote none, so it failed before train.py called start_run; that earlier "
                      f"result is ignored")
         summary = None
     if metrics_of:
@@ -371,7 +371,7 @@ def _run_status(summary, log, summary_problem) -> tuple:
         status = "crash"
         error = summary_problem or failure_line(log) or (
             "no run_summary.json: the process died without writing one (killed, out of memory, or "
-            "it failed before train.py's logger started)"
+            "it failed before train.py called start_run)"
             + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
                if log and log.strip() else ""))
     elif summary.get("status") == "ok":

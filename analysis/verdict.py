@@ -2,7 +2,7 @@
 The noise estimate and the verdict on a run: keep, rerun, discard or crash (pure functions).
 
 One 5-minute run is noisy: a new seed alone moves val_bpb. The noise is measured from repeated runs
-of the same train.py (SEED=... uv run train.py), pooled over every such group, and a candidate is
+of the same train.py (SEED=... uv run launch.py), pooled over every such group, and a candidate is
 kept only when it beats the best by more than that noise allows, in a sequential test: a candidate
 that looks better is rerun with another seed and re-decided on all its runs pooled while it stays
 promising, and a gain is confirmed on several runs before it becomes the best (POLICIES,
