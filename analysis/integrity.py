@@ -232,14 +232,19 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     return problems
 
 
+def _no_final_evaluation(missing: str) -> list:
+    """The problem of a summary that lacks what the harness's final evaluation records
+    (`missing`): its val_bpb is not the harness's own."""
+    return [f"the summary has no {missing}: the final val_bpb was not the harness's own "
+            f"evaluation (train.py must end with run.finish); restore that ending of train.py"]
+
+
 def runtime_harness_problems(summary: dict) -> list:
     """At the final evaluation the harness found its own functions and classes as imported
     (selfcheck.harness_check)."""
     check = summary.get("harness_check")
     if not isinstance(check, dict):
-        return ["the summary has no harness_check: the final val_bpb was not the harness's own "
-                "evaluation (train.py must end with run.finish); restore that ending of "
-                "train.py"]
+        return _no_final_evaluation("harness_check")
     if check.get("ok") is not True:
         names = ", ".join(check.get("changed") or ["?"])
         return [f"train.py changed the harness at run time ({names}): {RESTORE_HINT}, also from "
@@ -282,9 +287,7 @@ def causality_problems(summary: dict) -> list:
     future."""
     probe = summary.get("causality")
     if not isinstance(probe, dict):
-        return ["the summary has no causality probe: the final val_bpb was not the harness's own "
-                "evaluation (train.py must end with run.finish); restore that ending of "
-                "train.py"]
+        return _no_final_evaluation("causality probe")
     if probe.get("ok") is not True:
         return [f"the logits at positions <= {probe.get('position')} changed by "
                 f"{probe.get('max_change')} when only later tokens changed: the model reads the "

@@ -282,9 +282,10 @@ def _layers_section(ctx) -> list:
                        f"typical {o['typical']:.3g} (z {o['z']:+.1f})")
     else:
         out.append("No outlier layers in gradient norm or update ratio.")
-    if layers["kinds_with_too_few_layers"]:
+    too_few = layers["kinds_with_too_few_layers"]
+    if too_few:
         out.append(f"(outliers need ≥ {stats.MIN_LAYERS_FOR_OUTLIERS} layers of a kind; "
-                   f"{len(layers['kinds_with_too_few_layers'])} kinds have fewer)")
+                   f"{len(too_few)} kinds have fewer)")
     flagged = [d for d in layers["drift"] if d["flag"]]
     out.append("")
     if flagged:
