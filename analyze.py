@@ -1,7 +1,8 @@
 """
 Post-run analysis and bookkeeping of the experiment store (fixed harness: the agent never edits it).
 
-    uv run analyze.py                 archive the run in the working directory, judge it, analysis.md
+    uv run analyze.py                 archive the run in the working directory, judge it,
+                                      analysis.md
     uv run analyze.py keep [RUN_ID]   mark the (latest) run keep; rewrite insights.md's Current Best
     uv run analyze.py discard [RUN_ID]  mark it discard; restore train.py to the best with a commit
     uv run analyze.py compare A B     two archived runs side by side
@@ -35,8 +36,8 @@ def keep_policy(store: Store) -> tuple:
         return settings.VERDICT or verdict.VERDICT_MODE, []
     notes = []
     if settings.VERDICT not in (None, night["verdict"]):
-        notes.append(f"note: {settings.VERDICT_ENV}={settings.VERDICT} is ignored: the night running "
-                     f"here (supervise.py pid {night['pid']}) fixed the keep policy "
+        notes.append(f"note: {settings.VERDICT_ENV}={settings.VERDICT} is ignored: the night "
+                     f"running here (supervise.py pid {night['pid']}) fixed the keep policy "
                      f"{night['verdict']} when it started")
     return night["verdict"], notes
 
@@ -106,7 +107,8 @@ def cmd_status(args, lines: list):
 
 def cmd_report(args, lines: list):
     """Write report.html from the store as it is now. Reads only (no lock): the ledger and every
-    archive file are replaced atomically, so a report shows the store before or after an analysis."""
+    archive file are replaced atomically, so a report shows the store before or after an
+    analysis."""
     from jinja2 import TemplateError
 
     from analysis import html_report  # jinja2 and markdown-it are imported by this command only
@@ -141,7 +143,8 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     top = OneLineErrors(prog="analyze.py", description=__doc__.split("\n\n")[0].strip())
-    top.add_argument("--run-dir", default=".", help="where train.py wrote its files (default: here)")
+    top.add_argument("--run-dir", default=".",
+                     help="where train.py wrote its files (default: here)")
     top.add_argument("-m", "--message",
                      help="description for results.tsv (default: the commit's subject)")
     sub = top.add_subparsers(dest="command")
@@ -163,7 +166,8 @@ def parser() -> argparse.ArgumentParser:
     claim = sub.add_parser("claim", help="claim an idea of ideas_queue.md for this worker (refused "
                                          "if taken or tested)")
     claim.add_argument("idea", nargs="+", help="the idea's line of ideas_queue.md")
-    sub.add_parser("claims", help="the ideas of ideas_queue.md: free, claimed by a worker, or tested")
+    sub.add_parser("claims",
+                   help="the ideas of ideas_queue.md: free, claimed by a worker, or tested")
     return top
 
 

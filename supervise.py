@@ -36,8 +36,10 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip(),
                                   allow_abbrev=False)  # worker_argv removes options by their names
     top.add_argument("--backend", choices=("claude", "api"), required=True)
-    top.add_argument("--hours", type=float, help="stop after this many hours (default: no deadline)")
-    top.add_argument("--max-experiments", type=int, help="stop after this many new runs in the ledger")
+    top.add_argument("--hours", type=float,
+                     help="stop after this many hours (default: no deadline)")
+    top.add_argument("--max-experiments", type=int,
+                     help="stop after this many new runs in the ledger")
     top.add_argument("--max-crashes", type=int, default=3,
                      help="stop after this many crashed runs in a row")
     top.add_argument("--max-without-keep", type=int,
@@ -49,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
                           f"{claude.DEFAULT_MAX_OUTAGE_H:g})")
     top.add_argument("--train-timeout", type=float, default=limits["kill_s"],
                      help=f"wall-clock seconds after which a training run is killed (default "
-                          f"{limits['kill_s']:.0f}: train.py's watchdog, {limits['watchdog_s']:.0f} "
-                          f"s, + {settings.KILL_MARGIN_S} s; never below the watchdog's)")
+                          f"{limits['kill_s']:.0f}: train.py's watchdog, "
+                          f"{limits['watchdog_s']:.0f} s, + {settings.KILL_MARGIN_S} s; never "
+                          f"below the watchdog's)")
     top.add_argument("--stop-grace", type=float,
                      help=f"seconds a stop rule waits for the experiment in progress to finish "
                           f"(default: the training limit + {settings.TOOL_MARGIN_S})")
@@ -69,12 +72,12 @@ def parser() -> argparse.ArgumentParser:
     night.add_argument("--workers", type=int,
                        help="this many workers without pinning GPUs (with --launcher slurm)")
     night.add_argument("--tag", default=time.strftime("%b%d").lower(),
-                       help="the workers' branches are autoresearch/<tag>-<worker> (default: today, "
-                            "e.g. dec01)")
+                       help="the workers' branches are autoresearch/<tag>-<worker> (default: "
+                            "today, e.g. dec01)")
     slurm = top.add_argument_group("training on Slurm (README: 'A Slurm cluster')")
     slurm.add_argument("--launcher", choices=settings.LAUNCHERS, default=None,
-                       help="where `uv run launch.py` trains: here (local, the default) or as Slurm "
-                            "jobs")
+                       help="where `uv run launch.py` trains: here (local, the default) or as "
+                            "Slurm jobs")
     slurm.add_argument("--partition", help="the Slurm partition of the training jobs")
     slurm.add_argument("--gres", help=f"the jobs' generic resources (default "
                                       f"{settings.DEFAULT_GRES}; '' for none)")
@@ -92,8 +95,8 @@ def main(argv=None) -> int:
     names = worker_names(args)
     if args.train_timeout <= settings.WATCHDOG_S:
         print(f"error: --train-timeout {args.train_timeout:g} must exceed train.py's watchdog "
-              f"({settings.WATCHDOG_S:.0f} s, {settings.WATCHDOG_ENV}), which records a hung run as "
-              f"`timeout` before anything kills it", file=sys.stderr)
+              f"({settings.WATCHDOG_S:.0f} s, {settings.WATCHDOG_ENV}), which records a hung run "
+              f"as `timeout` before anything kills it", file=sys.stderr)
         return 2
     if args.stop_grace is None:
         args.stop_grace = args.train_timeout + settings.TOOL_MARGIN_S
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
         return 2
     secret = environment.handed_over_key(args.key_fd, __file__, argv)  # leaves the environment here
     if args.backend == "api" and not secret:
-        print(f"error: --backend api needs {environment.KEY_ENV} in the environment", file=sys.stderr)
+        print(f"error: --backend api needs {environment.KEY_ENV} in the environment",
+              file=sys.stderr)
         return 2
     os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
     environment.launcher_environment(args, os.environ)

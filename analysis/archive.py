@@ -119,7 +119,8 @@ def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=Non
 
 
 def write_diff(store: Store, record: dict, base):
-    """diff.patch: the archived train.py against the best's (with no best yet, the previous run's)."""
+    """diff.patch: the archived train.py against the best's (with no best yet, the previous
+    run's)."""
     folder = store.run_path(record["run_id"])
     code = (folder / contract.TRAIN_PY).read_text()
     base_file = store.run_path(base[0]["run_id"]) / contract.TRAIN_PY if base else None
@@ -154,8 +155,9 @@ def analyze(store: Store, run_dir, mode: str, notes: list, message=None) -> tupl
             what = e.filename or "a file"
             if store.recorded(run_id):  # runs.jsonl was replaced, results.tsv was not
                 raise HarnessError(f"run {run_id} is recorded in runs.jsonl, but writing "
-                                   f"{e.filename or 'results.tsv'} failed ({e.strerror or e}): free "
-                                   f"space; the next analyze.py command rebuilds results.tsv") from None
+                                   f"{e.filename or 'results.tsv'} failed ({e.strerror or e}): "
+                                   f"free space; the next analyze.py command rebuilds "
+                                   f"results.tsv") from None
             shutil.rmtree(store.run_path(run_id), ignore_errors=True)
             raise HarnessError(f"archiving run {run_id} failed writing {what} ({e.strerror or e}): "
                                f"nothing was recorded; free space and run `uv run analyze.py` again"
@@ -187,7 +189,8 @@ def figure_jobs(store: Store, record: dict, facts: dict, ledger: list, best, bes
         overlay.append((f"previous {previous['run_id']}",
                         store.archived_records(previous["run_id"])))
     folder = store.run_path(record["run_id"])
-    jobs = [(folder / name, builder, fargs) for name, builder, fargs in plots.run_figure_jobs(overlay)]
+    jobs = [(folder / name, builder, fargs)
+            for name, builder, fargs in plots.run_figure_jobs(overlay)]
     return jobs + [(store.path(PROGRESS_PNG), plots.progress_figure, (ledger + [record],))]
 
 

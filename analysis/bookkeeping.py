@@ -38,8 +38,8 @@ def bookkeeping(run_id, lines: list):
         git.refuse_unsafe_tree()
         ledger = store.read_ledger()
         if not ledger:
-            raise HarnessError("no run to act on: the store is empty (run `uv run analyze.py` after "
-                               "a training run)")
+            raise HarnessError("no run to act on: the store is empty (run `uv run analyze.py` "
+                               "after a training run)")
         own = own_runs(ledger)
         yield store, ledger, (store.find(ledger, run_id) if run_id else (own or ledger)[-1])
 
@@ -62,7 +62,8 @@ def refuse_keep(target: dict, ledger: list, new_baseline: bool):
     committed = git.show(target["commit"])
     if committed is None or contract.sha256_bytes(committed.encode()) != target["train_sha256"]:
         raise HarnessError(f"run {run_id} did not run a committed train.py (commit "
-                           f"{target['commit']}): commit train.py and run it again before keeping it")
+                           f"{target['commit']}): commit train.py and run it again before "
+                           f"keeping it")
     local = git.uncommitted_import(committed, target["commit"])
     if local:
         raise HarnessError(f"run {run_id}'s train.py imports {local[0]}, which {local[1]}: a kept "
@@ -72,8 +73,8 @@ def refuse_keep(target: dict, ledger: list, new_baseline: bool):
     if kept and verdict.best_pool(ledger, verdict.comparable_key(target)) is None \
             and not new_baseline:
         raise HarnessError(f"run {run_id} is comparable with no kept run "
-                           f"({'; '.join(verdict.pool_changes(target, kept[-1]))}): keeping it would "
-                           f"start a new baseline; if that is meant: `uv run analyze.py keep "
+                           f"({'; '.join(verdict.pool_changes(target, kept[-1]))}): keeping it "
+                           f"would start a new baseline; if that is meant: `uv run analyze.py keep "
                            f"--new-baseline {run_id}`")
 
 
@@ -106,8 +107,10 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
 
 
 def finish_claim(store: Store, target: dict, outcome: str):
-    """The idea this worker claimed is decided by keeping or discarding `target` (under the lock)."""
-    done_claims, done = claims.finish(claims.read(store), settings.WORKER, target["run_id"], outcome)
+    """The idea this worker claimed is decided by keeping or discarding `target` (under the
+    lock)."""
+    done_claims, done = claims.finish(claims.read(store), settings.WORKER, target["run_id"],
+                                      outcome)
     if done is not None:
         claims.write(store, done_claims)
     return done
@@ -128,21 +131,22 @@ def best_code(store: Store, best_run: dict, lines: list) -> str:
                      f"commit {best_run['commit']}")
         return committed
     raise HarnessError(f"the best run {best_run['run_id']}'s train.py cannot be restored: its "
-                       f"snapshot {snapshot} {state} and `git show {best_run['commit']}:train.py` is "
-                       f"{'another' if committed else 'no'} file; restore the train.py with sha256 "
-                       f"{wanted[:12]}... by hand and commit it")
+                       f"snapshot {snapshot} {state} and `git show {best_run['commit']}:train.py` "
+                       f"is {'another' if committed else 'no'} file; restore the train.py with "
+                       f"sha256 {wanted[:12]}... by hand and commit it")
 
 
 def discard(lines: list, run_id=None):
     """Mark a run's undecided runs discard and restore train.py to the best with a new commit: git
-    first, the ledger after, so that where git fails nothing is marked and discard again finishes."""
+    first, the ledger after, so that where git fails nothing is marked and discard again
+    finishes."""
     with bookkeeping(run_id, lines) as (store, ledger, target):
         if target["status"] == "keep":
             raise HarnessError(f"run {target['run_id']} is kept; a kept run is never discarded")
         best = verdict.revert_target(ledger, target)
         if best is None:
-            raise HarnessError("no best yet to revert to: keep a baseline first (`uv run analyze.py "
-                               "keep`)")
+            raise HarnessError("no best yet to revert to: keep a baseline first (`uv run "
+                               "analyze.py keep`)")
         best_run = best[1][0]
         wanted = best_code(store, best_run, lines)
         working, committed = Path(contract.TRAIN_PY), git.show("HEAD")
@@ -187,9 +191,9 @@ def sync(lines: list):
             return
         own = own_runs(ledger)
         if own and own[-1]["status"] in UNDECIDED:
-            raise HarnessError(f"run {own[-1]['run_id']} awaits its decision ({own[-1]['status']}): "
-                               f"follow its verdict (keep, discard or rerun) before starting from "
-                               f"the best")
+            raise HarnessError(f"run {own[-1]['run_id']} awaits its decision "
+                               f"({own[-1]['status']}): follow its verdict (keep, discard or "
+                               f"rerun) before starting from the best")
         if git.changed_paths():
             raise HarnessError("train.py has uncommitted changes: commit and run them, or `git "
                                "checkout train.py`, before starting from the best")
@@ -206,7 +210,8 @@ def claim(lines: list, idea: str):
     with store.lock():
         updated, notes = claims.take(claims.read(store), idea, settings.WORKER, settings.WORKER_PID)
         claims.write(store, updated)
-    lines += [f"note: {note}" for note in notes] + [f"claimed for {settings.WORKER}: {idea.strip()}"]
+    lines += ([f"note: {note}" for note in notes]
+              + [f"claimed for {settings.WORKER}: {idea.strip()}"])
 
 
 def settle_command(store: Store, worker: str, working: Path):
@@ -224,7 +229,8 @@ def settle_command(store: Store, worker: str, working: Path):
         return None, None
     best_run = best[1][0]
     snapshot = store.run_path(best_run["run_id"]) / contract.TRAIN_PY
-    not_best = snapshot.exists() and working.exists() and working.read_text() != snapshot.read_text()
+    not_best = (snapshot.exists() and working.exists()
+                and working.read_text() != snapshot.read_text())
     if last.get("status") in UNDECIDED or (not_best and last.get("status") != "keep"):
         return "discard", last["run_id"]
     if not_best:

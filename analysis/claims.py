@@ -1,15 +1,16 @@
 """
-Idea claims: which worker of a night is testing which idea of ideas_queue.md, so that N agents sharing
-one store never test the same idea twice.
+Idea claims: which worker of a night is testing which idea of ideas_queue.md, so that N agents
+sharing one store never test the same idea twice.
 
     claims.json   {"claims": [{idea, key, worker, pid, claimed_at, state, run_id, outcome}, ...]}
 
-A claim is `claimed` (its worker is testing it), `tested` (its run was kept or discarded: the idea is
-done, for every worker) or `released` (its worker moved on without a decision, or is gone). A claimed
-idea whose worker process is dead counts as released, so a crashed worker never blocks an idea. Ideas
-are matched by their text, normalised (list markers, emphasis, case and spacing do not count), so the
-agents can copy a line of ideas_queue.md as it is. The functions on lists are pure; the store's file
-is read and written by `read` / `write` only, under the store lock (analyze.py's commands).
+A claim is `claimed` (its worker is testing it), `tested` (its run was kept or discarded: the idea
+is done, for every worker) or `released` (its worker moved on without a decision, or is gone). A
+claimed idea whose worker process is dead counts as released, so a crashed worker never blocks an
+idea. Ideas are matched by their text, normalised (list markers, emphasis, case and spacing do not
+count), so the agents can copy a line of ideas_queue.md as it is. The functions on lists are pure;
+the store's file is read and written by `read` / `write` only, under the store lock (analyze.py's
+commands).
 """
 
 import json
@@ -21,9 +22,12 @@ from harness.proc import pid_alive
 
 CLAIMS_FILE = "claims.json"
 CLAIMED, TESTED, RELEASED = "claimed", "tested", "released"
-MIN_KEY_CHARS = 8       # shorter than this is no idea but a fragment ("1.", "lr"): refused, so keys stay distinct
-_MARKER = re.compile(r"^\s*(?:[-*+]\s+|\d+[.)]\s*|\[[ xX]\]\s*)+")  # "1. ", "- ", "* [ ] " before an idea
-_EMPHASIS = re.compile(r"[*`~]+|(?<!\w)_+|_+(?!\w)")  # markdown emphasis; an underscore inside a name stays
+# shorter than this is no idea but a fragment ("1.", "lr"): refused, so keys stay distinct
+MIN_KEY_CHARS = 8
+# "1. ", "- ", "* [ ] " before an idea
+_MARKER = re.compile(r"^\s*(?:[-*+]\s+|\d+[.)]\s*|\[[ xX]\]\s*)+")
+# markdown emphasis; an underscore inside a name stays
+_EMPHASIS = re.compile(r"[*`~]+|(?<!\w)_+|_+(?!\w)")
 
 
 class ClaimRefused(HarnessError):
@@ -31,63 +35,72 @@ class ClaimRefused(HarnessError):
 
 
 def idea_key(text: str) -> str:
-    """The idea as claims compare it: without its list marker and emphasis, lower case, single spaces,
-    no trailing punctuation. Raises HarnessError for text too short to name an idea."""
+    """The idea as claims compare it: without its list marker and emphasis, lower case, single
+    spaces, no trailing punctuation. Raises HarnessError for text too short to name an idea."""
     key = _EMPHASIS.sub("", _MARKER.sub("", text or ""))
     key = re.sub(r"\s+", " ", key).strip().rstrip(".:;,").lower()
     if len(key) < MIN_KEY_CHARS:
-        raise HarnessError(f"{text!r} is too short to name an idea: pass the idea's whole line of ideas_queue.md")
+        raise HarnessError(f"{text!r} is too short to name an idea: pass the idea's whole line of "
+                           f"ideas_queue.md")
     return key
 
 
 def is_live(claim: dict, alive=pid_alive) -> bool:
-    """Whether a claim still holds its idea: claimed, and its worker's process (if it named one) is alive."""
+    """Whether a claim still holds its idea: claimed, and its worker's process (if it named one) is
+    alive."""
     return claim["state"] == CLAIMED and (claim.get("pid") is None or alive(claim["pid"]))
 
 
 def take(claims: list, idea: str, worker: str, pid, now: str = None, alive=pid_alive) -> tuple:
-    """(claims, notes) after `worker` claims `idea`. Its other live claim, if any, is released (a worker
-    tests one idea at a time), and so is a claim whose worker is gone. Raises ClaimRefused when the idea
-    was tested already, or is claimed by another worker that is alive."""
+    """(claims, notes) after `worker` claims `idea`. Its other live claim, if any, is released (a
+    worker tests one idea at a time), and so is a claim whose worker is gone. Raises ClaimRefused
+    when the idea was tested already, or is claimed by another worker that is alive."""
     key, now = idea_key(idea), now or contract.stamp()
     claims, notes = [dict(c) for c in claims], []
     for c in claims:
         if c["key"] != key:
             continue
         if c["state"] == TESTED:
-            raise ClaimRefused(f"idea already tested by {c['worker']} (run {c.get('run_id')}, {c.get('outcome')}): "
-                               f"take the next unclaimed idea (`uv run analyze.py claims`)")
+            raise ClaimRefused(f"idea already tested by {c['worker']} (run {c.get('run_id')}, "
+                               f"{c.get('outcome')}): take the next unclaimed idea "
+                               f"(`uv run analyze.py claims`)")
         if c["state"] == CLAIMED and c["worker"] != worker:
             if is_live(c, alive):
-                raise ClaimRefused(f"idea already claimed by {c['worker']} since {c['claimed_at']}: take the next "
-                                   f"unclaimed idea (`uv run analyze.py claims`)")
+                raise ClaimRefused(f"idea already claimed by {c['worker']} since "
+                                   f"{c['claimed_at']}: take the next unclaimed idea "
+                                   f"(`uv run analyze.py claims`)")
             c["state"] = RELEASED
-            notes.append(f"released {c['worker']}'s claim on it: that worker (pid {c.get('pid')}) is gone")
-    mine = next((c for c in claims if c["key"] == key and c["worker"] == worker and c["state"] == CLAIMED), None)
+            notes.append(f"released {c['worker']}'s claim on it: that worker (pid {c.get('pid')}) "
+                         f"is gone")
+    mine = next((c for c in claims
+                 if c["key"] == key and c["worker"] == worker and c["state"] == CLAIMED), None)
     for c in claims:
         if c["worker"] == worker and c["state"] == CLAIMED and c is not mine:
             c["state"] = RELEASED
-            notes.append(f"released your earlier claim on {c['idea']!r} (a worker tests one idea at a time)")
+            notes.append(f"released your earlier claim on {c['idea']!r} (a worker tests one idea "
+                         f"at a time)")
     if mine is None:
-        claims.append({"idea": idea.strip(), "key": key, "worker": worker, "pid": pid, "claimed_at": now,
-                       "state": CLAIMED, "run_id": None, "outcome": None})
+        claims.append({"idea": idea.strip(), "key": key, "worker": worker, "pid": pid,
+                       "claimed_at": now, "state": CLAIMED, "run_id": None, "outcome": None})
     else:
         mine["pid"] = pid
     return claims, notes
 
 
 def finish(claims: list, worker: str, run_id: str, outcome: str) -> tuple:
-    """(claims, the tested claim or None): `worker`'s claimed idea is decided (`keep` or `discard` of
-    `run_id`), so no worker tests it again."""
+    """(claims, the tested claim or None): `worker`'s claimed idea is decided (`keep` or `discard`
+    of `run_id`), so no worker tests it again."""
     claims = [dict(c) for c in claims]
-    done = next((c for c in reversed(claims) if c["worker"] == worker and c["state"] == CLAIMED), None)
+    done = next((c for c in reversed(claims) if c["worker"] == worker and c["state"] == CLAIMED),
+                None)
     if done is not None:
         done.update(state=TESTED, run_id=run_id, outcome=outcome)
     return claims, done
 
 
 def release_worker(claims: list, worker: str) -> tuple:
-    """(claims, how many released): every live claim of `worker` (it ended without deciding them)."""
+    """(claims, how many released): every live claim of `worker` (it ended without deciding
+    them)."""
     claims = [dict(c) for c in claims]
     mine = [c for c in claims if c["worker"] == worker and c["state"] == CLAIMED]
     for c in mine:
@@ -96,7 +109,8 @@ def release_worker(claims: list, worker: str) -> tuple:
 
 
 def state_of(claims: list, line: str, alive=pid_alive):
-    """The claim that decides a line of ideas_queue.md: tested, else live; None when the idea is free."""
+    """The claim that decides a line of ideas_queue.md: tested, else live; None when the idea is
+    free."""
     try:
         key = idea_key(line)
     except HarnessError:
@@ -106,7 +120,8 @@ def state_of(claims: list, line: str, alive=pid_alive):
             or next((c for c in same if is_live(c, alive)), None))
 
 
-IDEA_LINE = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S")  # a numbered or bulleted line of ideas_queue.md
+# a numbered or bulleted line of ideas_queue.md
+IDEA_LINE = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S")
 
 
 def queue_ideas(text: str) -> list:
@@ -115,7 +130,8 @@ def queue_ideas(text: str) -> list:
 
 
 def listing(claims: list, queue_text: str, alive=pid_alive) -> str:
-    """`analyze.py claims`: every idea of the queue with its state, then claims on ideas no longer queued."""
+    """`analyze.py claims`: every idea of the queue with its state, then claims on ideas no longer
+    queued."""
     out, shown = [], set()
     for line in queue_ideas(queue_text):
         c = state_of(claims, line, alive)
@@ -128,7 +144,8 @@ def listing(claims: list, queue_text: str, alive=pid_alive) -> str:
         if c is not None:
             shown.add(id(c))
         out.append(f"[{tag}] {line}")
-    others = [c for c in claims if id(c) not in shown and (c["state"] == TESTED or is_live(c, alive))]
+    others = [c for c in claims
+              if id(c) not in shown and (c["state"] == TESTED or is_live(c, alive))]
     if others:
         out.append("not in ideas_queue.md:")
         for c in others:
@@ -144,10 +161,12 @@ def read(store) -> list:
     try:
         return json.loads(path.read_text())["claims"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise HarnessError(f"{path} is corrupt ({e}); it is only ever replaced atomically, so it was edited by "
-                         f"hand: fix it or remove it (every claim is then forgotten)") from None
+        raise HarnessError(f"{path} is corrupt ({e}); it is only ever replaced atomically, so it "
+                           f"was edited by hand: fix it or remove it (every claim is then "
+                           f"forgotten)") from None
 
 
 def write(store, claims: list):
     """Replace claims.json (call under store.lock())."""
-    contract.atomic_write(store.path(CLAIMS_FILE), json.dumps({"claims": claims}, indent=1, sort_keys=True) + "\n")
+    contract.atomic_write(store.path(CLAIMS_FILE),
+                          json.dumps({"claims": claims}, indent=1, sort_keys=True) + "\n")

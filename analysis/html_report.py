@@ -3,20 +3,21 @@ The morning report: .auto-log-research/report.html, one page that tells what the
 
     uv run analyze.py report          (supervise.py regenerates it after every new ledger row)
 
-In order: the night in one line and the progress chart; the chain of kept changes from the baseline to
-the best, each with its numbers and its diff; what the agent learned (insights.md, ideas_queue.md and
-every run's "Agent Investigation Notes"); a sortable, filterable table of all runs, each row opening
-that run's analysis.md with its plots; failures grouped by cause; the kept runs' validation curves and
-the per-layer gradient norms of the best next to the baseline's.
+In order: the night in one line and the progress chart; the chain of kept changes from the baseline
+to the best, each with its numbers and its diff; what the agent learned (insights.md,
+ideas_queue.md and every run's "Agent Investigation Notes"); a sortable, filterable table of all
+runs, each row opening that run's analysis.md with its plots; failures grouped by cause; the kept
+runs' validation curves and the per-layer gradient norms of the best next to the baseline's.
 
 Self-contained means no network and no server: no CDN, the CSS and the script are inline, and so are
 the two charts that carry the page (progress and validation curves, inline SVG drawn from the ledger
-and the kept runs' validation points, no matplotlib). The per-run figures analyze.py already wrote are
-linked relatively (`<run_id>/loss_vs_step.png`): the page lives in the store next to the run folders, so
-they load from file:// and the page stays small (a few MB for 500 runs); they are loaded only when a run
-is opened. Nothing is cached between calls: every call reads the ledger and the run folders as they
-are now. The page is built with Jinja2 (analysis/templates/report.html.j2) and the .md files are
-rendered with markdown-it-py with raw HTML disabled (the agent writes them; nothing it writes runs).
+and the kept runs' validation points, no matplotlib). The per-run figures analyze.py already wrote
+are linked relatively (`<run_id>/loss_vs_step.png`): the page lives in the store next to the run
+folders, so they load from file:// and the page stays small (a few MB for 500 runs); they are
+loaded only when a run is opened. Nothing is cached between calls: every call reads the ledger and
+the run folders as they are now. The page is built with Jinja2 (analysis/templates/report.html.j2)
+and the .md files are rendered with markdown-it-py with raw HTML disabled (the agent writes them;
+nothing it writes runs).
 """
 
 import json
@@ -35,19 +36,26 @@ from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, work
 REPORT_HTML = "report.html"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "report.html.j2"
-NOTES_HEADING = "## Agent Investigation Notes"  # report.analysis_md ends with it; the agent writes below it
-REFRESH_S = 60                # a page left open reloads this often (the supervisor rewrites it after every run)
-MAX_DIFF_LINES = 400          # a kept change's diff shown in full up to this many lines (the rest is in diff.patch)
-MAX_VAL_CURVES = 12           # validation curves overlaid: the baseline, the best and the latest kept codes
-MIN_HOURS_FOR_RATE = 0.1      # experiments per hour is shown once the night is this long (a rate over minutes is noise)
-VAL_SKIP_FRACTION = 0.2       # the validation chart leaves out this first fraction of the steps: the initial drop
-                              # would flatten the differences between runs that matter
+# report.analysis_md ends with it; the agent writes below it
+NOTES_HEADING = "## Agent Investigation Notes"
+# a page left open reloads this often (the supervisor rewrites it after every run)
+REFRESH_S = 60
+# a kept change's diff shown in full up to this many lines (the rest is in diff.patch)
+MAX_DIFF_LINES = 400
+# validation curves overlaid: the baseline, the best and the latest kept codes
+MAX_VAL_CURVES = 12
+# experiments per hour is shown once the night is this long (a rate over minutes is noise)
+MIN_HOURS_FOR_RATE = 0.1
+# the validation chart leaves out this first fraction of the steps: the initial drop would flatten
+# the differences between runs that matter
+VAL_SKIP_FRACTION = 0.2
 MAX_FAILURE_RUNS = 30         # run ids listed per failure cause (then "and N more")
 SVG_W, SVG_H = 960, 300       # the charts' drawing size in px (they scale with the page width)
 PAD = dict(left=58, right=12, top=14, bottom=34)  # room for the axis labels
-Y_CLIP_QUANTILE = 0.9         # the progress chart's y axis ends a little above this quantile of the finished runs:
-                              # one diverged run (val_bpb 8) must not squash the rest into a line; higher ones are
-                              # drawn at the top edge as triangles
+# the progress chart's y axis ends a little above this quantile of the finished runs: one diverged
+# run (val_bpb 8) must not squash the rest into a line; higher ones are drawn at the top edge as
+# triangles
+Y_CLIP_QUANTILE = 0.9
 FAILED_LABELS = {"crash": "crash", "nan": "nan", "timeout": "timeout", "invalid": "invalid"}
 RUN_FIGURES = [p.file for p in plots.PLOTS] + [plots.LAYER_HEATMAP, plots.AGENT_PLOT]
 
@@ -57,8 +65,8 @@ RUN_FIGURES = [p.file for p in plots.PLOTS] + [plots.LAYER_HEATMAP, plots.AGENT_
 # ---------------------------------------------------------------------------
 
 def markdown_renderer():
-    """markdown-it-py, CommonMark plus tables, raw HTML off; relative links and images resolve from the
-    run folder a document belongs to (env["base"]), since the page lives one folder up."""
+    """markdown-it-py, CommonMark plus tables, raw HTML off; relative links and images resolve from
+    the run folder a document belongs to (env["base"]), since the page lives one folder up."""
     from markdown_it import MarkdownIt
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
@@ -66,7 +74,8 @@ def markdown_renderer():
         base = (env or {}).get("base", "")
         return url if not base or re.match(r"^([a-z][a-z0-9+.-]*:|/|#)", url, re.I) else base + url
 
-    def link_open(renderer, tokens, idx, options, env):  # bound to the renderer, as markdown-it-py's own rules
+    # bound to the renderer, as markdown-it-py's own rules
+    def link_open(renderer, tokens, idx, options, env):
         token = tokens[idx]
         token.attrSet("href", relative(str(token.attrGet("href") or ""), env))
         return renderer.renderToken(tokens, idx, options, env)
@@ -89,13 +98,14 @@ def read_text(path: Path):
 
 
 def without_comments(text: str) -> str:
-    """Markdown without its HTML comments (insights.md's Current Best markers): raw HTML is not rendered, so
-    they would show as text."""
+    """Markdown without its HTML comments (insights.md's Current Best markers): raw HTML is not
+    rendered, so they would show as text."""
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
 
 
 def split_notes(analysis: str) -> tuple:
-    """(analysis.md before its Agent Investigation Notes heading, the notes the agent wrote below it)."""
+    """(analysis.md before its Agent Investigation Notes heading, the notes the agent wrote below
+    it)."""
     if NOTES_HEADING not in analysis:
         return analysis, ""
     head, notes = analysis.rsplit(NOTES_HEADING, 1)
@@ -125,16 +135,19 @@ def noise_sigma(noise: dict, best_mean):
         sigma, source = noise["sigma"], f"pooled from repeats ({noise['df']} df)"
     else:
         sigma, source = verdict.FALLBACK_NOISE_FRACTION * best_mean, \
-            f"assumed {verdict.FALLBACK_NOISE_FRACTION:.1%} of the best (only {noise['df']} df measured)"
+            (f"assumed {verdict.FALLBACK_NOISE_FRACTION:.1%} of the best (only {noise['df']} df "
+             f"measured)")
     floor = verdict.NOISE_FLOOR_FRACTION * best_mean
     return (floor, source + ", raised to the floor") if sigma < floor else (sigma, source)
 
 
 def night_hours(ledger: list):
     """Hours from the first run's start to the last run's analysis, or None."""
-    start = next((t for t in (contract.parse_stamp(r.get("started_at")) or contract.parse_stamp(r.get("analyzed_at")) for r in ledger)
+    start = next((t for t in (contract.parse_stamp(r.get("started_at"))
+                              or contract.parse_stamp(r.get("analyzed_at")) for r in ledger)
                   if t is not None), None)
-    end = next((t for t in (contract.parse_stamp(r.get("analyzed_at")) for r in reversed(ledger)) if t is not None), None)
+    end = next((t for t in (contract.parse_stamp(r.get("analyzed_at")) for r in reversed(ledger))
+                if t is not None), None)
     if start is None or end is None or end < start:
         return None
     return (end - start) / 3600
@@ -161,16 +174,19 @@ def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
     hours = night_hours(ledger)
     devices = Counter(r.get("device") for r in finished if r.get("device")) or \
         Counter(r.get("device") for r in ledger if r.get("device"))
-    mfus = [r["mfu_percent"] for r in (best[1] if best else finished) if contract.finite_number(r.get("mfu_percent"))]
+    mfus = [r["mfu_percent"] for r in (best[1] if best else finished)
+            if contract.finite_number(r.get("mfu_percent"))]
     return {"experiments": len(ledger), "keeps": counts["keep"], "discards": counts["discard"],
             "reruns": counts["rerun"], "pending": counts["pending"],
-            "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES), "invalid": counts["invalid"],
+            "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES),
+            "invalid": counts["invalid"],
             "baseline": baseline_mean, "best": best_mean, "gain": gain,
             "gain_sigma": gain / sigma if gain is not None and sigma else None,
             "sigma": sigma, "sigma_source": sigma_source, "noise_trusted": noise["trusted"],
             "best_id": best[1][-1]["run_id"] if best else None,
             "best_description": best[1][0].get("description") if best else None,
-            "hours": hours, "per_hour": len(ledger) / hours if hours and hours >= MIN_HOURS_FOR_RATE else None,
+            "hours": hours,
+            "per_hour": len(ledger) / hours if hours and hours >= MIN_HOURS_FOR_RATE else None,
             "device": devices.most_common(1)[0][0] if devices else None,
             "mfu": float(np.median(mfus)) if mfus else None}
 
@@ -180,7 +196,8 @@ def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
 # ---------------------------------------------------------------------------
 
 def diff_lines(text: str) -> list:
-    """[(css class, line)] of a unified diff, for colouring: added, removed, hunk header, file header."""
+    """[(css class, line)] of a unified diff, for colouring: added, removed, hunk header, file
+    header."""
     out = []
     for line in text.splitlines()[:MAX_DIFF_LINES]:
         kind = ("meta" if line.startswith(("+++", "---", "# ")) else "add" if line.startswith("+")
@@ -190,8 +207,9 @@ def diff_lines(text: str) -> list:
 
 
 def kept_chain(store: Store, ledger: list, comparable) -> list:
-    """The kept codes of the best's pool in the order they were first kept, each with the numbers of the
-    verdict that kept it (its last run with a verdict), its pooled mean now, and its diff.patch."""
+    """The kept codes of the best's pool in the order they were first kept, each with the numbers
+    of the verdict that kept it (its last run with a verdict), its pooled mean now, and its
+    diff.patch."""
     if comparable is None:
         return []
     chain = []
@@ -201,11 +219,14 @@ def kept_chain(store: Store, ledger: list, comparable) -> list:
         decisive = next((r for r in reversed(records) if r.get("verdict") == "keep"), records[-1])
         diff = read_text(store.run_path(records[0]["run_id"]) / "diff.patch") or ""
         chain.append({"key": key, "records": records, "run_id": records[-1]["run_id"],
-                      "run_ids": [r["run_id"] for r in records], "description": records[0].get("description"),
-                      "commit": records[0].get("commit"), "mean": pooled_mean(records), "n": len(records),
-                      "delta": decisive.get("delta_best"), "delta_sigma": decisive.get("delta_sigma"),
+                      "run_ids": [r["run_id"] for r in records],
+                      "description": records[0].get("description"),
+                      "commit": records[0].get("commit"), "mean": pooled_mean(records),
+                      "n": len(records), "delta": decisive.get("delta_best"),
+                      "delta_sigma": decisive.get("delta_sigma"),
                       "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
-                      "diff": diff_lines(diff) if not diff.startswith("# nothing to compare") else [],
+                      "diff": (diff_lines(diff) if not diff.startswith("# nothing to compare")
+                               else []),
                       "diff_cut": max(0, len(diff.splitlines()) - MAX_DIFF_LINES)})
     return chain
 
@@ -239,12 +260,14 @@ class Axes:
 
     def y(self, v):
         v = min(max(v, self.y0), self.y1)
-        return round(self.bottom - (v - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top), 1)
+        return round(self.bottom - (v - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top),
+                     1)
 
     def frame(self, x_ticks, y_ticks, y_digits: int) -> dict:
         return {"left": self.left, "right": self.right, "top": self.top, "bottom": self.bottom,
                 "xticks": [(self.x(t), f"{t:g}") for t in x_ticks if self.x0 <= t <= self.x1],
-                "yticks": [(self.y(t), f"{t:.{y_digits}f}") for t in y_ticks if self.y0 <= t <= self.y1]}
+                "yticks": [(self.y(t), f"{t:.{y_digits}f}") for t in y_ticks
+                           if self.y0 <= t <= self.y1]}
 
 
 def y_digits(lo: float, hi: float) -> int:
@@ -253,16 +276,17 @@ def y_digits(lo: float, hi: float) -> int:
 
 
 def progress_chart(ledger: list, best_mean, sigma, comparable=None):
-    """Every run in ledger order (kept highlighted, failures as crosses on the top edge), the running best
-    (the lowest pooled mean of the kept codes, as their runs arrived: the headline's number at the end) and
-    the noise band (± σ) around the best; None without runs."""
+    """Every run in ledger order (kept highlighted, failures as crosses on the top edge), the
+    running best (the lowest pooled mean of the kept codes, as their runs arrived: the headline's
+    number at the end) and the noise band (± σ) around the best; None without runs."""
     if not ledger:
         return None
     values = [r["val_bpb"] if verdict.finished(r) else None for r in ledger]
     finite = np.array([v for v in values if v is not None], float)
     kept_values = [v for v, r in zip(values, ledger) if v is not None and r.get("status") == "keep"]
     if len(finite):
-        lo = float(min(finite.min(), best_mean - (sigma or 0)) if best_mean is not None else finite.min())
+        lo = float(min(finite.min(), best_mean - (sigma or 0)) if best_mean is not None
+                   else finite.min())
         hi = float(np.quantile(finite, Y_CLIP_QUANTILE))
         hi = max([hi, *kept_values] + ([best_mean + (sigma or 0)] if best_mean is not None else []))
         hi += 0.1 * (hi - lo)
@@ -280,8 +304,9 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
         y = ax.y(value) if value is not None else ax.top
         points.append({"x": ax.x(i), "y": y, "kind": kind, "tip": tip, "run_id": record["run_id"],
                        "clipped": value is not None and value > ax.y1})
+        # pooled as verdict.pools does
         if kind == "keep" and verdict.comparable_key(record) == comparable \
-                and (verdict.code_key(record), record.get("seed")) not in seen:  # pooled as verdict.pools does
+                and (verdict.code_key(record), record.get("seed")) not in seen:
             seen.add((verdict.code_key(record), record.get("seed")))
             kept_pools.setdefault(verdict.code_key(record), []).append(value)
             running = min(float(np.mean(v)) for v in kept_pools.values())
@@ -290,17 +315,20 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
             best_path.append(f"{ax.x(i + 0.5 if i == len(ledger) else i + 1)},{ax.y(running)}")
     band = None
     if best_mean is not None and sigma:
-        band = {"y": ax.y(best_mean + sigma), "h": round(ax.y(best_mean - sigma) - ax.y(best_mean + sigma), 1),
+        band = {"y": ax.y(best_mean + sigma),
+                "h": round(ax.y(best_mean - sigma) - ax.y(best_mean + sigma), 1),
                 "mid": ax.y(best_mean)}
     x_ticks = nice_ticks(1, len(ledger), 8) if len(ledger) > 1 else [1]
-    return {"w": SVG_W, "h": SVG_H, "frame": ax.frame([t for t in x_ticks if t == int(t)], nice_ticks(ax.y0, ax.y1),
-                                                      y_digits(ax.y0, ax.y1)),
+    return {"w": SVG_W, "h": SVG_H,
+            "frame": ax.frame([t for t in x_ticks if t == int(t)], nice_ticks(ax.y0, ax.y1),
+                              y_digits(ax.y0, ax.y1)),
             "points": points, "best_path": " ".join(best_path), "band": band}
 
 
 def val_points(path: Path) -> list:
-    """[(step, val/bpb)] of a run's metrics.jsonl. Only the lines that hold a validation point are parsed
-    (a 5-minute run has a thousand lines of per-step metrics, about ten of them validation points)."""
+    """[(step, val/bpb)] of a run's metrics.jsonl. Only the lines that hold a validation point are
+    parsed (a 5-minute run has a thousand lines of per-step metrics, about ten of them validation
+    points)."""
     text = read_text(path)
     if not text:
         return []
@@ -311,7 +339,8 @@ def val_points(path: Path) -> list:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a truncated line of a crash; read_metrics reports it in that run's analysis.md
+            # a truncated line of a crash; read_metrics reports it in that run's analysis.md
+            continue
         if isinstance(record, dict) and contract.finite_number(record.get(contract.STEP)) \
                 and contract.finite_number(record.get(contract.VAL_BPB)):
             out.append((record[contract.STEP], record[contract.VAL_BPB]))
@@ -319,8 +348,9 @@ def val_points(path: Path) -> list:
 
 
 def val_chart(store: Store, chain: list, best_key):
-    """The kept codes' validation curves overlaid (the latest run of each; the baseline, the best and the
-    latest kept codes up to MAX_VAL_CURVES), the best drawn strongest; None without any points."""
+    """The kept codes' validation curves overlaid (the latest run of each; the baseline, the best
+    and the latest kept codes up to MAX_VAL_CURVES), the best drawn strongest; None without any
+    points."""
     if not chain:
         return None
     chosen = chain if len(chain) <= MAX_VAL_CURVES else \
@@ -329,8 +359,8 @@ def val_chart(store: Store, chain: list, best_key):
     chosen = sorted({id(c): c for c in chosen}.values(), key=lambda c: chain.index(c))
     series = []
     for entry in chosen:
-        run = next((r for r in reversed(entry["records"]) if (store.run_path(r["run_id"]) / "metrics.jsonl").exists()),
-                   None)
+        run = next((r for r in reversed(entry["records"])
+                    if (store.run_path(r["run_id"]) / "metrics.jsonl").exists()), None)
         points = val_points(store.run_path(run["run_id"]) / "metrics.jsonl") if run else []
         if points:
             series.append((entry, run["run_id"], points))
@@ -345,14 +375,17 @@ def val_chart(store: Store, chain: list, best_key):
     for n, (entry, run_id, points) in enumerate(series):
         is_best, is_base = entry["key"] == best_key, entry is chain[0]
         share = n / max(len(series) - 1, 1)
-        colour = "#1a7f37" if is_best else "#6e7781" if is_base else f"hsl({210 + 60 * share:.0f},55%,{62 - 20 * share:.0f}%)"
-        lines.append({"points": " ".join(f"{ax.x(s)},{ax.y(v)}" for s, v in points), "colour": colour,
+        colour = ("#1a7f37" if is_best else "#6e7781" if is_base
+                  else f"hsl({210 + 60 * share:.0f},55%,{62 - 20 * share:.0f}%)")
+        lines.append({"points": " ".join(f"{ax.x(s)},{ax.y(v)}" for s, v in points),
+                      "colour": colour,
                       "width": 2.4 if is_best else 1.3, "dash": "5,3" if is_base else "",
                       "label": ("best · " if is_best else "baseline · " if is_base else "")
                                + f"{run_id} {entry['description'] or ''}"[:70],
                       "final": fmt(points[-1][1], 4)})
-    return {"w": SVG_W, "h": SVG_H, "frame": ax.frame(nice_ticks(ax.x0, ax.x1, 8), nice_ticks(ax.y0, ax.y1),
-                                                      y_digits(ax.y0, ax.y1)), "lines": lines,
+    return {"w": SVG_W, "h": SVG_H,
+            "frame": ax.frame(nice_ticks(ax.x0, ax.x1, 8), nice_ticks(ax.y0, ax.y1),
+                              y_digits(ax.y0, ax.y1)), "lines": lines,
             "skipped_pct": round(100 * VAL_SKIP_FRACTION)}
 
 
@@ -361,7 +394,8 @@ def val_chart(store: Store, chain: list, best_key):
 # ---------------------------------------------------------------------------
 
 def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
-    """A row of the runs table with what opening it shows: its analysis.md rendered, and its figures."""
+    """A row of the runs table with what opening it shows: its analysis.md rendered, and its
+    figures."""
     run_id = record["run_id"]
     folder = store.run_path(run_id)
     analysis = read_text(folder / "analysis.md")
@@ -369,7 +403,8 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     env = {"base": f"{run_id}/"}
     vram = record.get("peak_vram_mb")
     started = contract.parse_stamp(record.get("started_at"))
-    return {"i": index, "run_id": run_id, "status": record.get("status"), "verdict": record.get("verdict") or "",
+    return {"i": index, "run_id": run_id, "status": record.get("status"),
+            "verdict": record.get("verdict") or "",
             "description": record.get("description") or "", "seed": record.get("seed"),
             "worker": worker_of(record),
             "val_bpb": record.get("val_bpb") if verdict.finished(record) else None,
@@ -379,7 +414,8 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
             "vram_gb": vram / 1024 if contract.finite_number(vram) else None,
             "seconds": record.get("training_seconds"),
             "started": time.strftime("%m-%d %H:%M", time.localtime(started)) if started else "",
-            "started_sort": started or 0, "cause": failure_cause(record) if not verdict.finished(record) else "",
+            "started_sort": started or 0,
+            "cause": failure_cause(record) if not verdict.finished(record) else "",
             "analysis_html": md.render(head, env) if head is not None else None,
             "notes_html": md.render(notes, env) if notes else "",
             "figures": [f for f in RUN_FIGURES if f in names.get(run_id, ())]}
@@ -391,7 +427,8 @@ def failure_groups(ledger: list) -> list:
         if verdict.finished(record) or record.get("status") not in verdict.NOT_COUNTED:
             continue
         cause = failure_cause(record)
-        group = groups.setdefault(cause_key(cause), {"cause": cause, "runs": [], "statuses": Counter()})
+        group = groups.setdefault(cause_key(cause),
+                                  {"cause": cause, "runs": [], "statuses": Counter()})
         group["cause"] = cause  # the latest wording
         group["runs"].append((i, record["run_id"]))
         group["statuses"][record.get("status")] += 1
@@ -405,11 +442,13 @@ def failure_groups(ledger: list) -> list:
 
 
 def figure_names(store: Store, ledger: list) -> dict:
-    """{run_id: names of the PNGs in its folder}: one listing per folder, only figures that exist are linked."""
+    """{run_id: names of the PNGs in its folder}: one listing per folder, only figures that exist
+    are linked."""
     out = {}
     for record in ledger:
         try:
-            out[record["run_id"]] = {p.name for p in store.run_path(record["run_id"]).iterdir() if p.suffix == ".png"}
+            out[record["run_id"]] = {p.name for p in store.run_path(record["run_id"]).iterdir()
+                                     if p.suffix == ".png"}
         except FileNotFoundError:
             out[record["run_id"]] = set()
     return out
@@ -430,7 +469,8 @@ def build_context(store: Store) -> dict:
     insights, ideas = read_text(store.path(INSIGHTS)), read_text(store.path(IDEAS))
     base_run = chain[0]["run_id"] if chain else None
     best_run = best[1][-1]["run_id"] if best else None
-    other_kept = sum(1 for r in ledger if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
+    other_kept = sum(1 for r in ledger
+                     if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
         "summary": summary, "fmt": fmt,
@@ -442,23 +482,30 @@ def build_context(store: Store) -> dict:
         "notes": [r for r in rows if r["notes_html"]],
         "rows": rows, "statuses": sorted({r["status"] for r in rows}),
         "failures": failure_groups(ledger),
-        "workers": report.worker_progress(ledger, [c for c in claims.read(store) if claims.is_live(c)]),
+        "workers": report.worker_progress(ledger,
+                                          [c for c in claims.read(store) if claims.is_live(c)]),
         "val_chart": val_chart(store, chain, best[0] if best else None),
-        "grad": {"best": best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ()) else None,
-                 "baseline": base_run if base_run and plots.LAYER_HEATMAP in names.get(base_run, ()) else None,
-                 "same": best_run == base_run or (best is not None and chain and best[0] == chain[0]["key"])},
+        "grad": {"best": (best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ())
+                          else None),
+                 "baseline": (base_run
+                              if base_run and plots.LAYER_HEATMAP in names.get(base_run, ())
+                              else None),
+                 "same": (best_run == base_run
+                          or (best is not None and chain and best[0] == chain[0]["key"]))},
     }
 
 
 def render(store: Store) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-    env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(["j2", "html"]),
+    env = Environment(loader=FileSystemLoader(TEMPLATE_DIR),
+                      autoescape=select_autoescape(["j2", "html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template(TEMPLATE).render(**build_context(store))
 
 
 def write(store: Store) -> Path:
-    """Write report.html into the store (atomically: a browser reloading it never reads half a page)."""
+    """Write report.html into the store (atomically: a browser reloading it never reads half a
+    page)."""
     html = render(store)
     store.dir.mkdir(parents=True, exist_ok=True)
     path = store.path(REPORT_HTML)

@@ -20,11 +20,15 @@ from harness.contract import HarnessError
 
 DPI = 90                      # small files the agent can read quickly; enough to see the curves
 PANEL_SIZE = (7.0, 2.6)       # inches per panel (width, height)
+# this run, best, previous
 RUN_STYLES = ({"color": "tab:blue", "lw": 1.4}, {"color": "tab:green", "lw": 1.0, "alpha": 0.8},
-              {"color": "tab:gray", "lw": 1.0, "alpha": 0.7, "ls": "--"})  # this run, best, previous
-MARGINS = dict(left=0.12, right=0.97, top=0.90, bottom=0.12, hspace=0.35)  # fixed: tight_layout costs a full draw
-MAX_HEATMAP_LABELS = 30      # parameter names written beside the heatmap rows (every k-th beyond that)
-MAX_PROGRESS_LABELS = 25     # progress.png labels the latest kept runs that set a new best, up to this many
+              {"color": "tab:gray", "lw": 1.0, "alpha": 0.7, "ls": "--"})
+# fixed: tight_layout costs a full draw
+MARGINS = dict(left=0.12, right=0.97, top=0.90, bottom=0.12, hspace=0.35)
+# parameter names written beside the heatmap rows (every k-th beyond that)
+MAX_HEATMAP_LABELS = 30
+# progress.png labels the latest kept runs that set a new best, up to this many
+MAX_PROGRESS_LABELS = 25
 MAX_PROGRESS_LABEL = 40       # characters of a kept run's description written on progress.png
 
 
@@ -57,29 +61,34 @@ class Plot:
 
 PLOTS = (
     Plot("loss_vs_step.png", "training loss vs step", contract.STEP, "step",
-         (Panel(contract.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)", raw=contract.TRAIN_LOSS),)),
+         (Panel(contract.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)",
+                raw=contract.TRAIN_LOSS),)),
     Plot("loss_vs_time.png", "training loss vs training time", contract.TIME_S, "training time (s)",
          (Panel(contract.TRAIN_LOSS_SMOOTH, "train loss (nats/token, EMA)"),)),
     Plot("val_bpb.png", "validation curve", contract.STEP, "step",
          (Panel(contract.VAL_BPB, "val bpb", markers=True),)),
     Plot("schedules.png", "schedules", contract.STEP, "step",
-         (Panel(contract.LR_MULTIPLIER, "lr multiplier"), Panel(contract.MUON_MOMENTUM, "Muon momentum"),
+         (Panel(contract.LR_MULTIPLIER, "lr multiplier"),
+          Panel(contract.MUON_MOMENTUM, "Muon momentum"),
           Panel(contract.WEIGHT_DECAY, "weight decay"))),
     Plot("perf.png", "step time and MFU", contract.STEP, "step",
          (Panel(contract.STEP_TIME_MS, "step time (ms)"), Panel(contract.MFU_PERCENT, "MFU (%)"))),
 )
 LAYER_HEATMAP = "layer_grad_norm.png"
 AGENT_PLOT = "agent_metrics.png"
-MAX_AGENT_PANELS = 6          # the agent's own metrics drawn (the first, by name); analysis.md lists them all
+# the agent's own metrics drawn (the first, by name); analysis.md lists them all
+MAX_AGENT_PANELS = 6
 
 
 def _title(ax, text: str, size: int = 8):
-    """A title as plain axes text: Axes.set_title re-measures the whole axes on every draw (slow)."""
+    """A title as plain axes text: Axes.set_title re-measures the whole axes on every draw
+    (slow)."""
     ax.text(0.0, 1.02, text, transform=ax.transAxes, fontsize=size, ha="left", va="bottom")
 
 
 def line_figure(plot: Plot, runs: list):
-    """runs: [(label, records)], this run first; a run without the key is simply absent from a panel."""
+    """runs: [(label, records)], this run first; a run without the key is simply absent from a
+    panel."""
     fig = new_figure(figsize=(PANEL_SIZE[0], PANEL_SIZE[1] * len(plot.panels) + 0.4), dpi=DPI)
     axes = fig.subplots(len(plot.panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, plot.panels):
@@ -106,7 +115,8 @@ def line_figure(plot: Plot, runs: list):
 
 
 def _focus_loss_axis(plot: Plot, ax, runs):
-    """Loss curves: start the y axis below the first 5 % of steps, where the initial drop would flatten the rest."""
+    """Loss curves: start the y axis below the first 5 % of steps, where the initial drop would
+    flatten the rest."""
     if plot.panels[0].key != contract.TRAIN_LOSS_SMOOTH:
         return
     tails = [stats.series(records, contract.TRAIN_LOSS_SMOOTH, plot.x)[1] for _, records in runs]
@@ -114,7 +124,8 @@ def _focus_loss_axis(plot: Plot, ax, runs):
     if tails:
         lo, hi = min(float(t.min()) for t in tails), max(float(t.max()) for t in tails)
         pad = 0.05 * (hi - lo or 1.0)
-        if np.isfinite([lo - pad, hi + pad]).all():  # huge (finite) losses overflow the padding: keep the default
+        # huge (finite) losses overflow the padding: keep the default
+        if np.isfinite([lo - pad, hi + pad]).all():
             ax.set_ylim(lo - pad, hi + pad)
 
 
@@ -124,7 +135,8 @@ def short_name(name: str) -> str:
 
 
 def heatmap_grid(table: dict, names: list):
-    """(steps, log10 grad norm [row per name]) of one run; a zero or missing gradient is NaN (blank)."""
+    """(steps, log10 grad norm [row per name]) of one run; a zero or missing gradient is NaN
+    (blank)."""
     steps = next(iter(table.values()))["grad_norm"][0]
     rows = []
     for name in names:
@@ -135,8 +147,8 @@ def heatmap_grid(table: dict, names: list):
 
 
 def layer_heatmap(runs: list):
-    """log10 gradient norm of every parameter matrix (rows) at every measured step (columns), one panel
-    per run side by side on one colour scale."""
+    """log10 gradient norm of every parameter matrix (rows) at every measured step (columns), one
+    panel per run side by side on one colour scale."""
     tables = [(label, stats.layer_table(records)) for label, records in runs]
     tables = [(label, t) for label, t in tables if t]
     if not tables:
@@ -146,36 +158,42 @@ def layer_heatmap(runs: list):
     names = sorted(tables[0][1])
     grids = [(label, *heatmap_grid(table, names)) for label, table in tables]
     finite = np.concatenate([g[np.isfinite(g)] for _, _, g in grids])
-    vmin, vmax = np.percentile(finite, [2, 98]) if len(finite) else (None, None)  # one outlier cannot wash out the rest
+    # one outlier cannot wash out the rest
+    vmin, vmax = np.percentile(finite, [2, 98]) if len(finite) else (None, None)
     fig = new_figure(figsize=(PANEL_SIZE[0], 1.0 + max(2.0, 0.12 * len(names))), dpi=DPI)
     axes = fig.subplots(1, len(grids), sharey=True, squeeze=False)[0]
     for ax, (label, steps, grid) in zip(axes, grids):
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax, cmap="viridis",
-                          extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax,
+                          cmap="viridis", extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
         _title(ax, label)
         ax.tick_params(labelsize=6)
         ax.set_xlabel("step", fontsize=7)
     every = max(1, -(-len(names) // MAX_HEATMAP_LABELS))
     axes[0].set_yticks(range(0, len(names), every))
     axes[0].set_yticklabels([short_name(n) for n in names[::every]], fontsize=6)
-    fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02).set_label("log10 grad norm", fontsize=7)
+    fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02).set_label("log10 grad norm",
+                                                                          fontsize=7)
     fig.text(0.5, 0.99, "per-layer gradient norm", ha="center", va="top", fontsize=9)
     fig.subplots_adjust(left=0.17, right=0.86, top=0.92, bottom=0.10, wspace=0.08)
     return fig
 
 
 def agent_plot(records: list):
-    """The Plot of the agent's own metrics (contract.AGENT_PREFIX keys) of a run, one panel each, or None."""
+    """The Plot of the agent's own metrics (contract.AGENT_PREFIX keys) of a run, one panel each,
+    or None."""
     keys = list(stats.agent_metrics(records))[:MAX_AGENT_PANELS]
     if not keys:
         return None
-    return Plot(AGENT_PLOT, "the agent's own metrics", contract.STEP, "step", tuple(Panel(k, k) for k in keys))
+    return Plot(AGENT_PLOT, "the agent's own metrics", contract.STEP, "step",
+                tuple(Panel(k, k) for k in keys))
 
 
 def run_figure_jobs(runs: list) -> list:
-    """[(file name, builder, args)] of one run's figures (first in `runs`) overlaid with the others."""
+    """[(file name, builder, args)] of one run's figures (first in `runs`) overlaid with the
+    others."""
     jobs = [(plot.file, line_figure, (plot, runs)) for plot in PLOTS]
-    jobs.append((LAYER_HEATMAP, layer_heatmap, (runs[:2],)))  # this run and the best: three panels are unreadable
+    # this run and the best: three panels are unreadable
+    jobs.append((LAYER_HEATMAP, layer_heatmap, (runs[:2],)))
     agent = agent_plot(runs[0][1])
     if agent:
         jobs.append((agent.file, line_figure, (agent, runs)))
@@ -183,7 +201,8 @@ def run_figure_jobs(runs: list) -> list:
 
 
 def run_figures(runs: list) -> dict:
-    """{file name: Figure}, built in this process (for inspection; `render` builds and saves them)."""
+    """{file name: Figure}, built in this process (for inspection; `render` builds and saves
+    them)."""
     return {name: builder(*args) for name, builder, args in run_figure_jobs(runs)}
 
 
@@ -194,10 +213,10 @@ def render(jobs: list):
 
 
 def render_in_background(jobs: list):
-    """Start drawing [(path, builder, args)] in a forked process and return a function that waits for
-    it (raising if it failed, unless check=False: the caller is failing already and only needs the
-    process gone). Drawing is CPU-bound and single-threaded, and a run's analysis has a time budget:
-    the caller computes statistics meanwhile. Inline where fork is unavailable."""
+    """Start drawing [(path, builder, args)] in a forked process and return a function that waits
+    for it (raising if it failed, unless check=False: the caller is failing already and only needs
+    the process gone). Drawing is CPU-bound and single-threaded, and a run's analysis has a time
+    budget: the caller computes statistics meanwhile. Inline where fork is unavailable."""
     if not hasattr(os, "fork"):
         render(jobs)
         return lambda check=True: None
@@ -215,8 +234,9 @@ def render_in_background(jobs: list):
     def wait(check: bool = True):
         status = os.waitpid(pid, 0)[1]
         if check and status != 0:
-            raise HarnessError(f"the plotting process failed (exit status {status}; traceback above): "
-                             f"the analysis and the ledger row are written, some plots may be missing")
+            raise HarnessError(f"the plotting process failed (exit status {status}; traceback "
+                               f"above): the analysis and the ledger row are written, some plots "
+                               f"may be missing")
     return wait
 
 
@@ -228,10 +248,12 @@ def progress_figure(ledger: list):
     ax = fig.subplots()
     index = np.arange(1, len(ledger) + 1)
     # failed and invalid runs are marked with a cross, never drawn at a number that does not count
-    values = np.array([r["val_bpb"] if verdict.finished(r) else np.nan for r in ledger], dtype=float)
+    values = np.array([r["val_bpb"] if verdict.finished(r) else np.nan for r in ledger],
+                      dtype=float)
     kept = np.array([r.get("status") == "keep" for r in ledger], dtype=bool)
     failed = np.isnan(values)
-    ax.scatter(index[~kept & ~failed], values[~kept & ~failed], s=14, color="tab:gray", alpha=0.6, label="run")
+    ax.scatter(index[~kept & ~failed], values[~kept & ~failed], s=14, color="tab:gray", alpha=0.6,
+               label="run")
     ax.scatter(index[kept], values[kept], s=40, color="tab:green", zorder=3, label="kept")
     finite = values[~failed]
     if failed.any():
@@ -242,12 +264,14 @@ def progress_figure(ledger: list):
     best = np.minimum.accumulate(np.where(kept, values, np.inf))
     shown = np.isfinite(best)
     if shown.any():
-        ax.step(index[shown], best[shown], where="post", color="tab:green", lw=1.2, label="running best")
-    new_best = kept & (values <= np.concatenate(([np.inf], best[:-1])))  # the kept runs that lowered the line
+        ax.step(index[shown], best[shown], where="post", color="tab:green", lw=1.2,
+                label="running best")
+    # the kept runs that lowered the line
+    new_best = kept & (values <= np.concatenate(([np.inf], best[:-1])))
     for i in np.flatnonzero(new_best)[-MAX_PROGRESS_LABELS:]:
         text = (ledger[i].get("description") or ledger[i]["run_id"])[:MAX_PROGRESS_LABEL]
-        ax.annotate(text, (index[i], values[i]), xytext=(4, 6), textcoords="offset points", fontsize=6,
-                    rotation=20, color="darkgreen")
+        ax.annotate(text, (index[i], values[i]), xytext=(4, 6), textcoords="offset points",
+                    fontsize=6, rotation=20, color="darkgreen")
     ax.set_xlabel("run", fontsize=8)
     ax.set_ylabel("val bpb", fontsize=8)
     _title(ax, f"progress: {len(ledger)} runs, {int(kept.sum())} kept", size=9)

@@ -17,8 +17,9 @@ from harness.contract import HarnessError
 from analysis import verdict
 
 TRACEBACK_LINES = 30          # lines of a crashed run's log shown in analysis.md
-LOG_HEAD_BYTES = 64 << 10     # the start of run.log that is read and archived: uv's and the imports'
-                              # output, then the run's stamp line (the run logger prints it first)
+# the start of run.log that is read and archived: uv's and the imports' output, then the run's
+# stamp line (the run logger prints it first)
+LOG_HEAD_BYTES = 64 << 10
 LOG_TAIL_BYTES = 1 << 20      # the end of run.log that is read and archived: the traceback and the
                               # final block, however much a run printed (200 MB are neither read
                               # whole nor copied whole)
@@ -34,7 +35,8 @@ def replace_non_finite(value, path: str = ""):
     if isinstance(value, float) and not math.isfinite(value):
         return None, [path or "value"]
     if isinstance(value, dict):
-        pairs = [(k, replace_non_finite(v, f"{path}.{k}" if path else str(k))) for k, v in value.items()]
+        pairs = [(k, replace_non_finite(v, f"{path}.{k}" if path else str(k)))
+                 for k, v in value.items()]
         return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
     if isinstance(value, list):
         items = [replace_non_finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -47,15 +49,17 @@ def replace_non_finite(value, path: str = ""):
 # ---------------------------------------------------------------------------
 
 def _measured(key: str) -> bool:
-    """A metrics key whose value must be a finite number (the step keys, validation, per-layer statistics)."""
-    return key in contract.REQUIRED_STEP_KEYS or key in (contract.VAL_BPB, contract.VAL_LOSS) or bool(contract.parse_layer_key(key))
+    """A metrics key whose value must be a finite number (the step keys, validation, per-layer
+    statistics)."""
+    return (key in contract.REQUIRED_STEP_KEYS or key in (contract.VAL_BPB, contract.VAL_LOSS)
+            or bool(contract.parse_layer_key(key)))
 
 
 def read_metrics(path: Path):
     """(records, problems) of a metrics.jsonl. A crashed run may end in a half-written line: the
     complete lines are kept and the truncation reported, never raised. A line that is not a JSON
-    object, lacks a step key or holds a value that is not a finite number (NaN, a string step, a null
-    time) is skipped and reported, so the statistics and plots only ever see clean numbers."""
+    object, lacks a step key or holds a value that is not a finite number (NaN, a string step, a
+    null time) is skipped and reported, so the statistics and plots only ever see clean numbers."""
     path = Path(path)
     if not path.exists():
         return [], [f"{path.name} is missing"]
@@ -75,9 +79,11 @@ def read_metrics(path: Path):
             continue
         bad = contract.step_record_problems(record)
         unusable = (any(k not in record for k in contract.REQUIRED_STEP_KEYS)
-                    or any(_measured(k) and not contract.finite_number(v) for k, v in record.items()))
+                    or any(_measured(k) and not contract.finite_number(v)
+                           for k, v in record.items()))
         if bad:
-            problems.append(f"{where} (step {record.get(contract.STEP)!r}): {bad[0]}" + ("; skipped" if unusable else ""))
+            problems.append(f"{where} (step {record.get(contract.STEP)!r}): {bad[0]}"
+                            + ("; skipped" if unusable else ""))
         if not unusable:
             records.append(record)
     return records, problems
@@ -86,51 +92,59 @@ def read_metrics(path: Path):
 def metrics_notes(problems: list) -> list:
     """The problems of a metrics.jsonl as analysis.md notes: the first few, then how many more."""
     more = len(problems) - MAX_METRICS_NOTES
-    return problems[:MAX_METRICS_NOTES] + ([f"... and {more} more problems in metrics.jsonl"] if more > 0 else [])
+    return problems[:MAX_METRICS_NOTES] + ([f"... and {more} more problems in metrics.jsonl"]
+                                           if more > 0 else [])
 
 
-# What analyze.py relies on each run_summary.json field being; None is always allowed (a failed run's
-# summary lacks what it never measured). A field of another type is dropped with a note, never crashed on.
+# What analyze.py relies on each run_summary.json field being; None is always allowed (a failed
+# run's summary lacks what it never measured). A field of another type is dropped with a note, never
+# crashed on.
 SUMMARY_FIELD_KINDS = {
-    **dict.fromkeys(("val_bpb", "training_seconds", "total_seconds", "startup_seconds", "peak_vram_mb",
-                     "mfu_percent", "total_tokens_M", "num_steps", "num_params_M", "depth", "seed",
-                     "time_budget_s"), "a number"),
+    **dict.fromkeys(("val_bpb", "training_seconds", "total_seconds", "startup_seconds",
+                     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
+                     "depth", "seed", "time_budget_s"), "a number"),
     **dict.fromkeys(("status", "device", "torch_version", "commit", "harness_hash", "train_sha256",
                      "started_at", "error"), "a string"),
     "dirty": "true or false",
     **dict.fromkeys(("data", "config", "causality", "compile"), "an object"),
 }
 KIND_CHECKS = {"a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-               "a string": lambda v: isinstance(v, str), "true or false": lambda v: isinstance(v, bool),
+               "a string": lambda v: isinstance(v, str),
+               "true or false": lambda v: isinstance(v, bool),
                "an object": lambda v: isinstance(v, dict)}
 
 
 def clean_summary(summary: dict) -> tuple:
-    """(summary, notes): run_summary.json with every non-finite number replaced by None and every field of
-    the wrong type (data or config not an object, a list for a device, ...) dropped, each with a note."""
+    """(summary, notes): run_summary.json with every non-finite number replaced by None and every
+    field of the wrong type (data or config not an object, a list for a device, ...) dropped, each
+    with a note."""
     summary, replaced = replace_non_finite(summary)
-    notes = [f"run_summary.json's {p} is not a finite number (NaN or infinite): recorded as null" for p in replaced]
+    notes = [f"run_summary.json's {p} is not a finite number (NaN or infinite): recorded as null"
+             for p in replaced]
     for key, kind in SUMMARY_FIELD_KINDS.items():
         value = summary.get(key)
         if value is not None and not KIND_CHECKS[kind](value):
-            notes.append(f"run_summary.json's {key} is {type(value).__name__} {json.dumps(value)[:60]}, not {kind}: "
-                         f"ignored")
+            notes.append(f"run_summary.json's {key} is {type(value).__name__} "
+                         f"{json.dumps(value)[:60]}, not {kind}: ignored")
             summary[key] = None
     warmup = (summary.get("config") or {}).get(contract.WARMUP_KEY)
     if warmup is not None and not KIND_CHECKS["a number"](warmup):
-        notes.append(f"run_summary.json's config.{contract.WARMUP_KEY} is {json.dumps(warmup)[:60]}, not a number: ignored")
-        summary["config"] = {k: v for k, v in summary["config"].items() if k != contract.WARMUP_KEY}
+        notes.append(f"run_summary.json's config.{contract.WARMUP_KEY} is "
+                     f"{json.dumps(warmup)[:60]}, not a number: ignored")
+        summary["config"] = {k: v for k, v in summary["config"].items()
+                             if k != contract.WARMUP_KEY}
     return summary, notes
 
 
 def _last_traceback(lines: list):
     """(start, end) of the last Python traceback in log lines, end just past its exception line
     (output printed after it, such as exit-time warnings, is not part of it); None without one."""
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    starts = [i for i, line in enumerate(lines)
+              if line.startswith("Traceback (most recent call last)")]
     if not starts:
         return None
-    end = next((i + 1 for i in range(starts[-1] + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
-               len(lines))
+    end = next((i + 1 for i in range(starts[-1] + 1, len(lines))
+                if lines[i] and not lines[i][0].isspace()), len(lines))
     return starts[-1], end
 
 
@@ -151,11 +165,11 @@ def failure_line(log_text: str):
 
 
 def read_log(path: Path):
-    """run.log in one streaming pass, whatever its size: {sha256, size, mtime, mtime_ns, head, text, cut,
-    archived}. head is the text of its first LOG_HEAD_BYTES (where the stamp line is); text is the whole
-    log, or, past LOG_HEAD_BYTES + LOG_TAIL_BYTES, its last LOG_TAIL_BYTES from a line start (where the
-    traceback is); cut is how many bytes neither holds; archived is what goes into the archive: the
-    whole log, or head, a cut mark and tail. None when there is no run.log."""
+    """run.log in one streaming pass, whatever its size: {sha256, size, mtime, mtime_ns, head, text,
+    cut, archived}. head is the text of its first LOG_HEAD_BYTES (where the stamp line is); text is
+    the whole log, or, past LOG_HEAD_BYTES + LOG_TAIL_BYTES, its last LOG_TAIL_BYTES from a line
+    start (where the traceback is); cut is how many bytes neither holds; archived is what goes into
+    the archive: the whole log, or head, a cut mark and tail. None when there is no run.log."""
     path = Path(path)
     try:
         f = open(path, "rb")
@@ -177,14 +191,16 @@ def read_log(path: Path):
         cut += start
         del tail[:start]
     archived = head + (LOG_CUT_MARK.format(n=cut).encode() if cut else b"") + bytes(tail)
-    return {"sha256": digest.hexdigest(), "size": stat.st_size, "mtime": stat.st_mtime, "mtime_ns": stat.st_mtime_ns,
+    return {"sha256": digest.hexdigest(), "size": stat.st_size, "mtime": stat.st_mtime,
+            "mtime_ns": stat.st_mtime_ns,
             "head": head.decode(errors="replace"), "cut": cut, "archived": archived,
             "text": (tail if cut else head + tail).decode(errors="replace")}
 
 
 def file_identity(path: Path):
-    """(sha256, mtime_ns) of a file, hashed in chunks; (None, None) when it does not exist. Two runs that
-    left byte-identical files (two SyntaxErrors) are still told apart by when each was written."""
+    """(sha256, mtime_ns) of a file, hashed in chunks; (None, None) when it does not exist. Two runs
+    that left byte-identical files (two SyntaxErrors) are still told apart by when each was
+    written."""
     path = Path(path)
     try:
         mtime_ns = path.stat().st_mtime_ns
@@ -194,8 +210,8 @@ def file_identity(path: Path):
 
 
 def refuse_running_train(run_dir):
-    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its RUN_LOCK_FILE
-    for its whole life (the harness's run logger), with its pid written in it."""
+    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its
+    RUN_LOCK_FILE for its whole life (the harness's run logger), with its pid written in it."""
     path = Path(run_dir) / contract.RUN_LOCK_FILE
     try:
         f = open(path)
@@ -206,13 +222,14 @@ def refuse_running_train(run_dir):
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = f.read().strip() or "?"
-            raise HarnessError(f"train.py is still running in {Path(run_dir).resolve()} (pid {pid}): wait for it to "
-                             f"finish, then run analyze.py") from None
+            raise HarnessError(f"train.py is still running in {Path(run_dir).resolve()} "
+                               f"(pid {pid}): wait for it to finish, then run analyze.py") from None
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_run(run_dir) -> dict:
-    """The files train.py left in `run_dir`, as found (nothing is checked against the store here)."""
+    """The files train.py left in `run_dir`, as found (nothing is checked against the store
+    here)."""
     run_dir = Path(run_dir)
     summary, summary_problem, summary_sha256 = None, None, None
     summary_path = run_dir / contract.RUN_SUMMARY
@@ -224,12 +241,14 @@ def load_run(run_dir) -> dict:
             if not isinstance(summary, dict):
                 summary, summary_problem = None, "run_summary.json is not an object"
         except (json.JSONDecodeError, RecursionError) as e:
-            summary_problem = f"run_summary.json is corrupt ({getattr(e, 'msg', 'nested too deeply')})"
+            summary_problem = (f"run_summary.json is corrupt "
+                               f"({getattr(e, 'msg', 'nested too deeply')})")
     log = read_log(run_dir / contract.RUN_LOG)
     records, metrics_problems = read_metrics(run_dir / contract.RUN_METRICS)
     metrics_sha256, metrics_mtime_ns = file_identity(run_dir / contract.RUN_METRICS)
     return {
-        "dir": run_dir, "summary": summary, "summary_problem": summary_problem, "summary_sha256": summary_sha256,
+        "dir": run_dir, "summary": summary, "summary_problem": summary_problem,
+        "summary_sha256": summary_sha256,
         "records": records, "metrics_problems": metrics_problems,
         "log": log["text"] if log else None, "log_file": log,
         "metrics_sha256": metrics_sha256, "metrics_mtime_ns": metrics_mtime_ns,
@@ -239,9 +258,9 @@ def load_run(run_dir) -> dict:
 
 
 def archived_as(ledger: list, kind: str, sha256, mtime_ns):
-    """The run id whose archived `kind` file ("run_log", "metrics") was this one: the same sha256 and the
-    same mtime (two SyntaxError runs leave identical logs, written at different times). A record from
-    before mtimes were recorded matches on its sha256 alone."""
+    """The run id whose archived `kind` file ("run_log", "metrics") was this one: the same sha256
+    and the same mtime (two SyntaxError runs leave identical logs, written at different times). A
+    record from before mtimes were recorded matches on its sha256 alone."""
     if sha256 is None:
         return None
     return next((r["run_id"] for r in ledger if r.get(f"{kind}_sha256") == sha256
@@ -250,54 +269,81 @@ def archived_as(ledger: list, kind: str, sha256, mtime_ns):
 
 def log_relation(log_file: dict, summary: dict) -> str:
     """Whose run.log this is, next to `summary`: "own" (it carries the summary's stamp line, which
-    the harness's run logger prints first), "older" (last written before that run started: a run not captured
-    with `> run.log`), or "later": written after that run started without its stamp, so by a later
-    process that died before train.py's logger started (a SyntaxError, a kill during the imports) and
-    wrote no summary of its own. A summary without a usable started_at is taken as the log's own."""
+    the harness's run logger prints first), "older" (last written before that run started: a run
+    not captured with `> run.log`), or "later": written after that run started without its stamp,
+    so by a later process that died before train.py called start_run (a SyntaxError, a kill during
+    the imports) and wrote no summary of its own. A summary without a usable started_at is taken
+    as the log's own."""
     stamp = summary.get("started_at")
     if not isinstance(stamp, str):
         return "own"
     start = contract.parse_stamp(stamp)
     if start is not None and log_file["mtime"] < start - LOG_CLOCK_SLACK_S:
         return "older"
-    stamped = any(line.rstrip().endswith(contract.log_stamp(stamp)) for line in log_file["head"].splitlines())
+    stamped = any(line.rstrip().endswith(contract.log_stamp(stamp))
+                  for line in log_file["head"].splitlines())
     return "own" if stamped else "later"
 
 
 def classify(run: dict, ledger: list) -> dict:
     """Decide which of the files found belong to this run, and its status.
 
-    Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's start time
-    and code) are an earlier run's, and so is a summary whose stamp line a later run.log lacks: a new
-    run.log next to an old summary means this run died before train.py's logger started, which is a
-    crash, never the old number."""
-    summary, records, log, log_file = run["summary"], run["records"], run["log"], run["log_file"]
-    notes = []
-    if summary is None and log is None and not records and run["summary_problem"] is None:
-        raise HarnessError(f"no run to analyze in {run['dir'].resolve()}: run `{contract.TRAIN_COMMAND}` first")
-    summary, summary_fixes = clean_summary(summary) if summary is not None else (None, [])
-    log_of = archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"]) if log_file else None
-    metrics_of = archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"]) if records else None
-    summary_of = None
-    if summary is not None and summary.get("started_at"):  # the same file: workers start the same code in one second
-        summary_of = next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
-                           and r.get("train_sha256") == summary.get("train_sha256")
-                           and r.get("summary_sha256", run["summary_sha256"]) == run["summary_sha256"]), None)
+    Files already archived (matched by run.log / metrics.jsonl hash and mtime, or the summary's
+    start time and code) are an earlier run's, and so is a summary whose stamp line a later run.log
+    lacks: a new run.log next to an old summary means this run died before train.py called
+    start_run, which is a crash, never the old number."""
+    if (run["summary"] is None and run["log"] is None and not run["records"]
+            and run["summary_problem"] is None):
+        raise HarnessError(f"no run to analyze in {run['dir'].resolve()}: run "
+                           f"`{contract.TRAIN_COMMAND}` first")
+    summary, records, log, notes = _own_files(run, ledger)
+    status, error = _run_status(summary, log, run["summary_problem"])
+    return {"summary": summary, "records": records, "log": log, "status": status, "error": error,
+            "notes": notes}
+
+
+def _summary_archived_as(ledger: list, summary, summary_sha256):
+    """The run id whose archived run_summary.json this one is: the same start time, code and
+    sha256 (the same file: workers start the same code in one second); None for a summary without
+    a start time."""
+    if summary is None or not summary.get("started_at"):
+        return None
+    return next((r["run_id"] for r in ledger if r.get("started_at") == summary["started_at"]
+                 and r.get("train_sha256") == summary.get("train_sha256")
+                 and r.get("summary_sha256", summary_sha256) == summary_sha256), None)
+
+
+def _own_files(run: dict, ledger: list) -> tuple:
+    """(summary, records, log, notes): the files of `run` that are this run's own; an earlier
+    run's is None (or no records), with a note that says whose it is. Raises when none of the files
+    is new."""
+    records, log, log_file = run["records"], run["log"], run["log_file"]
+    summary, summary_fixes = (clean_summary(run["summary"]) if run["summary"] is not None
+                              else (None, []))
+    log_of = (archived_as(ledger, "run_log", log_file["sha256"], log_file["mtime_ns"])
+              if log_file else None)
+    metrics_of = (archived_as(ledger, "metrics", run["metrics_sha256"], run["metrics_mtime_ns"])
+                  if records else None)
+    summary_of = _summary_archived_as(ledger, summary, run["summary_sha256"])
     relation = log_relation(log_file, summary) if summary is not None and log_file else None
+    notes = []
     if relation == "later" and not summary_of:
-        notes.append(f"run_summary.json belongs to an earlier run (started at {summary['started_at']}) that was never "
-                     f"analyzed: run.log was written after it and lacks its stamp line "
-                     f"({contract.log_stamp(summary['started_at'])!r}), so this run failed before train.py's logger "
-                     f"started; that earlier result, and its metrics.jsonl, are ignored")
+        notes.append(f"run_summary.json belongs to an earlier run (started at "
+                     f"{summary['started_at']}) that was never analyzed: run.log was written after "
+                     f"it and lacks its stamp line "
+                     f"({contract.log_stamp(summary['started_at'])!r}), so this run failed before "
+                     f"train.py called start_run; that earlier result, and its metrics.jsonl, are "
+                     f"ignored")
         summary, records = None, []
     anything_new = ((log is not None and not log_of) or (summary is not None and not summary_of)
                     or (records and not metrics_of) or run["summary_problem"])
     if not anything_new:
-        raise HarnessError(f"this run is already archived as {log_of or summary_of or metrics_of}: train again "
-                         f"(`{contract.TRAIN_COMMAND}`) before analyzing")
+        raise HarnessError(f"this run is already archived as {log_of or summary_of or metrics_of}: "
+                           f"train again (`{contract.TRAIN_COMMAND}`) before analyzing")
     if summary_of:
-        notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run wrote none, "
-                     f"so it failed before train.py's logger started; that earlier result is ignored")
+        notes.append(f"run_summary.json belongs to run {summary_of} (already archived): this run "
+                     f"wrote none, so it failed before train.py called start_run; that earlier "
+                     f"result is ignored")
         summary = None
     if metrics_of:
         notes.append(f"metrics.jsonl belongs to run {metrics_of} (already archived); ignored")
@@ -314,14 +360,20 @@ def classify(run: dict, ledger: list) -> dict:
         log = None
     if summary is not None:
         notes.extend(summary_fixes)
+    return summary, records, log, notes
 
+
+def _run_status(summary, log, summary_problem) -> tuple:
+    """(status, error) of a run from its own summary and log: without a summary it is a crash; a
+    job the scheduler ended (cancelled, pre-empted, out of time, never started) says so first."""
     error = None
     if summary is None:
         status = "crash"
-        error = run["summary_problem"] or failure_line(log) or (
-            "no run_summary.json: the process died without writing one (killed, out of memory, or it failed "
-            "before train.py's logger started)" + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
-                                                   if log and log.strip() else ""))
+        error = summary_problem or failure_line(log) or (
+            "no run_summary.json: the process died without writing one (killed, out of memory, or "
+            "it failed before train.py called start_run)"
+            + (f"; run.log ends with: {log.strip().splitlines()[-1][:200]}"
+               if log and log.strip() else ""))
     elif summary.get("status") == "ok":
         status = "ok"
         if not verdict.finished({"val_bpb": summary.get("val_bpb")}):
@@ -331,15 +383,16 @@ def classify(run: dict, ledger: list) -> dict:
     else:
         status, error = "crash", f"run_summary.json has an unknown status {summary.get('status')!r}"
     ended = slurm.run_failure(log) if status != "ok" else None
-    if ended:  # the scheduler ended the job (cancelled, pre-empted, out of time, never started): its words first
+    if ended:  # the scheduler ended the job: its words first
         status = ended[0] if status == "crash" else status
-        error = ended[1] + (f"; train.py: {error}" if error and not error.startswith("no run_summary.json") else "")
-    return {"summary": summary, "records": records, "log": log, "status": status, "error": error, "notes": notes}
+        error = ended[1] + (f"; train.py: {error}"
+                            if error and not error.startswith("no run_summary.json") else "")
+    return status, error
 
 
 def ran_code(run_dir: Path, summary) -> tuple:
-    """(train.py text, exact) of the code that ran: the working copy or the commit's, whichever matches
-    the summary's train_sha256; else the working copy, flagged as possibly not what ran."""
+    """(train.py text, exact) of the code that ran: the working copy or the commit's, whichever
+    matches the summary's train_sha256; else the working copy, flagged as possibly not what ran."""
     candidates = []
     for folder in dict.fromkeys((run_dir, Path("."))):
         if (folder / contract.TRAIN_PY).exists():
@@ -359,6 +412,7 @@ def ran_code(run_dir: Path, summary) -> tuple:
 def unified_diff(old: str, new: str, old_label: str, new_label: str) -> str:
     ensure = (lambda t: t if t.endswith("\n") else t + "\n")
     return "".join(difflib.unified_diff(ensure(old).splitlines(True), ensure(new).splitlines(True),
-                                        fromfile=f"a/train.py ({old_label})", tofile=f"b/train.py ({new_label})"))
+                                        fromfile=f"a/train.py ({old_label})",
+                                        tofile=f"b/train.py ({new_label})"))
 
 

@@ -18,23 +18,35 @@ from harness import contract
 # Thresholds (named so a reader can find and question them)
 # ---------------------------------------------------------------------------
 
-TAIL_FRACTION = 0.2          # the "tail" is the last 20 % of steps: late enough to be past warmup, long enough to fit
-IMPROVING_P_VALUE = 0.05     # one-sided p of a negative tail slope below this: the run was still improving
-MIN_FIT_POINTS = 20          # fewer steps than this: no tail slope or power-law fit (too noisy to mean anything)
-EXTRAPOLATE_FACTOR = 2.0     # "what a longer budget would reach": the fitted curve at twice the steps
+# the "tail" is the last 20 % of steps: late enough to be past warmup, long enough to fit
+TAIL_FRACTION = 0.2
+# one-sided p of a negative tail slope below this: the run was still improving
+IMPROVING_P_VALUE = 0.05
+# fewer steps than this: no tail slope or power-law fit (too noisy to mean anything)
+MIN_FIT_POINTS = 20
+# "what a longer budget would reach": the fitted curve at twice the steps
+EXTRAPOLATE_FACTOR = 2.0
 SPIKE_WINDOW = 50            # trailing steps whose median / MAD define "normal" for the spike test
-SPIKE_Z = 6.0                # robust z-score of a loss spike; ~0 false alarms per run on Gaussian-like noise
+# robust z-score of a loss spike; ~0 false alarms per run on Gaussian-like noise
+SPIKE_Z = 6.0
 SPIKE_MERGE_STEPS = 5        # spikes closer than this are one event
-SPIKE_RECOVERED_Z = 2.0      # recovered: the loss is back within 2 robust sd of the pre-spike median
-DIVERGENCE_SMOOTH_FRACTION = 0.02  # smoothing window for the divergence test, as a fraction of the shared steps
+# recovered: the loss is back within 2 robust sd of the pre-spike median
+SPIKE_RECOVERED_Z = 2.0
+# smoothing window for the divergence test, as a fraction of the shared steps
+DIVERGENCE_SMOOTH_FRACTION = 0.02
 DIVERGENCE_Z = 3.0           # the smoothed gap must exceed 3 standard errors of smoothed noise ...
-DIVERGENCE_MIN_GAP = 0.002   # ... and this many nats/token, so identical runs never "diverge" by rounding
-DIVERGENCE_MIN_SUSTAIN = 0.05  # ... and stay beyond both until the end for at least 5 % of the shared steps
+# ... and this many nats/token, so identical runs never "diverge" by rounding
+DIVERGENCE_MIN_GAP = 0.002
+# ... and stay beyond both until the end for at least 5 % of the shared steps
+DIVERGENCE_MIN_SUSTAIN = 0.05
 LAYER_OUTLIER_Z = 3.0        # robust z (median / MAD over layers, log scale) of an outlier layer
-LAYER_OUTLIER_RATIO = 2.0    # ... and at least 2x off the typical layer: near-identical layers have a tiny MAD
+# ... and at least 2x off the typical layer: near-identical layers have a tiny MAD
+LAYER_OUTLIER_RATIO = 2.0
 MIN_LAYERS_FOR_OUTLIERS = 3  # a median over fewer layers says nothing
-NORM_CHANGE_FLAG = 2.0       # a weight norm that grew or shrank by this factor over the run is reported
-DRIFT_SKIP_FRACTION_INV = 4  # drift is measured from a quarter into the run, past the initial transient
+# a weight norm that grew or shrank by this factor over the run is reported
+NORM_CHANGE_FLAG = 2.0
+# drift is measured from a quarter into the run, past the initial transient
+DRIFT_SKIP_FRACTION_INV = 4
 MAD_TO_SD = 1.4826           # MAD of a normal distribution times this is its standard deviation
 
 
@@ -43,7 +55,8 @@ MAD_TO_SD = 1.4826           # MAD of a normal distribution times this is its st
 # ---------------------------------------------------------------------------
 
 def series(records: list, key: str, x_key: str = contract.STEP):
-    """(x, y) float arrays of the records that carry `key` (periodic keys are on some steps only)."""
+    """(x, y) float arrays of the records that carry `key` (periodic keys are on some steps
+    only)."""
     pairs = [(r[x_key], r[key]) for r in records if key in r and x_key in r]
     if not pairs:
         return np.empty(0), np.empty(0)
@@ -57,14 +70,17 @@ def timed_steps(records: list, warmup_steps: int = 0) -> list:
 
 
 def agent_metrics(records: list) -> dict:
-    """{key: {points, first, last, min, max, last_step}} of the agent's own metrics (contract.AGENT_PREFIX keys)."""
+    """{key: {points, first, last, min, max, last_step}} of the agent's own metrics
+    (contract.AGENT_PREFIX keys)."""
     found = {}
     for r in records:
         for key, value in r.items():
-            if isinstance(key, str) and key.startswith(contract.AGENT_PREFIX) and contract.finite_number(value):
+            if (isinstance(key, str) and key.startswith(contract.AGENT_PREFIX)
+                    and contract.finite_number(value)):
                 found.setdefault(key, []).append((r.get(contract.STEP), value))
     return {key: {"points": len(points), "first": points[0][1], "last": points[-1][1],
-                  "min": min(v for _, v in points), "max": max(v for _, v in points), "last_step": points[-1][0]}
+                  "min": min(v for _, v in points), "max": max(v for _, v in points),
+                  "last_step": points[-1][0]}
             for key, points in sorted(found.items())}
 
 
@@ -79,7 +95,8 @@ def layer_table(records: list):
                 table.setdefault(name, {}).setdefault(stat, ([], []))
                 table[name][stat][0].append(r[contract.STEP])
                 table[name][stat][1].append(value)
-    return {name: {stat: (np.array(s, dtype=float), np.array(v, dtype=float)) for stat, (s, v) in by_stat.items()}
+    return {name: {stat: (np.array(s, dtype=float), np.array(v, dtype=float))
+                   for stat, (s, v) in by_stat.items()}
             for name, by_stat in table.items()}
 
 
@@ -100,7 +117,8 @@ def tail_slope(steps, loss, fraction: float = TAIL_FRACTION) -> dict:
     t = fit.slope / fit.stderr if fit.stderr > 0 else (-np.inf if fit.slope < 0 else np.inf)
     p_decreasing = float(stats.t.cdf(t, df=n_tail - 2))  # one-sided: H1 slope < 0
     span = x[-1] - x[0]
-    return {"ok": True, "slope": float(fit.slope), "stderr": float(fit.stderr), "p_value": p_decreasing,
+    return {"ok": True, "slope": float(fit.slope), "stderr": float(fit.stderr),
+            "p_value": p_decreasing,
             "improving": bool(fit.slope < 0 and p_decreasing < IMPROVING_P_VALUE),
             "from_step": int(x[0]), "to_step": int(x[-1]), "n": n_tail,
             "change_over_tail": float(fit.slope * span), "mean": float(y.mean())}
@@ -126,9 +144,11 @@ def fit_power_law(steps, loss, extrapolate_factor: float = EXTRAPOLATE_FACTOR) -
     from scipy import optimize
     p0 = (max(y_min - 0.1 * y_span, 0.0), y_span * x[0] ** 0.5, 0.5)
     try:
-        params, _ = optimize.curve_fit(_power_law, x, y, p0=p0, bounds=([0.0, 0.0, 1e-3], [y_min, np.inf, 5.0]),
+        params, _ = optimize.curve_fit(_power_law, x, y, p0=p0,
+                                       bounds=([0.0, 0.0, 1e-3], [y_min, np.inf, 5.0]),
                                        maxfev=5000)
-    except (RuntimeError, ValueError) as e:  # no convergence: report it, the other statistics still stand
+    except (RuntimeError, ValueError) as e:
+        # no convergence: report it, the other statistics still stand
         return {"ok": False, "reason": f"the fit did not converge ({e})"}
     fitted = _power_law(x, *params)
     ss_res, ss_tot = float(((y - fitted) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
@@ -141,12 +161,14 @@ def fit_power_law(steps, loss, extrapolate_factor: float = EXTRAPOLATE_FACTOR) -
 
 
 def _trailing_robust_z(values, window: int):
-    """z of each point against the median and MAD of the `window` points before it (NaN before that)."""
+    """z of each point against the median and MAD of the `window` points before it (NaN before
+    that)."""
     values = np.asarray(values, float)
     z = np.full(len(values), np.nan)
     if len(values) <= window:
         return z, z.copy(), z.copy()
-    windows = np.lib.stride_tricks.sliding_window_view(values[:-1], window)  # windows[i] precedes values[i+window]
+    # windows[i] precedes values[i+window]
+    windows = np.lib.stride_tricks.sliding_window_view(values[:-1], window)
     med = np.median(windows, axis=1)
     mad = np.median(np.abs(windows - med[:, None]), axis=1) * MAD_TO_SD
     scale = np.maximum(mad, 1e-8 + 1e-6 * np.abs(med))
@@ -175,12 +197,14 @@ def loss_spikes(steps, loss, window: int = SPIKE_WINDOW, z_threshold: float = SP
             if z[i] > event["z"]:
                 event.update(step=int(steps[i]), loss=float(loss[i]), z=float(z[i]))
             continue
-        events.append({"step": int(steps[i]), "first_index": int(i), "last_index": int(i), "loss": float(loss[i]),
-                       "baseline": float(center[i]), "normal_max": float(center[i] + SPIKE_RECOVERED_Z * spread[i]),
+        events.append({"step": int(steps[i]), "first_index": int(i), "last_index": int(i),
+                       "loss": float(loss[i]), "baseline": float(center[i]),
+                       "normal_max": float(center[i] + SPIKE_RECOVERED_Z * spread[i]),
                        "z": float(z[i])})
     for event in events:
         after = np.flatnonzero(loss[event["last_index"] + 1:] <= event.pop("normal_max"))
-        event["recovered_after"] = int(after[0] + 1 + event["last_index"] - event["first_index"]) if len(after) else None
+        event["recovered_after"] = (int(after[0] + 1 + event["last_index"] - event["first_index"])
+                                    if len(after) else None)
     return [{k: v for k, v in e.items() if not k.endswith("_index")} for e in events]
 
 
@@ -197,14 +221,16 @@ def step_time_stats(step_ms) -> dict:
 
 
 def train_val_gap(records: list) -> list:
-    """At every validation point: val loss minus smoothed train loss (nats/token; positive = val worse)."""
+    """At every validation point: val loss minus smoothed train loss (nats/token; positive = val
+    worse)."""
     rows = []
     for r in records:
         if contract.VAL_BPB in r:
-            gap = r[contract.VAL_LOSS] - r[contract.TRAIN_LOSS_SMOOTH] if contract.VAL_LOSS in r else None
-            rows.append({"step": r[contract.STEP], "time_s": r[contract.TIME_S], "val_bpb": r[contract.VAL_BPB],
-                         "val_loss": r.get(contract.VAL_LOSS), "train_loss_smooth": r[contract.TRAIN_LOSS_SMOOTH],
-                         "gap": gap})
+            gap = (r[contract.VAL_LOSS] - r[contract.TRAIN_LOSS_SMOOTH]
+                   if contract.VAL_LOSS in r else None)
+            rows.append({"step": r[contract.STEP], "time_s": r[contract.TIME_S],
+                         "val_bpb": r[contract.VAL_BPB], "val_loss": r.get(contract.VAL_LOSS),
+                         "train_loss_smooth": r[contract.TRAIN_LOSS_SMOOTH], "gap": gap})
     return rows
 
 
@@ -216,7 +242,8 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def layer_kind(name: str):
-    """(kind, layer index) of a parameter name: blocks.3.attn.c_q.weight -> (blocks.*.attn.c_q.weight, 3)."""
+    """(kind, layer index) of a parameter name: blocks.3.attn.c_q.weight ->
+    (blocks.*.attn.c_q.weight, 3)."""
     m = _LAYER_INDEX.search(name)
     if not m:
         return name, None
@@ -235,8 +262,8 @@ def layer_findings(table: dict) -> dict:
 
     Outliers compare the same matrix across layers (blocks.*.mlp.c_fc.weight over every block),
     on the log of its median over the run, so different shapes are never compared with each other.
-    Drift is each parameter's weight norm at its last measurement over the one a quarter into the run
-    (zero-initialised projections grow by orders of magnitude at first; that is not drift)."""
+    Drift is each parameter's weight norm at its last measurement over the one a quarter into the
+    run (zero-initialised projections grow by orders of magnitude at first; that is not drift)."""
     kinds = {}
     for name in table:
         kind, index = layer_kind(name)
@@ -249,7 +276,8 @@ def layer_findings(table: dict) -> dict:
             continue
         members.sort()
         for stat in ("grad_norm", "update_ratio"):
-            medians = [np.median(table[name][stat][1]) if stat in table[name] else np.nan for _, name in members]
+            medians = [np.median(table[name][stat][1]) if stat in table[name] else np.nan
+                       for _, name in members]
             if not np.all(np.isfinite(medians)) or min(medians) <= 0:
                 continue
             z = _robust_z(np.log10(medians))
@@ -257,8 +285,9 @@ def layer_findings(table: dict) -> dict:
             for (index, name), value, zi in zip(members, medians, z):
                 ratio = value / typical
                 if abs(zi) > LAYER_OUTLIER_Z and max(ratio, 1 / ratio) >= LAYER_OUTLIER_RATIO:
-                    outliers.append({"name": name, "layer": index, "stat": stat, "value": float(value),
-                                     "typical": typical, "ratio": float(ratio), "z": float(zi)})
+                    outliers.append({"name": name, "layer": index, "stat": stat,
+                                     "value": float(value), "typical": typical,
+                                     "ratio": float(ratio), "z": float(zi)})
     drift = []
     for name, by_stat in sorted(table.items()):
         if "weight_norm" not in by_stat or len(by_stat["weight_norm"][1]) < 2:
@@ -268,7 +297,8 @@ def layer_findings(table: dict) -> dict:
         first, last = float(values[start]), float(values[-1])
         if first > 0 and start < len(values) - 1:
             ratio = last / first
-            drift.append({"name": name, "from_step": int(steps[start]), "first": first, "last": last, "ratio": ratio,
+            drift.append({"name": name, "from_step": int(steps[start]), "first": first,
+                          "last": last, "ratio": ratio,
                           "flag": bool(ratio >= NORM_CHANGE_FLAG or ratio <= 1 / NORM_CHANGE_FLAG)})
     return {"outliers": outliers, "kinds_with_too_few_layers": too_few, "drift": drift,
             "n_params": len(table)}
@@ -279,7 +309,8 @@ def layer_findings(table: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 def _moving_average(y, window: int):
-    """Centred moving average; the window shrinks at the ends instead of repeating the edge values."""
+    """Centred moving average; the window shrinks at the ends instead of repeating the edge
+    values."""
     y = np.asarray(y, float)
     if window <= 1:
         return y
@@ -289,7 +320,8 @@ def _moving_average(y, window: int):
 
 def noise_sd(y) -> float:
     """Standard deviation of the step-to-step noise of a curve, robust to its trend and to spikes:
-    from the median absolute first difference (a difference of two noisy points has sqrt(2) x the sd)."""
+    from the median absolute first difference (a difference of two noisy points has sqrt(2) x the
+    sd)."""
     d = np.diff(np.asarray(y, float))
     if len(d) == 0:
         return 0.0
@@ -320,8 +352,9 @@ def divergence(steps_a, loss_a, steps_b, loss_b) -> dict:
     noise = np.sqrt((noise_sd(ya) ** 2 + noise_sd(yb) ** 2) / window)  # sd of the smoothed gap
     threshold = max(DIVERGENCE_Z * noise, DIVERGENCE_MIN_GAP)
     final_gap = float(gap[-max(1, len(gap) // 10):].mean())
-    result = {"ok": True, "shared_steps": int(len(x)), "threshold": float(threshold), "final_gap": final_gap,
-              "max_gap": float(gap[np.argmax(np.abs(gap))]), "x": x, "gap": gap}
+    result = {"ok": True, "shared_steps": int(len(x)), "threshold": float(threshold),
+              "final_gap": final_gap, "max_gap": float(gap[np.argmax(np.abs(gap))]),
+              "x": x, "gap": gap}
     side = np.sign(gap[-1])
     beyond = (np.abs(gap) > threshold) & (np.sign(gap) == side)
     if not beyond[-1]:
@@ -332,5 +365,5 @@ def divergence(steps_a, loss_a, steps_b, loss_b) -> dict:
         return {**result, "diverged": False}
     other_side = np.flatnonzero(np.sign(gap[:start]) != side)
     parted = int(other_side[-1]) if len(other_side) else 0
-    return {**result, "diverged": True, "separated_at": int(x[parted]), "beyond_noise_from": int(x[start]),
-            "direction": "lower" if side < 0 else "higher"}
+    return {**result, "diverged": True, "separated_at": int(x[parted]),
+            "beyond_noise_from": int(x[start]), "direction": "lower" if side < 0 else "higher"}

@@ -47,7 +47,8 @@ TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_write's
 
 
 def worker_of(record: dict) -> str:
-    """The worker a ledger row is from (rows from before workers were recorded: the only agent's)."""
+    """The worker a ledger row is from (rows from before workers were recorded: the only
+    agent's)."""
     return record.get("worker") or settings.MAIN_WORKER
 
 
@@ -97,11 +98,12 @@ class Store:
 
     @contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT_S):
-        """Exclusive lock on the store, for every writer of every worker of a night. A POSIX record lock
-        (fcntl.lockf: F_SETLK on the whole file) rather than flock: on NFS it is held by the server's lock
-        manager (NLM for NFSv3, the protocol itself for v4), so writers on different hosts of a shared
-        filesystem exclude each other; the OS releases it when the process dies. POSIX locks belong to the
-        process, so one process must not take it twice (analyze.py takes it once per command)."""
+        """Exclusive lock on the store, for every writer of every worker of a night. A POSIX record
+        lock (fcntl.lockf: F_SETLK on the whole file) rather than flock: on NFS it is held by the
+        server's lock manager (NLM for NFSv3, the protocol itself for v4), so writers on different
+        hosts of a shared filesystem exclude each other; the OS releases it when the process dies.
+        POSIX locks belong to the process, so one process must not take it twice (analyze.py takes
+        it once per command)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.path(LOCK_FILE), "a") as f:
             deadline = time.monotonic() + timeout
@@ -113,8 +115,9 @@ class Store:
                     if e.errno not in (errno.EACCES, errno.EAGAIN):
                         raise
                     if time.monotonic() > deadline:
-                        raise HarnessError(f"another analyze.py has held {self.path(LOCK_FILE)} for "
-                                         f"{timeout:.0f} s; is one stuck? (ps aux | grep analyze.py)") from None
+                        raise HarnessError(f"another analyze.py has held {self.path(LOCK_FILE)} "
+                                           f"for {timeout:.0f} s; is one stuck? "
+                                           f"(ps aux | grep analyze.py)") from None
                     time.sleep(0.05)
             try:
                 yield
@@ -142,16 +145,18 @@ class Store:
                 try:
                     ledger.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise HarnessError(f"{path} line {i + 1} is corrupt ({e.msg}); it is only ever replaced "
-                                     f"atomically, so it was edited by hand: fix or remove that line") from None
+                    raise HarnessError(f"{path} line {i + 1} is corrupt ({e.msg}); it is only "
+                                       f"ever replaced atomically, so it was edited by hand: fix "
+                                       f"or remove that line") from None
         return ledger
 
     def write_ledger(self, ledger: list):
-        """Replace runs.jsonl (strict JSON: a NaN left in an old record becomes null), then results.tsv
-        written from it (call under lock())."""
+        """Replace runs.jsonl (strict JSON: a NaN left in an old record becomes null), then
+        results.tsv written from it (call under lock())."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path(RUNS_JSONL), "".join(json.dumps(replace_non_finite(r)[0], sort_keys=True, allow_nan=False)
-                                                    + "\n" for r in ledger))
+        atomic_write(self.path(RUNS_JSONL),
+                     "".join(json.dumps(replace_non_finite(r)[0], sort_keys=True, allow_nan=False)
+                             + "\n" for r in ledger))
         atomic_write(self.path(RESULTS_TSV), tsv_text(ledger))
 
     def read_results_tsv(self) -> list:
@@ -166,11 +171,13 @@ class Store:
             if record["run_id"] == run_id:
                 return record
         known = ", ".join(r["run_id"] for r in ledger[-5:]) or "none yet"
-        raise HarnessError(f"unknown run id {run_id!r} (latest: {known}); see `uv run analyze.py status`")
+        raise HarnessError(f"unknown run id {run_id!r} (latest: {known}); see "
+                           f"`uv run analyze.py status`")
 
     # archives
     def allocate_run_id(self, commit) -> str:
-        """A fresh archive folder: the short commit, then -2, -3, ... for repeats (mkdir is atomic)."""
+        """A fresh archive folder: the short commit, then -2, -3, ... for repeats (mkdir is
+        atomic)."""
         base = commit or "nocommit"
         self.dir.mkdir(parents=True, exist_ok=True)
         n = 1
@@ -188,12 +195,15 @@ class Store:
         if not self.dir.exists():
             return []
         return sorted(p.name for p in self.dir.iterdir()
-                      if p.is_dir() and p.name not in known and p.name not in (COMPARE_DIR,) and not p.name.startswith("."))
+                      if p.is_dir() and p.name not in known and p.name not in (COMPARE_DIR,)
+                      and not p.name.startswith("."))
 
     def stale_temp_files(self) -> list:
-        """atomic_write's temporary files whose process is gone (a kill between write and rename): in the
-        store, in its run folders, and train.py's beside it (discard writes train.py atomically)."""
-        candidates = [*self.dir.glob(".*.tmp"), *self.dir.glob("*/.*.tmp"), *self.root.glob(f".{TRAIN_PY}.*.tmp")]
+        """atomic_write's temporary files whose process is gone (a kill between write and rename):
+        in the store, in its run folders, and train.py's beside it (discard writes train.py
+        atomically)."""
+        candidates = [*self.dir.glob(".*.tmp"), *self.dir.glob("*/.*.tmp"),
+                      *self.root.glob(f".{TRAIN_PY}.*.tmp")]
         stale = []
         for path in sorted(candidates):
             match = TEMP_NAME.match(path.name)
@@ -202,12 +212,15 @@ class Store:
         return stale
 
     def repair(self) -> list:
-        """Undo what a killed analyze.py left, and say so (call first under lock(): no other analyze.py is
-        half-way then, so whatever is half-done is a dead process's). Returns one note per repair:
+        """Undo what a killed analyze.py left, and say so (call first under lock(): no other
+        analyze.py is half-way then, so whatever is half-done is a dead process's). Returns one
+        note per repair:
         - temporary files of dead processes are removed;
-        - archive folders with no ledger row (an analyze killed before it recorded its run; the run's files
-          are still where train.py left them) are removed, so analyzing the run again archives it once;
-        - results.tsv is rewritten from runs.jsonl where it differs (a kill between the two writes)."""
+        - archive folders with no ledger row (an analyze killed before it recorded its run; the
+          run's files are still where train.py left them) are removed, so analyzing the run again
+          archives it once;
+        - results.tsv is rewritten from runs.jsonl where it differs (a kill between the two
+          writes)."""
         notes = []
         if not self.dir.exists():
             return notes
@@ -216,18 +229,22 @@ class Store:
             path.unlink(missing_ok=True)
         if stale:
             notes.append(f"removed {len(stale)} temporary file(s) left by killed processes: "
-                         + ", ".join(str(p.relative_to(self.root)) for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+                         + ", ".join(str(p.relative_to(self.root)) for p in stale[:3])
+                         + (" ..." if len(stale) > 3 else ""))
         ledger = self.read_ledger()
         orphans = self.orphans(ledger)
         for run_id in orphans:
             shutil.rmtree(self.run_path(run_id))
         if orphans:
-            notes.append(f"removed archive folder(s) {', '.join(orphans)} with no ledger row, left by an analyze.py "
-                         f"killed before it recorded its run (`uv run analyze.py` archives that run again)")
+            notes.append(f"removed archive folder(s) {', '.join(orphans)} with no ledger row, "
+                         f"left by an analyze.py killed before it recorded its run "
+                         f"(`uv run analyze.py` archives that run again)")
         tsv = self.path(RESULTS_TSV)
-        if (ledger or tsv.exists()) and (tsv.read_text() if tsv.exists() else None) != tsv_text(ledger):
+        if ((ledger or tsv.exists())
+                and (tsv.read_text() if tsv.exists() else None) != tsv_text(ledger)):
             atomic_write(tsv, tsv_text(ledger))
-            notes.append(f"rebuilt {RESULTS_TSV} from {RUNS_JSONL}: it did not match (a write was cut short)")
+            notes.append(f"rebuilt {RESULTS_TSV} from {RUNS_JSONL}: it did not match (a write was "
+                         f"cut short)")
         return notes
 
     def recorded(self, run_id: str) -> bool:

@@ -17,9 +17,11 @@ from night.supervisor import PROGRAM, Supervisor, worker_preamble
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
 
-API_MAX_RETRIES = 8                  # the SDK's own retries (429, 5xx, connection) with exponential backoff
+# the SDK's own retries (429, 5xx, connection) with exponential backoff
+API_MAX_RETRIES = 8
 
-API_OUTAGE_WAIT_S = 60.0             # then wait this long (doubling, up to 15 min) and retry, up to --max-outage-hours
+# then wait this long (doubling, up to 15 min) and retry, up to --max-outage-hours
+API_OUTAGE_WAIT_S = 60.0
 
 API_MAX_TOKENS = 8192
 
@@ -33,39 +35,48 @@ DEFAULT_TOOL_TIMEOUT_S = 600         # a shell command's default limit (training
 
 
 TOOLS = [
-    {"name": "bash", "description": "Run a bash command in the repository root and return its exit code and "
-     "the tail of its output. Training (`uv run launch.py > run.log 2>&1`) takes about 5 minutes.",
+    {"name": "bash", "description": "Run a bash command in the repository root and return its "
+     "exit code and the tail of its output. Training (`uv run launch.py > run.log 2>&1`) takes "
+     "about 5 minutes.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string"},
-         "timeout_s": {"type": "integer", "description": f"default {DEFAULT_TOOL_TIMEOUT_S}; training needs ~400"}},
+         "timeout_s": {"type": "integer",
+                       "description": f"default {DEFAULT_TOOL_TIMEOUT_S}; training needs ~400"}},
          "required": ["command"]}},
     {"name": "read_file", "description": "Read a text file of the repository.",
-     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}},
+     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}},
+                      "required": ["path"]}},
     {"name": "write_file", "description": "Create or overwrite a text file of the repository.",
-     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+     "input_schema": {"type": "object", "properties": {"path": {"type": "string"},
+                                                       "content": {"type": "string"}},
                       "required": ["path", "content"]}},
-    {"name": "edit_file", "description": "Replace one exact, unique occurrence of `old` by `new` in a file.",
-     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}, "old": {"type": "string"},
+    {"name": "edit_file",
+     "description": "Replace one exact, unique occurrence of `old` by `new` in a file.",
+     "input_schema": {"type": "object", "properties": {"path": {"type": "string"},
+                                                       "old": {"type": "string"},
                                                        "new": {"type": "string"}},
                       "required": ["path", "old", "new"]}},
 ]
 
 
 def experiment_prompt(sup: Supervisor) -> str:
-    """A fresh, compact context for one experiment: the Current Best, the ideas queue, the last result."""
-    parts = ["Do exactly one experiment of the loop in program.md (the system prompt): pick an idea, edit "
-             "train.py, commit, train, analyze, read analysis.md, update insights.md and ideas_queue.md, then "
-             "follow the verdict (keep, discard, or rerun with another SEED). When the experiment is done, reply "
-             "with a short summary and no tool call."]
+    """A fresh, compact context for one experiment: the Current Best, the ideas queue, the last
+    result."""
+    parts = ["Do exactly one experiment of the loop in program.md (the system prompt): pick an "
+             "idea, edit train.py, commit, train, analyze, read analysis.md, update insights.md "
+             "and ideas_queue.md, then follow the verdict (keep, discard, or rerun with another "
+             "SEED). When the experiment is done, reply with a short summary and no tool call."]
     for name, label in ((INSIGHTS, "insights.md"), (IDEAS, "ideas_queue.md")):
         path = sup.store.path(name)
-        text = path.read_text()[:6000] if path.exists() else "(missing: create it as program.md says)"
+        text = (path.read_text()[:6000] if path.exists()
+                else "(missing: create it as program.md says)")
         parts.append(f"## {label}\n{text}")
     ledger = sup.store.read_ledger()
     own = sup.own_runs(ledger)
     if own:
         last = own[-1]
-        parts.append(f"## The last run\n{last['run_id']}: val_bpb {last.get('val_bpb')}, status {last['status']}, "
+        parts.append(f"## The last run\n{last['run_id']}: val_bpb {last.get('val_bpb')}, "
+                     f"status {last['status']}, "
                      f"verdict {last.get('verdict')}: {last.get('verdict_reason')} "
                      f"(analysis: {STORE_DIR}/{last['run_id']}/analysis.md)")
     else:
@@ -85,14 +96,18 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
     """(text, is_error) of one tool call. The key is removed from the environment commands see."""
     try:
         if name == "bash":
-            env = agent_environment(sup.args.pass_env, night=sup.night)  # no key, no other credentials
-            timeout = min(float(args.get("timeout_s") or DEFAULT_TOOL_TIMEOUT_S), sup.args.train_timeout)
-            child = subprocess.Popen(["bash", "-c", args["command"]], cwd=sup.repo, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+            # no key, no other credentials
+            env = agent_environment(sup.args.pass_env, night=sup.night)
+            timeout = min(float(args.get("timeout_s") or DEFAULT_TOOL_TIMEOUT_S),
+                          sup.args.train_timeout)
+            child = subprocess.Popen(["bash", "-c", args["command"]], cwd=sup.repo,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
             sup.current = child
             try:
                 out, _ = child.communicate(timeout=timeout)
-                return f"exit code {child.returncode}\n{out[-TOOL_OUTPUT_CHARS:]}", child.returncode != 0
+                return (f"exit code {child.returncode}\n{out[-TOOL_OUTPUT_CHARS:]}",
+                        child.returncode != 0)
             except subprocess.TimeoutExpired:
                 proc.terminate(child)
                 out = child.stdout.read() if child.stdout else ""
@@ -110,7 +125,8 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
             path = _inside(sup.repo, args["path"])
             text = path.read_text()
             if text.count(args["old"]) != 1:
-                return f"`old` occurs {text.count(args['old'])} times in {args['path']}; it must occur exactly once", True
+                return (f"`old` occurs {text.count(args['old'])} times in {args['path']}; it must "
+                        f"occur exactly once", True)
             path.write_text(text.replace(args["old"], args["new"], 1))
             return f"edited {args['path']}", False
         return f"unknown tool {name}", True
@@ -134,13 +150,15 @@ def call_api(sup: Supervisor, client, **request):
             if down_since:
                 sup.status(f"API answering again (down since {rules.hhmm(down_since)})")
             return response
-        except (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError) as e:
+        except (anthropic.APIConnectionError, anthropic.RateLimitError,
+                anthropic.InternalServerError) as e:
             down_since = down_since or time.time()
             since = rules.hhmm(down_since)
             if time.time() - down_since >= sup.args.max_outage_hours * 3600:
                 sup.stop(f"API unreachable since {since}: {type(e).__name__}: {e}", failed=True)
                 return None
-            sup.status(f"API unreachable since {since} ({type(e).__name__}); retrying in {wait:.0f} s")
+            sup.status(f"API unreachable since {since} ({type(e).__name__}); retrying in "
+                       f"{wait:.0f} s")
             sup.sleep(wait)
             if sup.stopping:
                 return None
@@ -150,15 +168,19 @@ def call_api(sup: Supervisor, client, **request):
                 raise ContextTooLong(api_message(e)) from e
             sup.stop(f"the API refused a request ({e.status_code}): {api_message(e)}", failed=True)
             return None
-        except (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError) as e:
-            sup.stop(f"the API refused the key or the model ({e.status_code}): {api_message(e)}", failed=True)
+        except (anthropic.AuthenticationError, anthropic.PermissionDeniedError,
+                anthropic.NotFoundError) as e:
+            sup.stop(f"the API refused the key or the model ({e.status_code}): {api_message(e)}",
+                     failed=True)
             return None
 
 
 def api_message(e) -> str:
-    """The API's own words of an error response ("invalid x-api-key"), not the SDK's wrapping of them."""
+    """The API's own words of an error response ("invalid x-api-key"), not the SDK's wrapping of
+    them."""
     body = getattr(e, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("error"), dict) and body["error"].get("message"):
+    if (isinstance(body, dict) and isinstance(body.get("error"), dict)
+            and body["error"].get("message")):
         return str(body["error"]["message"])
     return str(getattr(e, "message", e))
 
@@ -169,8 +191,10 @@ def trim_context(messages: list) -> bool:
         if message["role"] != "user" or not isinstance(message["content"], list):
             continue
         for block in message["content"]:
-            if block.get("type") == "tool_result" and len(block.get("content", "")) > TRIMMED_RESULT_CHARS:
-                block["content"] = "[trimmed: the context grew too long]\n" + block["content"][-TRIMMED_RESULT_CHARS:]
+            if (block.get("type") == "tool_result"
+                    and len(block.get("content", "")) > TRIMMED_RESULT_CHARS):
+                block["content"] = ("[trimmed: the context grew too long]\n"
+                                    + block["content"][-TRIMMED_RESULT_CHARS:])
                 return True
     return False
 
@@ -187,13 +211,14 @@ def run_api(sup: Supervisor) -> int:
         messages = [{"role": "user", "content": experiment_prompt(sup)}]
         for _ in range(MAX_TURNS_PER_EXPERIMENT):
             try:
-                response = call_api(sup, client, model=sup.args.model, max_tokens=API_MAX_TOKENS, system=system,
-                                    tools=TOOLS, messages=messages)
+                response = call_api(sup, client, model=sup.args.model, max_tokens=API_MAX_TOKENS,
+                                    system=system, tools=TOOLS, messages=messages)
             except ContextTooLong as e:
                 if trim_context(messages):
                     sup.write_log(f"context too long ({e}); trimmed the oldest tool result")
                     continue
-                sup.status(f"api experiment {experiment} ended: its context is too long even trimmed ({e})")
+                sup.status(f"api experiment {experiment} ended: its context is too long even "
+                           f"trimmed ({e})")
                 break
             if response is None:
                 break
@@ -207,15 +232,19 @@ def run_api(sup: Supervisor) -> int:
                 break
             results = []
             for call in calls:
-                sup.write_log(f"[tool {call['name']}] {json.dumps(call['input'])[:LOG_RESULT_CHARS]}")
+                sup.write_log(f"[tool {call['name']}] "
+                              f"{json.dumps(call['input'])[:LOG_RESULT_CHARS]}")
                 text, is_error = run_tool(sup, call["name"], call["input"])
                 text = sup.redact(text)
                 sup.write_log(f"[result{' ERROR' if is_error else ''}] {text[-LOG_RESULT_CHARS:]}")
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text,
                                 "is_error": is_error})
             messages.append({"role": "user", "content": results})
-            if sup.check() and (sup.immediate or time.time() - sup.stop_seen_at >= sup.args.stop_grace):
-                break  # any other stop rule lets the agent finish this experiment (keep or discard it) first
+            if sup.check() and (sup.immediate
+                                or time.time() - sup.stop_seen_at >= sup.args.stop_grace):
+                # any other stop rule lets the agent finish this experiment (keep or discard
+                # it) first
+                break
         else:
             sup.write_log(f"experiment {experiment} cut off after {MAX_TURNS_PER_EXPERIMENT} turns")
     return sup.finish()

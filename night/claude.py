@@ -19,43 +19,56 @@ from night.environment import agent_environment
 from night.supervisor import POLL_S, PROGRAM, Supervisor, worker_preamble
 
 # unattended: no permission prompts; stream-json so that every tool call and result reaches the log
-DEFAULT_CLAUDE_COMMAND = "claude -p --dangerously-skip-permissions --output-format stream-json --verbose"
+DEFAULT_CLAUDE_COMMAND = ("claude -p --dangerously-skip-permissions --output-format stream-json "
+                          "--verbose")
 
-QUICK_EXIT_S = 60                    # a claude session shorter than this without an experiment is a failed start
+# a claude session shorter than this without an experiment is a failed start
+QUICK_EXIT_S = 60
 
-MAX_QUICK_EXITS = 5                  # ... and this many in a row stop the night (not logged in, bad command, ...)
+# ... and this many in a row stop the night (not logged in, bad command, ...)
+MAX_QUICK_EXITS = 5
 
-RESTART_DELAY_S = 10.0               # pause before restarting an agent; doubles after each failed session
+# pause before restarting an agent; doubles after each failed session
+RESTART_DELAY_S = 10.0
 
 MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
 
-DEFAULT_MAX_OUTAGE_H = 1.0           # failed sessions (API down, 5xx, 401) for this long end the night
+# failed sessions (API down, 5xx, 401) for this long end the night
+DEFAULT_MAX_OUTAGE_H = 1.0
 
 LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
 
-ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run the night "
-                "as a non-root user, or, inside a container or VM you are willing to let the agent own, set "
-                "IS_SANDBOX=1 (Claude Code's variable for sandboxed environments); see README, 'Threat model'")
+ROOT_REFUSAL = ("running as root: Claude Code refuses --dangerously-skip-permissions as root. Run "
+                "the night as a non-root user, or, inside a container or VM you are willing to let "
+                "the agent own, set IS_SANDBOX=1 (Claude Code's variable for sandboxed "
+                "environments); see README, 'Threat model'")
 
-RESUME_PROMPT = """You are resuming an autoresearch session that was interrupted; your earlier context is gone.
-Read program.md and follow its loop. The state of the research is on disk, not in your memory:
-- .auto-log-research/insights.md (the Current Best block and validated findings),
-- .auto-log-research/ideas_queue.md (prioritised hypotheses),
-- .auto-log-research/results.tsv (every run so far; `uv run analyze.py status` summarises it).
-Check `git status` and `git log -3` first: finish or revert any half-done experiment, then continue the loop.
-Never stop to ask; keep experimenting."""
+RESUME_PROMPT = (
+    "You are resuming an autoresearch session that was interrupted; your earlier context is gone.\n"
+    "Read program.md and follow its loop. The state of the research is on disk, not in your "
+    "memory:\n"
+    "- .auto-log-research/insights.md (the Current Best block and validated findings),\n"
+    "- .auto-log-research/ideas_queue.md (prioritised hypotheses),\n"
+    "- .auto-log-research/results.tsv (every run so far; `uv run analyze.py status` summarises "
+    "it).\n"
+    "Check `git status` and `git log -3` first: finish or revert any half-done experiment, then "
+    "continue the loop.\n"
+    "Never stop to ask; keep experimenting.")
 
 
 def root_refusal(command: list, env: dict):
-    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so before starting."""
-    if os.geteuid() == 0 and "--dangerously-skip-permissions" in command and not env.get("IS_SANDBOX"):
+    """Claude Code refuses --dangerously-skip-permissions as root unless IS_SANDBOX is set: say so
+    before starting."""
+    if (os.geteuid() == 0 and "--dangerously-skip-permissions" in command
+            and not env.get("IS_SANDBOX")):
         return ROOT_REFUSAL
     return None
 
 
 def claude_environment(sup) -> dict:
-    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the longest
-    training run (the CLI's default, 2 minutes, would cut every run and blame the idea's code)."""
+    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the
+    longest training run (the CLI's default, 2 minutes, would cut every run and blame the idea's
+    code)."""
     env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
     ms = str(int((sup.args.train_timeout + settings.TOOL_MARGIN_S) * 1000))
     env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
@@ -63,8 +76,8 @@ def claude_environment(sup) -> dict:
 
 
 class SessionLog:
-    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log as
-    one readable line per message, tool call and result, redacted; remembers the last error."""
+    """Reads the CLI's output (stream-json, or plain text from another command) into supervisor.log
+    as one readable line per message, tool call and result, redacted; remembers the last error."""
 
     def __init__(self, sup, stream):
         self.sup, self.last_error, self.last_line, self.api_retry = sup, None, None, None
@@ -97,7 +110,8 @@ class SessionLog:
                 if block.get("type") == "text":
                     out.append(f"[assistant] {block.get('text', '')}")
                 elif block.get("type") == "tool_use":
-                    out.append(f"[tool {block.get('name')}] {json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
+                    out.append(f"[tool {block.get('name')}] "
+                               f"{json.dumps(block.get('input'))[:LOG_RESULT_CHARS]}")
             return out
         if kind == "user":
             out = []
@@ -105,13 +119,15 @@ class SessionLog:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     content = block.get("content")
                     if isinstance(content, list):
-                        content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+                        content = "\n".join(c.get("text", "") for c in content
+                                            if isinstance(c, dict))
                     flag = " ERROR" if block.get("is_error") else ""
                     out.append(f"[result{flag}] {str(content)[-LOG_RESULT_CHARS:]}")
             return out
         if kind == "system" and event.get("subtype") == "api_retry":
-            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, retry "
-                              f"{event.get('attempt')} of {event.get('max_retries')}").replace("  ", " ")
+            self.api_retry = (f"API error {event.get('error_status') or ''} {event.get('error')}, "
+                              f"retry {event.get('attempt')} of {event.get('max_retries')}"
+                              ).replace("  ", " ")
             self.last_error = self.api_retry
             return [f"[claude] {self.api_retry}"]
         if kind == "result":
@@ -121,17 +137,20 @@ class SessionLog:
             self.last_line = text.splitlines()[-1] if text.strip() else self.last_line
             return [f"[claude result {event.get('subtype')}] {text[-LOG_RESULT_CHARS:]}"]
         if kind == "system" and event.get("subtype") == "init":
-            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, model {event.get('model')}"]
+            return [f"[claude] session {event.get('session_id')} in {event.get('cwd')}, "
+                    f"model {event.get('model')}"]
         return []
 
 
 class KeyHandover:
-    """Gives the claude CLI its API key without an environment variable: a key file readable by this user
-    only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it and deletes
-    it. The CLI reads it once at start (its helper TTL is set beyond the night), before the agent can run
-    a command, and then holds it in memory only: the agent's commands and train.py never inherit it."""
+    """Gives the claude CLI its API key without an environment variable: a key file readable by this
+    user only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it
+    and deletes it. The CLI reads it once at start (its helper TTL is set beyond the night), before
+    the agent can run a command, and then holds it in memory only: the agent's commands and
+    train.py never inherit it."""
 
-    TTL_MS = str(7 * 24 * 3600 * 1000)  # never ask the helper again during a session: the file is gone
+    # never ask the helper again during a session: the file is gone
+    TTL_MS = str(7 * 24 * 3600 * 1000)
 
     def __init__(self, secret: str):
         import tempfile
@@ -160,7 +179,87 @@ class KeyHandover:
         self.dir.rmdir()
 
 
+class SessionFailures:
+    """The claude sessions that failed since the last good one (one that ran an experiment, or ran
+    long and exited cleanly): how many, how many quick exits in a row, since when, and the pause
+    before the next session, doubled after each failure up to MAX_BACKOFF_S."""
+
+    def __init__(self, restart_delay: float):
+        self.restart_delay = restart_delay
+        self.quick_exits, self.count, self.since, self.delay = 0, 0, None, restart_delay
+
+    def record(self, sup: Supervisor, returncode: int, output: SessionLog, t0: float,
+               duration: float, new_run: bool):
+        """Count a session that started at t0 and ran `duration` s. Too many quick exits in a row,
+        or failures for longer than --max-outage-hours, stop the night; a failure short of that is
+        one status line."""
+        if new_run or (returncode == 0 and duration >= QUICK_EXIT_S):
+            self.quick_exits, self.count, self.since, self.delay = 0, 0, None, self.restart_delay
+            return
+        if sup.stopping is not None:
+            return
+        self.count += 1
+        self.since = self.since or t0
+        # a quick exit that never reached the API is a bad start (command, login); one that did is
+        # an outage
+        self.quick_exits = (self.quick_exits + 1
+                            if duration < QUICK_EXIT_S and not output.api_retry else 0)
+        error = output.last_error or output.last_line or f"exit code {returncode}"
+        what = "API unreachable" if output.api_retry else "agent sessions failing"
+        if self.quick_exits >= MAX_QUICK_EXITS:
+            sup.stop(f"claude exited {self.quick_exits} times in a row within {QUICK_EXIT_S} s "
+                     f"without an experiment (last exit code {returncode}): {error}", failed=True)
+        elif time.time() - self.since >= sup.args.max_outage_hours * 3600:
+            sup.stop(f"{what} since {rules.hhmm(self.since)} "
+                     f"({self.count} sessions without a run): {error}", failed=True)
+        else:
+            sup.status(f"{what} since {rules.hhmm(self.since)} "
+                       f"({self.count} failed sessions); last error: {error}; retrying in "
+                       f"{self.delay:.0f} s")
+
+    def pause(self, sup: Supervisor):
+        """Wait before the next session; while sessions fail, each wait is twice the last."""
+        sup.sleep(self.delay)
+        if self.count:
+            self.delay = min(self.delay * 2, MAX_BACKOFF_S)
+
+
+def run_session(sup: Supervisor, session: int, command: list, env: dict, handover, prompt: str):
+    """Start claude session number `session`, hand it `prompt` and log its output until it exits
+    or the agent must end. (the process, its SessionLog); None when the command cannot be started
+    (the night is stopped then)."""
+    sup.status(f"claude session {session} started")
+    sup.write_log(f"=== claude session {session} ({' '.join(command)}), "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    session_command = handover.arm(command, env) if handover else command
+    try:
+        child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True, env=env)
+    except FileNotFoundError:
+        sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use "
+                 f"--backend api)", failed=True)
+        return None
+    output = SessionLog(sup, child.stdout)
+    try:
+        child.stdin.write(prompt)
+        child.stdin.close()
+    except BrokenPipeError:
+        pass  # it exited before reading: handled like any exit
+    while child.poll() is None:
+        if sup.should_end_agent():
+            proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
+            break
+        time.sleep(POLL_S)
+    output.thread.join(timeout=30)
+    if handover:
+        handover.disarm()  # read by the CLI at its start; gone in any case once the session is
+    return child, output
+
+
 def run_claude(sup: Supervisor) -> int:
+    """The claude backend: the CLI restarted whenever it exits (program.md for the first session,
+    RESUME_PROMPT after), until a stop rule or its failures end the night."""
     command = shlex.split(sup.args.claude_command)
     env = claude_environment(sup)
     refusal = root_refusal(command, env)
@@ -170,61 +269,24 @@ def run_claude(sup: Supervisor) -> int:
         return sup.finish()
     handover = KeyHandover(sup.secret) if sup.secret else None
     program = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
-    session, quick_exits, failures, failing_since, delay = 0, 0, 0, None, sup.args.restart_delay
+    session, failures = 0, SessionFailures(sup.args.restart_delay)
     while not sup.check():
         session += 1
         prompt = program if session == 1 else worker_preamble(sup) + RESUME_PROMPT
         rows_before, t0 = len(sup.new_runs()), time.time()
-        sup.status(f"claude session {session} started")
-        sup.write_log(f"=== claude session {session} ({' '.join(command)}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        session_command = handover.arm(command, env) if handover else command
-        try:
-            child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
-        except FileNotFoundError:
-            sup.stop(f"cannot start {command[0]!r}: not on PATH (install Claude Code, or use --backend api)", failed=True)
+        ended = run_session(sup, session, command, env, handover, prompt)
+        if ended is None:
             break
-        output = SessionLog(sup, child.stdout)
-        try:
-            child.stdin.write(prompt)
-            child.stdin.close()
-        except BrokenPipeError:
-            pass  # it exited before reading: handled below like any exit
-        while child.poll() is None:
-            if sup.should_end_agent():
-                proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
-                break
-            time.sleep(POLL_S)
-        output.thread.join(timeout=30)
-        if handover:
-            handover.disarm()  # read by the CLI at its start; gone in any case once the session is
+        child, output = ended
         duration = time.time() - t0
-        sup.write_log(f"=== claude session {session} exited with code {child.returncode} after {duration:.0f} s")
-        new_run = len(sup.new_runs()) > rows_before
-        if new_run or (child.returncode == 0 and duration >= QUICK_EXIT_S):
-            quick_exits, failures, failing_since, delay = 0, 0, None, sup.args.restart_delay
-        elif sup.stopping is None:
-            failures += 1
-            failing_since = failing_since or t0
-            # a quick exit that never reached the API is a bad start (command, login); one that did is an outage
-            quick_exits = quick_exits + 1 if duration < QUICK_EXIT_S and not output.api_retry else 0
-            error = output.last_error or output.last_line or f"exit code {child.returncode}"
-            what = "API unreachable" if output.api_retry else "agent sessions failing"
-            if quick_exits >= MAX_QUICK_EXITS:
-                sup.stop(f"claude exited {quick_exits} times in a row within {QUICK_EXIT_S} s without an experiment "
-                         f"(last exit code {child.returncode}): {error}", failed=True)
-            elif time.time() - failing_since >= sup.args.max_outage_hours * 3600:
-                sup.stop(f"{what} since {rules.hhmm(failing_since)} "
-                         f"({failures} sessions without a run): {error}", failed=True)
-            else:
-                sup.status(f"{what} since {rules.hhmm(failing_since)} "
-                           f"({failures} failed sessions); last error: {error}; retrying in {delay:.0f} s")
+        sup.write_log(f"=== claude session {session} exited with code {child.returncode} after "
+                      f"{duration:.0f} s")
+        failures.record(sup, child.returncode, output, t0, duration,
+                        new_run=len(sup.new_runs()) > rows_before)
         if sup.stopping is None:
-            if not failures:
+            if not failures.count:
                 sup.status(f"claude session {session} exited (code {child.returncode}); restarting")
-            sup.sleep(delay)
-            if failures:
-                delay = min(delay * 2, MAX_BACKOFF_S)
+            failures.pause(sup)
     if handover:
         handover.close()
     return sup.finish()

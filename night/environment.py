@@ -9,7 +9,8 @@ import sys
 from harness import settings
 
 KEY_ENV = "ANTHROPIC_API_KEY"
-KEY_FD_FLAG = "--key-fd"  # internal: the API key arrives on this pipe, never through the environment
+# internal: the API key arrives on this pipe, never through the environment
+KEY_FD_FLAG = "--key-fd"
 # What the agent's processes may see of the supervisor's environment (plus --pass-env): no cloud,
 # Hugging Face or GitHub tokens, no ssh agent, unless the user names them.
 ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR",

@@ -16,7 +16,8 @@ def hhmm(t: float) -> str:
 
 def run_counts(runs: list) -> str:
     counts = {s: sum(r.get("status") == s for r in runs) for s in ("keep", "discard", "crash")}
-    return f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash)"
+    return (f"{len(runs)} experiments ({counts['keep']} keep, {counts['discard']} discard, "
+            f"{counts['crash']} crash)")
 
 
 @dataclass
@@ -28,10 +29,11 @@ class StopRules:
     max_hours_without_keep: float = None
 
 
-def stop_reason(new_runs: list, rules: StopRules, now: float, started: float, own_runs: list = None):
-    """Why the night should end, from the ledger rows added since the night started; None to go on. With
-    several workers every rule counts the rows of all of them, except crashes in a row: those are
-    `own_runs`, the worker's own (a broken GPU stops its worker, not the night)."""
+def stop_reason(new_runs: list, rules: StopRules, now: float, started: float,
+                own_runs: list = None):
+    """Why the night should end, from the ledger rows added since the night started; None to go on.
+    With several workers every rule counts the rows of all of them, except crashes in a row: those
+    are `own_runs`, the worker's own (a broken GPU stops its worker, not the night)."""
     if rules.deadline is not None and now >= rules.deadline:
         return f"deadline reached ({hhmm(rules.deadline)})"
     if rules.max_experiments is not None and len(new_runs) >= rules.max_experiments:
@@ -44,7 +46,8 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float, ow
     if rules.max_without_keep is not None and since_keep >= rules.max_without_keep:
         return f"no keep in the last {since_keep} experiments"
     if rules.max_hours_without_keep is not None:
-        last = max([started] + [parse_stamp(new_runs[i].get("analyzed_at")) or started for i in kept])
+        last = max([started] + [parse_stamp(new_runs[i].get("analyzed_at")) or started
+                                for i in kept])
         if now - last >= rules.max_hours_without_keep * 3600:
             return f"no keep for {(now - last) / 3600:.1f} hours"
     return None
@@ -54,8 +57,10 @@ def describe_rules(rules: StopRules) -> str:
     parts = []
     if rules.deadline is not None:
         parts.append(f"deadline {time.strftime('%Y-%m-%d %H:%M', time.localtime(rules.deadline))}")
-    for label, value in (("max experiments", rules.max_experiments), ("max crashes in a row", rules.max_consecutive_crashes),
-                         ("max without keep", rules.max_without_keep), ("max hours without keep", rules.max_hours_without_keep)):
+    for label, value in (("max experiments", rules.max_experiments),
+                         ("max crashes in a row", rules.max_consecutive_crashes),
+                         ("max without keep", rules.max_without_keep),
+                         ("max hours without keep", rules.max_hours_without_keep)):
         if value is not None:
             parts.append(f"{label} {value:g}")
     return ", ".join(parts) or "none"

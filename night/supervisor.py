@@ -23,10 +23,13 @@ from night.environment import agent_environment
 PROGRAM = "program.md"
 STATUS_LOG = "status.log"          # one line per event, in the store: `tail -f` it
 SUPERVISOR_LOG = "supervisor.log"  # every agent session's output and every tool call
-PID_FILE = "supervisor.pid"        # the running night, so the next start finds what a killed one left
+# the running night, so the next start finds what a killed one left
+PID_FILE = "supervisor.pid"
 POLL_S = 2.0                       # how often stop rules and training runs are checked
-REPORT = f"{STORE_DIR}/report.html"  # the morning report, rewritten after every change of the ledger
-REPORT_TIMEOUT_S = 120             # `analyze.py report` takes ~1 s for 500 runs; this only ends a hang
+# the morning report, rewritten after every change of the ledger
+REPORT = f"{STORE_DIR}/report.html"
+# `analyze.py report` takes ~1 s for 500 runs; this only ends a hang
+REPORT_TIMEOUT_S = 120
 SETTLE_TIMEOUT_S = 600             # `analyze.py keep/discard` at the stop; this only ends a hang
 CTRL_C = "stopped by Ctrl-C"
 SIGNALLED = "stopped by a signal"
@@ -71,14 +74,16 @@ class Supervisor:
         self.rows_seen = []
         night_rows = getattr(args, "night_rows", None)
         self.start_rows = len(self._ledger()) if night_rows is None else night_rows
-        self.report_proc = None      # the `analyze.py report` in progress (it runs beside the night)
+        # the `analyze.py report` in progress (it runs beside the night)
+        self.report_proc = None
         self.report_of = None        # the ledger state the latest report was started for
         self.on_forward = None       # a night of workers: passes a signal on to each
 
     # -- the ledger and the logs -----------------------------------------------------------------
 
     def _ledger(self) -> list:
-        """The ledger; a corrupt one is reported and the last good reading kept: the night goes on."""
+        """The ledger; a corrupt one is reported and the last good reading kept: the night goes
+        on."""
         try:
             self.rows_seen = self.store.read_ledger()
             if self.store_problem:
@@ -95,7 +100,8 @@ class Supervisor:
         return self._ledger()[self.start_rows:]
 
     def own_runs(self, runs: list = None) -> list:
-        """This worker's rows among `runs` (default: the night's new rows); all for the only agent."""
+        """This worker's rows among `runs` (default: the night's new rows); all for the only
+        agent."""
         runs = self.new_runs() if runs is None else runs
         return runs if self.worker is None else [r for r in runs if worker_of(r) == self.worker]
 
@@ -147,10 +153,10 @@ class Supervisor:
             time.sleep(min(POLL_S, max(0.0, end - time.time())))
 
     def refresh_report(self, wait: bool = False):
-        """Rewrite report.html when the ledger changed (a new row, a keep or a discard) since the last
-        report: `analyze.py report` in a process beside the night, never waited for (except at the
-        end, `wait`). Its failure is one status line; the night goes on. A worker leaves it to its
-        night."""
+        """Rewrite report.html when the ledger changed (a new row, a keep or a discard) since the
+        last report: `analyze.py report` in a process beside the night, never waited for (except at
+        the end, `wait`). Its failure is one status line; the night goes on. A worker leaves it to
+        its night."""
         if self.worker:
             return
         if self.report_proc is not None:
@@ -252,7 +258,8 @@ class Supervisor:
         revert train.py to the best), so that the night ends with git, train.py and the ledger in
         agreement."""
         try:
-            command, what = bookkeeping.settle_command(self.store, self.worker or settings.MAIN_WORKER,
+            command, what = bookkeeping.settle_command(self.store,
+                                                       self.worker or settings.MAIN_WORKER,
                                                        self.repo / contract.TRAIN_PY)
         except HarnessError as e:
             self.status(f"cannot settle the last run: {e}")
