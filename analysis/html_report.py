@@ -360,8 +360,8 @@ def val_chart(store: Store, chain: list, best_key):
     series = []
     for entry in chosen:
         run = next((r for r in reversed(entry["records"])
-                    if (store.run_path(r["run_id"]) / "metrics.jsonl").exists()), None)
-        points = val_points(store.run_path(run["run_id"]) / "metrics.jsonl") if run else []
+                    if (store.run_path(r["run_id"]) / contract.RUN_METRICS).exists()), None)
+        points = val_points(store.run_path(run["run_id"]) / contract.RUN_METRICS) if run else []
         if points:
             series.append((entry, run["run_id"], points))
     if not series:

@@ -17,16 +17,14 @@ import json
 import math
 from pathlib import Path
 
-from harness import contract
-from harness import git
+from harness import contract, git
 from harness.contract import HarnessError
 from analysis import stats
 
 # What git must show unchanged: the files of the harness hash plus the analysis that judges the
 # runs.
-MANIFEST = "manifest.json"
-TOKENIZER_FILES = (("tokenizer/tokenizer.pkl", "tokenizer_sha256"),
-                   ("tokenizer/token_bytes.npy", "token_bytes_sha256"))
+TOKENIZER_FILES = ((f"{contract.TOKENIZER_DIR}/{contract.TOKENIZER_FILE}", "tokenizer_sha256"),
+                   (f"{contract.TOKENIZER_DIR}/{contract.TOKEN_BYTES_FILE}", "token_bytes_sha256"))
 # train.py logs the same measured seconds into perf/step_time_ms and the clock, so an honest run
 # agrees to float rounding. The margin lets an agent rework how its loop is timed (a sync that lands
 # in the next step) without a false alarm, while any time that would matter for the result (over
@@ -96,7 +94,7 @@ def data_problems(summary: dict, cache_dir: Path, reference) -> list:
     prepare.py wrote it, and the tokenizer and validation files still have the sha256 it
     recorded."""
     claimed = (summary.get("data") or {}).get("manifest_hash")
-    path = Path(cache_dir) / MANIFEST
+    path = Path(cache_dir) / contract.MANIFEST
     if not path.exists():
         return [f"{path} is missing, but the run claims prepared data {claimed}: the tokenizer "
                 f"and validation data cannot be verified; run `uv run prepare.py` and train "
@@ -216,7 +214,7 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     except json.JSONDecodeError as e:
         return [f"the harness's seal {path} is corrupt ({e.msg}): train again"]
     problems = []
-    if contract.sha256_file(run_dir / "run_summary.json") != seal.get("summary_sha256"):
+    if contract.sha256_file(run_dir / contract.RUN_SUMMARY) != seal.get("summary_sha256"):
         problems.append("run_summary.json was changed after the harness wrote it (it no longer "
                         "matches the seal): the summary is the harness's; remove what rewrites it "
                         "from train.py and train again")

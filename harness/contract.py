@@ -36,6 +36,8 @@ TRAIN_COMMAND = "uv run launch.py > run.log 2>&1"  # program.md's one training c
 MANIFEST = "manifest.json"             # what prepare.py prepared, in the cache
 DATA_DIR = "data"                      # the prepared corpus, in the cache
 TOKENIZER_DIR = "tokenizer"            # tokenizer.pkl and token_bytes.npy, in the cache
+TOKENIZER_FILE = "tokenizer.pkl"       # the BPE tokenizer, in the tokenizer folder
+TOKEN_BYTES_FILE = "token_bytes.npy"   # each token's UTF-8 length, beside it
 SEALS_DIR = "seals"                    # the harness's seals of finished runs, in the cache
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # started_at (the run logger) and analyzed_at (analyze.py)
 # the first line a run prints (so run.log's), then its started_at

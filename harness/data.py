@@ -425,8 +425,8 @@ def build_manifest(source: str, train_paths, val_paths, description: str, hashes
         "smoke_test": source == "offline",
         "description": description,
         "vocab_size": enc.get_vocab_size(),
-        "tokenizer_sha256": contract.sha256_file(folder / tokenizer.TOKENIZER_FILE),
-        "token_bytes_sha256": contract.sha256_file(folder / tokenizer.TOKEN_BYTES_FILE),
+        "tokenizer_sha256": contract.sha256_file(folder / contract.TOKENIZER_FILE),
+        "token_bytes_sha256": contract.sha256_file(folder / contract.TOKEN_BYTES_FILE),
         "train_files": [_file_entry(p, enc, hashes[p]) for p in train_paths],
         "val_files": [_file_entry(p, enc, hashes[p]) for p in val_paths],
     }
@@ -481,8 +481,8 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
     folder = tokenizer.tokenizer_dir()
     stamp = folder / TRAINED_ON
     if (stamp.exists() and json.loads(stamp.read_text()) == trained_on
-            and (folder / tokenizer.TOKENIZER_FILE).exists()
-            and (folder / tokenizer.TOKEN_BYTES_FILE).exists()):
+            and (folder / contract.TOKENIZER_FILE).exists()
+            and (folder / contract.TOKEN_BYTES_FILE).exists()):
         print(f"tokenizer is up to date with this data, keeping it: {folder}")
     else:
         stamp.unlink(missing_ok=True)

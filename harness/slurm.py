@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import settings
+from harness import contract, settings
 from harness.contract import HarnessError
 
 LAUNCHER_PREFIX = "launcher: "      # the first word of every line launch.py adds to run.log
@@ -117,7 +117,7 @@ def sbatch_command(settings: dict, run_dir: Path, python: str, args: list, time_
         command.append(f"--gres={settings['gres']}")
     command += shlex.split(settings.get("extra") or "")
     command.append("--wrap=exec "
-                   + " ".join(shlex.quote(a) for a in [python, "-u", "train.py", *args]))
+                   + " ".join(shlex.quote(a) for a in [python, "-u", contract.TRAIN_PY, *args]))
     return command
 
 

@@ -13,8 +13,6 @@ from harness import contract
 from harness.contract import HarnessError
 from harness.settings import VOCAB_SIZE
 
-TOKENIZER_FILE = "tokenizer.pkl"
-TOKEN_BYTES_FILE = "token_bytes.npy"
 SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
 BOS_TOKEN = SPECIAL_TOKENS[0]
 # GPT-4 style split, but numbers in chunks of 1-2 digits (a small vocabulary should not spend merges
@@ -57,11 +55,11 @@ def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE, folder: Path = None) ->
         token_bytes[r] = len(b)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"pattern": enc._pat_str, "mergeable_ranks": ranks, "special_tokens": specials}
-    contract.atomic_write(folder / TOKENIZER_FILE, pickle.dumps(state), mode="wb")
+    contract.atomic_write(folder / contract.TOKENIZER_FILE, pickle.dumps(state), mode="wb")
     table = io.BytesIO()
     np.save(table, token_bytes)
-    contract.atomic_write(folder / TOKEN_BYTES_FILE, table.getvalue(), mode="wb")
-    return folder / TOKENIZER_FILE
+    contract.atomic_write(folder / contract.TOKEN_BYTES_FILE, table.getvalue(), mode="wb")
+    return folder / contract.TOKENIZER_FILE
 
 
 class Tokenizer:
@@ -74,7 +72,7 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, folder=None):
         import tiktoken
-        path = Path(folder or tokenizer_dir()) / TOKENIZER_FILE
+        path = Path(folder or tokenizer_dir()) / contract.TOKENIZER_FILE
         if not path.exists():
             raise HarnessError(f"no tokenizer at {path}: run `uv run prepare.py` first")
         with open(path, "rb") as f:
@@ -104,7 +102,7 @@ class Tokenizer:
 def get_token_bytes(device="cpu", folder=None):
     """Each token's UTF-8 length, as an int64 tensor on `device`."""
     import torch
-    path = Path(folder or tokenizer_dir()) / TOKEN_BYTES_FILE
+    path = Path(folder or tokenizer_dir()) / contract.TOKEN_BYTES_FILE
     if not path.exists():
         raise HarnessError(f"no {path}: run `uv run prepare.py` first")
     return torch.from_numpy(np.load(path).astype(np.int64)).to(device)

@@ -63,3 +63,19 @@ def repo(tmp_path):
     """A git repository holding the loop (tests/repos.py), its harness committed as "baseline"."""
     from repos import make_repo
     return make_repo(tmp_path)
+
+
+@pytest.fixture
+def in_process_run(prepared, tmp_path):
+    """The harness's record of a run (harness/runlog.py Run) made in this process, in tmp_path, with
+    what it installs for a real train.py process (the excepthook, the SIGTERM handler, the watchdog)
+    undone, so that the test process is left as it was."""
+    import signal
+
+    from harness import runlog
+    hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
+    run = runlog.Run({}, run_dir=tmp_path)
+    sys.excepthook = hook
+    signal.signal(signal.SIGTERM, handler)
+    run.watchdog.stop()
+    return run

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, runlog
+from harness import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from harness import proc as processes, settings
-from night import supervisor
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, outage

@@ -3,14 +3,13 @@ with the cause instead of training the CPU configuration; peak FLOPs by exact GP
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from harness import device
 import synthetic
-from conftest import ROOT, run_script
+from conftest import run_script
 
 OLD_DRIVER = "535.104.05"  # a CUDA 12.2 driver: too old for the CUDA 13 runtime of the locked torch
 

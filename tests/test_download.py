@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import contract, data as harness_data
-import prepare
 from conftest import ROOT, run_script
 
 FAST = dict(attempts=3, backoff_s=0.01)

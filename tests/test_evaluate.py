@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness import contract, metric, runlog, settings, tokenizer as harness_tokenizer
-import prepare
+from harness import contract, metric, settings, tokenizer as harness_tokenizer
 
 PACKING_BUFFER_DOCS = 1000  # packed_rows' documented default: documents held for best-fit packing
 
@@ -215,14 +214,8 @@ def test_the_causality_probe_catches_a_model_that_reads_the_future(prepared, tok
     assert (probe["max_change"] > 0.1) if ahead else probe["max_change"] == 0.0
 
 
-def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(prepared, tmp_path):
-    import signal
-    import sys
-    hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
-    logger = runlog.Run({}, run_dir=tmp_path)
-    sys.excepthook = hook
-    signal.signal(signal.SIGTERM, handler)
-    logger.watchdog.stop()
+def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(in_process_run, tmp_path):
+    logger = in_process_run
     for fields in ({"val_bpb": 0.5}, {}):
         with pytest.raises(contract.HarnessError, match="val_bpb is the harness's"):
             logger.fail("ok", **fields)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from harness import contract, runlog
+from harness import contract
 import synthetic
 from harness import git as git_ops
 from analysis.runfiles import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES

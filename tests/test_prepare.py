@@ -7,13 +7,11 @@ Every CLI run that trains a tokenizer uses a tiny vocabulary so it takes a secon
 
 import json
 import random
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare
 from harness import contract, data as harness_data, tokenizer as harness_tokenizer
 import synthetic
 from conftest import ROOT, run_script

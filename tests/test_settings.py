@@ -2,7 +2,6 @@
 `error:` line and no traceback, before it trains, prepares or supervises anything."""
 
 import json
-import shutil
 
 import pytest
 

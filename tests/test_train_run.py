@@ -3,8 +3,6 @@ crash, NaN and hang runs end with the right status and never leave an earlier ru
 
 import json
 import math
-import re
-import shutil
 import time
 
 import pytest

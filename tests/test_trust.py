@@ -38,21 +38,14 @@ def test_the_integrity_reference_is_the_first_finished_run_not_a_crash_before_it
     assert any("time_budget_s 600.0 differs from the first run" in p for p in row["integrity"]), row["integrity"]
 
 
-def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(prepared, tmp_path):
+def test_the_logger_stamps_its_own_clock_and_takes_the_agents_metrics(in_process_run, tmp_path):
     import json
-    import signal
-    import sys
 
     import pytest
-
     import torch
 
-    from harness import contract, metric, runlog
-    hook, handler = sys.excepthook, signal.getsignal(signal.SIGTERM)
-    logger = runlog.Run({}, run_dir=tmp_path)
-    sys.excepthook = hook
-    signal.signal(signal.SIGTERM, handler)
-    logger.watchdog.stop()
+    from harness import contract, metric
+    logger = in_process_run
     logger.start_clock(torch.nn.Linear(2, 2), tokens_per_step=1024, flops_per_token=6.0)
     stamped = {*contract.HARNESS_STEP_KEYS, *contract.DERIVED_STEP_KEYS}
     record = {k: v for k, v in synthetic.make_records(n_steps=1)[0].items() if k not in stamped}

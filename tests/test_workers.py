@@ -15,7 +15,6 @@ import pytest
 
 from harness import proc as processes, settings
 from night import rules, workers
-import synthetic
 from analysis import claims
 from analysis.store import Store
 from harness.contract import HarnessError
