@@ -202,14 +202,28 @@ def summarize(out: dict, runs: int, baseline_runs: int) -> dict:
 # --check: the vectorised rules decide exactly as decide() does
 # ---------------------------------------------------------------------------
 
-def today_module():
-    """analysis/verdict.py as it was at TODAY_COMMIT (git show), imported under another name."""
-    source = subprocess.run(["git", "show", f"{TODAY_COMMIT}:analysis/verdict.py"], cwd=ROOT, check=True,
+def _module_at(commit: str, path: str, name: str):
+    """`path` as it was at `commit` (git show), imported as module `name`."""
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_loader("verdict_today", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"{TODAY_COMMIT}:analysis/verdict.py", "exec"), module.__dict__)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return module
+
+
+def today_module():
+    """analysis/verdict.py as it was at TODAY_COMMIT, with the schema.py of that commit (which
+    the reshape moved into harness/contract.py), imported under other names."""
+    schema = _module_at(TODAY_COMMIT, "schema.py", "schema_today")
+    saved = sys.modules.get("schema")
+    sys.modules["schema"] = schema  # what `import schema` finds while the old verdict loads
+    try:
+        return _module_at(TODAY_COMMIT, "analysis/verdict.py", "verdict_today")
+    finally:
+        if saved is None:
+            del sys.modules["schema"]
+        else:
+            sys.modules["schema"] = saved
 
 
 def scalar_decision(module, candidate: list, best: list, groups: list, policy=None) -> int:
