@@ -3,6 +3,8 @@ The bookkeeping commands: keep, discard, sync and claim act on this worker's lat
 one) through git and the ledger, under the store's lock, after the repairs and the safety checks;
 and what the night does with a run the agent left undecided (settle_command). Each appends the
 lines analyze.py prints to `lines`, so that a note written before a refusal is still shown.
+Every input is read before the first write, and the ledger is a command's last write: a command
+that fails leaves the ledger as it was, and running it again finishes it.
 """
 
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ def bookkeeping(run_id, lines: list):
 
 
 def save_ledger(store: Store, ledger: list):
+    """The command's last write (the progress plot is drawn from it)."""
     store.write_ledger(ledger)
     plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
 
@@ -82,16 +85,17 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
     """Mark a run's code keep (all its pooled runs) and rewrite insights.md's Current Best block."""
     with bookkeeping(run_id, lines) as (store, ledger, target):
         refuse_keep(target, ledger, new_baseline)
+        ideas = claims.read(store)
+        insights = store.path(INSIGHTS)
+        old = insights.read_text() if insights.exists() else None
         comparable = verdict.comparable_key(target)
         group = verdict.pools(ledger, comparable)[verdict.code_key(target)]
         for record in group:
             record["status"] = "keep"
-        save_ledger(store, ledger)
-        tested = finish_claim(store, target, "keep")
         best_key, best_records = verdict.best_pool(ledger, comparable)
-        insights = store.path(INSIGHTS)
-        old = insights.read_text() if insights.exists() else None
+        tested = finish_claim(store, ideas, target, "keep")
         contract.atomic_write(insights, report.with_current_best(old, best_records))
+        save_ledger(store, ledger)
     mean = np.mean([r["val_bpb"] for r in group])
     lines.append(f"kept {target['run_id']} (commit {target['commit']}): val_bpb {mean:.6f} pooled "
                  f"over {len(group)} run(s)")
@@ -106,11 +110,10 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
         lines.append(f"idea marked tested: {tested['idea']}")
 
 
-def finish_claim(store: Store, target: dict, outcome: str):
-    """The idea this worker claimed is decided by keeping or discarding `target` (under the
-    lock)."""
-    done_claims, done = claims.finish(claims.read(store), settings.WORKER, target["run_id"],
-                                      outcome)
+def finish_claim(store: Store, ideas: list, target: dict, outcome: str):
+    """The idea this worker claimed (of `ideas`, claims.json as read) is decided by keeping or
+    discarding `target` (under the lock)."""
+    done_claims, done = claims.finish(ideas, settings.WORKER, target["run_id"], outcome)
     if done is not None:
         claims.write(store, done_claims)
     return done
@@ -149,6 +152,7 @@ def discard(lines: list, run_id=None):
                                "analyze.py keep`)")
         best_run = best[1][0]
         wanted = best_code(store, best_run, lines)
+        ideas = claims.read(store)
         working, committed = Path(contract.TRAIN_PY), git.show("HEAD")
         current = working.read_text() if working.exists() else None
         if current not in (None, wanted, committed) \
@@ -164,8 +168,8 @@ def discard(lines: list, run_id=None):
             if verdict.code_key(record) == verdict.code_key(target) \
                     and record["status"] in UNDECIDED:
                 record["status"] = "discard"
+        tested = finish_claim(store, ideas, target, "discard")
         save_ledger(store, ledger)
-        tested = finish_claim(store, target, "discard")
     lines.append(f"discarded {target['run_id']}; " +
                  (f"train.py is the best's ({best_run['commit']}), nothing to commit" if sha is None
                   else f"train.py restored to best {best_run['commit']} in commit {sha}"))
