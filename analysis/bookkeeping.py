@@ -3,8 +3,8 @@ The bookkeeping commands: keep, discard, sync and claim act on this worker's lat
 one) through git and the ledger, under the store's lock, after the repairs and the safety checks;
 and what the night does with a run the agent left undecided (settle_command). Each appends the
 lines analyze.py prints to `lines`, so that a note written before a refusal is still shown.
-Every input is read before the first write, and the ledger is a command's last write: a command
-that fails leaves the ledger as it was, and running it again finishes it.
+keep and discard read every input before their first write and write the ledger last: one that
+fails leaves the ledger as it was, and running it again finishes it.
 """
 
 from contextlib import contextmanager

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from scipy import stats
@@ -215,15 +216,8 @@ def today_module():
     """analysis/verdict.py as it was at TODAY_COMMIT, with the schema.py of that commit (which
     the reshape moved into harness/contract.py), imported under other names."""
     schema = _module_at(TODAY_COMMIT, "schema.py", "schema_today")
-    saved = sys.modules.get("schema")
-    sys.modules["schema"] = schema  # what `import schema` finds while the old verdict loads
-    try:
+    with mock.patch.dict(sys.modules, {"schema": schema}):  # what the old `import schema` finds
         return _module_at(TODAY_COMMIT, "analysis/verdict.py", "verdict_today")
-    finally:
-        if saved is None:
-            del sys.modules["schema"]
-        else:
-            sys.modules["schema"] = saved
 
 
 def scalar_decision(module, candidate: list, best: list, groups: list, policy=None) -> int:
