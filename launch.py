@@ -4,11 +4,14 @@ training command, whatever the launcher:
 
     uv run launch.py > run.log 2>&1                 # SEED=43 uv run launch.py ... for another seed
 
-- `local` (the default): it becomes `python train.py` in this directory (exec: the same process, the
-  same output), exactly as `uv run train.py > run.log 2>&1`.
+- `local` (the default): train.py runs in this directory, its output on this one's, and the number
+  comes from the harness's evaluator, a clean process train.py never ran in (harness/runner.py):
+  train.py serves its model's logits, the evaluator alone holds the targets, and once train.py and
+  every process it left have ended launch.py writes val_bpb into run_summary.json and seals it.
+  (`uv run train.py` alone trains the same way but its number is unsealed, for debugging only.)
 - `slurm` (AUTORESEARCH_LAUNCHER=slurm; `supervise.py --launcher slurm --partition P --gres gpu:1`
   sets it for the agents): train.py runs as one Slurm batch job (harness/slurm.py) in this
-  directory, on a node that shares the filesystem (the repository, its worktrees and
+  directory (launch.py's local launcher on the node), on a node that shares the filesystem (the repository, its worktrees and
   $AUTORESEARCH_CACHE). Its output is copied here as it is written, so run.log is the same; however
   the job ends, the last line says how (`launcher: slurm job 12 ended CANCELLED (...)`) and
   analyze.py records a job that did not complete as a `crash` (or `timeout`) with that line. A
@@ -18,11 +21,10 @@ Settings: AUTORESEARCH_SLURM_PARTITION, AUTORESEARCH_SLURM_GRES (default gpu:1; 
 AUTORESEARCH_SLURM_ARGS (more sbatch options), AUTORESEARCH_SLURM_PENDING_S (default 600).
 """
 
-import os
 import sys
 from pathlib import Path
 
-from harness import settings, slurm
+from harness import runner, settings, slurm
 from harness.contract import TRAIN_PY
 
 
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
               f"root", file=sys.stderr)
         return 1
     if settings.LAUNCHER == "local":
-        os.execv(sys.executable, [sys.executable, TRAIN_PY, *args])
+        return runner.launch(args, Path.cwd())
     return slurm.launch(args, Path.cwd())
 
 

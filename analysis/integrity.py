@@ -197,7 +197,7 @@ def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir:
             + data_problems(summary, cache_dir, reference) + seal
             + clock_problems(summary, records, reference)
             + harness_clock_problems(summary, records) + runtime_harness_problems(summary)
-            + causality_problems(summary))
+            + evaluator_problems(summary) + causality_problems(summary))
 
 
 def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
@@ -206,9 +206,9 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
     computed."""
     path = contract.seal_path(run_dir, summary.get("started_at"))
     if not path.is_file():
-        return [f"run_summary.json has no seal from the harness ({path} is missing): it was not "
-                f"written by the harness's run logger, or its started_at was changed; restore "
-                f"train.py's calls on `run` (harness/runlog.py) and train again"]
+        return [f"run_summary.json has no seal from the harness ({path} is missing): train.py ran "
+                f"without launch.py, or the summary's started_at was changed; train with "
+                f"`{contract.TRAIN_COMMAND}`"]
     try:
         seal = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -228,6 +228,15 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
                         f"evaluation computed ({seal.get('val_bpb')}): end train.py with "
                         f"run.finish and train again")
     return problems
+
+
+def evaluator_problems(summary: dict) -> list:
+    """A finished run's val_bpb is the number of launch.py's evaluator (harness/evaluation.py), a
+    process train.py never ran in."""
+    if summary.get("status") == "ok" and not isinstance(summary.get("evaluator"), dict):
+        return [f"val_bpb was not computed by launch.py's evaluator (train.py ran on its own, or "
+                f"its summary was rewritten): train with `{contract.TRAIN_COMMAND}`"]
+    return []
 
 
 def _no_final_evaluation(missing: str) -> list:
@@ -280,15 +289,16 @@ def harness_clock_problems(summary: dict, records: list) -> list:
 
 
 def causality_problems(summary: dict) -> list:
-    """The harness's final evaluation probed the model (metric.causality_probe): its logits at
+    """The evaluator probed the model (harness/evaluation.py, probe batches): its logits at
     earlier positions must not move when only later tokens change, or the model reads the
     future."""
     probe = summary.get("causality")
     if not isinstance(probe, dict):
         return _no_final_evaluation("causality probe")
     if probe.get("ok") is not True:
-        return [f"the logits at positions <= {probe.get('position')} changed by "
-                f"{probe.get('max_change')} when only later tokens changed: the model reads the "
+        return [f"the logits at positions <= {probe.get('positions')} changed by "
+                f"{probe.get('max_change')} when only later tokens changed (probe batches mixed "
+                f"among the evaluation's): the model reads the "
                 f"future (the targets), so its val_bpb is no language model's; remove what lets a "
                 f"position see later tokens"]
     return []

@@ -32,6 +32,7 @@ RUN_LOG = "run.log"
 # flock-held by a running train.py in its directory: analyze.py waits
 RUN_LOCK_FILE = ".train.lock"
 TRAIN_PY = "train.py"                  # the agent's file
+LAUNCH_PY = "launch.py"                # the one training command's script
 TRAIN_COMMAND = "uv run launch.py > run.log 2>&1"  # program.md's one training command
 MANIFEST = "manifest.json"             # what prepare.py prepared, in the cache
 DATA_DIR = "data"                      # the prepared corpus, in the cache
@@ -156,11 +157,16 @@ SUMMARY_KEYS = (
     "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M",
     "depth", "seed", "device", "torch_version", "commit", "dirty", "data",
     "harness_hash", "train_sha256", "config",
-    # the harness's probe at the final evaluation: ok, max_change of earlier logits, position, rows
+    # the evaluator's probes: ok, max_change of earlier logits, positions (the cuts), rows, probes
     "causality",
     # the harness's own functions and classes as imported, checked at the final evaluation
     # (harness/selfcheck.py): ok, changed (the names train.py rebound or whose code it replaced)
     "harness_check",
+    # launch.py's evaluator, a process train.py never ran in (harness/evaluation.py): rows,
+    # batch_size, seconds, device, val_loss, and train_process_s (train.py's whole wall time)
+    "evaluator",
+    # what the run logger wrote into metrics.jsonl: its sha256 and line count (the seal checks them)
+    "metrics_sha256", "metrics_lines",
     # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
     # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
     "compile",

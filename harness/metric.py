@@ -2,7 +2,8 @@
 The metric, val_bpb: bits per byte of the model's next-token predictions on the first rows of the
 val split, at MAX_SEQ_LEN. The model returns logits for `model(x)`; the loss is computed here, from
 the next tokens it never sees. Special tokens (BOS) have 0 bytes and count in no sum, so bpb does
-not depend on the vocabulary. The causality probe checks that no position reads a later token.
+not depend on the vocabulary. The final evaluation runs in launch.py's evaluator
+(harness/evaluation.py), which also probes causality.
 This is what makes runs comparable: part of the fixed harness.
 """
 
@@ -18,7 +19,8 @@ from harness.tokenizer import Tokenizer, get_token_bytes
 # rows whose log-softmax exists at once: the loss costs 1/16 of 128 rows' logits in memory, not a
 # second copy of them (8 GiB at 128 x 2048 x 8192)
 LOSS_CHUNK_ROWS = 8
-# largest |change| of an earlier logit allowed; reading ahead moves them O(1)
+# largest |change| of an earlier logit allowed by the evaluator's causality probes; reading ahead
+# moves them O(1)
 CAUSALITY_TOLERANCE = 1e-2
 _VAL_ROWS = {}              # (T, n_rows) -> int64 CPU tensor: the curve's rows, tokenized once
 
@@ -128,21 +130,3 @@ def next_token_nats(logits, y):
                            f"model(x) must return logits of shape (B, T, vocab)")
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                            reduction="none")
-
-
-def causality_probe(model, tokenizer: Tokenizer, batch_size: int) -> dict:
-    """Do the logits at positions <= t stay put when only the tokens after t change? A language
-    model's must: one that reads the future (the targets) would score an impossible val_bpb. Run on
-    the smallest evaluation batch shape (a graph already compiled), in eval mode under the
-    autocast."""
-    import torch
-    device = next(model.parameters()).device
-    n = eval_batch_rows(device.type, batch_size)[0]
-    x = val_rows(tokenizer, n, fresh=True)[:, :-1].contiguous().to(device)
-    t = x.size(1) // 2
-    changed = x.clone()
-    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % tokenizer.get_vocab_size()
-    with torch.no_grad():
-        before, after = model(x)[:, :t + 1].float(), model(changed)[:, :t + 1].float()
-    change = (before - after).abs().max().item()
-    return {"ok": change <= CAUSALITY_TOLERANCE, "max_change": change, "position": t, "rows": n}

@@ -10,10 +10,11 @@ A run, as the harness records it: train.py's instrumentation is a few calls on o
     run.validation_point(model, batch_size)    a point of the validation curve, off the clock
     run.log_step(record)                       one metrics.jsonl line, stamped, derived fields added
     run.fail(status, error=...)                a failed run's summary (nan); a crash writes its own
-    run.finish(model, batch_size)              the harness's own final evaluation, summary and seal
+    run.finish(model, batch_size)              the summary, then the model served to the evaluator
 
 metrics.jsonl is a fresh file per run with one flushed line per step; run_summary.json is written
-once, atomically, and sealed outside the run directory (contract.write_seal). An uncaught exception
+once, atomically; launch.py adds the evaluator's val_bpb (harness/runner.py) and seals it outside
+the run directory (contract.write_seal). An uncaught exception
 or SIGTERM writes a `crash` summary; the watchdog a `timeout` one. The previous run's summary is
 deleted first, so a crash never leaves an earlier result behind.
 """
@@ -31,7 +32,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import contract, data, device, git, metric, proc, selfcheck, settings
+from harness import contract, data, device, evaluation, git, metric, proc, selfcheck, settings
 from harness.contract import HarnessError
 from harness.tokenizer import Tokenizer
 
@@ -39,7 +40,8 @@ from harness.tokenizer import Tokenizer
 PRINT_EVERY_S = 5.0
 LOSS_EMA = 0.9        # the smoothing of train/loss_smooth (bias-corrected)
 UPPER = re.compile(r"[A-Z][A-Z0-9_]*")  # the names capture_config records: train.py's constants
-HARNESS_FIELDS = ("status", "val_bpb", "causality", "harness_check", "device", "harness_hash",
+HARNESS_FIELDS = ("status", "val_bpb", "causality", "harness_check", "evaluator", "metrics_sha256",
+                  "metrics_lines", "device", "harness_hash",
                   "time_budget_s", "started_at", "compile", "torch_version")
 
 
@@ -232,27 +234,28 @@ class Run:
         self.info.update(fields)
 
     def finish(self, model, batch_size: int) -> dict:
-        """The end of a finished run, all the harness's: it checks that its own code is as imported,
-        evaluates the full slice with its own tokenizer and with rows read from disk now (nothing
-        train.py cached, rebound or passed in reaches the number), probes causality, then writes
-        and seals the summary and prints the final block. No caller supplies the number."""
+        """The end of a finished run: the harness checks that its own code is as imported, writes
+        the summary without a number, then serves the model's logits to launch.py's evaluator
+        (harness/evaluation.py), a process train.py never ran in, which alone computes val_bpb;
+        launch.py adds it, seals the summary and prints the final block. Run without launch.py
+        (`python train.py`, for debugging), it evaluates here and prints an unsealed number that
+        analyze.py does not believe."""
         if self._last is not None and (not self._shown or sys.stdout.isatty()):
             self._print_progress(self._last, end=True)
-        check = selfcheck.harness_check(self)
-        tokenizer = Tokenizer.from_directory()
-        val_bpb = metric.evaluate_val(model, tokenizer, batch_size, fresh=True)[0]
-        fields = {"val_bpb": val_bpb, "harness_check": check,
-                  "causality": metric.causality_probe(model, tokenizer, batch_size),
+        fields = {"harness_check": selfcheck.harness_check(self),
                   "peak_vram_mb": device.peak_memory_mb(self.device), **self._throughput()}
-        summary = self._write("ok", fields, sealed_val_bpb=val_bpb)
+        sock = evaluation.launcher_socket()
+        if sock is None:
+            print("note: train.py ran without launch.py: this val_bpb is unsealed and analyze.py "
+                  f"will not believe it; train with `{contract.TRAIN_COMMAND}`", flush=True)
+            fields["val_bpb"] = metric.evaluate_val(model, self.tokenizer, batch_size,
+                                                    fresh=True)[0]
+        summary = self._write("ok", fields)
+        if sock is not None:
+            evaluation.serve(model, sock, batch_size)
         self.watchdog.stop()
-        print("---")
-        for key in contract.FINAL_BLOCK_KEYS:
-            value = summary[key]
-            print(f"{key + ':':<18}{value:.6f}" if key == "val_bpb" else
-                  f"{key + ':':<18}{value:.1f}" if isinstance(value, float) else
-                  f"{key + ':':<18}{value}")
-        print(f"{'data:':<18}{data.data_label(self.manifest)}", flush=True)
+        if sock is None:
+            print(f"---\n{'val_bpb:':<18}{summary['val_bpb']:.6f}  (unsealed)", flush=True)
         return summary
 
     def _throughput(self) -> dict:
@@ -285,19 +288,15 @@ class Run:
                          recompiles_in_loop=now["recompiles"] - before["recompiles"])
         return stats
 
-    def _write(self, status: str, fields: dict, sealed_val_bpb=None) -> dict:
+    def _write(self, status: str, fields: dict) -> dict:
         assert status in contract.TRAIN_STATUSES, status
         with self._write_lock:
             if self.summary is not None:
                 return self.summary
-            summary = self._summary(status, fields)
-            text = json.dumps(summary, indent=2) + "\n"
-            contract.atomic_write(self.summary_path, text)
             self._file.flush()
-            self.summary = summary
-            # the seal, outside the run directory: what the harness wrote, and its own number
-            contract.write_seal(self.run_dir, self.started_at, text, self._metrics_hash.hexdigest(),
-                                self._metrics_lines, sealed_val_bpb)
+            summary = self._summary(status, fields)
+            contract.atomic_write(self.summary_path, json.dumps(summary, indent=2) + "\n")
+            self.summary = summary  # launch.py seals it once this process and its children end
             return summary
 
     def _summary(self, status: str, fields: dict) -> dict:
@@ -308,6 +307,9 @@ class Run:
                        seed=config.get("SEED"), depth=config.get("DEPTH"))
         summary.update(self.info)
         summary.update(fields)
+        # what log_step wrote: lines added, removed or edited later do not match (the seal)
+        summary.update(metrics_sha256=self._metrics_hash.hexdigest(),
+                       metrics_lines=self._metrics_lines)
         torch = sys.modules.get("torch")
         summary.update(status=status, started_at=self.started_at,
                        total_seconds=time.time() - self.t_start, time_budget_s=settings.TIME_BUDGET,

@@ -2,7 +2,7 @@
 Training runs as Slurm jobs (launch.py's `slurm` launcher): submit train.py as one batch job, stream
 its output, and turn however the job ends into the run's outcome, never a hang.
 
-    submit    sbatch --parsable --no-requeue ... --wrap "exec python -u train.py": the job id
+    submit    sbatch --parsable --no-requeue ... --wrap "exec env ... python -u launch.py": the job id
     follow    the job's output file copied to stdout as it grows; its state polled with
               `scontrol show job`
     outcome   COMPLETED with exit 0 is a finished run; any other end is a failed run whose scheduler
@@ -37,6 +37,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NOD
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED")
 # a pre-empted run is submitted again once; pre-empted twice, it is a crash
 MAX_REQUEUES = 1
+JOB_LAUNCHER = f"{settings.LAUNCHER_ENV}=local"  # the job runs launch.py locally on its node
 # how often the job's state is read (scontrol is cheap; one call a second)
 POLL_S = 1.0
 # a job id scontrol no longer knows for this long has left no state: a crash
@@ -116,8 +117,9 @@ def sbatch_command(settings: dict, run_dir: Path, python: str, args: list, time_
     if settings.get("gres"):
         command.append(f"--gres={settings['gres']}")
     command += shlex.split(settings.get("extra") or "")
-    command.append("--wrap=exec "
-                   + " ".join(shlex.quote(a) for a in [python, "-u", contract.TRAIN_PY, *args]))
+    # on the node, launch.py's local launcher: train.py and the evaluator beside it
+    command.append(f"--wrap=exec env {JOB_LAUNCHER} "
+                   + " ".join(shlex.quote(a) for a in [python, "-u", contract.LAUNCH_PY, *args]))
     return command
 
 

@@ -4,6 +4,7 @@ the loss from the model's logits. The expected rows are built here from the val 
 
 import json
 import math
+import random
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness import contract, metric, settings, tokenizer as harness_tokenizer
+from harness import contract, evaluation, metric, settings, tokenizer as harness_tokenizer
+from harness.tokenizer import get_token_bytes
 
 PACKING_BUFFER_DOCS = 1000  # packed_rows' documented default: documents held for best-fit packing
 
@@ -206,12 +208,33 @@ class Lookahead(nn.Module):
 
 
 @pytest.mark.parametrize("ahead", [False, True])
-def test_the_causality_probe_catches_a_model_that_reads_the_future(prepared, tokenizer, ahead):
+def test_the_evaluators_probes_catch_a_model_that_reads_the_future(prepared, tokenizer, ahead):
+    """The probes are batches of the evaluation's own shape, changed after a random cut, mixed among
+    its batches: a model that reads ahead moves the earlier logits of the probe's rows."""
     torch.manual_seed(0)
-    probe = metric.causality_probe(Lookahead(tokenizer.get_vocab_size(), ahead), tokenizer, batch_size=4)
-    assert probe["ok"] is (not ahead)
-    assert probe["position"] == settings.MAX_SEQ_LEN // 2
+    model = Lookahead(tokenizer.get_vocab_size(), ahead)
+    rows = metric.val_rows(tokenizer, 6, fresh=True)
+    asked = []
+
+    def ask(x):
+        asked.append(x.clone())
+        with torch.no_grad():
+            return model(x)
+
+    result = evaluation.evaluate(ask, rows, get_token_bytes(), 2, tokenizer.get_vocab_size(),
+                                 random.Random(1))
+    probe = result["causality"]
+    assert probe["ok"] is (not ahead) and probe["probes"] == evaluation.PROBES
     assert (probe["max_change"] > 0.1) if ahead else probe["max_change"] == 0.0
+    assert len(asked) == 3 + evaluation.PROBES and {tuple(x.shape) for x in asked} == {(2, rows.size(1) - 1)}
+    # the number is the evaluation batches' alone (probes do not count): bits per byte of all rows
+    with torch.no_grad():
+        logits = model(rows[:, :-1])
+    y = rows[:, 1:].reshape(-1)
+    nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), y, reduction="none")
+    nbytes = get_token_bytes()[y]
+    expected = nats[nbytes > 0].sum().item() / (math.log(2) * nbytes.sum().item())
+    assert result["val_bpb"] == pytest.approx(expected, rel=1e-6)  # fp32 cross-entropy
 
 
 def test_a_finished_runs_number_cannot_be_supplied_by_the_caller(in_process_run, tmp_path):

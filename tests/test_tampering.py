@@ -15,6 +15,7 @@ import pytest
 
 import synthetic
 from conftest import ROOT
+from harness import proc
 from repos import GIT_ENV, analyze, git, ledger
 
 BUDGET_S = "300"    # the store's budget: every run stops long before it, at FIXED_STEPS or FIXED_SECONDS
@@ -51,9 +52,9 @@ def final_summary(val_bpb: str) -> dict:
 # (name, edits of train.py, expected: "invalid" / "crash" with a fragment of the problem, or "honest")
 EVASIONS = [
     ("val_bpb scaled in the summary after finish",
-     after_finish("import json as _j\n_s = _j.load(open('run_summary.json'))\n_s['val_bpb'] *= 0.5\n"
+     after_finish("import json as _j\n_s = _j.load(open('run_summary.json'))\n_s['val_bpb'] = 0.5\n"
                   "open('run_summary.json', 'w').write(_j.dumps(_s, indent=2) + '\\n')\n"),
-     "invalid", "run_summary.json was changed after the harness wrote it"),
+     "honest", None),
     ("a line appended to metrics.jsonl after finish",
      after_finish("open('metrics.jsonl', 'a').write(open('metrics.jsonl').read().splitlines()[-1] + '\\n')\n"),
      "invalid", "metrics.jsonl is not what the harness's logger wrote"),
@@ -61,10 +62,10 @@ EVASIONS = [
      {END: "    run.fail('ok', val_bpb=0.5)\n"},
      "crash", "val_bpb is the harness's"),
     ("a summary written through the run's internals",
-     final_summary("0.5"), "invalid", "is not the number the harness's final evaluation computed"),
+     final_summary("0.5"), "crash", "without serving its model to the evaluator"),
     ("the final evaluation on the small curve slice",
      final_summary("run.validation_point(compiled, EVAL_BATCH_SIZE)['val/bpb']"),
-     "invalid", "is not the number the harness's final evaluation computed"),
+     "crash", "without serving its model to the evaluator"),
     ("training on the val split",
      {'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train"': 'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "val"'},
      "crash", "serves the train split only"),
@@ -92,7 +93,7 @@ EVASIONS = [
      "invalid", "train.py changed the harness at run time (harness.metric.evaluate_val)"),
     ("a method of the harness's run class",
      after_setup("type(run).finish = lambda self, model, batch_size: self._write('ok', dict(val_bpb=0.5))"),
-     "invalid", "is not the number the harness's final evaluation computed"),
+     "crash", "without serving its model to the evaluator"),
     ("train.py's own start_run through globals()",
      after_setup(f"globals()['start_run'] = {FAKE}"), "honest", None),
     ("train.py's own start_run through a walrus",
@@ -107,6 +108,60 @@ EVASIONS = [
      {**UNCAPPED, "    dt = time.time() - t0\n": "    dt = time.time() - t0\n    for _ in range(grad_accum):\n"
                                                  "        (compiled(x, y) / grad_accum).backward()\n"},
      "invalid", "but the harness's clock saw"),
+]
+
+# Issue 19: edits that were believed when the harness evaluated inside train.py's process. The number now comes
+# from launch.py's evaluator, a process train.py never ran in: each gives the honest number or ends invalid.
+HALVED_WHEN_EVALUATING = "(lambda *a, **k: _orig(*a, **k) * (1 if torch.is_grad_enabled() else 0.5))"
+READS_AHEAD_AT_THE_END = {
+    "        if targets is None:\n            return logits\n":
+    "        if targets is None:\n"
+    "            self.calls = getattr(self, 'calls', 0) + 1\n"
+    "            if getattr(self, 'final_calls', 0) >= self.calls:  # the final evaluation's batches only\n"
+    "                logits = logits + 30 * F.one_hot(torch.roll(idx, -1, dims=1), logits.size(-1))\n"
+    "            return logits\n",
+    "model.eval()\nwith autocast:\n" + END:
+    "from harness import metric as _m\n"
+    "model.calls, model.final_calls = 0, math.ceil(_m.eval_rows(device.type) / EVAL_BATCH_SIZE)\n"
+    "model.eval()\nwith autocast:\n" + END}
+# a process train.py starts, in a session of its own, that waits for train.py to exit, then rewrites the summary
+# and seals it again through the harness's own write_seal (the store fixture writes this script)
+RESEALER = """import json, os, sys, time
+open("resealer.pid", "w").write(str(os.getpid()))
+while os.path.exists(f"/proc/{sys.argv[1]}"):
+    time.sleep(0.01)
+from harness import contract
+s = json.load(open("run_summary.json"))
+s["val_bpb"] = 0.5
+text = json.dumps(s, indent=2) + "\\n"
+open("run_summary.json", "w").write(text)
+contract.write_seal(".", s["started_at"], text, s["metrics_sha256"], s["metrics_lines"], 0.5)
+"""
+RESEALS_AFTER_EXIT = after_finish(
+    "import subprocess as _sp\n"
+    "_sp.Popen([sys.executable, 'resealer.py', str(os.getpid())], start_new_session=True)\n"
+    "while not os.path.exists('resealer.pid'):\n    time.sleep(0.01)\n")
+EVASIONS += [
+    ("torch.nn.functional.cross_entropy rebound",
+     after_setup(f"_orig = F.cross_entropy\nF.cross_entropy = {HALVED_WHEN_EVALUATING}"), "honest", None),
+    ("torch.Tensor.sum rebound",
+     after_setup(f"_orig = torch.Tensor.sum\ntorch.Tensor.sum = {HALVED_WHEN_EVALUATING}"), "honest", None),
+    ("numpy.load of the token byte table rebound",
+     after_setup("import numpy as _np\n_orig = _np.load\n_np.load = lambda *a, **k: _orig(*a, **k) * 2"),
+     "honest", None),
+    ("the logger's class swapped for one that writes and seals its own number",
+     after_setup("from harness import contract as _c\n"
+                 "class _Run(type(run)):\n"
+                 "    def _write(self, status, fields):\n"
+                 "        summary = super()._write(status, {**fields, 'val_bpb': 0.5})\n"
+                 "        _c.write_seal('.', self.started_at, open('run_summary.json').read(),\n"
+                 "                      summary['metrics_sha256'], summary['metrics_lines'], 0.5)\n"
+                 "        return summary\n"
+                 "run.__class__ = _Run"), "honest", None),
+    ("a model that reads ahead only during the final evaluation",
+     READS_AHEAD_AT_THE_END, "invalid", "the model reads the future"),
+    ("a detached process that rewrites and reseals the summary after train.py exits",
+     RESEALS_AFTER_EXIT, "honest", None),
 ]
 
 IDIOMS = [
@@ -136,7 +191,7 @@ def train_and_analyze(repo, message: str):
     git(repo, "commit", "-qam", message)
     env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": BUDGET_S}
     with open(repo / "run.log", "w") as log:
-        subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
+        subprocess.run([sys.executable, "launch.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
                        timeout=600)
     proc = analyze(repo)
     assert proc.returncode == 0, proc.stderr + (repo / "run.log").read_text()[-3000:]
@@ -147,13 +202,14 @@ def train_and_analyze(repo, message: str):
 def store(prepared, tmp_path_factory):
     """A repository with the harness and a fixed-step train.py, its baseline trained, analysed and kept."""
     repo = tmp_path_factory.mktemp("tampering")
-    synthetic.copy_harness(repo, ("prepare.py", "analyze.py"))
+    synthetic.copy_harness(repo, ("prepare.py", "analyze.py", "launch.py"))
     source = (ROOT / "train.py").read_text()
     source = edited(source, {STOP: FIXED_STOP, SCHEDULE: FIXED_SCHEDULE, "# Instrumentation and safety\n":
                              f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"})
     (repo / "train.py").write_text(source)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n.train.lock\n"
-                                     "__pycache__/\n")
+                                     "__pycache__/\nresealer.pid\nresealer.py\n")
+    (repo / "resealer.py").write_text(RESEALER)
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "harness")
@@ -176,6 +232,10 @@ def test_an_evasion_ends_invalid_or_gives_the_honest_number(store, name, edits, 
     if expected == "honest":
         assert row["status"] != "invalid" and row["integrity"] == [], out
         assert row["val_bpb"] == pytest.approx(store[2], rel=1e-9), "the harness's number moved"
+        pid_file = store[0] / "resealer.pid"
+        if pid_file.exists():  # launch.py ended the process train.py left before it sealed the run
+            assert not proc.pid_alive(int(pid_file.read_text())), "train.py's detached child survived"
+            pid_file.unlink()
     elif expected == "crash":
         assert row["status"] == "crash" and row["val_bpb"] is None and problem in row["error"], out
     else:

@@ -1,4 +1,4 @@
-"""train.py as a user runs it: a tiny-budget CPU run honours the metrics and summary contract, and
+"""train.py as a user runs it (`launch.py`: train.py beside the harness's evaluator): a tiny-budget CPU run honours the metrics and summary contract, and
 crash, NaN and hang runs end with the right status and never leave an earlier run's summary behind."""
 
 import json
@@ -11,7 +11,7 @@ import synthetic
 from harness import contract, metric
 from conftest import ROOT, run_script
 
-HARNESS = ("train.py", "prepare.py")
+HARNESS = ("train.py", "prepare.py", "launch.py")
 
 
 def workdir(tmp_path, replace=None, stale_summary=True):
@@ -30,7 +30,7 @@ def workdir(tmp_path, replace=None, stale_summary=True):
 
 
 def train(cwd, budget=4, **env):
-    return run_script(["train.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": str(budget), **env}, timeout=300)
+    return run_script(["launch.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": str(budget), **env}, timeout=300)
 
 
 def read_metrics(cwd):
@@ -99,6 +99,7 @@ def test_summary_follows_the_contract(smoke):
     assert summary["total_seconds"] > summary["training_seconds"] + summary["startup_seconds"] * 0.99
     assert summary["seed"] == 42 and summary["device"] == "cpu" and summary["depth"] == 2
     assert summary["causality"]["ok"] is True and summary["causality"]["max_change"] <= metric.CAUSALITY_TOLERANCE
+    assert summary["evaluator"]["rows"] == metric.eval_rows("cpu") and summary["evaluator"]["device"] == "cpu"
     assert summary["data"]["source"] == "offline" and summary["data"]["smoke_test"] is True
     assert summary["harness_hash"] == contract.harness_hash(ROOT)  # the one definition, of this checkout
     assert summary["train_sha256"] == contract.sha256_file(cwd / "train.py")
@@ -211,7 +212,7 @@ def test_sigterm_is_a_crash_said_to_come_from_outside_and_a_second_one_cannot_cu
     import sys
     cwd = workdir(tmp_path)
     env = {**__import__("os").environ, "AUTORESEARCH_TIME_BUDGET": "120"}
-    proc = subprocess.Popen([sys.executable, "train.py"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "launch.py"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((cwd / "metrics.jsonl").exists()

@@ -1,0 +1,175 @@
+"""
+One training run on this machine, as launch.py's `local` launcher runs it: train.py trains in its
+own process; the number comes from another one it never ran in.
+
+    1. launch.py becomes a child subreaper, so whatever train.py starts, even a detached
+       grandchild, stays below it;
+    2. the harness's evaluator (harness/evaluation.py) starts in a clean interpreter (`python -I`,
+       the harness's imports only), joined to train.py by a socket pair;
+    3. train.py trains; at `run.finish` it writes its summary without a number and serves its
+       model's logits to the evaluator, which alone holds the targets;
+    4. once train.py has exited, every process it left is killed;
+    5. only then the evaluator's val_bpb and causality probes go into run_summary.json, which is
+       sealed (contract.write_seal) and its `---` block printed.
+
+A run whose train.py did not finish keeps its own failure summary (crash, nan, timeout), sealed as
+it stands; a finished one whose model the evaluator could not evaluate becomes a crash that says
+why.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import contract, data, proc
+from harness.contract import HarnessError
+from harness.evaluation import EVAL_FD_ENV, NO_MODEL_EXIT
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
+PR_SET_PDEATHSIG = 1         # prctl(2): a signal for the child when its parent dies
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# the evaluator's interpreter: isolated (no PYTHON* variables, no user site, not the cwd on the
+# path), importing the harness from this checkout only
+EVALUATOR_CODE = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+                  f"from harness import evaluation; sys.exit(evaluation.main(sys.argv[1:]))")
+SWEEP_ROUNDS = 50            # kill-and-reap rounds: a fork bomb of leftovers ends in a few
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # to train.py: its crash summary
+
+
+def _prctl(option: int, value: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
+
+
+def _die_with_parent():
+    """In train.py's process, before exec: a launch.py killed outright takes train.py along."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def children() -> list:
+    """This process's children now (with the subreaper, every process train.py left)."""
+    me = os.getpid()
+    return [p for p in proc.pids() if (proc.proc_stat(p) or (None, None))[1] == me]
+
+
+def end_leftovers(keep: set) -> int:
+    """Kill and reap every child but `keep`; the number ended."""
+    ended = 0
+    for _ in range(SWEEP_ROUNDS):
+        left = [p for p in children() if p not in keep]
+        if not left:
+            return ended
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        for pid in left:
+            os.waitpid(pid, 0)
+        ended += len(left)
+    raise HarnessError(f"processes left by train.py keep appearing after {SWEEP_ROUNDS} rounds "
+                       f"of killing them: end them (pkill -KILL -P {os.getpid()})")
+
+
+def launch(args: list, run_dir: Path) -> int:
+    """Run train.py ARGS in run_dir with the evaluator beside it; train.py's exit code (1 when it
+    finished but could not be evaluated)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    ours, theirs = socket.socketpair()
+    evaluator = subprocess.Popen([sys.executable, "-I", "-c", EVALUATOR_CODE, str(ours.fileno())],
+                                 pass_fds=[ours.fileno()], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, cwd=run_dir, text=True)
+    env = {**os.environ, EVAL_FD_ENV: str(theirs.fileno())}
+    started = time.monotonic()
+    train = subprocess.Popen([sys.executable, contract.TRAIN_PY, *args], cwd=run_dir, env=env,
+                             pass_fds=[theirs.fileno()], start_new_session=True,
+                             preexec_fn=_die_with_parent)
+    ours.close()
+    theirs.close()
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, frame: os.kill(train.pid, signum))
+    exits = _wait_for(train.pid, evaluator.pid)
+    train_s = time.monotonic() - started
+    end_leftovers({evaluator.pid})
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_DFL)
+    out, err = evaluator.communicate()
+    if evaluator.pid not in exits:
+        exits[evaluator.pid] = evaluator.returncode
+    summary = complete(Path(run_dir), _result(out, err, exits[evaluator.pid]), train_s)
+    if summary is not None and summary["status"] == "ok":
+        print(final_block(summary), flush=True)
+    code = exits[train.pid]
+    return code if code else (0 if summary is None or summary["status"] == "ok" else 1)
+
+
+def _wait_for(train_pid: int, evaluator_pid: int) -> dict:
+    """Reap children (train.py, the evaluator, orphans) until train.py has exited; their exit
+    codes by pid."""
+    exits = {}
+    while train_pid not in exits:
+        pid, status = os.waitpid(-1, 0)
+        if pid in (train_pid, evaluator_pid):
+            exits[pid] = os.waitstatus_to_exitcode(status)
+    return exits
+
+
+def _result(out: str, err: str, code: int):
+    """The evaluator's result, or {"error": why} (None when train.py never served a model)."""
+    if err:
+        print(err, end="", file=sys.stderr, flush=True)
+    if code == NO_MODEL_EXIT:
+        return None
+    if code != 0:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"the harness's evaluator failed (exit {code}): {last}"}
+    return json.loads(out)
+
+
+def complete(run_dir: Path, result, train_s: float):
+    """Give run_summary.json the evaluator's number (nothing else may set it) and seal it; the
+    summary, or None when train.py left none (it failed before its run began) or an unreadable
+    one (analyze.py reports it)."""
+    path = run_dir / contract.RUN_SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    summary.update(val_bpb=None, causality=None, evaluator=None)
+    if summary.get("status") == "ok":
+        if result is None:
+            result = {"error": "train.py ended without serving its model to the evaluator: end "
+                               "train.py with run.finish(model, batch_size)"}
+        if "error" in result:
+            summary.update(status="crash", error=result["error"])
+        else:
+            summary.update(val_bpb=result["val_bpb"], causality=result["causality"],
+                           evaluator={k: result[k] for k in ("rows", "batch_size", "seconds",
+                                                             "device", "val_loss")}
+                           | {"train_process_s": train_s})
+    text = json.dumps(summary, indent=2) + "\n"
+    contract.atomic_write(path, text)
+    contract.write_seal(run_dir, summary.get("started_at"), text, summary.get("metrics_sha256"),
+                        summary.get("metrics_lines"), summary["val_bpb"])
+    return summary
+
+
+def final_block(summary: dict) -> str:
+    """The `---` block a finished run prints last (`grep "^val_bpb:" run.log`)."""
+    lines = ["---"]
+    for key in contract.FINAL_BLOCK_KEYS:
+        value = summary.get(key)
+        lines.append(f"{key + ':':<18}{value:.6f}" if key == "val_bpb" else
+                     f"{key + ':':<18}{value:.1f}" if isinstance(value, float) else
+                     f"{key + ':':<18}{value}")
+    try:
+        lines.append(f"{'data:':<18}{data.data_label(data.load_manifest())}")
+    except HarnessError as e:
+        lines.append(f"{'data:':<18}unknown ({e})")
+    return "\n".join(lines)
