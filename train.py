@@ -4,7 +4,7 @@ Model: rotary embeddings, QK-norm, RMSNorm, ReLU^2 MLP, value embeddings with in
 gates, per-layer residual scalars, logit soft-capping, a sliding/full attention window pattern.
 Optimizer: Muon (Polar Express, NorMuon, cautious weight decay) for the matrices, AdamW for the
 rest. Instrumentation: a few calls on `run`, the harness's record of this run (harness/runlog.py).
-Usage: uv run launch.py > run.log 2>&1        (SEED=7 uv run launch.py ... for another seed)
+Usage: uv run launch.py        (SEED=7 uv run launch.py ... for another seed)
 """
 
 import contextlib

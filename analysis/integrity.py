@@ -36,6 +36,10 @@ CLOCK_ABS_TOLERANCE_S = 1.0
 # loaded machine from a false alarm while any compute moved off the clock that would matter shows.
 HARNESS_CLOCK_REL_TOLERANCE = 0.02
 RESTORE_HINT = "the evaluation harness is off limits to experiments"
+# optimizer steps any one optimizer may take before the training clock starts: train.py's compilation
+# warm-up (the fast path) takes one and restores the weights and the optimizer's state; more is
+# training for free
+PRE_CLOCK_STEPS_ALLOWED = 1
 
 
 def _agrees(a: float, b: float) -> bool:
@@ -196,7 +200,8 @@ def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir:
     return (harness_git_problems(repo_root, reference) + harness_hash_problems(summary, repo_root)
             + data_problems(summary, cache_dir, reference) + seal
             + clock_problems(summary, records, reference)
-            + harness_clock_problems(summary, records) + runtime_harness_problems(summary)
+            + harness_clock_problems(summary, records) + pre_clock_problems(summary)
+            + runtime_harness_problems(summary)
             + evaluator_problems(summary) + causality_problems(summary))
 
 
@@ -228,6 +233,19 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
                         f"evaluation computed ({seal.get('val_bpb')}): end train.py with "
                         f"run.finish and train again")
     return problems
+
+
+def pre_clock_problems(summary: dict) -> list:
+    """No training before the clock: the harness counts every optimizer step before
+    run.start_clock (summary["pre_clock_optimizer_steps"], the most of any one optimizer)."""
+    steps = summary.get("pre_clock_optimizer_steps")
+    if summary.get("status") != "ok" or steps is None:
+        return []  # a failed run, or a store's run from before the count
+    if not isinstance(steps, int) or steps > PRE_CLOCK_STEPS_ALLOWED:
+        return [f"an optimizer took {steps} steps before the training clock started (at most "
+                f"{PRE_CLOCK_STEPS_ALLOWED}, the compilation warm-up, which is undone): that is "
+                f"training off the clock; move it into the timed loop and train again"]
+    return []
 
 
 def evaluator_problems(summary: dict) -> list:

@@ -21,7 +21,7 @@ BEST_BEGIN = ("<!-- current-best:begin (maintained by `uv run analyze.py keep`; 
 BEST_END = "<!-- current-best:end -->"
 NEXT_ACTION = {
     "keep": "uv run analyze.py keep",
-    "rerun": "SEED={seed} uv run launch.py > run.log 2>&1 && uv run analyze.py",
+    "rerun": "SEED={seed} uv run launch.py && uv run analyze.py",
     "discard": "uv run analyze.py discard",
     "crash": "read the traceback below, fix train.py or discard: uv run analyze.py discard",
     "invalid": "undo what the integrity problems name (git checkout the harness files), "

@@ -210,8 +210,8 @@ def file_identity(path: Path):
 
 
 def refuse_running_train(run_dir):
-    """Refuse while a train.py still runs in `run_dir`: it holds an exclusive flock on its
-    RUN_LOCK_FILE for its whole life (the harness's run logger), with its pid written in it."""
+    """Refuse while a run still trains in `run_dir`: launch.py (or a train.py run on its own) holds
+    an exclusive flock on its RUN_LOCK_FILE until the run is sealed, with its pid written in it."""
     path = Path(run_dir) / contract.RUN_LOCK_FILE
     try:
         f = open(path)
@@ -222,7 +222,7 @@ def refuse_running_train(run_dir):
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = f.read().strip() or "?"
-            raise HarnessError(f"train.py is still running in {Path(run_dir).resolve()} "
+            raise HarnessError(f"a run is still training in {Path(run_dir).resolve()} "
                                f"(pid {pid}): wait for it to finish, then run analyze.py") from None
         fcntl.flock(f, fcntl.LOCK_UN)
 

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from harness import settings  # noqa: E402  (standard library only, like this file)
 
-HARNESS = ("train.py", "prepare.py", "harness")  # what a run needs: the agent's file, the harness
+HARNESS = ("train.py", "prepare.py", "launch.py", "harness")  # the agent's file, the harness
 
 # Instrumentation off: one metrics line, the last (the summary's steps and clock come from it),
 # per-layer stats never fire, no curve points.
@@ -77,11 +77,11 @@ def tail(path: Path, chars: int) -> str:
 
 
 def run_to_end(cwd: Path, env: dict, logs: Path, timeout) -> int:
-    """`python train.py` in cwd, its output in logs/; its exit status. Past `timeout` seconds (None:
+    """`python launch.py` (train.py beside the evaluator) in cwd, its output in logs/; its exit status. Past `timeout` seconds (None:
     no limit) its whole process group is killed and RunFailed raised; an interrupt of this process
     kills it too, so that no training is left running on the device."""
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=cwd, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "launch.py"], cwd=cwd, env=env, stdout=out,
                                 stderr=err, start_new_session=True)
         try:
             code = proc.wait(timeout=None if timeout is None else max(timeout, 0))
@@ -143,4 +143,6 @@ def figures(summary: dict, steps: list) -> dict:
         "recompiles_in_loop": compiled.get("recompiles_in_loop"),
         "attention": config.get("ATTENTION_BACKEND"),
         "device_batch_size": config["DEVICE_BATCH_SIZE"],
+        "evaluator_seconds": (summary.get("evaluator") or {}).get("seconds"),
+        "evaluator_peak_memory_mb": (summary.get("evaluator") or {}).get("peak_memory_mb"),
     }

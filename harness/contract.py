@@ -33,7 +33,7 @@ RUN_LOG = "run.log"
 RUN_LOCK_FILE = ".train.lock"
 TRAIN_PY = "train.py"                  # the agent's file
 LAUNCH_PY = "launch.py"                # the one training command's script
-TRAIN_COMMAND = "uv run launch.py > run.log 2>&1"  # program.md's one training command
+TRAIN_COMMAND = "uv run launch.py"  # program.md's one training command
 MANIFEST = "manifest.json"             # what prepare.py prepared, in the cache
 DATA_DIR = "data"                      # the prepared corpus, in the cache
 TOKENIZER_DIR = "tokenizer"            # tokenizer.pkl and token_bytes.npy, in the cache
@@ -167,6 +167,8 @@ SUMMARY_KEYS = (
     "evaluator",
     # what the run logger wrote into metrics.jsonl: its sha256 and line count (the seal checks them)
     "metrics_sha256", "metrics_lines",
+    # the most steps any one optimizer took before run.start_clock (torch's global step hook)
+    "pre_clock_optimizer_steps",
     # on the compiled (fast) path: backend, graphs, graph_breaks, recompiles (+ reasons), and
     # graphs_in_loop / recompiles_in_loop, compiled after the training clock started (0 expected)
     "compile",

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import resource
 import socket
 import struct
 import sys
@@ -42,6 +43,7 @@ PROBE_ROWS = 2            # rows of a probe whose earlier logits are compared (m
 # is a model that hangs, and the run ends rather than waiting all night
 ANSWER_TIMEOUT_S = 900
 NO_MODEL_EXIT = 3         # train.py ended without serving its model (its own summary says why)
+STARTED = "evaluator: started"  # its first line: its code is imported, train.py may start
 
 
 class PeerGone(Exception):
@@ -144,6 +146,11 @@ def _cuda_tensor(h: dict, dtype):
 # train.py's side: serve the model
 # ---------------------------------------------------------------------------
 
+def launcher_socket_given() -> bool:
+    """Whether launch.py started this train.py (with the evaluator beside it)."""
+    return bool(os.environ.get(EVAL_FD_ENV))
+
+
 def launcher_socket():
     """train.py's end of launch.py's socket pair, or None when train.py runs without launch.py."""
     fd = os.environ.get(EVAL_FD_ENV)
@@ -228,9 +235,13 @@ def evaluate(ask, rows, token_bytes, batch_size: int, vocab_size: int, rng) -> d
 
 
 def main(argv) -> int:
-    """The evaluator process: argv = [socket fd]. Prints its result as one JSON line, or one
-    `error:` line on stderr."""
+    """The evaluator process: argv = [socket fd]. Prints STARTED once everything it runs is
+    imported (launch.py starts train.py only then, so nothing train.py writes to disk reaches this
+    process's code), then its result as one JSON line, or one `error:` line on stderr."""
+    import torch  # noqa: F401  (now, before train.py exists; the device is only touched later)
+    import torch.multiprocessing.reductions  # noqa: F401
     sock = socket.socket(fileno=int(argv[0]))
+    print(STARTED, flush=True)
     try:
         header, _ = recv(sock)  # train.py has trained: the model is served
     except PeerGone:
@@ -269,6 +280,8 @@ def _evaluate_served(sock, header: dict) -> int:
     send(sock, {"kind": "done"})
     result["seconds"] = time.monotonic() - started
     result["device"] = dev.type
+    result["peak_memory_mb"] = devices.peak_memory_mb(dev) or resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024  # the device's, or this process's RSS (KiB: Linux)
     print(json.dumps(result), flush=True)
     return 0
 

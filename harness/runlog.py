@@ -32,7 +32,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import contract, data, device, evaluation, git, metric, proc, selfcheck, settings
+from harness import (contract, data, device, evaluation, git, metric, proc, runner, selfcheck,
+                     settings)
 from harness.contract import HarnessError
 from harness.tokenizer import Tokenizer
 
@@ -41,7 +42,7 @@ PRINT_EVERY_S = 5.0
 LOSS_EMA = 0.9        # the smoothing of train/loss_smooth (bias-corrected)
 UPPER = re.compile(r"[A-Z][A-Z0-9_]*")  # the names capture_config records: train.py's constants
 HARNESS_FIELDS = ("status", "val_bpb", "causality", "harness_check", "evaluator", "metrics_sha256",
-                  "metrics_lines", "device", "harness_hash",
+                  "metrics_lines", "pre_clock_optimizer_steps", "device", "harness_hash",
                   "time_budget_s", "started_at", "compile", "torch_version")
 
 
@@ -86,7 +87,10 @@ class Run:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / contract.RUN_METRICS
         self.summary_path = self.run_dir / contract.RUN_SUMMARY
-        self._lock_run()
+        # the run lock: launch.py holds it from before run.log is opened until the run is sealed;
+        # a train.py run on its own takes it itself
+        self._run_lock = (None if evaluation.launcher_socket_given()
+                          else runner.lock_run(self.run_dir))
         self.summary_path.unlink(missing_ok=True)
         self.t_start = process_start()
         self._clock_start = time.monotonic()  # the harness's own clock stamps (log_step)
@@ -112,25 +116,13 @@ class Run:
         # the device and the data: a failure here is a crash summary with the cause
         self.device = device.autodetect_device()
         self.fast_path = self.device.type == "cuda" or settings.CPU_FAST_PATH
+        self._pre_clock_steps = {}  # id(optimizer) -> its steps before the training clock started
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        register_optimizer_step_post_hook(self._count_step)
         self.manifest = data.load_manifest()
         self.tokenizer = Tokenizer.from_directory()
         print(f"harness: {device.device_description(self.device)} | budget "
               f"{settings.TIME_BUDGET:.0f}s | data: {data.data_label(self.manifest)}", flush=True)
-
-    def _lock_run(self):
-        """Held until the process ends: a second train.py here is refused, analyze.py waits for
-        it."""
-        self._run_lock = open(self.run_dir / contract.RUN_LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._run_lock.seek(0)
-            raise HarnessError(f"another train.py is running in {self.run_dir.resolve()} (pid "
-                               f"{self._run_lock.read().strip() or '?'}): wait for it, or end it"
-                               ) from None
-        self._run_lock.truncate(0)
-        self._run_lock.write(f"{os.getpid()}\n")
-        self._run_lock.flush()
 
     # -- before the clock ------------------------------------------------------------------------
 
@@ -146,7 +138,14 @@ class Run:
                       "peak": device.peak_flops(self.device),
                       "compiled": device.compile_counters() if self.fast_path else None}
         self.info.update(startup_seconds=time.time() - self.t_start,
-                         num_params_M=sum(p.numel() for p in model.parameters()) / 1e6)
+                         num_params_M=sum(p.numel() for p in model.parameters()) / 1e6,
+                         pre_clock_optimizer_steps=max(self._pre_clock_steps.values(), default=0))
+
+    def _count_step(self, optimizer, args, kwargs):
+        """Every optimizer's step() (torch's global hook): the ones before the clock are counted."""
+        if self.clock is None:
+            key = id(optimizer)
+            self._pre_clock_steps[key] = self._pre_clock_steps.get(key, 0) + 1
 
     # -- during the clock ------------------------------------------------------------------------
 

@@ -18,18 +18,21 @@ why.
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness import contract, data, proc
 from harness.contract import HarnessError
-from harness.evaluation import EVAL_FD_ENV, NO_MODEL_EXIT
+from harness.evaluation import EVAL_FD_ENV, NO_MODEL_EXIT, STARTED
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
 PR_SET_PDEATHSIG = 1         # prctl(2): a signal for the child when its parent dies
@@ -41,6 +44,76 @@ EVALUATOR_CODE = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
 SWEEP_ROUNDS = 50            # kill-and-reap rounds: a fork bomb of leftovers ends in a few
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # to train.py: its crash summary
 
+
+COPY_CHUNK = 1 << 16         # bytes run.log's copier reads at once
+
+
+# ---------------------------------------------------------------------------
+# The run's lock and its log, both launch.py's
+# ---------------------------------------------------------------------------
+
+def lock_run(run_dir: Path):
+    """The run lock of run_dir (flock on RUN_LOCK_FILE, this process's pid in it), held until the
+    returned file is closed or the process ends: a second run here is refused before it touches
+    anything, and analyze.py waits until the run is sealed."""
+    f = open(Path(run_dir) / contract.RUN_LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise HarnessError(f"a run is already training in {Path(run_dir).resolve()} (pid {pid}); "
+                           f"its files are untouched: wait for it, or end it") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+@contextmanager
+def run_log(path: Path):
+    """Everything this process and its children print from here on goes to `path` (written by
+    launch.py, so no shell redirect is needed) and to the original stdout, unless that already is
+    `path` (`uv run launch.py > run.log 2>&1` still writes each line once)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = open(path, "wb")
+    out = os.dup(1)
+    err = os.dup(2)
+    mine, theirs = os.fstat(out), os.fstat(log.fileno())
+    echo = (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino)
+    r, w = os.pipe()
+
+    def copy():
+        while chunk := os.read(r, COPY_CHUNK):
+            log.write(chunk)
+            log.flush()
+            if echo:
+                os.write(out, chunk)
+
+    copier = threading.Thread(target=copy, name="run.log", daemon=True)
+    copier.start()
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    os.close(w)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        copier.join()  # every writer is gone: this process's copies were the last
+        os.close(r)
+        os.close(out)
+        os.close(err)
+        log.close()
+
+
+# ---------------------------------------------------------------------------
+# train.py and the evaluator
+# ---------------------------------------------------------------------------
 
 def _prctl(option: int, value: int):
     libc = ctypes.CDLL(None, use_errno=True)
@@ -83,6 +156,11 @@ def launch(args: list, run_dir: Path) -> int:
     evaluator = subprocess.Popen([sys.executable, "-I", "-c", EVALUATOR_CODE, str(ours.fileno())],
                                  pass_fds=[ours.fileno()], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, cwd=run_dir, text=True)
+    if evaluator.stdout.readline().strip() != STARTED:  # its code imported before train.py runs
+        evaluator.kill()
+        _, err = evaluator.communicate()
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise HarnessError(f"the harness's evaluator did not start ({last}); nothing was trained")
     env = {**os.environ, EVAL_FD_ENV: str(theirs.fileno())}
     started = time.monotonic()
     train = subprocess.Popen([sys.executable, contract.TRAIN_PY, *args], cwd=run_dir, env=env,
@@ -151,7 +229,8 @@ def complete(run_dir: Path, result, train_s: float):
         else:
             summary.update(val_bpb=result["val_bpb"], causality=result["causality"],
                            evaluator={k: result[k] for k in ("rows", "batch_size", "seconds",
-                                                             "device", "val_loss")}
+                                                             "peak_memory_mb", "device",
+                                                             "val_loss")}
                            | {"train_process_s": train_s})
     text = json.dumps(summary, indent=2) + "\n"
     contract.atomic_write(path, text)

@@ -38,6 +38,9 @@ VERDICT_ENV = "AUTORESEARCH_VERDICT"
 ALLOW_CPU_ENV = "AUTORESEARCH_ALLOW_CPU"
 CPU_FAST_PATH_ENV = "AUTORESEARCH_CPU_FAST_PATH"
 LAUNCHER_ENV = "AUTORESEARCH_LAUNCHER"
+# set by the slurm launcher for the job itself: launch.py runs there locally, its output going to the
+# job's output file, which the launch.py that submitted the job copies into run.log
+SLURM_JOB_ENV = "AUTORESEARCH_SLURM_JOB"
 SLURM_PARTITION_ENV = "AUTORESEARCH_SLURM_PARTITION"
 SLURM_GRES_ENV = "AUTORESEARCH_SLURM_GRES"
 SLURM_ARGS_ENV = "AUTORESEARCH_SLURM_ARGS"
@@ -147,6 +150,7 @@ VERDICT = _choice(VERDICT_ENV, POLICY_NAMES, "a verdict mode", unset=None)  # No
 ALLOW_CPU = _choice(ALLOW_CPU_ENV, ("0", "1"), "a switch") == "1"
 CPU_FAST_PATH = _choice(CPU_FAST_PATH_ENV, ("0", "1"), "a switch") == "1"
 LAUNCHER = _choice(LAUNCHER_ENV, LAUNCHERS, "a launcher")
+IN_SLURM_JOB = _choice(SLURM_JOB_ENV, ("0", "1"), "a switch") == "1"
 SLURM = {"partition": _text(SLURM_PARTITION_ENV, None, "a partition"),
          "gres": _text(SLURM_GRES_ENV, DEFAULT_GRES, empty_ok=True),  # empty: no --gres at all
          "extra": _text(SLURM_ARGS_ENV, None, empty_ok=True) or None,

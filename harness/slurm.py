@@ -37,7 +37,8 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NOD
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED")
 # a pre-empted run is submitted again once; pre-empted twice, it is a crash
 MAX_REQUEUES = 1
-JOB_LAUNCHER = f"{settings.LAUNCHER_ENV}=local"  # the job runs launch.py locally on its node
+# the job runs launch.py locally on its node, its output to the job's file (copied into run.log here)
+JOB_LAUNCHER = f"{settings.LAUNCHER_ENV}=local {settings.SLURM_JOB_ENV}=1"
 # how often the job's state is read (scontrol is cheap; one call a second)
 POLL_S = 1.0
 # a job id scontrol no longer knows for this long has left no state: a crash

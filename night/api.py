@@ -36,7 +36,7 @@ DEFAULT_TOOL_TIMEOUT_S = 600         # a shell command's default limit (training
 
 TOOLS = [
     {"name": "bash", "description": "Run a bash command in the repository root and return its "
-     "exit code and the tail of its output. Training (`uv run launch.py > run.log 2>&1`) takes "
+     "exit code and the tail of its output. Training (`uv run launch.py`) takes "
      "about 5 minutes.",
      "input_schema": {"type": "object", "properties": {
          "command": {"type": "string"},

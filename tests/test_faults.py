@@ -467,7 +467,7 @@ def test_analyze_refuses_while_train_py_runs_in_the_directory(repo):
     try:
         assert training.stdout.readline() == "locked\n"
         error = one_error_line(analyze(repo))
-        assert error == (f"error: train.py is still running in {repo.resolve()} (pid {training.pid}): wait for it "
+        assert error == (f"error: a run is still training in {repo.resolve()} (pid {training.pid}): wait for it "
                          f"to finish, then run analyze.py")
         assert ledger(repo) == []
     finally:

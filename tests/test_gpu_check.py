@@ -29,7 +29,7 @@ FIGURES = ("device", "torch", "mfu_percent", "tokens_per_s", "steps_per_s", "num
            "wall_seconds", "val_bpb", "graph_breaks", "recompiles", "graphs_in_loop",
            "recompiles_in_loop")
 TARGETS = {"mfu >= 40 %", "overhead <= 20 s", "peak VRAM <= 80 GB",
-           "no graph break, nothing compiled on the clock", "instrumentation <= 1 %"}
+           "no graph break, nothing compiled on the clock", "evaluator <= 60 s", "instrumentation <= 1 %"}
 ALL_STEPS = ["prepare", "main", "pair-instrumented", "pair-uninstrumented", "sdpa", "summary"]
 
 # What the stand-in train.py writes: a finished run's summary and its one metrics line
@@ -61,6 +61,7 @@ def write_stub_run(dest, source: str):
     dest.mkdir(exist_ok=True)
     (dest / "harness").mkdir()
     (dest / "prepare.py").write_text("")
+    (dest / "launch.py").write_text("import os, sys\nos.execv(sys.executable, [sys.executable, 'train.py'])\n")
     (dest / "train.py").write_text(source)
     return dest
 

@@ -137,7 +137,7 @@ def test_sbatch_gets_the_gpu_the_run_directory_and_no_requeue(tmp_path):
     assert command[:2] == ["sbatch", "--parsable"] and "--no-requeue" in command
     assert {"--partition=gpu", "--gres=gpu:1", "--account=a", "--qos=q", "--time=13", f"--chdir={tmp_path}",
             "--export=ALL", "--job-name=autoresearch-gpu0"} <= set(command)
-    assert command[-1] == "--wrap=exec env AUTORESEARCH_LAUNCHER=local /venv/bin/python -u launch.py --x"
+    assert command[-1] == "--wrap=exec env AUTORESEARCH_LAUNCHER=local AUTORESEARCH_SLURM_JOB=1 /venv/bin/python -u launch.py --x"
     plain = slurm.sbatch_command({"partition": None, "gres": "", "extra": None}, tmp_path, "py", [], 1, "j")
     assert not any(a.startswith(("--partition", "--gres")) for a in plain)
 

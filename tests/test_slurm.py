@@ -97,11 +97,11 @@ def sh(cmd):
 if os.path.exists(os.path.join(calls, "done")):
     time.sleep(3600)
 for seed in (42, 43):
-    sh(f"SEED={{seed}} {{py}} launch.py > run.log 2>&1")
+    sh(f"SEED={{seed}} {{py}} launch.py")
     sh(py + " analyze.py")
     sh(py + " analyze.py keep")
 open("run.log", "w").close()
-run = subprocess.Popen(py + " launch.py > run.log 2>&1", shell=True, env={{**os.environ, "AUTORESEARCH_TIME_BUDGET": "300"}})
+run = subprocess.Popen(py + " launch.py", shell=True, env={{**os.environ, "AUTORESEARCH_TIME_BUDGET": "300"}})
 while not re.search(r"^step 0000", open("run.log").read(), re.M):
     time.sleep(0.2)
 job = re.search(r"submitted slurm job (\\d+)", open("run.log").read())[1]

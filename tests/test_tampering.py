@@ -21,8 +21,10 @@ from repos import GIT_ENV, analyze, git, ledger
 BUDGET_S = "300"    # the store's budget: every run stops long before it, at FIXED_STEPS or FIXED_SECONDS
 FIXED_STEPS = 6     # 2 clock-warmup steps + 4 timed ones: a second or two of CPU training
 STOP = "    done = step >= CLOCK_WARMUP_STEPS and training_time >= TIME_BUDGET\n"
+# (a clock evasion runs at least FIXED_STEPS_MIN steps, so that a loaded machine's slow steps still leave two
+# timed steps for the clock checks to compare)
 FIXED_STOP = ("    done = (step >= CLOCK_WARMUP_STEPS and training_time >= TIME_BUDGET or step + 1 >= FIXED_STEPS\n"
-              "            or training_time >= FIXED_SECONDS)\n")
+              "            or training_time >= FIXED_SECONDS and step + 1 >= FIXED_STEPS_MIN)\n")
 # the lr and weight-decay schedule follows the steps instead of the clock, so it does not depend on machine speed
 SCHEDULE = "    progress = min(training_time / TIME_BUDGET, 1.0)\n    lrm, momentum, wd = "
 FIXED_SCHEDULE = "    progress = min(step / FIXED_STEPS, 1.0)\n    lrm, momentum, wd = "
@@ -162,6 +164,17 @@ EVASIONS += [
      READS_AHEAD_AT_THE_END, "invalid", "the model reads the future"),
     ("a detached process that rewrites and reseals the summary after train.py exits",
      RESEALS_AFTER_EXIT, "honest", None),
+    ("the harness rewritten on disk while train.py starts, then restored",
+     {"import contextlib\n": "import contextlib\nimport pathlib as _pl\n_metric = _pl.Path('harness/metric.py')\n"
+                             "_honest = _metric.read_text()\n"
+                             "_metric.write_text(_honest.replace('torch.stack([(nats.double()', "
+                             "'torch.stack([0.5 * (nats.double()'))\n",
+      "run = start_run(globals())\n": "run = start_run(globals())\n_metric.write_text(_honest)\n"},
+     "honest", None),
+    ("training before the clock",
+     after_setup("for _ in range(3):\n    compiled(x, y).backward()\n    optimizer.step()\n"
+                 "    model.zero_grad(set_to_none=True)"),
+     "invalid", "steps before the training clock started"),
 ]
 
 IDIOMS = [
@@ -205,7 +218,8 @@ def store(prepared, tmp_path_factory):
     synthetic.copy_harness(repo, ("prepare.py", "analyze.py", "launch.py"))
     source = (ROOT / "train.py").read_text()
     source = edited(source, {STOP: FIXED_STOP, SCHEDULE: FIXED_SCHEDULE, "# Instrumentation and safety\n":
-                             f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"})
+                             f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"
+                             f"FIXED_STEPS_MIN = {FIXED_STEPS}\n"})
     (repo / "train.py").write_text(source)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n.train.lock\n"
                                      "__pycache__/\nresealer.pid\nresealer.py\n")

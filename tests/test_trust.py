@@ -12,7 +12,7 @@ def test_a_rerun_under_the_same_seed_is_not_pooled_and_the_next_command_names_a_
     fake_run(repo, 0.9970, seed=42)
     first = analyze(repo)
     assert "verdict: RERUN" in first.stdout and ledger(repo)[-1]["n_pooled"] == 1
-    assert "next: SEED=43 uv run launch.py > run.log 2>&1 && uv run analyze.py" in first.stdout
+    assert "next: SEED=43 uv run launch.py && uv run analyze.py" in first.stdout
     fake_run(repo, 0.9970, seed=42, offset=(10, 0.001), started_at="2026-12-01T10:00:00+0000",
              log="the same code and seed again\n")  # it measures nothing
     again = analyze(repo)

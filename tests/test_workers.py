@@ -39,7 +39,7 @@ def sh(cmd, check=True):
         sys.exit(f"{{cmd}} failed: {{p.stderr}}")
     return p
 def train(seed=None):
-    sh(("SEED=%d " % seed if seed is not None else "") + py + " launch.py > run.log 2>&1", check=False)
+    sh(("SEED=%d " % seed if seed is not None else "") + py + " launch.py", check=False)
     sh(py + " analyze.py")
     rows = [json.loads(line) for line in open(".auto-log-research/runs.jsonl")]
     return [r for r in rows if r.get("worker") == w][-1]
