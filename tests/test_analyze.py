@@ -513,9 +513,7 @@ def test_metrics_reader_keeps_complete_lines_of_a_truncated_file(tmp_path):
 
 def test_real_cpu_run_end_to_end(prepared, repo):
     env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
-    with open(repo / "run.log", "w") as log:
-        train = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
-                               env=env, timeout=300)
+    train = subprocess.run([sys.executable, "launch.py"], cwd=repo, capture_output=True, env=env, timeout=300)
     assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
     summary = json.loads((repo / "run_summary.json").read_text())
     proc = analyze(repo)

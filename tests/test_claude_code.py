@@ -34,7 +34,7 @@ def say(text):
     return [{"type": "text", "text": text}]
 
 
-TRAIN = f"{PY} train.py > run.log 2>&1; {PY} analyze.py"
+TRAIN = f"{PY} launch.py; {PY} analyze.py"
 
 
 def night_script():
@@ -98,7 +98,7 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     assert status.strip().splitlines()[-1].split(" | ")[1] == "stopped: experiment budget used (3 runs)"
     assert "settled" not in status  # the agent finished its own experiment within the grace
     # the record: every command the agent ran, and no key anywhere
-    assert log.count("[tool Bash]") >= 7 and "train.py > run.log 2>&1" in log and "[result]" in log
+    assert log.count("[tool Bash]") >= 7 and "launch.py; " in log and "[result]" in log
     assert api.keys == {SECRET}  # the CLI had the key (from the helper) ...
     assert "[result] key-seen: 0 0\n" in log  # ... its commands did not, nor the CLI's environment
     for path in repo.rglob("*"):

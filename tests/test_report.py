@@ -185,9 +185,7 @@ def night(prepared, tmp_path_factory):
     discarded one, the same crash twice, notes and an ideas queue; report.html written."""
     repo = make_repo(tmp_path_factory.mktemp("night") / "repo")
     env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
-    with open(repo / "run.log", "w") as log:
-        train = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               timeout=300)
+    train = subprocess.run([sys.executable, "launch.py"], cwd=repo, capture_output=True, env=env, timeout=300)
     assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
     real = json.loads((repo / "run_summary.json").read_text())
     assert analyze(repo).returncode == 0

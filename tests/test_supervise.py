@@ -156,7 +156,7 @@ def done(text="experiment done"):
     return [{"type": "text", "text": text}]
 
 
-TRAIN_ANALYZE = f"{PY} train.py > run.log 2>&1; {PY} analyze.py"
+TRAIN_ANALYZE = f"{PY} launch.py; {PY} analyze.py"
 
 
 def three_experiments():
