@@ -476,3 +476,50 @@ def test_analyze_refuses_while_train_py_runs_in_the_directory(repo):
     proc = analyze(repo)  # the run ended: its lock file stays, unlocked
     assert proc.returncode == 0, proc.stderr
     assert [r["val_bpb"] for r in ledger(repo)] == [0.99]
+
+
+# ---------------------------------------------------------------------------
+# 10: the store's lock file removed while a writer holds it
+# ---------------------------------------------------------------------------
+
+HOLD_STORE_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from analysis.store import Store
+with Store(sys.argv[1]).lock():  # as a writer holds it for one command
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+TRY_STORE_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from analysis.store import Store
+with Store(sys.argv[1]).lock(timeout=0):  # one try: taken, or refused at once
+    print("taken", flush=True)
+"""
+
+
+def test_removing_the_lock_file_while_a_writer_holds_it_lets_no_second_writer_in(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    before = ledger(repo)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_STORE_LOCK, str(repo)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (repo / STORE / ".lock").unlink()  # e.g. `rm .auto-log-research/.lock`, or a cleanup script
+        second = subprocess.run([sys.executable, "-c", TRY_STORE_LOCK, str(repo)], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode != 0 and "taken" not in second.stdout, second.stdout
+        assert f"another analyze.py has held {STORE}/.lock" in second.stderr.replace(f"{repo}/", ""), \
+            second.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+    second = subprocess.run([sys.executable, "-c", TRY_STORE_LOCK, str(repo)], capture_output=True,
+                            text=True, timeout=120)
+    assert second.stdout == "taken\n", second.stderr  # released with the holder
+    fake_run(repo, 0.99, seed=2)  # and the next command works, with nothing lost
+    assert analyze(repo).returncode == 0
+    assert [r["val_bpb"] for r in ledger(repo)] == [r["val_bpb"] for r in before] + [0.99]
