@@ -65,13 +65,14 @@ def refuse_keep(target: dict, ledger: list, new_baseline: bool):
     committed = git.show(target["commit"])
     if committed is None or contract.sha256_bytes(committed.encode()) != target["train_sha256"]:
         raise HarnessError(f"run {run_id} did not run a committed train.py (commit "
-                           f"{target['commit']}): commit train.py and run it again before "
-                           f"keeping it")
+                           f"{target['commit']}): commit train.py, train again "
+                           f"(`{contract.TRAIN_COMMAND}`) and keep that run")
     local = git.uncommitted_import(committed, target["commit"])
     if local:
         raise HarnessError(f"run {run_id}'s train.py imports {local[0]}, which {local[1]}: a kept "
                            f"run must be reproducible from its commit; commit {local[0]} (`git add "
-                           f"{local[0]} && git commit`), run train.py again and keep that run")
+                           f"{local[0]} && git commit`), train again (`{contract.TRAIN_COMMAND}`) "
+                           f"and keep that run")
     kept = [r for r in ledger if r["status"] == "keep"]
     if kept and verdict.best_pool(ledger, verdict.comparable_key(target)) is None \
             and not new_baseline:

@@ -422,7 +422,7 @@ def test_keep_refuses_a_run_whose_local_module_is_not_committed(repo):
     error = one_error_line(analyze(repo, "keep"))
     assert error == (f"error: run {run}'s train.py imports helpers.py, which is untracked: a kept run must be "
                      f"reproducible from its commit; commit helpers.py (`git add helpers.py && git commit`), "
-                     f"run train.py again and keep that run")
+                     f"train again (`{contract.TRAIN_COMMAND}`) and keep that run")
     git(repo, "add", "helpers.py")
     git(repo, "commit", "-qm", "add helpers")
     assert "which is not in the run's commit" in one_error_line(analyze(repo, "keep"))
@@ -523,3 +523,40 @@ def test_removing_the_lock_file_while_a_writer_holds_it_lets_no_second_writer_in
     fake_run(repo, 0.99, seed=2)  # and the next command works, with nothing lost
     assert analyze(repo).returncode == 0
     assert [r["val_bpb"] for r in ledger(repo)] == [r["val_bpb"] for r in before] + [0.99]
+
+
+# ---------------------------------------------------------------------------
+# 11: a refusal names program.md's command, and a failed write the file the user knows
+# ---------------------------------------------------------------------------
+
+def test_keep_of_uncommitted_code_names_program_mds_training_command(repo):
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 9 ", "depth 9")
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace("DEPTH = 9 ", "DEPTH = 10 "))
+    fake_run(repo, dirty=True)  # a run of an edit never committed
+    assert analyze(repo).returncode == 0
+    error = one_error_line(analyze(repo, "keep"))
+    assert error == (f"error: run {head(repo)} did not run a committed train.py (commit {head(repo)}): "
+                     f"commit train.py, train again (`{contract.TRAIN_COMMAND}`) and keep that run")
+    assert ledger(repo)[-1]["status"] == "pending"
+
+
+REPORT_LIMIT = 4096  # bytes: far less than any report.html, more than anything `report` reads
+
+
+def test_a_failed_report_write_names_report_html_and_the_next_report_is_written(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    assert analyze(repo, "report").returncode == 0
+    report = repo / STORE / "report.html"
+    before = report.read_bytes()
+    fake_run(repo, 0.99, seed=2)
+    assert analyze(repo).returncode == 0
+    proc = subprocess.run([sys.executable, "analyze.py", "report"], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(REPORT_LIMIT))
+    error = one_error_line(proc)
+    assert error == (f"error: {STORE}/report.html: File too large; fix that (free space, permissions) and run "
+                     f"the command again"), error
+    assert report.read_bytes() == before and leftovers(repo) == []  # the last report stands whole
+    proc = analyze(repo, "report")  # the limit lifted
+    assert proc.returncode == 0, proc.stderr
+    assert report.read_bytes() != before and "0.99" in report.read_text()
