@@ -13,6 +13,7 @@ from harness import contract, git, settings
 from harness.contract import HarnessError
 from analysis import integrity, plots, report, runfiles, stats, verdict
 from analysis.store import PROGRESS_PNG, Store
+from analysis.worker import current as this_worker
 
 NO_BASE = "# nothing to compare against: no best and no previous run\n"
 
@@ -106,7 +107,7 @@ def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=Non
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
-                  analyzed_at=contract.stamp(), worker=settings.WORKER,
+                  analyzed_at=contract.stamp(), worker=this_worker(),
                   train_sha256=summary.get("train_sha256") or contract.sha256_bytes(code.encode()),
                   run_log_sha256=log_file["sha256"] if log_file else None,
                   run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,

@@ -16,6 +16,7 @@ from harness import contract, git, settings
 from harness.contract import HarnessError
 from analysis import archive, claims, plots, report, verdict
 from analysis.store import INSIGHTS, PROGRESS_PNG, Store, worker_of
+from analysis.worker import current as this_worker
 
 UNDECIDED = ("pending", "rerun")  # a finished run whose keep or discard is still to come
 
@@ -23,7 +24,7 @@ UNDECIDED = ("pending", "rerun")  # a finished run whose keep or discard is stil
 def own_runs(ledger: list, worker: str = None) -> list:
     """The ledger rows of one worker (default: this process's): with several workers, "the latest
     run" of keep, discard and sync is this worker's, not the store's."""
-    worker = worker or settings.WORKER
+    worker = worker or this_worker()
     return [r for r in ledger if worker_of(r) == worker]
 
 
@@ -43,6 +44,10 @@ def bookkeeping(run_id, lines: list):
             raise HarnessError("no run to act on: the store is empty (run `uv run analyze.py` "
                                "after a training run)")
         own = own_runs(ledger)
+        if not (run_id or own or this_worker() == settings.MAIN_WORKER):
+            raise HarnessError(f"worker {this_worker()} has no run yet to act on (the store's "
+                               f"latest is {worker_of(ledger[-1])}'s): analyze a run of this "
+                               f"worktree first, or name the run (`uv run analyze.py status`)")
         yield store, ledger, (store.find(ledger, run_id) if run_id else (own or ledger)[-1])
 
 
@@ -114,7 +119,7 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
 def finish_claim(store: Store, ideas: list, target: dict, outcome: str):
     """The idea this worker claimed (of `ideas`, claims.json as read) is decided by keeping or
     discarding `target` (under the lock)."""
-    done_claims, done = claims.finish(ideas, settings.WORKER, target["run_id"], outcome)
+    done_claims, done = claims.finish(ideas, this_worker(), target["run_id"], outcome)
     if done is not None:
         claims.write(store, done_claims)
     return done
@@ -213,10 +218,10 @@ def claim(lines: list, idea: str):
     tested already or another live worker is testing it."""
     store = Store(".")
     with store.lock():
-        updated, notes = claims.take(claims.read(store), idea, settings.WORKER, settings.WORKER_PID)
+        updated, notes = claims.take(claims.read(store), idea, this_worker(), settings.WORKER_PID)
         claims.write(store, updated)
     lines += ([f"note: {note}" for note in notes]
-              + [f"claimed for {settings.WORKER}: {idea.strip()}"])
+              + [f"claimed for {this_worker()}: {idea.strip()}"])
 
 
 def settle_command(store: Store, worker: str, working: Path):

@@ -17,7 +17,7 @@ import synthetic
 from harness import git as git_ops
 from analysis.runfiles import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from analysis.store import Store
-from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger
+from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger, night_repo
 
 STORE = ".auto-log-research"
 SYNTAX_ERROR = "def (\n"  # a train.py that dies before train.py's logger starts
@@ -560,3 +560,36 @@ def test_a_failed_report_write_names_report_html_and_the_next_report_is_written(
     proc = analyze(repo, "report")  # the limit lifted
     assert proc.returncode == 0, proc.stderr
     assert report.read_bytes() != before and "0.99" in report.read_text()
+
+
+# ---------------------------------------------------------------------------
+# 12: a command in a worker's worktree, run without the worker's variables
+# ---------------------------------------------------------------------------
+
+def test_keep_in_a_workers_worktree_without_its_variables_acts_on_that_worktrees_run(tmp_path):
+    from test_workers import add_worktree, analyze as analyze_as, edit_and_commit
+    repo = night_repo(tmp_path / "repo")
+    fake_run(repo, 1.0)  # the main worker: a kept baseline, then a better run it discarded
+    assert analyze(repo).returncode == 0 and analyze(repo, "keep").returncode == 0
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 10 ", "depth 10")
+    fake_run(repo, 0.98, seed=3)
+    assert analyze(repo).returncode == 0 and analyze(repo, "discard").returncode == 0
+    tree = add_worktree(repo, "gpu0")  # worker gpu0, as the night makes it
+    edit_and_commit(tree, "DEPTH = 8 ", "DEPTH = 12 ", "depth 12")
+    fake_run(tree, 0.99, seed=43)
+    assert analyze_as(tree, worker="gpu0").returncode == 0
+    before = {r["run_id"]: r["status"] for r in ledger(repo)}
+    proc = analyze(tree, "keep")  # by hand in gpu0's worktree, without AUTORESEARCH_WORKER
+    assert proc.returncode == 0, proc.stderr
+    own = [r for r in ledger(repo) if r["worker"] == "gpu0"][-1]
+    assert proc.stdout.startswith(f"kept {own['run_id']} "), proc.stdout
+    after = {r["run_id"]: r["status"] for r in ledger(repo)}
+    assert after == {**before, own["run_id"]: "keep"}  # main's discarded run stays discarded
+    fake_run(tree, 0.995, seed=44)  # and a run analyzed there without the variables is gpu0's too
+    assert analyze(tree).returncode == 0
+    assert ledger(repo)[-1]["worker"] == "gpu0"
+    other = add_worktree(repo, "gpu1")  # a worker with no run yet: nothing of another's is touched
+    before = ledger(repo)
+    error = one_error_line(analyze(other, "keep"))
+    assert error.startswith("error: worker gpu1 has no run yet to act on"), error
+    assert ledger(repo) == before
