@@ -51,10 +51,15 @@ def bookkeeping(run_id, lines: list):
         yield store, ledger, (store.find(ledger, run_id) if run_id else (own or ledger)[-1])
 
 
-def save_ledger(store: Store, ledger: list):
-    """The command's last write (the progress plot is drawn from it)."""
+def save_ledger(store: Store, ledger: list, lines: list):
+    """The command's last write (the progress plot is drawn from it: where that write fails, a
+    note, for the ledger is written and the next command draws it)."""
     store.write_ledger(ledger)
-    plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+    failure = plots.render_noting([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+    if failure:  # the last progress.png is stale: removed, so that the next command draws it
+        store.path(PROGRESS_PNG).unlink(missing_ok=True)
+        lines.append(f"note: {failure}; free space there: the next `uv run analyze.py` (or keep, "
+                     f"discard) draws it")
 
 
 def refuse_keep(target: dict, ledger: list, new_baseline: bool):
@@ -101,7 +106,7 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
         best_key, best_records = verdict.best_pool(ledger, comparable)
         tested = finish_claim(store, ideas, target, "keep")
         contract.atomic_write(insights, report.with_current_best(old, best_records))
-        save_ledger(store, ledger)
+        save_ledger(store, ledger, lines)
     mean = np.mean([r["val_bpb"] for r in group])
     lines.append(f"kept {target['run_id']} (commit {target['commit']}): val_bpb {mean:.6f} pooled "
                  f"over {len(group)} run(s)")
@@ -175,7 +180,7 @@ def discard(lines: list, run_id=None):
                     and record["status"] in UNDECIDED:
                 record["status"] = "discard"
         tested = finish_claim(store, ideas, target, "discard")
-        save_ledger(store, ledger)
+        save_ledger(store, ledger, lines)
     lines.append(f"discarded {target['run_id']}; " +
                  (f"train.py is the best's ({best_run['commit']}), nothing to commit" if sha is None
                   else f"train.py restored to best {best_run['commit']} in commit {sha}"))

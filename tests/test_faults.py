@@ -222,6 +222,66 @@ def test_a_full_disk_while_archiving_records_nothing_and_the_next_call_archives(
     assert (repo / STORE / head(repo) / "metrics.jsonl").read_bytes() == (repo / "metrics.jsonl").read_bytes()
 
 
+FEW_STEPS = 40           # a short run: its metrics.jsonl is smaller than train.py
+FILE_SLACK = 4096        # analysis.md, runs.jsonl, results.tsv: a few KB
+
+
+def listed_figures(folder) -> list:
+    """The figures a run's analysis.md lists."""
+    return re.findall(r"^- \[([\w.-]+\.png)\]", (folder / "analysis.md").read_text(), re.M)
+
+
+def test_a_full_disk_inside_the_plotting_is_one_note_and_the_next_call_draws_the_figures(repo):
+    fake_run(repo, 1.0, n_steps=FEW_STEPS)
+    assert analyze(repo).returncode == 0
+    fake_run(repo, 0.99, seed=2, n_steps=FEW_STEPS)
+    # every file the archive and the ledger get fits; the larger figures do not (checked below)
+    limit = max((repo / name).stat().st_size for name in ("train.py", "metrics.jsonl")) + FILE_SLACK
+    proc = subprocess.run([sys.executable, "analyze.py"], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(limit))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # no traceback
+    run = ledger(repo)[-1]
+    folder = repo / STORE / run["run_id"]
+    notes = [line for line in proc.stdout.splitlines() if "figures" in line]
+    assert len(notes) == 1 and re.match(
+        rf"note: run {run['run_id']} is recorded, but not all its figures: \S+\.png could not be written "
+        rf"\(File too large; the filesystem at /\S* has \d+ MB free\); free space there: the next "
+        rf"`uv run analyze\.py` \(or keep, discard\) draws them$", notes[0]), proc.stdout
+    assert [(r["val_bpb"], r["status"]) for r in ledger(repo)] == [(1.0, "pending"), (0.99, "pending")]
+    assert leftovers(repo) == [] and "verdict:" in proc.stdout
+    missing = [name for name in listed_figures(folder) if not (folder / name).exists()]
+    assert missing, "the limit let every figure through: nothing was injected"
+    fake_run(repo, 0.98, seed=3, n_steps=FEW_STEPS)  # the next run, the limit lifted
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: drew the missing figures of {run['run_id']}" in proc.stdout, proc.stdout
+    for name in missing:
+        assert (folder / name).stat().st_size > 1000
+    assert (repo / STORE / "progress.png").exists() and len(ledger(repo)) == 3
+    assert "missing figures" not in analyze(repo, "status").stdout + analyze(repo, "keep").stdout
+
+
+PROGRESS_LIMIT = 8192  # bytes: more than keep's ledger and insights.md, less than progress.png
+
+
+def test_a_full_disk_drawing_progress_png_in_keep_is_a_note_and_the_keep_stands(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    proc = subprocess.run([sys.executable, "analyze.py", "keep"], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(PROGRESS_LIMIT))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert re.search(rf"^note: {STORE}/progress\.png could not be written \(File too large; the filesystem at "
+                     rf"/\S* has \d+ MB free\); free space there: the next `uv run analyze\.py` \(or keep, "
+                     rf"discard\) draws it$", proc.stdout, re.M), proc.stdout
+    assert [r["status"] for r in ledger(repo)] == ["keep"] and leftovers(repo) == []
+    assert not (repo / STORE / "progress.png").exists()  # not left stale
+    fake_run(repo, 0.99, seed=2)
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: drew the missing figures of progress.png" in proc.stdout, proc.stdout
+    assert (repo / STORE / "progress.png").stat().st_size > 1000
+
+
 # ---------------------------------------------------------------------------
 # 5: non-finite and malformed inputs
 # ---------------------------------------------------------------------------
