@@ -1,6 +1,6 @@
-"""Injected faults (issue 10, "Trustworthy results"): each test causes the fault for real (a crash, a kill,
-a full disk, a git state, corrupt input), then checks that nothing was lost or misreported and that the
-next command works."""
+"""Injected faults (issue 10, "Trustworthy results", and issue 19's fault injection): each test causes the
+fault for real (a crash, a kill, a full disk, a git state, corrupt input, a removed lock file, a command in a
+worker's worktree), then checks that nothing was lost or misreported and that the next command works."""
 
 import json
 import os
