@@ -5,6 +5,7 @@ The internals of analyze.py, one topic per module (fixed harness: the agent must
     runfiles.py     the files a training run leaves behind, read defensively, and whose they are
     archive.py      one run after it ended: archived, checked, analysed, judged, then recorded
     bookkeeping.py  keep, discard, sync and claim: git and the ledger under the store's lock
+    worker.py       which worker a command acts for (its variable, else its worktree)
     claims.py       which worker of a night is testing which idea of ideas_queue.md
     stats.py        trajectory statistics as pure functions over numpy arrays
     verdict.py      the noise estimate and the keep / rerun / discard / crash decision (pure)

@@ -4,6 +4,7 @@ verdict decided against the best with the noise estimate, analysis.md and the fi
 its ledger row recorded last (until then nothing is recorded). `analyze.py` with no command.
 """
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from harness import contract, git, settings
 from harness.contract import HarnessError
 from analysis import integrity, plots, report, runfiles, stats, verdict
 from analysis.store import PROGRESS_PNG, Store
+from analysis.worker import current as this_worker
 
 NO_BASE = "# nothing to compare against: no best and no previous run\n"
+PLOT_LINK = re.compile(r"^- \[([\w.-]+\.png)\]\(\1\)$", re.M)  # a figure analysis.md lists
 
 
 def trajectory(records: list, config: dict, other_records: list = None) -> dict:
@@ -106,7 +109,7 @@ def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=Non
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
-                  analyzed_at=contract.stamp(), worker=settings.WORKER,
+                  analyzed_at=contract.stamp(), worker=this_worker(),
                   train_sha256=summary.get("train_sha256") or contract.sha256_bytes(code.encode()),
                   run_log_sha256=log_file["sha256"] if log_file else None,
                   run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,
@@ -133,9 +136,47 @@ def write_diff(store: Store, record: dict, base):
 
 
 def repair(store: Store) -> list:
-    """Repair what a killed earlier call left (call first under the store lock): the store's
-    leftovers and a stale .git/index.lock; one `note:` line each."""
-    return [f"note: {note}" for note in store.repair() + [git.clear_stale_index_lock()] if note]
+    """Repair what a killed or failed earlier call left (call first under the store lock): the
+    store's leftovers, a stale .git/index.lock, the figures a full disk left undrawn; one `note:`
+    line each."""
+    notes = store.repair() + [git.clear_stale_index_lock()] + redraw_missing(store)
+    return [f"note: {note}" for note in notes if note]
+
+
+def redraw_missing(store: Store) -> list:
+    """Draw the figures of archived runs that their analysis.md lists but a failed write (a full
+    disk) left missing, overlaid as they were first drawn (with the run's best and the run before
+    it), and a missing progress.png; one note, or where a write fails again, one note saying
+    so."""
+    ledger = store.read_ledger()
+    jobs, drawn = [], []
+    for i, record in enumerate(ledger):
+        folder = store.run_path(record["run_id"])
+        listed = folder / "analysis.md"
+        listed = PLOT_LINK.findall(listed.read_text()) if listed.exists() else []
+        missing = [name for name in listed if not (folder / name).exists()]
+        if not missing:
+            continue
+        best = next((r for r in ledger if r["run_id"] == record.get("best_run_id")), None)
+        facts = {"records": store.archived_records(record["run_id"])}
+        run_jobs = figure_jobs(store, record, facts, ledger[:i], best,
+                               store.archived_records(best["run_id"]) if best else None)[:-1]
+        jobs += [job for job in run_jobs if job[0].name in missing]
+        drawn.append(record["run_id"])
+    if ledger and not store.path(PROGRESS_PNG).exists():
+        jobs.append((store.path(PROGRESS_PNG), plots.progress_figure, (ledger,)))
+        drawn.append(PROGRESS_PNG)
+    if not jobs:
+        return []
+    try:
+        failure = plots.render_noting(jobs)
+    except Exception as e:  # a drawing bug must not stop every later command: said, not raised
+        failure = f"drawing failed ({type(e).__name__}: {e})"
+    if failure:
+        return [f"figures of {', '.join(drawn)} are still missing: {failure}; free space there "
+                f"and run the command again"]
+    return [f"drew the missing figures of {', '.join(drawn)} ({len(jobs)} file(s)), left "
+            f"undrawn by a failed write"]
 
 
 def analyze(store: Store, run_dir, mode: str, notes: list, message=None) -> tuple:
@@ -162,6 +203,11 @@ def analyze(store: Store, run_dir, mode: str, notes: list, message=None) -> tupl
             raise HarnessError(f"archiving run {run_id} failed writing {what} ({e.strerror or e}): "
                                f"nothing was recorded; free space and run `uv run analyze.py` again"
                                ) from None
+        if context["plots_failed"]:  # a stale progress.png is removed: the next call draws it
+            store.path(PROGRESS_PNG).unlink(missing_ok=True)
+            notes.append(f"note: run {run_id} is recorded, but not all its figures: "
+                         f"{context['plots_failed']}; free space there: the next `uv run "
+                         f"analyze.py` (or keep, discard) draws them")
     return context, store.run_path(run_id) / "analysis.md"
 
 
@@ -233,5 +279,5 @@ def analyze_run(store: Store, run: dict, facts: dict, ledger: list, run_id: str,
     except BaseException:
         wait_for_plots(check=False)  # the drawing process must be done before its folder is removed
         raise
-    wait_for_plots()
+    context["plots_failed"] = wait_for_plots()
     return context

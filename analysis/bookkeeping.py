@@ -16,6 +16,7 @@ from harness import contract, git, settings
 from harness.contract import HarnessError
 from analysis import archive, claims, plots, report, verdict
 from analysis.store import INSIGHTS, PROGRESS_PNG, Store, worker_of
+from analysis.worker import current as this_worker
 
 UNDECIDED = ("pending", "rerun")  # a finished run whose keep or discard is still to come
 
@@ -23,7 +24,7 @@ UNDECIDED = ("pending", "rerun")  # a finished run whose keep or discard is stil
 def own_runs(ledger: list, worker: str = None) -> list:
     """The ledger rows of one worker (default: this process's): with several workers, "the latest
     run" of keep, discard and sync is this worker's, not the store's."""
-    worker = worker or settings.WORKER
+    worker = worker or this_worker()
     return [r for r in ledger if worker_of(r) == worker]
 
 
@@ -43,13 +44,22 @@ def bookkeeping(run_id, lines: list):
             raise HarnessError("no run to act on: the store is empty (run `uv run analyze.py` "
                                "after a training run)")
         own = own_runs(ledger)
+        if not (run_id or own or this_worker() == settings.MAIN_WORKER):
+            raise HarnessError(f"worker {this_worker()} has no run yet to act on (the store's "
+                               f"latest is {worker_of(ledger[-1])}'s): analyze a run of this "
+                               f"worktree first, or name the run (`uv run analyze.py status`)")
         yield store, ledger, (store.find(ledger, run_id) if run_id else (own or ledger)[-1])
 
 
-def save_ledger(store: Store, ledger: list):
-    """The command's last write (the progress plot is drawn from it)."""
+def save_ledger(store: Store, ledger: list, lines: list):
+    """The command's last write (the progress plot is drawn from it: where that write fails, a
+    note, for the ledger is written and the next command draws it)."""
     store.write_ledger(ledger)
-    plots.render([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+    failure = plots.render_noting([(store.path(PROGRESS_PNG), plots.progress_figure, (ledger,))])
+    if failure:  # the last progress.png is stale: removed, so that the next command draws it
+        store.path(PROGRESS_PNG).unlink(missing_ok=True)
+        lines.append(f"note: {failure}; free space there: the next `uv run analyze.py` (or keep, "
+                     f"discard) draws it")
 
 
 def refuse_keep(target: dict, ledger: list, new_baseline: bool):
@@ -65,13 +75,14 @@ def refuse_keep(target: dict, ledger: list, new_baseline: bool):
     committed = git.show(target["commit"])
     if committed is None or contract.sha256_bytes(committed.encode()) != target["train_sha256"]:
         raise HarnessError(f"run {run_id} did not run a committed train.py (commit "
-                           f"{target['commit']}): commit train.py and run it again before "
-                           f"keeping it")
+                           f"{target['commit']}): commit train.py, train again "
+                           f"(`{contract.TRAIN_COMMAND}`) and keep that run")
     local = git.uncommitted_import(committed, target["commit"])
     if local:
         raise HarnessError(f"run {run_id}'s train.py imports {local[0]}, which {local[1]}: a kept "
                            f"run must be reproducible from its commit; commit {local[0]} (`git add "
-                           f"{local[0]} && git commit`), run train.py again and keep that run")
+                           f"{local[0]} && git commit`), train again (`{contract.TRAIN_COMMAND}`) "
+                           f"and keep that run")
     kept = [r for r in ledger if r["status"] == "keep"]
     if kept and verdict.best_pool(ledger, verdict.comparable_key(target)) is None \
             and not new_baseline:
@@ -95,7 +106,7 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
         best_key, best_records = verdict.best_pool(ledger, comparable)
         tested = finish_claim(store, ideas, target, "keep")
         contract.atomic_write(insights, report.with_current_best(old, best_records))
-        save_ledger(store, ledger)
+        save_ledger(store, ledger, lines)
     mean = np.mean([r["val_bpb"] for r in group])
     lines.append(f"kept {target['run_id']} (commit {target['commit']}): val_bpb {mean:.6f} pooled "
                  f"over {len(group)} run(s)")
@@ -113,7 +124,7 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
 def finish_claim(store: Store, ideas: list, target: dict, outcome: str):
     """The idea this worker claimed (of `ideas`, claims.json as read) is decided by keeping or
     discarding `target` (under the lock)."""
-    done_claims, done = claims.finish(ideas, settings.WORKER, target["run_id"], outcome)
+    done_claims, done = claims.finish(ideas, this_worker(), target["run_id"], outcome)
     if done is not None:
         claims.write(store, done_claims)
     return done
@@ -169,7 +180,7 @@ def discard(lines: list, run_id=None):
                     and record["status"] in UNDECIDED:
                 record["status"] = "discard"
         tested = finish_claim(store, ideas, target, "discard")
-        save_ledger(store, ledger)
+        save_ledger(store, ledger, lines)
     lines.append(f"discarded {target['run_id']}; " +
                  (f"train.py is the best's ({best_run['commit']}), nothing to commit" if sha is None
                   else f"train.py restored to best {best_run['commit']} in commit {sha}"))
@@ -212,10 +223,10 @@ def claim(lines: list, idea: str):
     tested already or another live worker is testing it."""
     store = Store(".")
     with store.lock():
-        updated, notes = claims.take(claims.read(store), idea, settings.WORKER, settings.WORKER_PID)
+        updated, notes = claims.take(claims.read(store), idea, this_worker(), settings.WORKER_PID)
         claims.write(store, updated)
     lines += ([f"note: {note}" for note in notes]
-              + [f"claimed for {settings.WORKER}: {idea.strip()}"])
+              + [f"claimed for {this_worker()}: {idea.strip()}"])
 
 
 def settle_command(store: Store, worker: str, working: Path):

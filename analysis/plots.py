@@ -8,9 +8,11 @@ pyplot state, Agg canvas) and returned before saving, so tests can assert on the
 
 import io
 import os
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +32,7 @@ MAX_HEATMAP_LABELS = 30
 # progress.png labels the latest kept runs that set a new best, up to this many
 MAX_PROGRESS_LABELS = 25
 MAX_PROGRESS_LABEL = 40       # characters of a kept run's description written on progress.png
+WRITE_FAILED = 75             # the drawing process's exit code where a figure could not be written
 
 
 def new_figure(**kwargs):
@@ -214,30 +217,63 @@ def render(jobs: list):
 
 def render_in_background(jobs: list):
     """Start drawing [(path, builder, args)] in a forked process and return a function that waits
-    for it (raising if it failed, unless check=False: the caller is failing already and only needs
-    the process gone). Drawing is CPU-bound and single-threaded, and a run's analysis has a time
-    budget: the caller computes statistics meanwhile. Inline where fork is unavailable."""
+    for it. Drawing is CPU-bound and single-threaded, and a run's analysis has a time budget: the
+    caller computes statistics meanwhile. Inline where fork is unavailable. The function returns
+    None, or the one line of a failed write (a full disk: the figures are the run's least part,
+    and the next analyze.py draws the missing ones); any other failure raises, unless check=False
+    (the caller is failing already and only needs the process gone)."""
     if not hasattr(os, "fork"):
-        render(jobs)
-        return lambda check=True: None
+        failure = render_noting(jobs)
+        return lambda check=True: failure
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: draw, report failure through the exit code, never return into the caller
+        os.close(read_end)
         try:
             render(jobs)
+        except OSError as e:  # one line for the parent to show, no traceback
+            os.write(write_end, write_failure(e).encode())
+            os._exit(WRITE_FAILED)
         except BaseException:
             traceback.print_exc()
             os._exit(1)
         os._exit(0)
+    os.close(write_end)
 
     def wait(check: bool = True):
         status = os.waitpid(pid, 0)[1]
+        with os.fdopen(read_end, "rb") as pipe:
+            failure = pipe.read().decode()
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WRITE_FAILED:
+            return failure
         if check and status != 0:
             raise HarnessError(f"the plotting process failed (exit status {status}; traceback "
                                f"above): the analysis and the ledger row are written, some plots "
                                f"may be missing")
+        return None
     return wait
+
+
+def render_noting(jobs: list):
+    """render(jobs), where a failed write is the one line it returns (None when all were
+    written)."""
+    try:
+        render(jobs)
+    except OSError as e:
+        return write_failure(e)
+    return None
+
+
+def write_failure(e: OSError) -> str:
+    """A failed figure write in one line: the file, the cause, the filesystem and its free
+    space."""
+    path = Path(e.filename or ".").resolve()
+    disk = next((p for p in (path, *path.parents) if p.exists() and os.path.ismount(p)), Path("/"))
+    free = shutil.disk_usage(disk).free
+    return (f"{e.filename or 'a figure'} could not be written ({e.strerror or e}; the filesystem "
+            f"at {disk} has {free / 2**20:.0f} MB free)")
 
 
 def progress_figure(ledger: list):

@@ -18,6 +18,7 @@ import fcntl
 import io
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -35,6 +36,7 @@ INSIGHTS = "insights.md"
 IDEAS = "ideas_queue.md"      # the agents' prioritised hypotheses (`analyze.py claims` lists them)
 PROGRESS_PNG = "progress.png"
 LOCK_FILE = ".lock"
+LOCK_ANCHOR = ".anchor/lock"  # the lock file's second name: removing .lock cannot free the lock
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`
 NIGHT_FILE = "night.json"     # the night running on this store: its supervisor and the keep policy
                               # it fixed at its start (written and removed by supervise.py)
@@ -43,6 +45,7 @@ TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")  # fix
 TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "p_value",
                      "num_steps", "mfu_percent", "device", "started_at", "worker")
 LOCK_TIMEOUT_S = 300          # a concurrent analyze takes seconds; minutes of waiting: a stuck one
+LOCK_POLL_S = 0.05            # between non-blocking tries of a held lock (so that it can time out)
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_write's: .<name>.<pid>.tmp
 
 
@@ -103,26 +106,86 @@ class Store:
         server's lock manager (NLM for NFSv3, the protocol itself for v4), so writers on different
         hosts of a shared filesystem exclude each other; the OS releases it when the process dies.
         POSIX locks belong to the process, so one process must not take it twice (analyze.py takes
-        it once per command)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path(LOCK_FILE), "a") as f:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:  # EACCES or EAGAIN while another process holds it
-                    if e.errno not in (errno.EACCES, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise HarnessError(f"another analyze.py has held {self.path(LOCK_FILE)} "
-                                           f"for {timeout:.0f} s; is one stuck? "
-                                           f"(ps aux | grep analyze.py)") from None
-                    time.sleep(0.05)
+        it once per command).
+
+        A lock belongs to an inode, not to a name: were .lock removed while a writer holds it, the
+        next writer would create a new file and lock that. So the lock file has two names, .lock
+        and LOCK_ANCHOR, and a writer never creates one while the other exists: it links the
+        missing name back to the same inode (link is atomic, on NFS too). After taking the lock
+        it checks that .lock still names the inode it locked (else it was replaced meanwhile:
+        release and try again) and restores the anchor. Only removing both names while a writer
+        holds the lock hands out a second one."""
+        fd = None
+        deadline = time.monotonic() + timeout
+        while fd is None:
+            fd = self._open_lock()
             try:
-                yield
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:  # EACCES or EAGAIN while another process holds it
+                os.close(fd)
+                fd = None
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"another analyze.py has held {self.path(LOCK_FILE)} "
+                                       f"for {timeout:.0f} s; is one stuck? "
+                                       f"(ps aux | grep analyze.py)") from None
+                time.sleep(LOCK_POLL_S)
+                continue
+            if not self._lock_names_agree(fd):
+                os.close(fd)  # closing releases it: the name was replaced between open and lock
+                fd = None
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _open_lock(self) -> int:
+        """A descriptor (read-write) on the lock file's inode, by .lock; a missing name is linked
+        back from the other, and a new inode with both names is made only where neither exists."""
+        lock, anchor = self.path(LOCK_FILE), self.path(LOCK_ANCHOR)
+        anchor.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                return os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                pass
+            try:
+                os.link(anchor, lock)  # .lock was removed: the same inode again
+                continue
+            except FileExistsError:
+                continue  # another writer restored it first
+            except FileNotFoundError:
+                pass
+            fresh = lock.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")  # a new store's lock file
+            os.close(os.open(fresh, os.O_RDWR | os.O_CREAT, 0o644))
+            try:
+                os.link(fresh, anchor)
+            except FileExistsError:
+                pass  # another writer made one first: link .lock to its
             finally:
-                fcntl.lockf(f, fcntl.LOCK_UN)
+                fresh.unlink()
+
+    def _lock_names_agree(self, fd: int) -> bool:
+        """Whether .lock still names the locked inode (called holding the lock); the anchor is
+        restored to it where it was removed or replaced."""
+        held = os.fstat(fd)
+        try:
+            named = os.stat(self.path(LOCK_FILE))
+        except FileNotFoundError:
+            return False
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        anchor = self.path(LOCK_ANCHOR)
+        try:
+            pinned = os.stat(anchor)
+        except FileNotFoundError:
+            pinned = None
+        if pinned is None or (pinned.st_dev, pinned.st_ino) != (held.st_dev, held.st_ino):
+            anchor.unlink(missing_ok=True)
+            os.link(self.path(LOCK_FILE), anchor)
+        return True
 
     def night(self):
         """The night running on this store ({"pid", "verdict", "started_at"}), or None when none

@@ -72,8 +72,9 @@ def log_stamp(started_at: str) -> str:
 
 def atomic_write(path, data, mode: str = "w"):
     """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new,
-    never half. A failed write (a full disk) removes its temporary file; one a killed process left
-    is the store's repair's (analysis/store.py)."""
+    never half. A failed write (a full disk) removes its temporary file and raises an OSError that
+    names `path` (the temporary name is gone, and means nothing to the user); one a killed process
+    left is the store's repair's (analysis/store.py)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -82,6 +83,9 @@ def atomic_write(path, data, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # errno keeps its subclass
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,6 +1,6 @@
-"""Injected faults (issue 10, "Trustworthy results"): each test causes the fault for real (a crash, a kill,
-a full disk, a git state, corrupt input), then checks that nothing was lost or misreported and that the
-next command works."""
+"""Injected faults (issue 10, "Trustworthy results", and issue 19's fault injection): each test causes the
+fault for real (a crash, a kill, a full disk, a git state, corrupt input, a removed lock file, a command in a
+worker's worktree), then checks that nothing was lost or misreported and that the next command works."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import synthetic
 from harness import git as git_ops
 from analysis.runfiles import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from analysis.store import Store
-from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger
+from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger, night_repo
 
 STORE = ".auto-log-research"
 SYNTAX_ERROR = "def (\n"  # a train.py that dies before train.py's logger starts
@@ -222,6 +222,66 @@ def test_a_full_disk_while_archiving_records_nothing_and_the_next_call_archives(
     assert (repo / STORE / head(repo) / "metrics.jsonl").read_bytes() == (repo / "metrics.jsonl").read_bytes()
 
 
+FEW_STEPS = 40           # a short run: its metrics.jsonl is smaller than train.py
+FILE_SLACK = 4096        # analysis.md, runs.jsonl, results.tsv: a few KB
+
+
+def listed_figures(folder) -> list:
+    """The figures a run's analysis.md lists."""
+    return re.findall(r"^- \[([\w.-]+\.png)\]", (folder / "analysis.md").read_text(), re.M)
+
+
+def test_a_full_disk_inside_the_plotting_is_one_note_and_the_next_call_draws_the_figures(repo):
+    fake_run(repo, 1.0, n_steps=FEW_STEPS)
+    assert analyze(repo).returncode == 0
+    fake_run(repo, 0.99, seed=2, n_steps=FEW_STEPS)
+    # every file the archive and the ledger get fits; the larger figures do not (checked below)
+    limit = max((repo / name).stat().st_size for name in ("train.py", "metrics.jsonl")) + FILE_SLACK
+    proc = subprocess.run([sys.executable, "analyze.py"], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(limit))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # no traceback
+    run = ledger(repo)[-1]
+    folder = repo / STORE / run["run_id"]
+    notes = [line for line in proc.stdout.splitlines() if "figures" in line]
+    assert len(notes) == 1 and re.match(
+        rf"note: run {run['run_id']} is recorded, but not all its figures: \S+\.png could not be written "
+        rf"\(File too large; the filesystem at /\S* has \d+ MB free\); free space there: the next "
+        rf"`uv run analyze\.py` \(or keep, discard\) draws them$", notes[0]), proc.stdout
+    assert [(r["val_bpb"], r["status"]) for r in ledger(repo)] == [(1.0, "pending"), (0.99, "pending")]
+    assert leftovers(repo) == [] and "verdict:" in proc.stdout
+    missing = [name for name in listed_figures(folder) if not (folder / name).exists()]
+    assert missing, "the limit let every figure through: nothing was injected"
+    fake_run(repo, 0.98, seed=3, n_steps=FEW_STEPS)  # the next run, the limit lifted
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: drew the missing figures of {run['run_id']}" in proc.stdout, proc.stdout
+    for name in missing:
+        assert (folder / name).stat().st_size > 1000
+    assert (repo / STORE / "progress.png").exists() and len(ledger(repo)) == 3
+    assert "missing figures" not in analyze(repo, "status").stdout + analyze(repo, "keep").stdout
+
+
+PROGRESS_LIMIT = 8192  # bytes: more than keep's ledger and insights.md, less than progress.png
+
+
+def test_a_full_disk_drawing_progress_png_in_keep_is_a_note_and_the_keep_stands(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    proc = subprocess.run([sys.executable, "analyze.py", "keep"], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(PROGRESS_LIMIT))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert re.search(rf"^note: {STORE}/progress\.png could not be written \(File too large; the filesystem at "
+                     rf"/\S* has \d+ MB free\); free space there: the next `uv run analyze\.py` \(or keep, "
+                     rf"discard\) draws it$", proc.stdout, re.M), proc.stdout
+    assert [r["status"] for r in ledger(repo)] == ["keep"] and leftovers(repo) == []
+    assert not (repo / STORE / "progress.png").exists()  # not left stale
+    fake_run(repo, 0.99, seed=2)
+    proc = analyze(repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: drew the missing figures of progress.png" in proc.stdout, proc.stdout
+    assert (repo / STORE / "progress.png").stat().st_size > 1000
+
+
 # ---------------------------------------------------------------------------
 # 5: non-finite and malformed inputs
 # ---------------------------------------------------------------------------
@@ -422,7 +482,7 @@ def test_keep_refuses_a_run_whose_local_module_is_not_committed(repo):
     error = one_error_line(analyze(repo, "keep"))
     assert error == (f"error: run {run}'s train.py imports helpers.py, which is untracked: a kept run must be "
                      f"reproducible from its commit; commit helpers.py (`git add helpers.py && git commit`), "
-                     f"run train.py again and keep that run")
+                     f"train again (`{contract.TRAIN_COMMAND}`) and keep that run")
     git(repo, "add", "helpers.py")
     git(repo, "commit", "-qm", "add helpers")
     assert "which is not in the run's commit" in one_error_line(analyze(repo, "keep"))
@@ -476,3 +536,120 @@ def test_analyze_refuses_while_train_py_runs_in_the_directory(repo):
     proc = analyze(repo)  # the run ended: its lock file stays, unlocked
     assert proc.returncode == 0, proc.stderr
     assert [r["val_bpb"] for r in ledger(repo)] == [0.99]
+
+
+# ---------------------------------------------------------------------------
+# 10: the store's lock file removed while a writer holds it
+# ---------------------------------------------------------------------------
+
+HOLD_STORE_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from analysis.store import Store
+with Store(sys.argv[1]).lock():  # as a writer holds it for one command
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+TRY_STORE_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from analysis.store import Store
+with Store(sys.argv[1]).lock(timeout=0):  # one try: taken, or refused at once
+    print("taken", flush=True)
+"""
+
+
+def test_removing_the_lock_file_while_a_writer_holds_it_lets_no_second_writer_in(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    before = ledger(repo)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_STORE_LOCK, str(repo)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (repo / STORE / ".lock").unlink()  # e.g. `rm .auto-log-research/.lock`, or a cleanup script
+        second = subprocess.run([sys.executable, "-c", TRY_STORE_LOCK, str(repo)], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode != 0 and "taken" not in second.stdout, second.stdout
+        assert f"another analyze.py has held {STORE}/.lock" in second.stderr.replace(f"{repo}/", ""), \
+            second.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+    second = subprocess.run([sys.executable, "-c", TRY_STORE_LOCK, str(repo)], capture_output=True,
+                            text=True, timeout=120)
+    assert second.stdout == "taken\n", second.stderr  # released with the holder
+    fake_run(repo, 0.99, seed=2)  # and the next command works, with nothing lost
+    assert analyze(repo).returncode == 0
+    assert [r["val_bpb"] for r in ledger(repo)] == [r["val_bpb"] for r in before] + [0.99]
+
+
+# ---------------------------------------------------------------------------
+# 11: a refusal names program.md's command, and a failed write the file the user knows
+# ---------------------------------------------------------------------------
+
+def test_keep_of_uncommitted_code_names_program_mds_training_command(repo):
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 9 ", "depth 9")
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace("DEPTH = 9 ", "DEPTH = 10 "))
+    fake_run(repo, dirty=True)  # a run of an edit never committed
+    assert analyze(repo).returncode == 0
+    error = one_error_line(analyze(repo, "keep"))
+    assert error == (f"error: run {head(repo)} did not run a committed train.py (commit {head(repo)}): "
+                     f"commit train.py, train again (`{contract.TRAIN_COMMAND}`) and keep that run")
+    assert ledger(repo)[-1]["status"] == "pending"
+
+
+REPORT_LIMIT = 4096  # bytes: far less than any report.html, more than anything `report` reads
+
+
+def test_a_failed_report_write_names_report_html_and_the_next_report_is_written(repo):
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    assert analyze(repo, "report").returncode == 0
+    report = repo / STORE / "report.html"
+    before = report.read_bytes()
+    fake_run(repo, 0.99, seed=2)
+    assert analyze(repo).returncode == 0
+    proc = subprocess.run([sys.executable, "analyze.py", "report"], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **GIT_ENV}, preexec_fn=file_size_limit(REPORT_LIMIT))
+    error = one_error_line(proc)
+    assert error == (f"error: {STORE}/report.html: File too large; fix that (free space, permissions) and run "
+                     f"the command again"), error
+    assert report.read_bytes() == before and leftovers(repo) == []  # the last report stands whole
+    proc = analyze(repo, "report")  # the limit lifted
+    assert proc.returncode == 0, proc.stderr
+    assert report.read_bytes() != before and "0.99" in report.read_text()
+
+
+# ---------------------------------------------------------------------------
+# 12: a command in a worker's worktree, run without the worker's variables
+# ---------------------------------------------------------------------------
+
+def test_keep_in_a_workers_worktree_without_its_variables_acts_on_that_worktrees_run(tmp_path):
+    from test_workers import add_worktree, analyze as analyze_as, edit_and_commit
+    repo = night_repo(tmp_path / "repo")
+    fake_run(repo, 1.0)  # the main worker: a kept baseline, then a better run it discarded
+    assert analyze(repo).returncode == 0 and analyze(repo, "keep").returncode == 0
+    commit_change(repo, "DEPTH = 8 ", "DEPTH = 10 ", "depth 10")
+    fake_run(repo, 0.98, seed=3)
+    assert analyze(repo).returncode == 0 and analyze(repo, "discard").returncode == 0
+    tree = add_worktree(repo, "gpu0")  # worker gpu0, as the night makes it
+    edit_and_commit(tree, "DEPTH = 8 ", "DEPTH = 12 ", "depth 12")
+    fake_run(tree, 0.99, seed=43)
+    assert analyze_as(tree, worker="gpu0").returncode == 0
+    before = {r["run_id"]: r["status"] for r in ledger(repo)}
+    proc = analyze(tree, "keep")  # by hand in gpu0's worktree, without AUTORESEARCH_WORKER
+    assert proc.returncode == 0, proc.stderr
+    own = [r for r in ledger(repo) if r["worker"] == "gpu0"][-1]
+    assert proc.stdout.startswith(f"kept {own['run_id']} "), proc.stdout
+    after = {r["run_id"]: r["status"] for r in ledger(repo)}
+    assert after == {**before, own["run_id"]: "keep"}  # main's discarded run stays discarded
+    fake_run(tree, 0.995, seed=44)  # and a run analyzed there without the variables is gpu0's too
+    assert analyze(tree).returncode == 0
+    assert ledger(repo)[-1]["worker"] == "gpu0"
+    other = add_worktree(repo, "gpu1")  # a worker with no run yet: nothing of another's is touched
+    before = ledger(repo)
+    error = one_error_line(analyze(other, "keep"))
+    assert error.startswith("error: worker gpu1 has no run yet to act on"), error
+    assert ledger(repo) == before
