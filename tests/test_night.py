@@ -83,11 +83,11 @@ def night(tmp_path):
     (bin_dir / "make_run").write_text(MAKE_RUN)
     (bin_dir / "make_run").chmod(0o755)
 
-    def start(plan, *args, env=None):
+    def start(plan, *args, env=None, python=sys.executable):
         (calls / "plan.json").write_text(json.dumps(plan))
         full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
                     "PLAN": str(calls / "plan.json"), "IS_SANDBOX": "1", **(env or {})}
-        return subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
+        return subprocess.Popen([python, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
                                  "--restart-delay", "0", *args], cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=full_env)
     return repo, calls, start
@@ -358,3 +358,54 @@ def test_a_hung_run_is_recorded_timeout_by_its_watchdog_not_killed_by_the_night(
     assert row["status"] == "timeout" and "watchdog: run exceeded 20s of wall time" in row["error"], row
     text = (repo / ".auto-log-research" / "status.log").read_text()
     assert "killed a training run" not in text and "stopped: experiment budget used (1 runs)" in text
+
+
+# ---------------------------------------------------------------------------
+# The watch over the fixed files (night/watch.py): a checker the agent's edits do not run
+# ---------------------------------------------------------------------------
+
+def assert_stopped_on_tampering(repo, proc, named):
+    try:
+        out, _ = proc.communicate(timeout=120)  # the agent sleeps 300 s: only the watch ends it in time
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the supervisor ends its agent on SIGTERM: nothing is left running
+        proc.communicate(timeout=120)
+        raise
+    assert proc.returncode == 1, out
+    line = f"TAMPERING: {named}:"
+    assert any(line in entry for entry in status_lines(repo)), status_lines(repo)
+    assert "the last run is not settled: fixed files changed during the night" in out
+    assert f"stopped: {line}" in status_lines(repo)[-1]
+    assert line in (repo / ".auto-log-research" / "tampering.log").read_text()
+    status = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
+    assert line in status.stdout.splitlines()[0], status.stdout + status.stderr
+    report = (repo / ".auto-log-research" / "report.html").read_text()  # written at the night's end
+    assert re.search(rf'<div class="tampering">[^<]* \| {re.escape(line)}', report)
+
+
+def test_a_committed_return_in_the_integrity_check_stops_the_night(night):
+    repo, calls, start = night
+    silence = "sed -i 's/^    repo_root = Path(repo_root)$/    return []/' analysis/integrity.py"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"{sys.executable} analyze.py keep"},
+                   {"sh": f"{silence} && git commit -qam 'faster analysis'"}, {"sleep": 300}]])
+    assert_stopped_on_tampering(repo, proc, "analysis/integrity.py was changed since the night started")
+    assert "    return []\n" in (repo / "analysis" / "integrity.py").read_text()  # the edit was real
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""  # and committed
+
+
+def test_a_pth_file_planted_in_the_environment_stops_the_night(night, tmp_path):
+    """A real virtual environment for the night (its site-packages reach the project's through a path
+    line of a .pth, as the night's own `uv run` environment would hold them); the agent plants a .pth
+    whose import line every later Python of that environment runs before the harness."""
+    repo, calls, start = night
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site_packages = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    import sysconfig
+    (site_packages / "project.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    planted = site_packages / "faster.pth"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"echo 'import os' > {planted}"}, {"sleep": 300}]],
+                 python=python)
+    assert_stopped_on_tampering(repo, proc, f"{planted} appeared since the night started")
