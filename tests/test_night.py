@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import shlex
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
 from harness import proc as processes, settings
-from night import claude, supervisor
+from night import claude, supervisor, watch
 from analysis.store import Store
 from conftest import ROOT
 from repos import GIT_ENV, HARNESS, git, make_repo
@@ -403,9 +404,36 @@ def test_a_pth_file_planted_in_the_environment_stops_the_night(night, tmp_path):
     python = str(venv / "bin" / "python")
     site_packages = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                         capture_output=True, text=True, check=True).stdout.strip())
-    import sysconfig
     (site_packages / "project.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    planted = site_packages / "faster.pth"
-    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"echo 'import os' > {planted}"}, {"sleep": 300}]],
+    planted, ran = site_packages / "faster.pth", calls / "pth-ran"
+    hook = f"import pathlib; pathlib.Path({str(ran)!r}).touch()"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"echo {shlex.quote(hook)} > {planted}"}, {"sleep": 300}]],
                  python=python)
     assert_stopped_on_tampering(repo, proc, f"{planted} appeared since the night started")
+    ran.unlink()
+    subprocess.run([python, "-c", "pass"], check=True)
+    assert ran.exists()  # the attack is real: every start of that environment's Python runs the hook
+
+
+def test_the_watch_names_every_changed_fixed_file_and_startup_hook(tmp_path):
+    """Without a night: a snapshot, then real edits; each file is one line naming it, and nothing else
+    (train.py, the store, honest bytecode) is an alarm."""
+    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    watched = watch.FixedWatch(repo, [str(site_packages)])
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "# the agent's file\n")
+    (repo / ".auto-log-research").mkdir()
+    (repo / ".auto-log-research" / "runs.jsonl").write_text("{}\n")
+    assert watched.changes() == []
+    (site_packages / "sitecustomize.py").write_text("import os\n")
+    with open(repo / "harness" / "metric.py", "a") as f:
+        f.write("# edited\n")
+    (repo / "night" / "rules.py").unlink()
+    found = watched.changes()
+    assert [line.split(" since the night started")[0] for line in found] == [
+        f"{site_packages / 'sitecustomize.py'} appeared", "harness/metric.py was changed", "night/rules.py was removed"]
+
