@@ -19,7 +19,6 @@ work. No torch import: analysis takes seconds.
 
 import argparse
 import sys
-from pathlib import Path
 
 from harness import fixed, git, settings
 from harness.contract import TRAIN_COMMAND, HarnessError
@@ -37,10 +36,10 @@ def refuse_changed_checker(store: Store):
     run's commit before anything is judged: a `return []` committed into the integrity check would
     otherwise pass it. Circular all the same: an edit of analyze.py or harness/fixed.py removes
     this call (README, "Integrity"); the night's supervisor watches those from outside."""
-    reference = next((r for r in store.read_ledger() if verdict.finished(r)), None)
-    if reference is None or not reference.get("commit") or not git.is_repo("."):
+    commit = fixed.first_run_commit(store.root)  # read without analysis/, which it checks
+    if not commit or not git.is_repo(store.root):
         return
-    problems = fixed.checker_problems(Path("."), reference["commit"])
+    problems = fixed.checker_problems(store.root, commit)
     if problems:
         more = f" (and {len(problems) - 1} more checker file(s))" if len(problems) > 1 else ""
         raise HarnessError(problems[0] + more)

@@ -11,8 +11,10 @@ fixed file and of the virtual environment's startup hooks (.pth files, sitecusto
 usercustomize.py), which run before any code of the harness. Standard library only.
 """
 
+import fnmatch
 import hashlib
 import importlib.util
+import json
 import marshal
 import os
 import sys
@@ -150,10 +152,40 @@ def snapshot_changes(before: dict, after: dict) -> list:
                   + [(p, "new") for p in after if p not in before])
 
 
-# The files that judge a run and check its integrity: a change to one could silence every other
-# check, so analyze.py compares them first, by content, with the store's first run's commit.
-CHECKER_FILES = ("analyze.py", "analysis/archive.py", "analysis/integrity.py", "harness/fixed.py",
-                 "harness/git.py", "harness/contract.py")
+# The files that judge a run, find the store's first run and check integrity (patterns): a change
+# to one could silence every other check (a `finished` that never finds the first run drops the
+# comparison with its commit), so analyze.py compares them first, by content, with that commit.
+CHECKER_FILES = ("analyze.py", "analysis/*.py", "harness/contract.py", "harness/fixed.py",
+                 "harness/git.py", "harness/settings.py")
+
+
+# The ledger and what a finished run is (analysis/store.py's STORE_DIR/RUNS_JSONL and
+# analysis/verdict.py's NOT_COUNTED), restated: the first run is found here without analysis/,
+# whose edit (a `finished` that is never true) would otherwise drop the comparison; a test holds
+# them equal.
+LEDGER_FILE = ".auto-log-research/runs.jsonl"
+NOT_FINISHED = ("crash", "nan", "timeout", "invalid")
+
+
+def first_run_commit(root):
+    """The commit of the ledger's first finished run (any status but NOT_FINISHED, and a finite
+    val_bpb), read with json alone; None without one."""
+    path = Path(root) / LEDGER_FILE
+    if not path.exists():
+        return None
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise contract.HarnessError(f"{path} line {i + 1} is corrupt ({e.msg}); it is only "
+                                        f"ever replaced atomically, so it was edited by hand: fix "
+                                        f"or remove that line") from None
+        if (isinstance(row, dict) and row.get("status") not in NOT_FINISHED
+                and contract.finite_number(row.get("val_bpb"))):
+            return row.get("commit")
+    return None
 
 
 def checker_problems(root, commit: str) -> list:
@@ -162,9 +194,9 @@ def checker_problems(root, commit: str) -> list:
     blobs = committed(root, commit)
     algorithm = git.git("rev-parse", "--show-object-format", cwd=root).strip() or "sha1"
     problems = []
-    for path in CHECKER_FILES:
+    for path in sorted(p for p in blobs if any(fnmatch.fnmatchcase(p, c) for c in CHECKER_FILES)):
         file = Path(root) / path
-        if path in blobs and (not file.is_file() or blob_id(file, algorithm) != blobs[path]):
+        if not file.is_file() or blob_id(file, algorithm) != blobs[path]:
             problems.append(f"{path} differs from commit {commit} of the store's first run: the "
                             f"integrity check itself is off limits; restore it with `git checkout "
                             f"{commit} -- {path}` and commit, then run the command again")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import contract, settings
+from harness import contract, fixed, settings
 import synthetic
 from analysis import integrity, verdict
 from conftest import ROOT
@@ -234,28 +234,44 @@ def test_bytecode_python_loads_instead_of_its_source_is_found(repo):
         f"{integrity.RESTORE_HINT}; remove it (rm {rel})"]
 
 
-def test_a_committed_change_of_the_checker_itself_is_refused(repo):
-    """`return []` at the top of integrity_problems, committed: analyze.py compares its checker's own
-    files with the first run's commit before it judges anything."""
+CHECKER_EDITS = {  # each silences the integrity check of a committed edit of the evaluation today
+    "analysis/integrity.py": ("    repo_root = Path(repo_root)\n    seal = ", "    return []\n"),  # no problem found
+    "analysis/verdict.py": ('    return record.get("status") not in NOT_COUNTED', "    return False and"),  # no first run
+}
+
+
+@pytest.mark.parametrize("checker", CHECKER_EDITS)
+def test_a_committed_change_of_the_checker_itself_is_refused(repo, checker):
+    """`return []` at the top of integrity_problems, or a `finished` that never finds the first run,
+    committed: analyze.py compares its checker's own files with the first run's commit (found without
+    analysis/) before it judges anything."""
     fake_run(repo, 1.0)
     assert analyze(repo).returncode == 0 and analyze(repo, "keep").returncode == 0
     first = head(repo)
-    path = repo / "analysis" / "integrity.py"
-    source = path.read_text()
-    top = "    repo_root = Path(repo_root)\n    seal = "
-    assert source.count(top) == 1
-    path.write_text(source.replace(top, "    return []\n" + top))
+    line, inserted = CHECKER_EDITS[checker]
+    source = (repo / checker).read_text()
+    assert source.count(line) == 1
+    (repo / checker).write_text(source.replace(line, inserted + line if inserted.endswith("\n")
+                                               else line.replace("    return", inserted, 1)))
     git(repo, "commit", "-qam", "faster analysis")
     halve_the_metric(repo)
     git(repo, "commit", "-qam", "faster evaluation")
     fake_run(repo, 0.5, seed=1, harness_hash=contract.harness_hash(repo))
     proc = analyze(repo)
     assert proc.returncode == 1 and proc.stderr.strip() == (
-        f"error: analysis/integrity.py differs from commit {first} of the store's first run: the integrity "
-        f"check itself is off limits; restore it with `git checkout {first} -- analysis/integrity.py` and "
+        f"error: {checker} differs from commit {first} of the store's first run: the integrity "
+        f"check itself is off limits; restore it with `git checkout {first} -- {checker}` and "
         f"commit, then run the command again")
     assert [r["val_bpb"] for r in ledger(repo)] == [1.0]
     assert analyze(repo, "keep").returncode == 1
+
+
+def test_the_checks_restated_without_analysis_agree_with_it():
+    """harness/fixed.py finds the first run without analysis/ (whose edit it checks): the same ledger,
+    the same notion of a finished run."""
+    from analysis import store
+    assert fixed.LEDGER_FILE == f"{store.STORE_DIR}/{store.RUNS_JSONL}"
+    assert fixed.NOT_FINISHED == verdict.NOT_COUNTED
 
 
 def test_decide_discards_an_invalid_run_loudly():
