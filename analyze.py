@@ -20,12 +20,29 @@ work. No torch import: analysis takes seconds.
 import argparse
 import sys
 
-from harness import settings
+from harness import fixed, git, settings
 from harness.contract import TRAIN_COMMAND, HarnessError
 from analysis import archive, bookkeeping, claims, plots, report, verdict
 from analysis.store import COMPARE_DIR, IDEAS, Store
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
+# the commands that judge a run: refused while the integrity check itself differs from the store's
+# first run's commit (the other fixed files make a run invalid instead)
+JUDGING_COMMANDS = (None, "keep")
+
+
+def refuse_changed_checker(store: Store):
+    """Compare the checker's own files (fixed.CHECKER_FILES) with the store's first finished
+    run's commit before anything is judged: a `return []` committed into the integrity check would
+    otherwise pass it. Circular all the same: an edit of analyze.py or harness/fixed.py removes
+    this call (README, "Integrity"); the night's supervisor watches those from outside."""
+    commit = fixed.first_run_commit(store.root)  # read without analysis/, which it checks
+    if not commit or not git.is_repo(store.root):
+        return
+    problems = fixed.checker_problems(store.root, commit)
+    if problems:
+        more = f" (and {len(problems) - 1} more checker file(s))" if len(problems) > 1 else ""
+        raise HarnessError(problems[0] + more)
 
 
 def keep_policy(store: Store) -> tuple:
@@ -101,6 +118,9 @@ def cmd_status(args, lines: list):
     mode, notes = keep_policy(store)
     live = [c for c in claims.read(store) if claims.is_live(c)]
     lines += notes
+    tampering = store.path(fixed.TAMPERING_FILE)
+    if tampering.exists():  # what a night's supervisor found, first: it ended that night
+        lines += tampering.read_text().splitlines()
     lines.append(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger),
                                     args.n, mode, live))
 
@@ -180,6 +200,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     lines = []
     try:
+        if args.command in JUDGING_COMMANDS:
+            refuse_changed_checker(Store("."))
         COMMANDS[args.command](args, lines)
     except HarnessError as e:
         print("\n".join(lines + [""]), end="")

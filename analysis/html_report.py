@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract
+from harness import contract, fixed
 from analysis import claims, plots, report, verdict
 from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, worker_of
 
@@ -473,6 +473,8 @@ def build_context(store: Store) -> dict:
                      if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
+        # what a night's supervisor found changed in the fixed files: first, in red
+        "tampering": (read_text(store.path(fixed.TAMPERING_FILE)) or "").splitlines(),
         "summary": summary, "fmt": fmt,
         "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
         "progress_png": store.path(PROGRESS_PNG).exists(),

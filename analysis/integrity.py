@@ -17,12 +17,11 @@ import json
 import math
 from pathlib import Path
 
-from harness import contract, git
+from harness import contract, fixed, git
 from harness.contract import HarnessError
 from analysis import stats
 
-# What git must show unchanged: the files of the harness hash plus the analysis that judges the
-# runs.
+# The prepared files whose sha256 the manifest records, with the manifest's key of each.
 TOKENIZER_FILES = ((f"{contract.TOKENIZER_DIR}/{contract.TOKENIZER_FILE}", "tokenizer_sha256"),
                    (f"{contract.TOKENIZER_DIR}/{contract.TOKEN_BYTES_FILE}", "token_bytes_sha256"))
 # train.py logs the same measured seconds into perf/step_time_ms and the clock, so an honest run
@@ -40,6 +39,17 @@ RESTORE_HINT = "the evaluation harness is off limits to experiments"
 # warm-up (the fast path) takes one and restores the weights and the optimizer's state; more is
 # training for free
 PRE_CLOCK_STEPS_ALLOWED = 1
+# What each difference of a fixed file from HEAD (harness/fixed.py) is, and how to undo it. An
+# edit git does not show (--assume-unchanged, --skip-worktree) is a difference all the same: the
+# flag is cleared with `git update-index --no-assume-unchanged --no-skip-worktree`.
+FIX_HINTS = {
+    "changed": ("has uncommitted changes: {hint}; restore it with `git update-index "
+                "--no-assume-unchanged --no-skip-worktree {path} && git checkout -- {path}`"),
+    "new": "is a new, uncommitted harness file: {hint}; remove it (rm {path})",
+    "missing": "is missing: {hint}; restore it with `git checkout -- {path}`",
+    "bytecode": ("is compiled bytecode that Python loads instead of its source but holds other "
+                 "code: {hint}; remove it (rm {path})"),
+}
 
 
 def _agrees(a: float, b: float) -> bool:
@@ -47,20 +57,19 @@ def _agrees(a: float, b: float) -> bool:
 
 
 def harness_git_problems(repo_root: Path, reference) -> list:
-    """The harness files have no uncommitted changes, and none since the first run's commit."""
+    """The fixed files on disk are, byte for byte, those of HEAD (harness/fixed.py: their content
+    against git's objects, never git's view of the working tree, which an index flag or an ignore
+    rule hides an edit from), and HEAD's are those of the first run's commit."""
     if not git.is_repo(repo_root):
         return []
     problems = []
-    status = git.git("status", "--porcelain", "--untracked-files=all", "--",
-                     *contract.FIXED_PATHSPECS, cwd=repo_root)
-    for line in status.splitlines():
-        path = line[3:].split(" -> ")[-1]
-        if line.startswith("??"):
-            problems.append(f"{path} is a new, uncommitted harness file: {RESTORE_HINT}; remove it "
-                            f"(rm {path})")
-        else:
-            problems.append(f"{path} has uncommitted changes: {RESTORE_HINT}; restore it with "
-                            f"`git checkout -- {path}`")
+    try:
+        found = fixed.differences(repo_root, "HEAD") + fixed.bytecode_problems(repo_root)
+    except (HarnessError, OSError) as e:
+        return [f"cannot compare the harness files with HEAD ({e}): {RESTORE_HINT}; restore "
+                f"them with `git checkout HEAD -- {' '.join(contract.FIXED_PATHSPECS)}`"]
+    for path, what in found:
+        problems.append(f"{path} {FIX_HINTS[what].format(path=path, hint=RESTORE_HINT)}")
     commit = (reference or {}).get("commit")
     if commit:
         try:

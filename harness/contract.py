@@ -200,9 +200,10 @@ def warmup_steps(summary: dict) -> int:
 
 HARNESS_PACKAGE = "harness"   # the fixed harness: every .py file in it, and prepare.py, are hashed
 HARNESS_FILES = ("prepare.py",)
-# What git must show unchanged in a store: the hashed harness, and what launches and judges the
-# runs.
-FIXED_PATHSPECS = (*HARNESS_FILES, HARNESS_PACKAGE, "launch.py", "analyze.py", "analysis")
+# What must stay unchanged in a store, compared by content (harness/fixed.py): the hashed
+# harness, what launches and judges the runs, and the night that watches them.
+FIXED_PATHSPECS = (*HARNESS_FILES, HARNESS_PACKAGE, "launch.py", "analyze.py", "analysis",
+                   "supervise.py", "night")
 HARNESS_MODULES = ("prepare", HARNESS_PACKAGE)  # what a train.py imports of the fixed harness
 # files are hashed in 1 MiB reads: a ~100 MB val shard never sits in memory
 HASH_CHUNK_BYTES = 1 << 20

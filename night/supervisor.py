@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 from harness import contract, git, proc, settings
+from harness.fixed import TAMPERING_FILE
 from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
 from analysis.store import NIGHT_FILE, STORE_DIR, Store, worker_of
 from night import rules
+from night.watch import FixedWatch
 from night.environment import agent_environment
 
 PROGRAM = "program.md"
@@ -78,6 +80,8 @@ class Supervisor:
         self.report_proc = None
         self.report_of = None        # the ledger state the latest report was started for
         self.on_forward = None       # a night of workers: passes a signal on to each
+        self.watch = None            # the fixed files' hashes at the night's start (begin)
+        self.tampered = []           # what differed from them: the night stopped on it
 
     # -- the ledger and the logs -----------------------------------------------------------------
 
@@ -129,8 +133,26 @@ class Supervisor:
             self.stopping, self.failed = reason, failed
             self.stop_seen_at = time.time()
 
+    def check_fixed(self):
+        """Stop the night at once, loudly, when a fixed file or a startup hook of the environment
+        differs from the night's start (night/watch.py); kept in the store for the morning."""
+        if self.watch is None or self.tampered:
+            return
+        found = self.watch.changes()
+        if not found:
+            return
+        self.tampered = found
+        with open(self.store.path(TAMPERING_FILE), "a") as f:
+            f.writelines(f"{contract.stamp()} | TAMPERING: {line}\n" for line in found)
+        for line in found:
+            self.status(f"TAMPERING: {line}")
+        self.immediate = True
+        self.stop(f"TAMPERING: {found[0]}", failed=True)
+
     def check(self) -> bool:
-        """Kill overdue training runs; True once a stop rule, the deadline or a signal says stop."""
+        """Kill overdue training runs, compare the fixed files with the night's start; True once a
+        stop rule, the deadline, a changed fixed file or a signal says stop."""
+        self.check_fixed()
         for pid, age in proc.scripts_in(self.repo, contract.TRAIN_PY):
             if age > self.args.train_timeout:
                 self.write_log(f"killing train.py (pid {pid}): running {age:.0f} s > limit "
@@ -173,8 +195,9 @@ class Supervisor:
                 why = err.strip().splitlines() or [f"exit code {self.report_proc.returncode}"]
                 self.status(f"report not written: {why[-1]}")
             self.report_proc = None
-        state = [(r.get("run_id"), r.get("status")) for r in self.rows_seen]
-        if state == self.report_of or not state:
+        rows = [(r.get("run_id"), r.get("status")) for r in self.rows_seen]
+        state = (rows, len(self.tampered))  # a tampering found is shown too
+        if state == self.report_of or not rows:
             return
         self.report_of = state
         self.report_proc = subprocess.Popen([sys.executable, "analyze.py", "report"], cwd=self.repo,
@@ -248,6 +271,7 @@ class Supervisor:
             self.status(f"ended {len(left)} process(es) an earlier night left running (pid file: "
                         f"{previous}); {len(killed)} needed SIGKILL")
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
+        self.watch = FixedWatch(self.repo)  # before the agent runs anything
         if not self.worker:
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
@@ -286,7 +310,10 @@ class Supervisor:
             killed = proc.end_processes(left)
             self.write_log(f"ended {len(left)} process(es) of the night at the stop ({len(killed)} "
                            f"by SIGKILL)")
-        if settle:
+        if settle and self.tampered:  # settling runs analyze.py: code the agent may have changed
+            self.status("the last run is not settled: fixed files changed during the night "
+                        f"(see {STORE_DIR}/{TAMPERING_FILE})")
+        elif settle:
             self.settle()
         self._ledger()
         self.refresh_report(wait=True)  # the settled night, for the morning

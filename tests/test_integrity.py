@@ -3,10 +3,13 @@ on a run whose evaluation was touched (invalid, loud, never kept) and on a clean
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from harness import contract, settings
+from harness import contract, fixed, settings
 import synthetic
 from analysis import integrity, verdict
 from conftest import ROOT
@@ -174,6 +177,101 @@ def test_harness_git_check(repo, tmp_path_factory):
     assert f"git checkout {first['commit']} -- analysis/stats.py" in problems[0]
     problems = integrity.harness_git_problems(repo, {"run_id": "x", "commit": "deadbee"})
     assert len(problems) == 1 and "cannot compare the harness with commit deadbee" in problems[0]
+
+
+def hidden(repo) -> str:
+    """What git status shows of the fixed files: nothing, for an edit hidden from it."""
+    return git(repo, "status", "--porcelain", "--untracked-files=all", "--", *contract.FIXED_PATHSPECS)
+
+
+@pytest.mark.parametrize("flag", ["--assume-unchanged", "--skip-worktree"])
+def test_an_edit_hidden_from_git_status_is_found_by_its_content(repo, flag):
+    first = {"run_id": head(repo), "commit": head(repo)}
+    git(repo, "update-index", flag, METRIC)
+    halve_the_metric(repo)
+    assert hidden(repo) == ""  # the attack works on git status
+    assert integrity.harness_git_problems(repo, first) == [
+        f"{METRIC} has uncommitted changes: {integrity.RESTORE_HINT}; restore it with `git update-index "
+        f"--no-assume-unchanged --no-skip-worktree {METRIC} && git checkout -- {METRIC}`"]
+    (repo / METRIC).unlink()
+    assert integrity.harness_git_problems(repo, first) == [
+        f"{METRIC} is missing: {integrity.RESTORE_HINT}; restore it with `git checkout -- {METRIC}`"]
+
+
+def test_a_new_harness_file_ignored_by_git_is_found(repo):
+    first = {"run_id": head(repo), "commit": head(repo)}
+    with open(repo / ".git" / "info" / "exclude", "a") as f:
+        f.write("harness/faster.py\nnight/\n")
+    (repo / "harness" / "faster.py").write_text("SCALE = 0.5\n")
+    assert hidden(repo) == ""
+    assert integrity.harness_git_problems(repo, first) == [
+        f"harness/faster.py is a new, uncommitted harness file: {integrity.RESTORE_HINT}; remove it "
+        f"(rm harness/faster.py)"]
+
+
+def test_bytecode_python_loads_instead_of_its_source_is_found(repo):
+    """A .pyc of an edited source, with the header of the honest one: git ignores __pycache__, every
+    diff shows nothing, and Python runs the edit."""
+    import py_compile
+    first = {"run_id": head(repo), "commit": head(repo)}
+    source = repo / "harness" / "contract.py"
+    honest, stat = source.read_bytes(), source.stat()
+    for name in ("contract.py", "settings.py", "__init__.py"):  # honest bytecode: no alarm
+        py_compile.compile(str(repo / "harness" / name), doraise=True)
+    assert integrity.harness_git_problems(repo, first) == []
+    source.write_bytes(honest.replace(b"HASH_CHUNK_BYTES = 1 << 20", b"HASH_CHUNK_BYTES = 1 << 21"))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime
+    pyc = py_compile.compile(str(source), doraise=True)
+    source.write_bytes(honest)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hidden(repo) == ""
+    loaded = subprocess.run([sys.executable, "-c", "from harness import contract; print(contract.HASH_CHUNK_BYTES)"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == str(1 << 21)  # the attack works: Python runs the bytecode
+    rel = Path(pyc).relative_to(repo).as_posix()
+    assert integrity.harness_git_problems(repo, first) == [
+        f"{rel} is compiled bytecode that Python loads instead of its source but holds other code: "
+        f"{integrity.RESTORE_HINT}; remove it (rm {rel})"]
+
+
+CHECKER_EDITS = {  # each silences the integrity check of a committed edit of the evaluation today
+    "analysis/integrity.py": ("    repo_root = Path(repo_root)\n    seal = ", "    return []\n"),  # no problem found
+    "analysis/verdict.py": ('    return record.get("status") not in NOT_COUNTED', "    return False and"),  # no first run
+}
+
+
+@pytest.mark.parametrize("checker", CHECKER_EDITS)
+def test_a_committed_change_of_the_checker_itself_is_refused(repo, checker):
+    """`return []` at the top of integrity_problems, or a `finished` that never finds the first run,
+    committed: analyze.py compares its checker's own files with the first run's commit (found without
+    analysis/) before it judges anything."""
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0 and analyze(repo, "keep").returncode == 0
+    first = head(repo)
+    line, inserted = CHECKER_EDITS[checker]
+    source = (repo / checker).read_text()
+    assert source.count(line) == 1
+    (repo / checker).write_text(source.replace(line, inserted + line if inserted.endswith("\n")
+                                               else line.replace("    return", inserted, 1)))
+    git(repo, "commit", "-qam", "faster analysis")
+    halve_the_metric(repo)
+    git(repo, "commit", "-qam", "faster evaluation")
+    fake_run(repo, 0.5, seed=1, harness_hash=contract.harness_hash(repo))
+    proc = analyze(repo)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {checker} differs from commit {first} of the store's first run: the integrity "
+        f"check itself is off limits; restore it with `git checkout {first} -- {checker}` and "
+        f"commit, then run the command again")
+    assert [r["val_bpb"] for r in ledger(repo)] == [1.0]
+    assert analyze(repo, "keep").returncode == 1
+
+
+def test_the_checks_restated_without_analysis_agree_with_it():
+    """harness/fixed.py finds the first run without analysis/ (whose edit it checks): the same ledger,
+    the same notion of a finished run."""
+    from analysis import store
+    assert fixed.LEDGER_FILE == f"{store.STORE_DIR}/{store.RUNS_JSONL}"
+    assert fixed.NOT_FINISHED == verdict.NOT_COUNTED
 
 
 def test_decide_discards_an_invalid_run_loudly():

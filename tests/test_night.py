@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import shlex
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
 from harness import proc as processes, settings
-from night import claude, supervisor
+from night import claude, supervisor, watch
 from analysis.store import Store
 from conftest import ROOT
 from repos import GIT_ENV, HARNESS, git, make_repo
@@ -83,11 +84,11 @@ def night(tmp_path):
     (bin_dir / "make_run").write_text(MAKE_RUN)
     (bin_dir / "make_run").chmod(0o755)
 
-    def start(plan, *args, env=None):
+    def start(plan, *args, env=None, python=sys.executable):
         (calls / "plan.json").write_text(json.dumps(plan))
         full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
                     "PLAN": str(calls / "plan.json"), "IS_SANDBOX": "1", **(env or {})}
-        return subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
+        return subprocess.Popen([python, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
                                  "--restart-delay", "0", *args], cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=full_env)
     return repo, calls, start
@@ -358,3 +359,81 @@ def test_a_hung_run_is_recorded_timeout_by_its_watchdog_not_killed_by_the_night(
     assert row["status"] == "timeout" and "watchdog: run exceeded 20s of wall time" in row["error"], row
     text = (repo / ".auto-log-research" / "status.log").read_text()
     assert "killed a training run" not in text and "stopped: experiment budget used (1 runs)" in text
+
+
+# ---------------------------------------------------------------------------
+# The watch over the fixed files (night/watch.py): a checker the agent's edits do not run
+# ---------------------------------------------------------------------------
+
+def assert_stopped_on_tampering(repo, proc, named):
+    try:
+        out, _ = proc.communicate(timeout=120)  # the agent sleeps 300 s: only the watch ends it in time
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the supervisor ends its agent on SIGTERM: nothing is left running
+        proc.communicate(timeout=120)
+        raise
+    assert proc.returncode == 1, out
+    line = f"TAMPERING: {named}:"
+    assert any(line in entry for entry in status_lines(repo)), status_lines(repo)
+    assert "the last run is not settled: fixed files changed during the night" in out
+    assert f"stopped: {line}" in status_lines(repo)[-1]
+    assert line in (repo / ".auto-log-research" / "tampering.log").read_text()
+    status = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
+    assert line in status.stdout.splitlines()[0], status.stdout + status.stderr
+    report = (repo / ".auto-log-research" / "report.html").read_text()  # written at the night's end
+    assert re.search(rf'<div class="tampering">[^<]* \| {re.escape(line)}', report)
+
+
+def test_a_committed_return_in_the_integrity_check_stops_the_night(night):
+    repo, calls, start = night
+    silence = "sed -i 's/^    repo_root = Path(repo_root)$/    return []/' analysis/integrity.py"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"{sys.executable} analyze.py keep"},
+                   {"sh": f"{silence} && git commit -qam 'faster analysis'"}, {"sleep": 300}]])
+    assert_stopped_on_tampering(repo, proc, "analysis/integrity.py was changed since the night started")
+    assert "    return []\n" in (repo / "analysis" / "integrity.py").read_text()  # the edit was real
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""  # and committed
+
+
+def test_a_pth_file_planted_in_the_environment_stops_the_night(night, tmp_path):
+    """A real virtual environment for the night (its site-packages reach the project's through a path
+    line of a .pth, as the night's own `uv run` environment would hold them); the agent plants a .pth
+    whose import line every later Python of that environment runs before the harness."""
+    repo, calls, start = night
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site_packages = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    (site_packages / "project.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    planted, ran = site_packages / "faster.pth", calls / "pth-ran"
+    hook = f"import pathlib; pathlib.Path({str(ran)!r}).touch()"
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"echo {shlex.quote(hook)} > {planted}"}, {"sleep": 300}]],
+                 python=python)
+    assert_stopped_on_tampering(repo, proc, f"{planted} appeared since the night started")
+    ran.unlink()
+    subprocess.run([python, "-c", "pass"], check=True)
+    assert ran.exists()  # the attack is real: every start of that environment's Python runs the hook
+
+
+def test_the_watch_names_every_changed_fixed_file_and_startup_hook(tmp_path):
+    """Without a night: a snapshot, then real edits; each file is one line naming it, and nothing else
+    (train.py, the store, honest bytecode) is an alarm."""
+    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    watched = watch.FixedWatch(repo, [str(site_packages)])
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "# the agent's file\n")
+    (repo / ".auto-log-research").mkdir()
+    (repo / ".auto-log-research" / "runs.jsonl").write_text("{}\n")
+    assert watched.changes() == []
+    (site_packages / "sitecustomize.py").write_text("import os\n")
+    with open(repo / "harness" / "metric.py", "a") as f:
+        f.write("# edited\n")
+    (repo / "night" / "rules.py").unlink()
+    found = watched.changes()
+    assert [line.split(" since the night started")[0] for line in found] == [
+        f"{site_packages / 'sitecustomize.py'} appeared", "harness/metric.py was changed", "night/rules.py was removed"]
+
