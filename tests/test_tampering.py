@@ -146,8 +146,9 @@ RESEALS_AFTER_EXIT = after_finish(
 EVASIONS += [
     ("torch.nn.functional.cross_entropy rebound",
      after_setup(f"_orig = F.cross_entropy\nF.cross_entropy = {HALVED_WHEN_EVALUATING}"), "honest", None),
-    ("torch.Tensor.sum rebound",
-     after_setup(f"_orig = torch.Tensor.sum\ntorch.Tensor.sum = {HALVED_WHEN_EVALUATING}"), "honest", None),
+    ("torch.Tensor.sum rebound",  # the loss's float64 sums only: the optimizer's steps run under no_grad too
+     after_setup("_orig = torch.Tensor.sum\ntorch.Tensor.sum = lambda t, *a, **k: _orig(t, *a, **k) * "
+                 "(0.5 if t.dtype == torch.float64 and not torch.is_grad_enabled() else 1)"), "honest", None),
     ("numpy.load of the token byte table rebound",
      after_setup("import numpy as _np\n_orig = _np.load\n_np.load = lambda *a, **k: _orig(*a, **k) * 2"),
      "honest", None),
