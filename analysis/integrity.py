@@ -35,9 +35,9 @@ CLOCK_ABS_TOLERANCE_S = 1.0
 # loaded machine from a false alarm while any compute moved off the clock that would matter shows.
 HARNESS_CLOCK_REL_TOLERANCE = 0.02
 RESTORE_HINT = "the evaluation harness is off limits to experiments"
-# optimizer steps any one optimizer may take before the training clock starts: train.py's compilation
-# warm-up (the fast path) takes one and restores the weights and the optimizer's state; more is
-# training for free
+# optimizer steps any one optimizer may take before the training clock starts: train.py's
+# compilation warm-up (the fast path) takes one and restores the weights and the optimizer's state;
+# more is training for free
 PRE_CLOCK_STEPS_ALLOWED = 1
 # What each difference of a fixed file from HEAD (harness/fixed.py) is, and how to undo it. An
 # edit git does not show (--assume-unchanged, --skip-worktree) is a difference all the same: the

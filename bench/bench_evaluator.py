@@ -6,7 +6,8 @@ model's first served batch to its last answer, and reports its peak memory (the 
 or its own RSS on a CPU); launch.py writes both into run_summary.json["evaluator"].
 
 Usage (the prepare cache must be prepared: `uv run prepare.py`, or --offline for the smoke corpus):
-    uv run bench/bench_evaluator.py --repeats 3 --budget 5 --out bench/results/evaluator-cpu-<date>.json
+    uv run bench/bench_evaluator.py --repeats 3 --budget 5 \
+        --out bench/results/evaluator-cpu-<date>.json
 """
 
 import argparse

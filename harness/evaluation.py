@@ -36,8 +36,9 @@ HEADER = struct.Struct(">I")          # a message: its header's length, the JSON
 MAX_HEADER_BYTES = 1 << 16            # a header is a few fields; more is a broken peer
 # the dtypes a batch or its logits may have: their names on the wire
 DTYPES = ("int64", "float32", "bfloat16", "float16")
-PROBES = 2                # probe batches mixed among the evaluation's; each one a model that reads
-                          # later tokens cannot tell from a measured batch, so it is caught each time
+# probe batches mixed among the evaluation's: a model that reads later tokens cannot tell one from
+# a measured batch, so it is caught each time
+PROBES = 2
 PROBE_ROWS = 2            # rows of a probe whose earlier logits are compared (memory: rows x T x V)
 # seconds the model may take to answer one batch: a forward pass takes seconds even on a CPU; more
 # is a model that hangs, and the run ends rather than waiting all night

@@ -187,12 +187,16 @@ def launch(args: list, run_dir: Path) -> int:
 
 def _wait_for(train_pid: int, evaluator_pid: int) -> dict:
     """Reap children (train.py, the evaluator, orphans) until train.py has exited; their exit
-    codes by pid."""
+    codes by pid. A failed evaluator ends train.py."""
     exits = {}
     while train_pid not in exits:
         pid, status = os.waitpid(-1, 0)
         if pid in (train_pid, evaluator_pid):
             exits[pid] = os.waitstatus_to_exitcode(status)
+        if exits.get(evaluator_pid, 0) not in (0, NO_MODEL_EXIT) and train_pid not in exits:
+            # the evaluation failed (a model that hangs or answers nonsense): train.py, which only
+            # serves its model by now, is ended rather than left to its watchdog
+            os.kill(train_pid, signal.SIGKILL)
     return exits
 
 

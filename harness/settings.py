@@ -38,8 +38,8 @@ VERDICT_ENV = "AUTORESEARCH_VERDICT"
 ALLOW_CPU_ENV = "AUTORESEARCH_ALLOW_CPU"
 CPU_FAST_PATH_ENV = "AUTORESEARCH_CPU_FAST_PATH"
 LAUNCHER_ENV = "AUTORESEARCH_LAUNCHER"
-# set by the slurm launcher for the job itself: launch.py runs there locally, its output going to the
-# job's output file, which the launch.py that submitted the job copies into run.log
+# set by the slurm launcher for the job itself: launch.py runs there locally, its output going to
+# the job's output file, which the launch.py that submitted the job copies into run.log
 SLURM_JOB_ENV = "AUTORESEARCH_SLURM_JOB"
 SLURM_PARTITION_ENV = "AUTORESEARCH_SLURM_PARTITION"
 SLURM_GRES_ENV = "AUTORESEARCH_SLURM_GRES"

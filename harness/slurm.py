@@ -2,7 +2,7 @@
 Training runs as Slurm jobs (launch.py's `slurm` launcher): submit train.py as one batch job, stream
 its output, and turn however the job ends into the run's outcome, never a hang.
 
-    submit    sbatch --parsable --no-requeue ... --wrap "exec env ... python -u launch.py": the job id
+    submit    sbatch --parsable --no-requeue ... --wrap "exec env ... python -u launch.py": job id
     follow    the job's output file copied to stdout as it grows; its state polled with
               `scontrol show job`
     outcome   COMPLETED with exit 0 is a finished run; any other end is a failed run whose scheduler
@@ -37,7 +37,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NOD
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED")
 # a pre-empted run is submitted again once; pre-empted twice, it is a crash
 MAX_REQUEUES = 1
-# the job runs launch.py locally on its node, its output to the job's file (copied into run.log here)
+# the job runs launch.py locally on its node, its output to the job's file (copied into run.log)
 JOB_LAUNCHER = f"{settings.LAUNCHER_ENV}=local {settings.SLURM_JOB_ENV}=1"
 # how often the job's state is read (scontrol is cheap; one call a second)
 POLL_S = 1.0

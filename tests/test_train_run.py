@@ -268,3 +268,21 @@ def test_a_second_launch_while_a_run_trains_is_refused_and_touches_nothing(prepa
     assert summary["status"] == "ok" and summary["evaluator"]["device"] == "cpu"
     assert integrity.seal_problems(summary, cwd, contract.sha256_file(cwd / "metrics.jsonl")) == []
     assert log.endswith(rest)  # what it showed is what run.log holds
+
+
+def test_a_model_the_evaluator_cannot_evaluate_ends_a_crash_that_says_why(prepared, tmp_path):
+    """The evaluator refuses logits of the wrong shape: the run is a crash with its one-line reason,
+    train.py (still serving) is ended, and no number is written."""
+    cwd = workdir(tmp_path, {"        if targets is None:\n            return logits\n":
+                             "        if targets is None:\n"
+                             "            return logits.sum(-1) if getattr(self, 'final', False) else logits\n",
+                             "model.eval()\nwith autocast:\n    run.finish(":
+                             "model.final = True\nmodel.eval()\nwith autocast:\n    run.finish("})
+    proc = train(cwd, budget=2)
+    assert proc.returncode != 0
+    summary = read_summary(cwd)
+    assert summary["status"] == "crash" and summary["val_bpb"] is None and summary["evaluator"] is None
+    assert summary["error"].startswith("the harness's evaluator failed (exit 1): error: the model returned (")
+    assert summary["error"].endswith("model(x) must return logits (B, T, vocab)")
+    log = (cwd / "run.log").read_text()
+    assert "\nval_bpb:" not in log and "must return logits (B, T, vocab)" in log
