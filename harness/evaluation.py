@@ -214,9 +214,11 @@ def evaluate(ask, rows, token_bytes, batch_size: int, vocab_size: int, rng) -> d
         if step[0] == "probe":
             x = probe_batch(x, step[2], step[3], vocab_size)
         logits = ask(x)
-        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(y.shape):
-            raise HarnessError(f"the model returned {tuple(logits.shape)} for inputs "
-                               f"{tuple(y.shape)}: model(x) must return logits (B, T, vocab)")
+        if (logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(y.shape)
+                or logits.size(-1) < vocab_size or not logits.is_floating_point()):
+            raise HarnessError(f"the model returned {tuple(logits.shape)} {logits.dtype} for "
+                               f"inputs {tuple(y.shape)}: model(x) must return float logits "
+                               f"(B, T, vocab) with vocab >= {vocab_size}")
         for i, probe in enumerate(probes):
             if probe[1] == step[1] and (step[0] == "eval" or probe is step):
                 kept = logits[:PROBE_ROWS, :probe[2] + 1].float().clone()

@@ -283,6 +283,6 @@ def test_a_model_the_evaluator_cannot_evaluate_ends_a_crash_that_says_why(prepar
     summary = read_summary(cwd)
     assert summary["status"] == "crash" and summary["val_bpb"] is None and summary["evaluator"] is None
     assert summary["error"].startswith("the harness's evaluator failed (exit 1): error: the model returned (")
-    assert summary["error"].endswith("model(x) must return logits (B, T, vocab)")
+    assert summary["error"].endswith("model(x) must return float logits (B, T, vocab) with vocab >= 1024")
     log = (cwd / "run.log").read_text()
-    assert "\nval_bpb:" not in log and "must return logits (B, T, vocab)" in log
+    assert "\nval_bpb:" not in log and "must return float logits (B, T, vocab)" in log
