@@ -8,8 +8,8 @@ The experiment store, .auto-log-research/: the ledger, results.tsv, the archive 
 runs.jsonl is the ledger of record (strict JSON) and results.tsv is written from it, both through
 this module only: read-modify-write under an exclusive lock, each file replaced atomically, so two
 analyze.py processes at once or one killed half-way never lose or corrupt a row; what a killed one
-leaves (temporary files, an archive folder without a row, a results.tsv behind runs.jsonl) the next
-one repairs (Store.repair).
+leaves (temporary files, an archive folder without a row, a results.tsv behind runs.jsonl, a head
+record left pending) the next one repairs (Store.repair).
 
 The ledger is hash-chained (Store.read_ledger, Store.write_ledger; LEDGER_CHAIN says what that
 guarantees), and every row is checked by the one row validator (row_problem) as it is read: every
@@ -426,6 +426,7 @@ class Store:
         analyze.py is half-way then, so whatever is half-done is a dead process's). Returns one
         note per repair:
         - temporary files of dead processes are removed;
+        - a head record a write left pending is settled (settle_head);
         - archive folders with no ledger row (an analyze killed before it recorded its run; the
           run's files are still where train.py left them) are removed, so analyzing the run again
           archives it once;
