@@ -10,11 +10,14 @@ Post-run analysis and bookkeeping of the experiment store (fixed harness: the ag
     uv run analyze.py report          the morning report: .auto-log-research/report.html
     uv run analyze.py sync            start from the store's best (another worker may have kept one)
     uv run analyze.py claim "IDEA"    claim an idea of ideas_queue.md; `claims` lists them all
+    uv run analyze.py reseal          accept a ledger edited by hand as it now is (see README)
 
 It never reports a number a run did not produce: a run without its own summary is a crash, whatever
 files are lying around; a finished run whose harness, data or clock does not check out is archived
 as invalid, never kept or counted. This file is the command line; the analysis/ package does the
-work. No torch import: analysis takes seconds.
+work. No torch import: analysis takes seconds. A ledger edited by hand (analysis/store.py's chain)
+stops every command: `status` and `report` show a red banner naming its first broken row instead of
+numbers, and the others refuse with one line.
 """
 
 import argparse
@@ -23,7 +26,7 @@ import sys
 from harness import fixed, git, settings
 from harness.contract import TRAIN_COMMAND, HarnessError
 from analysis import archive, bookkeeping, claims, plots, report, verdict
-from analysis.store import COMPARE_DIR, IDEAS, Store
+from analysis.store import COMPARE_DIR, IDEAS, LedgerError, Store
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
 # the commands that judge a run: refused while the integrity check itself differs from the store's
@@ -106,8 +109,14 @@ def cmd_compare(args, lines: list):
 
 
 def cmd_status(args, lines: list):
+    """The store's state; a broken ledger's banner instead (exit status 1)."""
     store = Store(".")
-    ledger = store.read_ledger()
+    try:
+        ledger = store.read_ledger()
+    except LedgerError as e:
+        lines.append(report.ledger_banner(e, sys.stdout.isatty()))
+        return 1
+    lines += report.reseal_lines(store.reseals())
     if not ledger:
         lines.append(f"no runs yet: `{TRAIN_COMMAND} && uv run analyze.py`")
         return
@@ -134,13 +143,29 @@ def cmd_report(args, lines: list):
     from analysis import html_report  # jinja2 and markdown-it are imported by this command only
     store = Store(".")
     try:
-        path = html_report.write(store)
+        path, broken = html_report.write(store)
     except TemplateError as e:  # a damaged analysis/templates/: one line, as every refusal
         raise HarnessError(f"the report template {html_report.TEMPLATE_DIR / html_report.TEMPLATE} "
                            f"is broken ({type(e).__name__}: {e}); restore it with `git checkout "
                            f"analysis/templates`") from None
+    if broken is not None:
+        lines.append(f"wrote {path}: a red banner only, the ledger is broken; open "
+                     f"file://{path.resolve()}")
+        raise broken
     lines.append(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB, {len(store.read_ledger())} "
                  f"runs): open file://{path.resolve()}")
+
+
+def cmd_reseal(args, lines: list):
+    """Accept a ledger that no longer chains, as it now is, once a person has checked it."""
+    store = Store(".")
+    with store.lock():
+        rows, broken = store.reseal()
+    if broken is None:
+        lines.append("the ledger chains: nothing to reseal")
+        return
+    lines.append(f"resealed {len(rows)} row(s) as they are now; it was broken: {broken}")
+    lines.append("note: `analyze.py status` says so from now on")
 
 
 def positive_int(text: str) -> int:
@@ -188,12 +213,14 @@ def parser() -> argparse.ArgumentParser:
     claim.add_argument("idea", nargs="+", help="the idea's line of ideas_queue.md")
     sub.add_parser("claims",
                    help="the ideas of ideas_queue.md: free, claimed by a worker, or tested")
+    sub.add_parser("reseal", help="accept a ledger edited by hand as it now is, after checking it "
+                                  "(status notes it from then on)")
     return top
 
 
 COMMANDS = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compare": cmd_compare,
             "status": cmd_status, "report": cmd_report, "sync": cmd_sync, "claim": cmd_claim,
-            "claims": cmd_claims}
+            "claims": cmd_claims, "reseal": cmd_reseal}
 
 
 def main(argv=None) -> int:
@@ -202,7 +229,7 @@ def main(argv=None) -> int:
     try:
         if args.command in JUDGING_COMMANDS:
             refuse_changed_checker(Store("."))
-        COMMANDS[args.command](args, lines)
+        rc = COMMANDS[args.command](args, lines) or 0
     except HarnessError as e:
         print("\n".join(lines + [""]), end="")
         print(f"error: {e}", file=sys.stderr)
@@ -213,7 +240,7 @@ def main(argv=None) -> int:
               f"permissions) and run the command again", file=sys.stderr)
         return 1
     print("\n".join(lines + [""]), end="")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ folders, so they load from file:// and the page stays small (a few MB for 500 ru
 loaded only when a run is opened. Nothing is cached between calls: every call reads the ledger and
 the run folders as they are now. The page is built with Jinja2 (analysis/templates/report.html.j2)
 and the .md files are rendered with markdown-it-py with raw HTML disabled (the agent writes them;
-nothing it writes runs).
+nothing it writes runs). A ledger that fails its chain or a row check (analysis/store.py) gets a
+page with only a red banner naming its first broken row (analysis/templates/broken.html.j2): no
+numbers from a ledger edited by hand.
 """
 
 import json
@@ -31,11 +33,12 @@ import numpy as np
 
 from harness import contract, fixed
 from analysis import claims, plots, report, verdict
-from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, Store, worker_of
+from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, LedgerError, Store, worker_of
 
 REPORT_HTML = "report.html"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "report.html.j2"
+BROKEN_TEMPLATE = "broken.html.j2"  # the page of a broken ledger: its banner only
 # report.analysis_md ends with it; the agent writes below it
 NOTES_HEADING = "## Agent Investigation Notes"
 # a page left open reloads this often (the supervisor rewrites it after every run)
@@ -497,19 +500,27 @@ def build_context(store: Store) -> dict:
     }
 
 
-def render(store: Store) -> str:
+def render(store: Store) -> tuple:
+    """(the page, None), or of a broken ledger (its banner page, the LedgerError)."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR),
                       autoescape=select_autoescape(["j2", "html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template(TEMPLATE).render(**build_context(store))
+    try:
+        context = build_context(store)
+    except LedgerError as e:
+        return env.get_template(BROKEN_TEMPLATE).render(
+            problem=str(e), store=STORE_DIR, refresh_s=REFRESH_S,
+            generated=time.strftime("%Y-%m-%d %H:%M:%S")), e
+    return env.get_template(TEMPLATE).render(**context), None
 
 
-def write(store: Store) -> Path:
+def write(store: Store) -> tuple:
     """Write report.html into the store (atomically: a browser reloading it never reads half a
-    page)."""
-    html = render(store)
+    page): (its path, None), or (its path, the LedgerError) when it is a broken ledger's
+    banner."""
+    html, broken = render(store)
     store.dir.mkdir(parents=True, exist_ok=True)
     path = store.path(REPORT_HTML)
     contract.atomic_write(path, html)
-    return path
+    return path, broken

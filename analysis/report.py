@@ -416,6 +416,26 @@ def worker_lines(ledger: list, live_claims=()) -> list:
     return out
 
 
+LEDGER_BANNER = "!!! LEDGER BROKEN, no numbers shown !!!"  # status's first words on a broken one
+RED, PLAIN = "\033[1;97;41m", "\033[0m"  # bold white on red, for a terminal only
+
+
+def ledger_banner(error, colour: bool) -> str:
+    """`status`'s one line in place of the numbers of a broken ledger (a store.LedgerError): the
+    first broken row and what to do, red on a terminal."""
+    line = f"{LEDGER_BANNER} {error}"
+    return f"{RED}{line}{PLAIN}" if colour else line
+
+
+def reseal_lines(reseals: list) -> list:
+    """`status`'s reminder that the ledger was accepted by hand after it broke (store.reseals)."""
+    if not reseals:
+        return []
+    last = reseals[-1]
+    return [f"note: this ledger was resealed by hand {len(reseals)} time(s) (`analyze.py reseal`); "
+            f"last at {last.get('at')}, when {last.get('broken')}"]
+
+
 def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str,
                 live_claims=()) -> str:
     counts = {}

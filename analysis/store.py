@@ -8,12 +8,18 @@ The experiment store, .auto-log-research/: the ledger, results.tsv, the archive 
 runs.jsonl is the ledger of record (strict JSON) and results.tsv is written from it, both through
 this module only: read-modify-write under an exclusive lock, each file replaced atomically, so two
 analyze.py processes at once or one killed half-way never lose or corrupt a row; what a killed one
-leaves (temporary files, an archive folder without a row, a results.tsv behind runs.jsonl) the next
-one repairs (Store.repair).
+leaves (temporary files, an archive folder without a row, a results.tsv behind runs.jsonl, a head
+record left pending) the next one repairs (Store.repair).
+
+The ledger is hash-chained (Store.read_ledger, Store.write_ledger; LEDGER_CHAIN says what that
+guarantees), and every row is checked by the one row validator (row_problem) as it is read: every
+reader goes through read_ledger, and a broken ledger is one LedgerError naming its first broken
+row, never a traceback.
 """
 
 import csv
 import errno
+import hashlib
 import fcntl
 import io
 import json
@@ -26,8 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness import proc, settings
-from harness.contract import RUN_METRICS, TRAIN_PY, HarnessError, atomic_write
-from analysis.runfiles import read_metrics, replace_non_finite
+from harness.contract import RUN_METRICS, STATUSES, TRAIN_PY, HarnessError, atomic_write, stamp
+from analysis.runfiles import KIND_CHECKS, SUMMARY_FIELD_KINDS, read_metrics, replace_non_finite
 
 STORE_DIR = ".auto-log-research"
 RESULTS_TSV = "results.tsv"
@@ -46,8 +52,136 @@ TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "
                      "num_steps", "mfu_percent", "device", "started_at", "worker")
 LOCK_TIMEOUT_S = 300          # a concurrent analyze takes seconds; minutes of waiting: a stuck one
 LOCK_POLL_S = 0.05            # between non-blocking tries of a held lock (so that it can time out)
+HEAD_FILE = "runs.head.json"  # the ledger's head record (see LEDGER_CHAIN)
+CHAIN_FIELD = "prev_sha256"   # every ledger row's: the sha256 of the previous row's line
+CHAIN_START = "0" * 64        # the first row's prev_sha256, and the last sha256 of no rows
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_write's: .<name>.<pid>.tmp
 
+
+LEDGER_CHAIN = f"""
+What the chain guarantees. Each runs.jsonl row carries {CHAIN_FIELD}: the sha256 of the previous
+row's line as written (its bytes before the newline; {CHAIN_START[:8]}... for the first row), and
+{HEAD_FILE} holds the ledger's head, {{"rows": the row count, "last_sha256": the sha256 of the
+last line}}. Both are written under the store's lock: first the new head as "pending" beside the
+old one, then runs.jsonl, then the new head alone, so that a reader at any moment, or after a kill
+at any point, finds runs.jsonl matching the head or its pending one (Store.repair settles a
+pending head). A row edited, removed, added, moved or stripped of its {CHAIN_FIELD}, or the last
+rows removed, no longer chains, and every read names the first broken row. This is tamper
+*evidence* against naive edits (a text editor, sed, an agent rewriting a line), not protection:
+whoever can write the store can recompute the chain. A ledger written before the chain (no row has
+{CHAIN_FIELD} and there is no {HEAD_FILE}) is read as it is and chained on its next write.
+"""
+# the end of a LedgerError: what to do about a broken chain, and about a row no reader can use
+LEDGER_RECOVERY = (f"nothing is judged against this ledger until it is repaired: undo that edit "
+                   f"({RESULTS_TSV} holds each row as analyze.py last wrote it), or, if the "
+                   f"ledger as it is now is right, accept it with `uv run analyze.py reseal`")
+ROW_RECOVERY = (f"nothing is judged against this ledger until it is repaired: fix that line "
+                f"({RESULTS_TSV} holds each row as analyze.py last wrote it), then accept the "
+                f"ledger with `uv run analyze.py reseal`")
+
+
+class LedgerError(HarnessError):
+    """runs.jsonl is not as this module wrote it: `why` names its first broken row, `line`
+    (1-based, or None) and `run_id` (or None) are that row's; the message is one line: why, then
+    what to do."""
+
+    def __init__(self, why: str, line=None, run_id=None, recovery: str = LEDGER_RECOVERY):
+        super().__init__(f"{why}; {recovery}")
+        self.why, self.line, self.run_id = why, line, run_id
+
+
+# Ledger fields beyond run_summary.json's (analysis/runfiles.py SUMMARY_FIELD_KINDS, whose kinds a
+# row's copies keep) that the readers format or compute with, and the kind each must be; null is
+# always allowed. run_id and status are required.
+LEDGER_FIELD_KINDS = {
+    **dict.fromkeys(("description", "verdict", "verdict_reason", "verdict_mode", "worker",
+                     "analyzed_at", "train_status", "best_run_id", "run_log_sha256",
+                     "summary_sha256", "metrics_sha256", CHAIN_FIELD), "a string"),
+    **dict.fromkeys(("delta_best", "delta_sigma", "p_value", "n_pooled", "noise_sigma",
+                     "noise_df", "run_log_mtime_ns", "metrics_mtime_ns"), "a number"),
+    **dict.fromkeys(("notes", "integrity"), "a list"),
+}
+ROW_FIELD_KINDS = {**{k: v for k, v in SUMMARY_FIELD_KINDS.items() if k != "status"},
+                   **LEDGER_FIELD_KINDS}
+ROW_KIND_CHECKS = {**KIND_CHECKS, "a list": lambda v: isinstance(v, list)}
+
+
+def row_problem(row) -> str:
+    """The one row validator behind every reader of the ledger (through read_ledger): why a parsed
+    runs.jsonl line is not a row the readers can use, or None. A row is an object with a non-empty
+    string run_id, a status of contract.STATUSES, and every known field of the kind the readers
+    need, or null."""
+    if not isinstance(row, dict):
+        return f"is {type(row).__name__} {json.dumps(row)[:60]}, not an object"
+    if not isinstance(row.get("run_id"), str) or not row["run_id"]:
+        return f"has run_id {json.dumps(row.get('run_id'))[:60]}, not a run id"
+    if row.get("status") not in STATUSES:
+        return (f"has status {json.dumps(row.get('status'))[:60]}, not one of "
+                f"{', '.join(STATUSES)}")
+    for key, kind in ROW_FIELD_KINDS.items():
+        value = row.get(key)
+        if value is not None and not ROW_KIND_CHECKS[kind](value):
+            return f"has {key} {json.dumps(value)[:60]}, not {kind}"
+    return None
+
+
+def line_sha256(line: bytes) -> str:
+    """The sha256 that a row's successor (or the head) records of its line (without newline)."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def ledger_state(lines: list) -> dict:
+    """The head record of runs.jsonl's `lines` (bytes, without newlines)."""
+    return {"rows": len(lines), "last_sha256": line_sha256(lines[-1]) if lines else CHAIN_START}
+
+
+def chained_lines(ledger: list) -> list:
+    """runs.jsonl's lines (bytes) of `ledger`: strict JSON (a NaN left in an old record becomes
+    null), each row with the CHAIN_FIELD of the line before it."""
+    lines, prev = [], CHAIN_START
+    for record in ledger:
+        row = {k: v for k, v in replace_non_finite(record)[0].items() if k != CHAIN_FIELD}
+        row[CHAIN_FIELD] = prev
+        lines.append(json.dumps(row, sort_keys=True, allow_nan=False).encode())
+        prev = line_sha256(lines[-1])
+    return lines
+
+
+def chain_break(rows: list, head) -> tuple:
+    """(the 1-based index of the first broken row or None, why) of parsed runs.jsonl `rows`
+    [(line bytes, row)] against the head record `head` (None: no head file); (None, None) when
+    they chain. Unchained rows pass only as a ledger from before the chain (no head, or a write
+    from it cut short)."""
+    lines = [line for line, _ in rows]
+    states = [head, head.get("pending")] if head else []
+    matches_head = ledger_state(lines) in [{k: s.get(k) for k in ("rows", "last_sha256")}
+                                           for s in states if isinstance(s, dict)]
+    if not any(CHAIN_FIELD in row for _, row in rows) and (head is None or matches_head):
+        return None, None
+    prev = CHAIN_START
+    for i, (line, row) in enumerate(rows, start=1):
+        link = row.get(CHAIN_FIELD)
+        if link is None:
+            return i, f"has no {CHAIN_FIELD} (removed by hand)"
+        if link != prev:
+            if i == 1:
+                return 1, ("does not start the chain: rows before it were removed, or it was "
+                           "moved")
+            return i - 1, (f"is not as analyze.py wrote it: the next row's {CHAIN_FIELD} is not "
+                           f"its sha256 (it was changed, or a row after it removed or moved)")
+        prev = line_sha256(line)
+    if head is None:
+        return len(rows), f"has no head record: {HEAD_FILE} was removed"
+    if matches_head:
+        return None, None
+    if not rows:
+        return None, f"has no rows, but {HEAD_FILE} records {head.get('rows')}: they were removed"
+    recorded = head.get("rows")
+    if isinstance(recorded, int) and 0 < recorded < len(rows) \
+            and line_sha256(lines[recorded - 1]) == head.get("last_sha256"):
+        return recorded + 1, f"was added by hand: {HEAD_FILE} records {recorded} rows"
+    return len(rows), (f"is not the last row analyze.py wrote ({HEAD_FILE} records "
+                                 f"{recorded} rows): it was changed, or rows after it removed")
 
 def worker_of(record: dict) -> str:
     """The worker a ledger row is from (rows from before workers were recorded: the only
@@ -198,29 +332,105 @@ class Store:
         return night if isinstance(pid, int) and proc.runs_script(pid, "supervise.py") else None
 
     # ledger
-    def read_ledger(self) -> list:
-        path = self.path(RUNS_JSONL)
-        if not path.exists():
-            return []
-        ledger = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    ledger.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise HarnessError(f"{path} line {i + 1} is corrupt ({e.msg}); it is only "
-                                       f"ever replaced atomically, so it was edited by hand: fix "
-                                       f"or remove that line") from None
-        return ledger
+    def read_head(self):
+        """The ledger's head record (LEDGER_CHAIN), or None when there is none."""
+        path = self.path(HEAD_FILE)
+        try:
+            head = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise LedgerError(f"{path} is corrupt ({e}): it is only ever replaced atomically, so "
+                              f"it was edited by hand") from None
+        if not isinstance(head, dict):
+            raise LedgerError(f"{path} is not an object: it was edited by hand")
+        return head
 
-    def write_ledger(self, ledger: list):
-        """Replace runs.jsonl (strict JSON: a NaN left in an old record becomes null), then
-        results.tsv written from it (call under lock())."""
+    def ledger_rows(self) -> list:
+        """[(line bytes, row)] of runs.jsonl, each row checked by row_problem (blank lines, which
+        the writer never writes, are skipped); a LedgerError names the first that fails."""
+        path = self.path(RUNS_JSONL)
+        data = path.read_bytes() if path.exists() else b""
+        rows = []
+        for i, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # a JSONDecodeError, or bytes that are not UTF-8
+                raise LedgerError(f"{path} line {i} is corrupt ({getattr(e, 'msg', e)}): it is "
+                                  f"only ever replaced atomically, so it was edited by hand", i,
+                                  recovery=ROW_RECOVERY) from None
+            problem = row_problem(row)
+            if problem:
+                run = row.get("run_id") if isinstance(row, dict) else None
+                raise LedgerError(f"{path} line {i}{f' (run {run})' if run else ''} {problem}: "
+                                  f"it was edited by hand", i, run, recovery=ROW_RECOVERY)
+            rows.append((line, row))
+        return rows
+
+    def read_ledger(self) -> list:
+        """The ledger, every row checked (row_problem) and the chain verified against the head
+        (LEDGER_CHAIN): the single entry of every reader. A row that fails either is a
+        LedgerError naming the first broken row (its line and run) and what to do."""
+        rows = self.ledger_rows()
+        line, why = chain_break(rows, self.read_head())
+        if why:
+            run = rows[line - 1][1]["run_id"] if line else None
+            where = f" line {line} (run {run})" if line else ""
+            raise LedgerError(f"{self.path(RUNS_JSONL)}{where} {why}", line, run)
+        return [{k: v for k, v in row.items() if k != CHAIN_FIELD} for _, row in rows]
+
+    def write_ledger(self, ledger: list, reseals=None):
+        """Replace runs.jsonl, chained (chained_lines), with its head record (LEDGER_CHAIN), then
+        results.tsv written from it (call under lock()). The head keeps the notes of every
+        `reseal` (`reseals`: the list to keep instead, reseal's own)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path(RUNS_JSONL),
-                     "".join(json.dumps(replace_non_finite(r)[0], sort_keys=True, allow_nan=False)
-                             + "\n" for r in ledger))
+        path, head_path = self.path(RUNS_JSONL), self.path(HEAD_FILE)
+        lines = chained_lines(ledger)
+        current = path.read_bytes().split(b"\n") if path.exists() else []
+        reseals = self.reseals() if reseals is None else reseals
+        new = {**ledger_state(lines), "resealed": reseals}
+        before = {**ledger_state([line for line in current if line.strip()]), "resealed": reseals}
+        atomic_write(head_path, json.dumps({**before, "pending": new}, sort_keys=True) + "\n")
+        atomic_write(path, b"".join(line + b"\n" for line in lines), mode="wb")
+        atomic_write(head_path, json.dumps(new, sort_keys=True) + "\n")
         atomic_write(self.path(RESULTS_TSV), tsv_text(ledger))
+
+    def settle_head(self) -> list:
+        """Settle the head a write cut short between its steps left pending (call under lock()):
+        the head of the runs.jsonl that is there. One note, or none."""
+        head = self.read_head()
+        if not head or not isinstance(head.get("pending"), dict):
+            return []
+        rows = self.ledger_rows()
+        state = ledger_state([line for line, _ in rows])
+        pending = head["pending"]
+        settled = pending if {k: pending.get(k) for k in state} == state else \
+            {k: v for k, v in head.items() if k != "pending"}
+        atomic_write(self.path(HEAD_FILE), json.dumps(settled, sort_keys=True) + "\n")
+        return [f"settled {HEAD_FILE} of a ledger write that was cut short"]
+
+    def reseal(self) -> tuple:
+        """Accept runs.jsonl as it is now (`analyze.py reseal`, call under lock()): every row must
+        still pass row_problem; the chain is written afresh and the head keeps a note of what was
+        broken, which `status` shows from then on. (the ledger, what was broken or None)."""
+        try:
+            self.read_ledger()
+            return None, None
+        except LedgerError as e:
+            broken = e.why
+        rows = [row for _, row in self.ledger_rows()]
+        try:
+            reseals = self.reseals()
+        except LedgerError:  # the head itself was edited: its earlier notes are lost with it
+            reseals = []
+        self.write_ledger(rows, reseals + [{"at": stamp(), "broken": broken}])
+        return rows, broken
+
+    def reseals(self) -> list:
+        """The notes of every `reseal` of this ledger, oldest first."""
+        return (self.read_head() or {}).get("resealed") or []
 
     def read_results_tsv(self) -> list:
         path = self.path(RESULTS_TSV)
@@ -279,6 +489,7 @@ class Store:
         analyze.py is half-way then, so whatever is half-done is a dead process's). Returns one
         note per repair:
         - temporary files of dead processes are removed;
+        - a head record a write left pending is settled (settle_head);
         - archive folders with no ledger row (an analyze killed before it recorded its run; the
           run's files are still where train.py left them) are removed, so analyzing the run again
           archives it once;
@@ -294,6 +505,7 @@ class Store:
             notes.append(f"removed {len(stale)} temporary file(s) left by killed processes: "
                          + ", ".join(str(p.relative_to(self.root)) for p in stale[:3])
                          + (" ..." if len(stale) > 3 else ""))
+        notes += self.settle_head()
         ledger = self.read_ledger()
         orphans = self.orphans(ledger)
         for run_id in orphans:
