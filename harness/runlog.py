@@ -19,7 +19,6 @@ or SIGTERM writes a `crash` summary; the watchdog a `timeout` one. The previous 
 deleted first, so a crash never leaves an earlier result behind.
 """
 
-import fcntl
 import hashlib
 import json
 import math
