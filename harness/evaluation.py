@@ -44,6 +44,7 @@ PROBE_ROWS = 2            # rows of a probe whose earlier logits are compared (m
 # is a model that hangs, and the run ends rather than waiting all night
 ANSWER_TIMEOUT_S = 900
 NO_MODEL_EXIT = 3         # train.py ended without serving its model (its own summary says why)
+FAILED_EXIT = 1           # the evaluation failed: its one `error:` line says why
 STARTED = "evaluator: started"  # its first line: its code is imported, train.py may start
 
 
@@ -251,7 +252,7 @@ def main(argv) -> int:
         return NO_MODEL_EXIT
     if header.get("kind") != "ready":
         print(f"error: train.py's first message is not `ready`: {header}", file=sys.stderr)
-        return 1
+        return FAILED_EXIT
     try:
         return _evaluate_served(sock, header)
     except PeerGone:
@@ -261,7 +262,7 @@ def main(argv) -> int:
               file=sys.stderr)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
-    return 1
+    return FAILED_EXIT
 
 
 def _evaluate_served(sock, header: dict) -> int:

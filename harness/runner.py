@@ -32,7 +32,7 @@ from pathlib import Path
 
 from harness import contract, data, proc
 from harness.contract import HarnessError
-from harness.evaluation import EVAL_FD_ENV, NO_MODEL_EXIT, STARTED
+from harness.evaluation import EVAL_FD_ENV, FAILED_EXIT, NO_MODEL_EXIT, STARTED
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
 PR_SET_PDEATHSIG = 1         # prctl(2): a signal for the child when its parent dies
@@ -122,7 +122,8 @@ def _prctl(option: int, value: int):
 
 
 def _die_with_parent():
-    """In train.py's process, before exec: a launch.py killed outright takes train.py along."""
+    """In a child, before exec: a launch.py killed outright takes train.py and the evaluator
+    along."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -153,9 +154,12 @@ def launch(args: list, run_dir: Path) -> int:
     finished but could not be evaluated)."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     ours, theirs = socket.socketpair()
+    # in a session of its own, as train.py: a terminal's Ctrl-C reaches launch.py, which passes it
+    # on
     evaluator = subprocess.Popen([sys.executable, "-I", "-c", EVALUATOR_CODE, str(ours.fileno())],
                                  pass_fds=[ours.fileno()], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, cwd=run_dir, text=True)
+                                 stderr=subprocess.PIPE, cwd=run_dir, text=True,
+                                 start_new_session=True, preexec_fn=_die_with_parent)
     if evaluator.stdout.readline().strip() != STARTED:  # its code imported before train.py runs
         evaluator.kill()
         _, err = evaluator.communicate()
@@ -193,9 +197,10 @@ def _wait_for(train_pid: int, evaluator_pid: int) -> dict:
         pid, status = os.waitpid(-1, 0)
         if pid in (train_pid, evaluator_pid):
             exits[pid] = os.waitstatus_to_exitcode(status)
-        if exits.get(evaluator_pid, 0) not in (0, NO_MODEL_EXIT) and train_pid not in exits:
+        if exits.get(evaluator_pid) == FAILED_EXIT and train_pid not in exits:
             # the evaluation failed (a model that hangs or answers nonsense): train.py, which only
-            # serves its model by now, is ended rather than left to its watchdog
+            # serves its model by now, is ended rather than left to its watchdog (an evaluator
+            # killed from outside, with the rest of the run, leaves train.py its crash summary)
             os.kill(train_pid, signal.SIGKILL)
     return exits
 

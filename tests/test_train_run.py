@@ -250,24 +250,27 @@ def test_a_second_launch_while_a_run_trains_is_refused_and_touches_nothing(prepa
     from analysis import integrity
     cwd = workdir(tmp_path, stale_summary=False)
     env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": "20"}
-    first = subprocess.Popen([sys.executable, "launch.py"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    while not (line := first.stdout.readline()).startswith("step 00001"):  # training, on the clock
-        assert line, "the first run ended before its second step"
+    shown = tmp_path / "terminal.txt"
+    with open(shown, "w") as terminal:
+        first = subprocess.Popen([sys.executable, "launch.py"], cwd=cwd, env=env, stdout=terminal,
+                                 stderr=subprocess.STDOUT)
+    metrics = cwd / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training, on the clock
+        assert first.poll() is None, "the first run ended before its second step"
+        time.sleep(0.1)
     log_so_far = (cwd / "run.log").read_text()
     second = run_script(["launch.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": "20"})
     assert second.returncode == 1 and second.stdout == ""
     assert second.stderr == (f"error: a run is already training in {cwd.resolve()} (pid {first.pid}); its files "
                              f"are untouched: wait for it, or end it\n")
     assert (cwd / "run.log").read_text().startswith(log_so_far)  # not truncated, nothing of the second
-    rest = first.stdout.read()
     assert first.wait(timeout=600) == 0
     log = (cwd / "run.log").read_text()
     assert log.count(contract.LOG_STAMP_PREFIX) == 1 and "\nval_bpb:" in log
     summary = read_summary(cwd)
     assert summary["status"] == "ok" and summary["evaluator"]["device"] == "cpu"
     assert integrity.seal_problems(summary, cwd, contract.sha256_file(cwd / "metrics.jsonl")) == []
-    assert log.endswith(rest)  # what it showed is what run.log holds
+    assert shown.read_text() == log  # what it showed is what run.log holds
 
 
 def test_a_model_the_evaluator_cannot_evaluate_ends_a_crash_that_says_why(prepared, tmp_path):
