@@ -249,8 +249,9 @@ def complete(run_dir: Path, result, train_s: float):
 
 
 def final_block(summary: dict) -> str:
-    """The `---` block a finished run prints last (`grep "^val_bpb:" run.log`)."""
-    lines = ["---"]
+    """The `---` block a finished run prints last (`grep "^val_bpb:" run.log`), on lines of its
+    own even after output that did not end its line (native libraries' messages at exit)."""
+    lines = ["", "---"]
     for key in contract.FINAL_BLOCK_KEYS:
         value = summary.get(key)
         lines.append(f"{key + ':':<18}{value:.6f}" if key == "val_bpb" else

@@ -50,7 +50,7 @@ def smoke(prepared, tmp_path_factory):
 
 def test_smoke_run_succeeds(smoke):
     cwd, proc = smoke
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert "no CUDA GPU" in proc.stdout  # the CPU configuration is announced
 
 
@@ -124,7 +124,7 @@ def test_final_block_is_greppable(smoke):
 def test_a_constant_the_agent_adds_is_captured(prepared, tmp_path):
     cwd = workdir(tmp_path, {"# Instrumentation and safety\n": "MY_NEW_KNOB = (3, 'x')\n# Instrumentation and safety\n"})
     proc = train(cwd, budget=0.5)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert read_summary(cwd)["config"]["MY_NEW_KNOB"] == [3, "x"]
 
 
@@ -134,7 +134,7 @@ def test_the_device_is_the_harnesss_not_what_train_py_says(prepared, tmp_path):
                              "run.set(device='NVIDIA H100 80GB HBM3')\n"})
     proc = train(cwd, budget=0.5)
     assert proc.returncode == 1
-    assert "error: run_summary.json's device: written by the harness, not by train.py" in proc.stderr
+    assert "error: run_summary.json's device: written by the harness, not by train.py" in proc.stdout  # run.log's
     summary = read_summary(cwd)
     assert summary["status"] == "crash" and summary["device"] == "cpu"  # the harness's reading, even so
 
@@ -142,7 +142,7 @@ def test_the_device_is_the_harnesss_not_what_train_py_says(prepared, tmp_path):
 def test_seed_changes_the_run(prepared, smoke, tmp_path):
     cwd = workdir(tmp_path)
     proc = train(cwd, budget=0.5, SEED="7")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert read_summary(cwd)["seed"] == 7
     first = read_metrics(cwd)[0][contract.TRAIN_LOSS]
     assert first != read_metrics(smoke[0])[0][contract.TRAIN_LOSS]
@@ -153,7 +153,7 @@ def test_crash_reports_crash_not_the_stale_result(prepared, tmp_path):
                              "        train_loss = loss.detach()\n        if step == 1: raise RuntimeError('injected failure')\n"})
     proc = train(cwd)
     assert proc.returncode != 0
-    assert "Traceback" in proc.stderr and "injected failure" in proc.stderr
+    assert "Traceback" in proc.stdout and "injected failure" in proc.stdout  # all of run.log, shown
     summary = read_summary(cwd)
     assert summary["status"] == "crash" and summary["val_bpb"] is None
     assert "injected failure" in summary["error"]
@@ -196,9 +196,9 @@ def test_hung_run_is_killed_with_status_timeout(prepared, tmp_path):
                                       "        print('hanging at step 2', flush=True)\n"
                                       "        time.sleep(3600)\n"})
     proc = train(cwd, budget=60, AUTORESEARCH_WATCHDOG_S="3600")  # run_script's timeout: the net
-    assert proc.returncode == 124, proc.stderr[-3000:]
+    assert proc.returncode == 124, proc.stdout[-3000:]
     assert "hanging at step 2" in proc.stdout
-    assert f"watchdog: run exceeded {HANG_WATCHDOG_S}s of wall time (budget 60s)" in proc.stderr
+    assert f"watchdog: run exceeded {HANG_WATCHDOG_S}s of wall time (budget 60s)" in proc.stdout
     summary = read_summary(cwd)
     assert summary["status"] == "timeout" and summary["val_bpb"] is None
     assert "watchdog" in summary["error"]
@@ -234,7 +234,7 @@ def test_a_model_that_reads_the_targets_fails_the_harnesss_causality_probe(prepa
     cwd = workdir(tmp_path, {"        x = x0 = norm(self.wte(idx).to(dtype))\n":
                              "        x = x0 = norm((self.wte(idx) + self.wte(torch.roll(idx, -1, dims=1))).to(dtype))\n"})
     proc = train(cwd, budget=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     summary = read_summary(cwd)
     assert summary["causality"]["ok"] is False and summary["causality"]["max_change"] > 0.1
     [problem] = integrity.causality_problems(summary)
