@@ -66,13 +66,19 @@ def process_age(pid: int):
     return float(Path("/proc/uptime").read_text().split()[0]) - stat[2]
 
 
-def descendants(pid: int) -> set:
-    """Every process below pid (children, their children, ...), as the process table is now."""
+def children_by_parent() -> dict:
+    """{ppid: [pid, ...]} of the process table now."""
     children = {}
     for p in pids():
         stat = proc_stat(p)
         if stat:
             children.setdefault(stat[1], []).append(p)
+    return children
+
+
+def descendants(pid: int) -> set:
+    """Every process below pid (children, their children, ...), as the process table is now."""
+    children = children_by_parent()
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -127,24 +127,17 @@ def _die_with_parent():
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def children() -> list:
-    """This process's children now (with the subreaper, every process train.py left)."""
-    me = os.getpid()
-    return [p for p in proc.pids() if (proc.proc_stat(p) or (None, None))[1] == me]
-
-
-def end_leftovers(keep: set) -> int:
-    """Kill and reap every child but `keep`; the number ended."""
-    ended = 0
+def end_leftovers(keep: set):
+    """Kill and reap every child of this process but `keep` (with the subreaper, every process
+    train.py left)."""
     for _ in range(SWEEP_ROUNDS):
-        left = [p for p in children() if p not in keep]
+        left = [p for p in proc.children_by_parent().get(os.getpid(), []) if p not in keep]
         if not left:
-            return ended
+            return
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         for pid in left:
             os.waitpid(pid, 0)
-        ended += len(left)
     raise HarnessError(f"processes left by train.py keep appearing after {SWEEP_ROUNDS} rounds "
                        f"of killing them: end them (pkill -KILL -P {os.getpid()})")
 
