@@ -216,10 +216,14 @@ def check_integrity(record: dict, run: dict, facts: dict, ledger: list):
     never counted: the record becomes `invalid` with its problems."""
     if facts["status"] != "ok":
         return
+    summary = facts["summary"]
     reference = next((r for r in ledger if verdict.finished(r)), None)  # the store's first finished
-    problems = integrity.integrity_problems(facts["summary"], facts["records"], Path("."),
+    device_reference = next((r for r in ledger if verdict.finished(r)
+                             and r.get("device") == summary.get("device")), None)
+    problems = integrity.integrity_problems(summary, facts["records"], Path("."),
                                             settings.CACHE_DIR, reference, run_dir=Path(run["dir"]),
-                                            metrics_sha256=run["metrics_sha256"])
+                                            metrics_sha256=run["metrics_sha256"],
+                                            device_reference=device_reference)
     record["integrity"] = problems
     if problems:
         record["status"] = "invalid"

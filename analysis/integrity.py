@@ -39,6 +39,13 @@ RESTORE_HINT = "the evaluation harness is off limits to experiments"
 # compilation warm-up (the fast path) takes one and restores the weights and the optimizer's state;
 # more is training for free
 PRE_CLOCK_STEPS_ALLOWED = 1
+# train.py's wall time off the training clock (startup, compilation, the clock's warm-up steps,
+# validation points; launch.py measures it, the final evaluation excluded) may exceed the store's
+# reference run's on the same device by this factor plus this slack: a larger model compiles and
+# evaluates longer, a loaded machine starts slower. More is time that could have trained before
+# the clock started in a way no optimizer counts (a hand-written update).
+UNTIMED_FACTOR = 1.5
+UNTIMED_SLACK_S = 30.0
 # What each difference of a fixed file from HEAD (harness/fixed.py) is, and how to undo it. An
 # edit git does not show (--assume-unchanged, --skip-worktree) is a difference all the same: the
 # flag is cleared with `git update-index --no-assume-unchanged --no-skip-worktree`.
@@ -199,17 +206,20 @@ def clock_problems(summary: dict, records: list, reference) -> list:
 
 
 def integrity_problems(summary: dict, records: list, repo_root: Path, cache_dir: Path, reference,
-                       run_dir: Path = None, metrics_sha256: str = None) -> list:
+                       run_dir: Path = None, metrics_sha256: str = None,
+                       device_reference: dict = None) -> list:
     """Every integrity problem of a finished run (empty: its val_bpb can be trusted). reference:
     the first finished run of the store (the harness and data every later run must share), or None
-    for the first run. run_dir and metrics_sha256: where the run's files are and the hash of its
-    metrics.jsonl, for the harness's seal (None: the seal is not checked)."""
+    for the first run; device_reference: the first finished run on the run's device (the bound of
+    its time off the clock), or None. run_dir and metrics_sha256: where the run's files are and
+    the hash of its metrics.jsonl, for the harness's seal (None: the seal is not checked)."""
     repo_root = Path(repo_root)
     seal = seal_problems(summary, Path(run_dir), metrics_sha256) if run_dir is not None else []
     return (harness_git_problems(repo_root, reference) + harness_hash_problems(summary, repo_root)
             + data_problems(summary, cache_dir, reference) + seal
             + clock_problems(summary, records, reference)
             + harness_clock_problems(summary, records) + pre_clock_problems(summary)
+            + untimed_problems(summary, device_reference)
             + runtime_harness_problems(summary)
             + evaluator_problems(summary) + causality_problems(summary))
 
@@ -255,6 +265,37 @@ def pre_clock_problems(summary: dict) -> list:
                 f"{PRE_CLOCK_STEPS_ALLOWED}, the compilation warm-up, which is undone): that is "
                 f"training off the clock; move it into the timed loop and train again"]
     return []
+
+
+def untimed_seconds(summary: dict):
+    """train.py's wall time off its training clock and outside the final evaluation, in seconds,
+    from launch.py's and the evaluator's measures (None: a run without them)."""
+    evaluator = summary.get("evaluator")
+    if not isinstance(evaluator, dict):
+        return None
+    parts = (evaluator.get("train_process_s"), summary.get("training_seconds"),
+             evaluator.get("seconds"))
+    if not all(contract.finite_number(p) for p in parts):
+        return None
+    return parts[0] - parts[1] - parts[2]
+
+
+def untimed_problems(summary: dict, device_reference) -> list:
+    """Startup is bounded: train.py's time off the clock (untimed_seconds) is at most
+    UNTIMED_FACTOR times the reference run's on the same device plus UNTIMED_SLACK_S."""
+    if summary.get("status") != "ok" or not device_reference:
+        return []
+    own, theirs = untimed_seconds(summary), untimed_seconds(device_reference)
+    if own is None or theirs is None:
+        return []  # a store's run from before launch.py measured train.py
+    bound = UNTIMED_FACTOR * theirs + UNTIMED_SLACK_S
+    if own <= bound:
+        return []
+    return [f"train.py ran {own:.1f} s off the training clock (startup, compilation, warm-up "
+            f"steps, validation points), more than the bound of {bound:.1f} s ({UNTIMED_FACTOR:g} "
+            f"x the {theirs:.1f} s of the reference run {device_reference.get('run_id')} on this "
+            f"device + {UNTIMED_SLACK_S:g} s): that is time to train before the clock starts; "
+            f"move the work into the timed loop (or out of train.py) and train again"]
 
 
 def evaluator_problems(summary: dict) -> list:

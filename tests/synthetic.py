@@ -115,7 +115,8 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
         data=cache_data(), harness_hash=contract.harness_hash(ROOT), train_sha256=train_sha256,
         started_at=started_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"), time_budget_s=budget_s,
         causality={"ok": True, "max_change": 0.0, "positions": [1024], "rows": 2} if status == "ok" else None,
-        evaluator={"rows": 128, "batch_size": 128, "seconds": 1.0, "device": "cpu"} if status == "ok" else None,
+        evaluator={"rows": 128, "batch_size": 128, "seconds": 1.0, "device": "cpu",
+                   "train_process_s": last.get(contract.TIME_S, 0.0) + 30} if status == "ok" else None,
         harness_check={"ok": True, "changed": []} if status == "ok" else None,
         config=config or {"DEPTH": 4, "MATRIX_LR": 0.04, "CLOCK_WARMUP_STEPS": 2, "SEED": seed})
     if error:

@@ -146,6 +146,24 @@ def test_compute_moved_off_the_clock_by_more_warmup_steps_is_found():
     assert not [p for p in integrity.clock_problems(elsewhere, records, first) if "CLOCK_WARMUP_STEPS" in p]
 
 
+def test_time_off_the_training_clock_is_bounded_by_the_reference_run_on_the_device():
+    def run(run_id, train_process_s, device="cpu"):  # 100 s trained, a final evaluation of 10 s
+        return {"run_id": run_id, "status": "ok", "device": device, "training_seconds": 100.0,
+                "evaluator": {"seconds": 10.0, "train_process_s": train_process_s}}
+
+    reference = run("base", 150.0)  # 40 s off the clock: the bound is 1.5 x 40 + 30 = 90 s
+    assert integrity.untimed_problems(run("next", 200.0), reference) == []  # 90 s: at the bound
+    assert integrity.untimed_problems(run("next", 201.0), reference) == [
+        "train.py ran 91.0 s off the training clock (startup, compilation, warm-up steps, "
+        "validation points), more than the bound of 90.0 s (1.5 x the 40.0 s of the reference "
+        "run base on this device + 30 s): that is time to train before the clock starts; move "
+        "the work into the timed loop (or out of train.py) and train again"]
+    assert integrity.untimed_problems({**run("next", 900.0), "status": "crash"}, reference) == []
+    assert integrity.untimed_problems(run("next", 900.0), None) == []  # the device's first run
+    legacy = {**reference, "evaluator": {"seconds": 10.0}}  # before launch.py measured train.py
+    assert integrity.untimed_problems(run("next", 900.0), legacy) == []
+
+
 def test_training_past_the_budget_or_on_another_budget_is_found():
     records = synthetic.make_records(n_steps=200)  # about 60 s of timed steps
     summary = synthetic.make_summary(records, 1.0, budget_s=30.0)

@@ -15,6 +15,7 @@ import pytest
 
 import synthetic
 from conftest import ROOT
+from analysis import integrity
 from harness import proc
 from repos import GIT_ENV, analyze, git, ledger
 
@@ -143,6 +144,19 @@ RESEALS_AFTER_EXIT = after_finish(
     "import subprocess as _sp\n"
     "_sp.Popen([sys.executable, 'resealer.py', str(os.getpid())], start_new_session=True)\n"
     "while not os.path.exists('resealer.pid'):\n    time.sleep(0.01)\n")
+# training before the clock with a hand-written update (no optimizer counts its steps), for longer than the store's
+# bound on time off the clock allows (integrity.untimed_problems), sized from the baseline's own measure in the ledger
+TRAINS_BY_HAND_BEFORE_THE_CLOCK = after_setup(
+    "import json as _j\n"
+    "_base = _j.loads(open('.auto-log-research/runs.jsonl').readline())\n"
+    "_off = _base['evaluator']['train_process_s'] - _base['training_seconds'] - _base['evaluator']['seconds']\n"
+    f"_until = time.time() + {integrity.UNTIMED_FACTOR} * _off + {integrity.UNTIMED_SLACK_S} + 10\n"
+    "while time.time() < _until:\n"
+    "    compiled(x, y).backward()\n"
+    "    with torch.no_grad():\n"
+    "        for _p in model.parameters():\n"
+    "            _p -= 1e-4 * _p.grad if _p.grad is not None else 0\n"
+    "    model.zero_grad(set_to_none=True)")
 EVASIONS += [
     ("torch.nn.functional.cross_entropy rebound",
      after_setup(f"_orig = F.cross_entropy\nF.cross_entropy = {HALVED_WHEN_EVALUATING}"), "honest", None),
@@ -176,6 +190,8 @@ EVASIONS += [
      after_setup("for _ in range(3):\n    compiled(x, y).backward()\n    optimizer.step()\n"
                  "    model.zero_grad(set_to_none=True)"),
      "invalid", "steps before the training clock started"),
+    ("training before the clock by hand, past the bound of the time off the clock",
+     TRAINS_BY_HAND_BEFORE_THE_CLOCK, "invalid", "off the training clock"),
 ]
 
 IDIOMS = [
