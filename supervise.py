@@ -26,7 +26,7 @@ from pathlib import Path
 # the supervisor here with one `error:` line.
 from harness import settings
 from harness.contract import TRAIN_PY
-from night import api, claude, environment, rules
+from night import api, claude, environment, rules, sandbox
 from night.supervisor import PROGRAM, REPORT, Supervisor
 from night.workers import run_workers, worker_argv, worker_names
 
@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--restart-delay", type=float, default=claude.RESTART_DELAY_S,
                      help="seconds before a restart")
     top.add_argument("--model", default=api.DEFAULT_MODEL, help="model of the api backend")
+    top.add_argument(sandbox.NO_SANDBOX, action="store_true",
+                     help="run the agent outside its bubblewrap box (README, 'Threat model')")
     night = top.add_argument_group("several workers, one store and one best (README: 'An 8-GPU "
                                    "node')")
     night.add_argument("--gpus", help="one worker per GPU, e.g. 0,1,2,3: each in its own git "
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     sup.status(f"started (pid {os.getpid()}; stop rules: {rules.describe_rules(sup.rules)}"
                + (f"; {len(names)} workers" if names else "")
                + ("; training on Slurm" if slurm else "")
+               + (f"; agent {sandbox.UNBOXED}: {sup.unboxed}" if sup.unboxed else
+                  "; the agent in its box" if not names else "")
                + (f"; morning report: {REPORT})" if not args.worker else ")"))
     if names:
         return run_workers(sup, names, worker_argv(argv))

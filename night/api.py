@@ -8,9 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import proc
 from analysis.store import IDEAS, INSIGHTS, RESULTS_TSV, STORE_DIR
-from night import rules
+from night import rules, sandbox
 from night.claude import LOG_RESULT_CHARS, MAX_BACKOFF_S
 from night.environment import agent_environment
 from night.supervisor import PROGRAM, Supervisor, worker_preamble
@@ -92,6 +91,16 @@ def _inside(repo: Path, path: str) -> Path:
     return target
 
 
+def _writable(sup: Supervisor, path: str) -> Path:
+    """Where the write tools (which run in the supervisor, outside the box) may write: inside the
+    repository, and, in a boxed night, nowhere the box holds read-only."""
+    target = _inside(sup.repo, path)
+    if not sup.unboxed and sandbox.read_only(sup.repo, target):
+        raise ValueError(f"{path} is read-only to the agent: the harness, its environment and "
+                         f"git's hooks and config are not the experiment's")
+    return target
+
+
 def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
     """(text, is_error) of one tool call. The key is removed from the environment commands see."""
     try:
@@ -100,7 +109,7 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
             env = agent_environment(sup.args.pass_env, night=sup.night)
             timeout = min(float(args.get("timeout_s") or DEFAULT_TOOL_TIMEOUT_S),
                           sup.args.train_timeout)
-            child = subprocess.Popen(["bash", "-c", args["command"]], cwd=sup.repo,
+            child = subprocess.Popen(sup.boxed(["bash", "-c", args["command"]]), cwd=sup.repo,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)
             sup.current = child
@@ -109,7 +118,7 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
                 return (f"exit code {child.returncode}\n{out[-TOOL_OUTPUT_CHARS:]}",
                         child.returncode != 0)
             except subprocess.TimeoutExpired:
-                proc.terminate(child)
+                sup.end_agent(child)
                 out = child.stdout.read() if child.stdout else ""
                 return f"killed after {timeout:.0f} s (timeout)\n{out[-TOOL_OUTPUT_CHARS:]}", True
             finally:
@@ -117,12 +126,12 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
         if name == "read_file":
             return _inside(sup.repo, args["path"]).read_text()[:50_000], False
         if name == "write_file":
-            path = _inside(sup.repo, args["path"])
+            path = _writable(sup, args["path"])
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(args["content"])
             return f"wrote {len(args['content'])} characters to {args['path']}", False
         if name == "edit_file":
-            path = _inside(sup.repo, args["path"])
+            path = _writable(sup, args["path"])
             text = path.read_text()
             if text.count(args["old"]) != 1:
                 return (f"`old` occurs {text.count(args['old'])} times in {args['path']}; it must "

@@ -7,8 +7,10 @@ file it reads once.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
 
 # failed sessions (API down, 5xx, 401) for this long end the night
 DEFAULT_MAX_OUTAGE_H = 1.0
+
+CLAUDE_STATE_FILE = ".claude.json"  # the CLI's state beside ~/.claude, without $CLAUDE_CONFIG_DIR
 
 LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
 
@@ -147,36 +151,48 @@ class KeyHandover:
     user only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it
     and deletes it. The CLI reads it once at start (its helper TTL is set beyond the night), before
     the agent can run a command, and then holds it in memory only: the agent's commands and
-    train.py never inherit it."""
+    train.py never inherit it. Each session gets a folder of its own (bound into its box), removed
+    when the session ends: nothing a session leaves in one reaches the next."""
 
     # never ask the helper again during a session: the file is gone
     TTL_MS = str(7 * 24 * 3600 * 1000)
 
     def __init__(self, secret: str):
-        import tempfile
         self.secret = secret
-        self.dir = Path(tempfile.mkdtemp(prefix="alr-key-"))  # 0700
-        self.key_file = self.dir / "key"
-        self.helper = self.dir / "api-key-helper"
-        self.helper.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self.key_file))} 2>/dev/null\n"
-                               f"rm -f {shlex.quote(str(self.key_file))}\n")
-        self.helper.chmod(0o700)
+        self.dir = None
 
     def arm(self, command: list, env: dict) -> list:
         """Put the key in place for one session; the command with the helper setting added."""
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.dir = Path(tempfile.mkdtemp(prefix="alr-key-"))  # 0700
+        key_file, helper = self.dir / "key", self.dir / "api-key-helper"
+        helper.write_text(f"#!/bin/sh\ncat {shlex.quote(str(key_file))} 2>/dev/null\n"
+                          f"rm -f {shlex.quote(str(key_file))}\n")
+        helper.chmod(0o700)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.secret)
         env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"] = self.TTL_MS
-        return command + ["--settings", json.dumps({"apiKeyHelper": str(self.helper)})]
+        return command + ["--settings", json.dumps({"apiKeyHelper": str(helper)})]
 
     def disarm(self):
-        self.key_file.unlink(missing_ok=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir)
+            self.dir = None
 
-    def close(self):
-        self.disarm()
-        self.helper.unlink(missing_ok=True)
-        self.dir.rmdir()
+
+def config_paths(env: dict) -> list:
+    """What the CLI writes outside the worktree: its config folder ($CLAUDE_CONFIG_DIR, or
+    ~/.claude and ~/.claude.json), made when absent so that it can be bound into the box."""
+    if env.get("CLAUDE_CONFIG_DIR"):
+        folder = Path(env["CLAUDE_CONFIG_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        return [folder]
+    home = Path(env.get("HOME") or Path.home())
+    folder, state = home / ".claude", home / CLAUDE_STATE_FILE
+    folder.mkdir(exist_ok=True)
+    if not state.exists():
+        state.write_text("{}\n")  # what the CLI writes itself on its first start
+    return [folder, state]
 
 
 class SessionFailures:
@@ -232,6 +248,8 @@ def run_session(sup: Supervisor, session: int, command: list, env: dict, handove
     sup.write_log(f"=== claude session {session} ({' '.join(command)}), "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     session_command = handover.arm(command, env) if handover else command
+    writable = config_paths(env) + ([handover.dir] if handover else [])
+    session_command = sup.boxed(session_command, writable=writable)
     try:
         child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -248,7 +266,7 @@ def run_session(sup: Supervisor, session: int, command: list, env: dict, handove
         pass  # it exited before reading: handled like any exit
     while child.poll() is None:
         if sup.should_end_agent():
-            proc.terminate(child, proc.marked(settings.NIGHT_ENV, sup.night))
+            sup.end_agent(child, proc.marked(settings.NIGHT_ENV, sup.night))
             break
         time.sleep(POLL_S)
     output.thread.join(timeout=30)
@@ -288,5 +306,5 @@ def run_claude(sup: Supervisor) -> int:
                 sup.status(f"claude session {session} exited (code {child.returncode}); restarting")
             failures.pause(sup)
     if handover:
-        handover.close()
+        handover.disarm()
     return sup.finish()

@@ -18,7 +18,7 @@ from harness.fixed import TAMPERING_FILE
 from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
 from analysis.store import NIGHT_FILE, STORE_DIR, Store, worker_of
-from night import rules
+from night import rules, sandbox
 from night.watch import FixedWatch
 from night.environment import agent_environment
 
@@ -82,6 +82,7 @@ class Supervisor:
         self.on_forward = None       # a night of workers: passes a signal on to each
         self.watch = None            # the fixed files' hashes at the night's start (begin)
         self.tampered = []           # what differed from them: the night stopped on it
+        self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
 
     # -- the ledger and the logs -----------------------------------------------------------------
 
@@ -242,6 +243,9 @@ class Supervisor:
         if self.on_forward:  # a night of workers: each stops at once and settles its own last run
             self.on_forward(signum)
         if self.current is not None and self.current.poll() is None:  # a tool command's session
+            if not self.unboxed:
+                sandbox.signal_stop(self.current.pid)
+                return
             try:
                 os.killpg(self.current.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -272,10 +276,28 @@ class Supervisor:
                         f"{previous}); {len(killed)} needed SIGKILL")
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
         self.watch = FixedWatch(self.repo)  # before the agent runs anything
+        self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else sandbox.unavailable()
+        if not self.worker:  # said once for the night (the start line), not by each worker again
+            sandbox.record(self.store, self.unboxed)
         if not self.worker:
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
                 {"pid": os.getpid(), "verdict": policy, "started_at": contract.stamp()}) + "\n")
+
+    def boxed(self, command: list, writable=()) -> list:
+        """`command` as the agent's process runs it: in its box (night/sandbox.py), unless the
+        night runs unboxed."""
+        if self.unboxed:
+            return command
+        return sandbox.box(command, self.repo, writable=writable)
+
+    def end_agent(self, child, also=()):
+        """End the agent's process `child` (the CLI, a tool command) and everything below it;
+        unboxed, also the processes `also` (what the agent started in sessions of their own)."""
+        if self.unboxed:
+            proc.terminate(child, also)
+        else:
+            sandbox.end(child)
 
     def settle(self):
         """After the agent is gone: decide the latest run as its verdict says (keep, or discard and

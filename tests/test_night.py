@@ -88,8 +88,9 @@ def night(tmp_path):
         (calls / "plan.json").write_text(json.dumps(plan))
         full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
                     "PLAN": str(calls / "plan.json"), "IS_SANDBOX": "1", **(env or {})}
+        # unboxed: the stand-in and its records live outside the repository (the box: test_sandbox.py)
         return subprocess.Popen([python, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
-                                 "--restart-delay", "0", *args], cwd=repo, stdout=subprocess.PIPE,
+                                 "--restart-delay", "0", "--no-sandbox", *args], cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=full_env)
     return repo, calls, start
 

@@ -105,7 +105,9 @@ def stand_in(tmp_path):
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls), "IS_SANDBOX": "1"}, calls
 
 
-STAND_IN_ENV = ("--pass-env", "CALLS,SLEEP")  # the agent sees only the allowlist and the names passed
+# the agent sees only the allowlist and the names passed; unboxed, as the stand-in and its records live
+# outside the repository (the box: test_sandbox.py)
+STAND_IN_ENV = ("--pass-env", "CALLS,SLEEP", "--no-sandbox")
 
 
 def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, stand_in):

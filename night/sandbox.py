@@ -1,0 +1,207 @@
+"""
+The agent's box (bubblewrap): what the agent's CLI, and every command it runs, can see and change.
+
+Inside the box the whole filesystem is read-only; /tmp is private and empty; /proc shows the box's
+own PID namespace only (no process of the night outside it, no other worker's), and every process
+in it ends when the box's first process (the CLI, or one command of the api backend) ends, so
+nothing of a session outlives it. Writable: the worktree, minus the fixed files
+(contract.FIXED_PATHSPECS), the virtual environment and the project's pyproject.toml / uv.lock,
+which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
+which would run code in the night's own git commands; the prepare cache's seals folder (the run's
+seal, written by launch.py); and what the caller adds (the CLI's config). Every capability is
+dropped, so a root agent cannot remount any of it. Not closed by the box (README, "Threat model"):
+the network (shared with the host), and the memory of the CLI, which runs in the box as the same
+user.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from analysis.store import STORE_DIR
+from harness import contract, git, proc, settings
+
+BWRAP = "bwrap"
+# the probe of a box at a night's start: bwrap starts in well under a second
+PROBE_TIMEOUT_S = 30
+# besides the fixed files: what `uv run` executes before any harness code
+READ_ONLY = (".venv", "pyproject.toml", "uv.lock")
+# uv needs a writable cache even for `uv run` of a synced environment; the host's stays read-only
+# (a package the agent planted there would reach the night's next sync)
+UV_CACHE_IN_BOX = "/tmp/uv-cache"
+# GPU device nodes, bound into the box's minimal /dev where they exist
+GPU_DEVICES = ("nvidia*", "dri", "kfd")
+# The box's first process below bwrap's own init: it runs the command and, told to stop (SIGTERM,
+# SIGINT), passes SIGTERM to every process in the box and waits for them (train.py writes its crash
+# summary, launch.py its final word, git removes its lock) before it exits, which ends the box and
+# SIGKILLs what is left. Signalling the box's processes from outside all at once would not do: the
+# box's first process may die first and take the others with it before they have written anything.
+STOPPER = """
+import os, signal, subprocess, sys, time
+grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[2:])
+def alive():
+    found = []
+    for name in os.listdir('/proc'):
+        if name.isdigit() and int(name) not in (1, os.getpid()):
+            try:
+                state = open(f'/proc/{name}/stat').read().rsplit(')', 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != 'Z':
+                found.append(int(name))
+    return found
+def stop(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    for pid in alive():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+code = child.wait()
+sys.exit(128 - code if code < 0 else code)
+"""
+# beyond the stopper's grace: bwrap's own start and end
+END_MARGIN_S = 10.0
+NO_SANDBOX = "--no-sandbox"
+NOT_WANTED = f"{NO_SANDBOX} was given"
+# in the store: one line per night's start, whether its agent ran boxed (the morning report shows
+# the latest night's when it did not)
+SANDBOX_LOG = "sandbox.log"
+UNBOXED = "UNBOXED"
+
+
+def unavailable():
+    """Why no box can be made on this machine, in one line (None: it can)."""
+    if shutil.which(BWRAP) is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    try:
+        probe = subprocess.run([BWRAP, *_base(), "--", "true"], capture_output=True, text=True,
+                               timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"bwrap did not start a box within {PROBE_TIMEOUT_S} s"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+        return (f"bwrap cannot make a box here ({last}): unprivileged user namespaces are off "
+                f"(sysctl kernel.unprivileged_userns_clone=1), or run the night in a VM")
+    return None
+
+
+def _base() -> list:
+    """The box without any of the night's paths: read-only root, private /tmp, own PID and IPC
+    namespaces, no capabilities, gone with its parent."""
+    return ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--new-session",
+            "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp"]
+
+
+def _devices() -> list:
+    args = []
+    for pattern in GPU_DEVICES:
+        for node in sorted(Path("/dev").glob(pattern)):
+            args += ["--dev-bind", str(node), str(node)]
+    return args
+
+
+def writable_paths(repo: Path) -> list:
+    """What the agent may change: the worktree, the store it writes through (a worker's is a link
+    to the night's), git's folder and the prepare cache's seals."""
+    repo = Path(repo).resolve()
+    common = Path(git.git("rev-parse", "--git-common-dir", cwd=repo).strip())
+    seals = contract.cache_path(contract.SEALS_DIR)
+    seals.mkdir(parents=True, exist_ok=True)
+    paths = [repo, (repo / STORE_DIR).resolve(), (repo / common).resolve(),
+             seals.resolve()]
+    return [p for p in paths if p.exists()]
+
+
+def read_only_paths(repo: Path) -> list:
+    """Bound read-only over the writable ones: the fixed files, the environment, git's hooks and
+    config (each existing one; the hooks folder is made, so that none can be added)."""
+    repo = Path(repo).resolve()
+    common = (repo / git.git("rev-parse", "--git-common-dir", cwd=repo).strip()).resolve()
+    (common / "hooks").mkdir(exist_ok=True)
+    paths = [repo / p for p in (*contract.FIXED_PATHSPECS, *READ_ONLY)]
+    paths += [common / "hooks", common / "config"]
+    return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def read_only(repo: Path, target: Path) -> bool:
+    """Whether the box holds `target` (a resolved path in the worktree) read-only."""
+    return any(p == target or p in target.parents for p in read_only_paths(repo))
+
+
+def box(command: list, repo: Path, writable=(), visible=()) -> list:
+    """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
+    command may change (the CLI's config); `visible`: paths under /tmp it must see read-only (the
+    prepare cache where a test keeps it there)."""
+    bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
+             "--setenv", "TMPDIR", "/tmp"]
+    for path in (*visible, settings.CACHE_DIR):
+        path = Path(path).resolve()
+        if path.exists():
+            bwrap += ["--ro-bind", str(path), str(path)]
+    for path in (*writable_paths(repo), *(Path(p).resolve() for p in writable)):
+        bwrap += ["--bind", str(path), str(path)]
+    for path in read_only_paths(repo):
+        bwrap += ["--ro-bind", str(path), str(path)]
+    stopper = [sys.executable, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S)]
+    return [*bwrap, "--chdir", str(Path(repo).resolve()), "--", *stopper, *command]
+
+
+def stopper_pid(box_pid: int):
+    """The stopper of the box whose bwrap is `box_pid` (bwrap, its init, then the stopper), or
+    None while the box is starting or gone."""
+    children = proc.children_by_parent()
+    for init in children.get(box_pid, []):
+        for pid in children.get(init, []):
+            return pid
+    return None
+
+
+def signal_stop(box_pid: int):
+    """Ask the box to stop (SIGTERM to its stopper); returns at once (a signal handler's)."""
+    pid = stopper_pid(box_pid)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it just ended
+
+
+def end(child: subprocess.Popen):
+    """End a boxed command and wait for it: its processes get SIGTERM and the stopper's grace,
+    then the box is killed whole."""
+    signal_stop(child.pid)
+    try:
+        child.wait(timeout=proc.KILL_GRACE_S + END_MARGIN_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def record(store, unboxed):
+    """Note in the store whether the night's agent runs in its box (`unboxed`: why not)."""
+    state = f"{UNBOXED}: {unboxed}" if unboxed else "boxed (bubblewrap)"
+    with open(store.path(SANDBOX_LOG), "a") as f:
+        f.write(f"{contract.stamp()} | {state}\n")
+
+
+def latest_unboxed(store_dir: Path):
+    """Why the store's latest night ran its agent unboxed, or None (boxed, or no night yet)."""
+    try:
+        lines = (Path(store_dir) / SANDBOX_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    last = lines[-1] if lines else ""
+    stamp, _, state = last.partition(" | ")
+    return f"{stamp}: {state[len(UNBOXED) + 2:]}" if state.startswith(UNBOXED) else None
