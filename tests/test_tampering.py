@@ -16,7 +16,7 @@ import pytest
 
 import synthetic
 from conftest import ROOT
-from harness import proc
+from harness import proc, settings
 from repos import GIT_ENV, analyze, git, ledger
 
 BUDGET_S = "300"    # the store's budget: every run stops long before it, at FIXED_STEPS or FIXED_SECONDS
@@ -273,10 +273,30 @@ TIED = {
     " betas=ADAM_BETAS, **adam),\n": "",
 }
 
+# The fast path's flex_attention with another block mask, still causal: the sliding window of the
+# short layers plus 4 "attention sink" tokens at the start that every query sees. On CPU the fast
+# path runs with AUTORESEARCH_CPU_FAST_PATH=1 (bf16, torch.compile with aot_eager), and train.py
+# lifts flex_attention's front-end refusal of a backward on CPU, as tests/test_fast_path.py's runner
+# does (its math implementation has a backward): launch.py runs train.py itself, so the edit does.
+FLEX_IMPORT = "from torch.nn.attention.flex_attention import create_block_mask, flex_attention"
+FLEX_SINKS = {
+    "lambda b, h, q, kv, w=window: (q >= kv) & (q - kv < w)":
+    "lambda b, h, q, kv, w=window: (q >= kv) & ((q - kv < w) | (kv < 4))",
+    FLEX_IMPORT + "  # noqa: E402\n":
+    FLEX_IMPORT + "  # noqa: E402\n"
+    "import torch.nn.attention.flex_attention as _flex  # noqa: E402\n"
+    "if run.device.type == 'cpu':  # a test of the CUDA code path on CPU\n"
+    "    _flex._validate_device = lambda query, key, value: None\n",
+}
+FAST_PATH = {settings.CPU_FAST_PATH_ENV: "1"}
+
+# (name, edits of train.py, environment of the run, config values the run must report)
 ARCHITECTURES = [
-    ("grouped-query attention", GQA),
-    ("a top-2 of 4 token-choice mixture of experts", mixture_of_experts(TOKEN_CHOICE)),
-    ("weight tying", TIED),
+    ("grouped-query attention", GQA, {}, {}),
+    ("a top-2 of 4 token-choice mixture of experts", mixture_of_experts(TOKEN_CHOICE), {}, {}),
+    ("weight tying", TIED, {}, {}),
+    ("a flex_attention block mask with attention sinks", FLEX_SINKS, FAST_PATH,
+     {"FAST_PATH": True, "ATTENTION_BACKEND": "flex"}),
 ]
 
 
@@ -287,10 +307,11 @@ def edited(source: str, edits: dict) -> str:
     return source
 
 
-def train_and_analyze(repo, message: str):
-    """Commit train.py, train it for real, analyse; returns (the ledger row, analyze's stdout)."""
+def train_and_analyze(repo, message: str, env_extra=None):
+    """Commit train.py, train it for real (with `env_extra` in its environment), analyse; returns
+    (the ledger row, analyze's stdout)."""
     git(repo, "commit", "-qam", message)
-    env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": BUDGET_S}
+    env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": BUDGET_S, **(env_extra or {})}
     with open(repo / "run.log", "w") as log:
         subprocess.run([sys.executable, "launch.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env,
                        timeout=600)
@@ -322,10 +343,10 @@ def store(prepared, tmp_path_factory):
     return repo, source, baseline["val_bpb"]
 
 
-def run_edited(store, edits, name):
+def run_edited(store, edits, name, env_extra=None):
     repo, source, _ = store
     (repo / "train.py").write_text(edited(source, edits) + f"\n# {name}\n")
-    return train_and_analyze(repo, name)
+    return train_and_analyze(repo, name, env_extra)
 
 
 @pytest.mark.parametrize("name, edits, expected, problem", EVASIONS, ids=[e[0] for e in EVASIONS])
@@ -358,14 +379,16 @@ def test_a_legitimate_idiom_is_not_flagged(store, name, edits):
         assert (folder / "agent_metrics.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name, edits", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
-def test_a_legitimate_architecture_is_evaluated_and_not_flagged(store, name, edits):
+@pytest.mark.parametrize("name, edits, env, config", ARCHITECTURES,
+                         ids=[a[0] for a in ARCHITECTURES])
+def test_a_legitimate_architecture_is_evaluated_and_not_flagged(store, name, edits, env, config):
     """Another model, trained and evaluated for real: the evaluator's number is finite, its
     causality probes passed (the row is the whole run_summary.json plus the ledger's fields),
     nothing is flagged."""
-    row, out = run_edited(store, edits, name)
+    row, out = run_edited(store, edits, name, env)
     log = (store[0] / "run.log").read_text()[-3000:]
     assert row["status"] not in ("invalid", "crash") and row["integrity"] == [], out + log
     assert row["causality"]["ok"] and row["causality"]["probes"] > 0, row["causality"]
     assert isinstance(row["val_bpb"], float) and math.isfinite(row["val_bpb"]), row["val_bpb"]
     assert row["val_bpb"] != store[2], "the edit left the model as it was"
+    assert {k: row["config"][k] for k in config} == config  # the code path the edit is on ran
