@@ -258,6 +258,15 @@ def mixture_of_experts(routing: str) -> dict:
 # position alone (causal)
 TOKEN_CHOICE = ("        top, chosen = scores.topk(self.top_k, dim=-1)\n"
                 "        weights = torch.zeros_like(scores).scatter(-1, chosen, top.softmax(-1))\n")
+# expert choice: each expert takes its best half of the row's tokens, ranked against every other
+# token of the row, later ones included: whether a token is taken depends on the future (not causal)
+EXPERT_CHOICE = ("        scores = scores.softmax(-1)\n"
+                 "        capacity = x.size(1) * self.top_k // scores.size(-1)\n"
+                 "        top, chosen = scores.topk(capacity, dim=1)\n"
+                 "        weights = torch.zeros_like(scores).scatter(1, chosen, top)\n")
+# the negative control of the architectures: the same mixture, not causal, caught by the probes
+EVASIONS.append(("a mixture of experts whose experts choose their tokens across the sequence",
+                 mixture_of_experts(EXPERT_CHOICE), "invalid", "the model reads the future"))
 
 # One (vocab, dim) matrix for the embedding and the unembedding: torch refuses a parameter in two of
 # the optimizer's groups, so it keeps the lm_head's (its small learning rate); initialised once and
