@@ -1,6 +1,8 @@
 """The number is the harness's: evasions an agent could write into train.py, each a real tiny CPU run
 analysed in a git repository, end `invalid` (or are refused and crash) or yield the honest number;
-legitimate idioms of the same kind are not flagged (issue 10, item 3).
+legitimate idioms of the same kind are not flagged (issue 10, item 3). Legitimate architectures (GQA,
+a mixture of experts, weight tying, another flex_attention mask) train another model: each is
+evaluated, its causality probes pass, nothing is flagged (issue 19).
 
 The store's runs stop after a fixed number of steps and follow a step-based schedule (FIXED_STEPS,
 test-only lines in train.py), so the same model trained under the same SEED gives the same val_bpb: an evasion that leaves training
