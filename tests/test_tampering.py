@@ -306,14 +306,16 @@ TIED = {
 # lifts flex_attention's front-end refusal of a backward on CPU, as tests/test_fast_path.py's runner
 # does (its math implementation has a backward): launch.py runs train.py itself, so the edit does.
 FLEX_IMPORT = "from torch.nn.attention.flex_attention import create_block_mask, flex_attention"
-FLEX_SINKS = {
-    "lambda b, h, q, kv, w=window: (q >= kv) & (q - kv < w)":
-    "lambda b, h, q, kv, w=window: (q >= kv) & ((q - kv < w) | (kv < 4))",
+FLEX_ON_CPU = {
     FLEX_IMPORT + "  # noqa: E402\n":
     FLEX_IMPORT + "  # noqa: E402\n"
     "import torch.nn.attention.flex_attention as _flex  # noqa: E402\n"
     "if run.device.type == 'cpu':  # a test of the CUDA code path on CPU\n"
     "    _flex._validate_device = lambda query, key, value: None\n",
+}
+FLEX_SINKS = {
+    "lambda b, h, q, kv, w=window: (q >= kv) & (q - kv < w)":
+    "lambda b, h, q, kv, w=window: (q >= kv) & ((q - kv < w) | (kv < 4))",
 }
 FAST_PATH = {settings.CPU_FAST_PATH_ENV: "1"}
 
@@ -347,15 +349,15 @@ def train_and_analyze(repo, message: str, env_extra=None):
     return ledger(repo)[-1], proc.stdout
 
 
-@pytest.fixture(scope="module")
-def store(prepared, tmp_path_factory):
-    """A repository with the harness and a fixed-step train.py, its baseline trained, analysed and kept."""
+def make_store(tmp_path_factory, edits=None, env_extra=None):
+    """A repository with the harness and a fixed-step train.py (with `edits`), its baseline trained
+    (with `env_extra`), analysed and kept: (repo, train.py's source, the baseline's val_bpb)."""
     repo = tmp_path_factory.mktemp("tampering")
     synthetic.copy_harness(repo, ("prepare.py", "analyze.py", "launch.py"))
     source = (ROOT / "train.py").read_text()
     source = edited(source, {STOP: FIXED_STOP, SCHEDULE: FIXED_SCHEDULE, "# Instrumentation and safety\n":
                              f"# Instrumentation and safety\nFIXED_STEPS = {FIXED_STEPS}\nFIXED_SECONDS = 10**9\n"
-                             f"FIXED_STEPS_MIN = {FIXED_STEPS}\n"})
+                             f"FIXED_STEPS_MIN = {FIXED_STEPS}\n", **(edits or {})})
     (repo / "train.py").write_text(source)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n.train.lock\n"
                                      "__pycache__/\nresealer.pid\nresealer.py\n")
@@ -364,10 +366,23 @@ def store(prepared, tmp_path_factory):
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "harness")
     (repo / "train.py").write_text(source + "\n# baseline\n")
-    baseline, out = train_and_analyze(repo, "baseline")
+    baseline, out = train_and_analyze(repo, "baseline", env_extra)
     assert baseline["status"] == "pending" and baseline["integrity"] == [], out
     assert analyze(repo, "keep").returncode == 0
     return repo, source, baseline["val_bpb"]
+
+
+@pytest.fixture(scope="module")
+def store(prepared, tmp_path_factory):
+    """The store of the evasions and idioms: the CPU configuration's baseline."""
+    return make_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fast_store(prepared, tmp_path_factory):
+    """A store whose baseline is the fast path (compiled, flex_attention) on CPU: a run on that path
+    is judged against a reference that compiled too (its time off the clock includes compiling)."""
+    return make_store(tmp_path_factory, FLEX_ON_CPU, FAST_PATH)
 
 
 def run_edited(store, edits, name, env_extra=None):
@@ -408,10 +423,11 @@ def test_a_legitimate_idiom_is_not_flagged(store, name, edits):
 
 @pytest.mark.parametrize("name, edits, env, config", ARCHITECTURES,
                          ids=[a[0] for a in ARCHITECTURES])
-def test_a_legitimate_architecture_is_evaluated_and_not_flagged(store, name, edits, env, config):
+def test_a_legitimate_architecture_is_evaluated_and_not_flagged(request, name, edits, env, config):
     """Another model, trained and evaluated for real: the evaluator's number is finite, its
     causality probes passed (the row is the whole run_summary.json plus the ledger's fields),
     nothing is flagged."""
+    store = request.getfixturevalue("fast_store" if env else "store")
     row, out = run_edited(store, edits, name, env)
     log = (store[0] / "run.log").read_text()[-3000:]
     assert row["status"] not in ("invalid", "crash") and row["integrity"] == [], out + log
