@@ -33,7 +33,8 @@ import numpy as np
 
 from harness import contract, fixed
 from analysis import claims, plots, report, verdict
-from analysis.store import IDEAS, INSIGHTS, PROGRESS_PNG, STORE_DIR, LedgerError, Store, worker_of
+from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, SANDBOX_LOG, STORE_DIR, UNBOXED,
+                            LedgerError, Store, worker_of)
 
 REPORT_HTML = "report.html"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -98,6 +99,14 @@ def read_text(path: Path):
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return None
+
+
+def unboxed_night(store: Store):
+    """Why the store's latest night ran its agent outside its box ("<its start>: why"), or None:
+    boxed, or no night yet (night/sandbox.py writes "<start> | UNBOXED: why" at a night's start)."""
+    lines = (read_text(store.path(SANDBOX_LOG)) or "").splitlines()
+    started, _, state = (lines[-1] if lines else "").partition(f" | {UNBOXED}: ")
+    return f"{started}: {state}" if state else None
 
 
 def without_comments(text: str) -> str:
@@ -478,6 +487,7 @@ def build_context(store: Store) -> dict:
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
         # what a night's supervisor found changed in the fixed files: first, in red
         "tampering": (read_text(store.path(fixed.TAMPERING_FILE)) or "").splitlines(),
+        "unboxed": unboxed_night(store),
         "summary": summary, "fmt": fmt,
         "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
         "progress_png": store.path(PROGRESS_PNG).exists(),

@@ -46,6 +46,8 @@ LOCK_ANCHOR = ".anchor/lock"  # the lock file's second name: removing .lock cann
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`
 NIGHT_FILE = "night.json"     # the night running on this store: its supervisor and the keep policy
                               # it fixed at its start (written and removed by supervise.py)
+SANDBOX_LOG = "sandbox.log"   # one line per night's start: its agent boxed, or UNBOXED and why
+UNBOXED = "UNBOXED"           # (night/sandbox.py; the morning report shows the latest when unboxed)
 
 TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")  # fixed, in this order
 TSV_EXTRA_COLUMNS = ("run_id", "verdict", "seed", "delta_best", "delta_sigma", "p_value",

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from analysis.store import STORE_DIR
+from analysis.store import SANDBOX_LOG, STORE_DIR, UNBOXED
 from harness import contract, git, proc, settings
 
 BWRAP = "bwrap"
@@ -74,10 +74,6 @@ sys.exit(128 - code if code < 0 else code)
 END_MARGIN_S = 10.0
 NO_SANDBOX = "--no-sandbox"
 NOT_WANTED = f"{NO_SANDBOX} was given"
-# in the store: one line per night's start, whether its agent ran boxed (the morning report shows
-# the latest night's when it did not)
-SANDBOX_LOG = "sandbox.log"
-UNBOXED = "UNBOXED"
 
 
 def unavailable():
@@ -140,21 +136,19 @@ def read_only(repo: Path, target: Path) -> bool:
     return any(p == target or p in target.parents for p in read_only_paths(repo))
 
 
-def box(command: list, repo: Path, writable=(), visible=()) -> list:
+def box(command: list, repo: Path, writable=(), python: str = sys.executable) -> list:
     """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
-    command may change (the CLI's config); `visible`: paths under /tmp it must see read-only (the
-    prepare cache where a test keeps it there)."""
+    command may change (the CLI's config); `python`: the interpreter of the box's stopper."""
     bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
              "--setenv", "TMPDIR", "/tmp"]
-    for path in (*visible, settings.CACHE_DIR):
-        path = Path(path).resolve()
-        if path.exists():
-            bwrap += ["--ro-bind", str(path), str(path)]
+    cache = Path(settings.CACHE_DIR).resolve()
+    if cache.exists():  # where it is under /tmp, hidden by the box's own
+        bwrap += ["--ro-bind", str(cache), str(cache)]
     for path in (*writable_paths(repo), *(Path(p).resolve() for p in writable)):
         bwrap += ["--bind", str(path), str(path)]
     for path in read_only_paths(repo):
         bwrap += ["--ro-bind", str(path), str(path)]
-    stopper = [sys.executable, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S)]
+    stopper = [python, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S)]
     return [*bwrap, "--chdir", str(Path(repo).resolve()), "--", *stopper, *command]
 
 
@@ -194,14 +188,3 @@ def record(store, unboxed):
     state = f"{UNBOXED}: {unboxed}" if unboxed else "boxed (bubblewrap)"
     with open(store.path(SANDBOX_LOG), "a") as f:
         f.write(f"{contract.stamp()} | {state}\n")
-
-
-def latest_unboxed(store_dir: Path):
-    """Why the store's latest night ran its agent unboxed, or None (boxed, or no night yet)."""
-    try:
-        lines = (Path(store_dir) / SANDBOX_LOG).read_text().splitlines()
-    except FileNotFoundError:
-        return None
-    last = lines[-1] if lines else ""
-    stamp, _, state = last.partition(" | ")
-    return f"{stamp}: {state[len(UNBOXED) + 2:]}" if state.startswith(UNBOXED) else None

@@ -20,7 +20,7 @@ from harness import proc as processes, settings
 from night import claude, supervisor, watch
 from analysis.store import Store
 from conftest import ROOT
-from repos import GIT_ENV, HARNESS, git, make_repo
+from repos import GIT_ENV, HARNESS, analyze, git, make_repo
 
 SECRET = "sk-ant-test-NIGHT-7d1e0b"
 
@@ -84,13 +84,15 @@ def night(tmp_path):
     (bin_dir / "make_run").write_text(MAKE_RUN)
     (bin_dir / "make_run").chmod(0o755)
 
-    def start(plan, *args, env=None, python=sys.executable):
+    def start(plan, *args, env=None, python=sys.executable, boxed=False):
         (calls / "plan.json").write_text(json.dumps(plan))
         full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
                     "PLAN": str(calls / "plan.json"), "IS_SANDBOX": "1", **(env or {})}
-        # unboxed: the stand-in and its records live outside the repository (the box: test_sandbox.py)
+        # unboxed unless `boxed`: the stand-in and its records live outside the repository (the box:
+        # test_sandbox.py)
+        box = [] if boxed else ["--no-sandbox"]
         return subprocess.Popen([python, "supervise.py", "--backend", "claude", "--pass-env", "CALLS,PLAN",
-                                 "--restart-delay", "0", "--no-sandbox", *args], cwd=repo, stdout=subprocess.PIPE,
+                                 "--restart-delay", "0", *box, *args], cwd=repo, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=full_env)
     return repo, calls, start
 
@@ -136,6 +138,35 @@ def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allow
     assert not Path(json.loads(argv[-1])["apiKeyHelper"]).exists()  # cleaned up with the night
     assert env[settings.NIGHT_ENV].startswith(f"{proc.pid}-")
     assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
+
+
+def test_a_night_that_cannot_box_its_agent_says_so_once_and_runs_it_unboxed(night, tmp_path):
+    repo, calls, start = night
+    fake = tmp_path / "no-userns"
+    fake.mkdir()
+    (fake / "bwrap").write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\n"
+                                "exit 1\n")
+    (fake / "bwrap").chmod(0o755)
+    path = f"{fake}{os.pathsep}{calls.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    proc = start([[{"exit": 0}]], "--hours", str(3 / 3600), boxed=True, env={"PATH": path})
+    out, _ = proc.communicate(timeout=120)
+    assert (calls / "n").exists(), out  # the agent ran, unboxed
+    lines = status_lines(repo)
+    said = [line for line in lines if "UNBOXED" in line]
+    assert len(said) == 1 and said[0] == lines[0], lines
+    cannot = ("bwrap cannot make a box here (bwrap: No permissions to create new namespace): unprivileged "
+              "user namespaces are off (sysctl kernel.unprivileged_userns_clone=1), or run the night in a VM")
+    assert f"; agent UNBOXED: {cannot};" in lines[0]
+    assert analyze(repo, "report").returncode == 0  # the morning's report says so too
+    report = (repo / ".auto-log-research" / "report.html").read_text()
+    assert re.search(r"The latest night's agent ran outside its sandbox: \d{4}-\d\d-\d\dT[\d:]+\+0000: "
+                     + re.escape(cannot), report), report[:3000]
+    proc = start([[{"exit": 0}]], "--max-experiments", "0")  # --no-sandbox
+    proc.communicate(timeout=120)
+    assert "; agent UNBOXED: --no-sandbox was given" in status_lines(repo)[len(lines)]
+    sandbox_log = (repo / ".auto-log-research" / "sandbox.log").read_text().splitlines()
+    assert [line.split(" | ", 1)[1] for line in sandbox_log] == [f"UNBOXED: {cannot}",
+                                                               "UNBOXED: --no-sandbox was given"]
 
 
 def test_root_is_refused_before_the_cli_starts(night, monkeypatch):
