@@ -23,6 +23,18 @@ from night.watch import FixedWatch
 from night.environment import agent_environment
 
 PROGRAM = "program.md"
+# How the night runs the harness's commands itself (settling, the report), outside the agent's box
+# but in the repository the agent writes: with -P no module the agent leaves beside them (a json.py,
+# a numpy.py) shadows one they import; the repository comes last on the path, for the harness's own
+# packages (a folder, which Python prefers to a module of the same name).
+HARNESS_RUNNER = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.append(os.getcwd()); "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def harness_command(script: str, *args) -> list:
+    return [sys.executable, "-P", "-c", HARNESS_RUNNER, script, *args]
+
+
 STATUS_LOG = "status.log"          # one line per event, in the store: `tail -f` it
 SUPERVISOR_LOG = "supervisor.log"  # every agent session's output and every tool call
 # the running night, so the next start finds what a killed one left
@@ -201,7 +213,7 @@ class Supervisor:
         if state == self.report_of or not rows:
             return
         self.report_of = state
-        self.report_proc = subprocess.Popen([sys.executable, "analyze.py", "report"], cwd=self.repo,
+        self.report_proc = subprocess.Popen(harness_command("analyze.py", "report"), cwd=self.repo,
                                             text=True, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE,
                                             env=agent_environment(self.args.pass_env))
@@ -314,7 +326,7 @@ class Supervisor:
             if what:
                 self.status(what)
             return
-        done = subprocess.run([sys.executable, "analyze.py", command, what], cwd=self.repo,
+        done = subprocess.run(harness_command("analyze.py", command, what), cwd=self.repo,
                               capture_output=True, text=True,
                               env=agent_environment(self.args.pass_env), timeout=SETTLE_TIMEOUT_S)
         self.write_log(f"[settle] analyze.py {command} -> exit {done.returncode}\n"

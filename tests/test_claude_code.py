@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from harness import proc as processes, settings
+from night import sandbox
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, outage
@@ -43,7 +44,7 @@ def night_script():
         bash(f"{TRAIN} && {PY} analyze.py keep"),
         bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
         bash("echo key-seen: $(env | grep -c ANTHROPIC_API_KEY) $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c ANTHROPIC_API_KEY)"),
-        # the box: the harness is read-only to the agent's shell
+        # in the box (where bubblewrap works), the harness is read-only to the agent's shell
         bash("touch harness/probe.py 2>&1 | sed 's/^/box: /'"),
         say("baseline kept; stopping here for now"),
         # the API goes down: the CLI retries once (CLAUDE_CODE_MAX_RETRIES=1) and gives up, twice
@@ -103,8 +104,9 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     assert log.count("[tool Bash]") >= 7 and "launch.py; " in log and "[result]" in log
     assert api.keys == {SECRET}  # the CLI had the key (from the helper) ...
     assert "[result] key-seen: 0 0\n" in log  # ... its commands did not, nor the CLI's environment
-    assert "[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n" in log
-    assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap)\n")
+    if sandbox.unavailable() is None:  # the night boxed its agent: the harness is read-only to it
+        assert "[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n" in log
+        assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap)\n")
     for path in repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert SECRET.encode() not in path.read_bytes(), path

@@ -248,6 +248,23 @@ def test_when_the_grace_runs_out_the_supervisor_settles_the_last_run(night):
     assert git(repo, "log", "-1", "--format=%s").startswith("revert to best")
 
 
+def test_a_module_the_agent_leaves_in_the_repository_does_not_run_in_the_nights_own_commands(night):
+    """The night settles the last run and writes the report with the harness's analyze.py, outside
+    the agent's box: a json.py the agent left beside it must not shadow the standard library's."""
+    repo, calls, start = night
+    proc = start([[{"sh": "make_run 1.0"}, {"sh": f"{sys.executable} analyze.py keep"},
+                   {"sh": "sed -i 's/^DEPTH = 8 /DEPTH = 9 /' train.py && git commit -qam 'depth 9'"},
+                   {"sh": "make_run 1.2"},
+                   {"sh": "echo \"open('shadowed', 'w').write('the night ran the agent\\'s json.py')\" > json.py"},
+                   {"sleep": 120}]],
+                 "--max-experiments", "2", "--stop-grace", "2")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert not (repo / "shadowed").exists()
+    assert "settled the last run: analyze.py discard done" in (repo / ".auto-log-research" / "status.log").read_text()
+    assert [r["status"] for r in Store(repo).read_ledger()] == ["keep", "discard"]
+
+
 def start_with_orphan(start, calls):
     """A night whose agent starts a process in a session of its own (as Claude Code runs commands), then waits."""
     proc = start([[{"sh": f"setsid sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {calls}/orphan.pid"},
