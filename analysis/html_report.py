@@ -68,10 +68,18 @@ RUN_FIGURES = [p.file for p in plots.PLOTS] + [plots.LAYER_HEATMAP, plots.AGENT_
 # Markdown
 # ---------------------------------------------------------------------------
 
+# an image the agent's markdown names on another host (or any scheme but data:), which the page
+# would fetch when the human opens it: shown as a link (the page's Content-Security-Policy blocks it
+# too)
+REMOTE_URL = re.compile(r"^(//|(?!data:)[a-z][a-z0-9+.-]*:)", re.I)
+
+
 def markdown_renderer():
     """markdown-it-py, CommonMark plus tables, raw HTML off; relative links and images resolve from
-    the run folder a document belongs to (env["base"]), since the page lives one folder up."""
+    the run folder a document belongs to (env["base"]), since the page lives one folder up; remote
+    images become links."""
     from markdown_it import MarkdownIt
+    from markdown_it.common.utils import escapeHtml
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
     def relative(url: str, env: dict) -> str:
@@ -86,7 +94,11 @@ def markdown_renderer():
 
     def image(renderer, tokens, idx, options, env):
         token = tokens[idx]
-        token.attrSet("src", relative(str(token.attrGet("src") or ""), env))
+        src = str(token.attrGet("src") or "")
+        if REMOTE_URL.match(src):  # never fetched when the page opens (a beacon): a link instead
+            alt = renderer.renderInlineAsText(token.children or [], options, env) or src
+            return f'<a href="{escapeHtml(src)}">{escapeHtml(alt)}</a>'
+        token.attrSet("src", relative(src, env))
         return renderer.image(tokens, idx, options, env)
 
     md.add_render_rule("link_open", link_open)

@@ -210,7 +210,8 @@ def night(prepared, tmp_path_factory):
     git(repo, "checkout", "train.py")
     store = repo / ".auto-log-research"
     (store / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
-                                          "2. a wider MLP\n")
+                                          "2. a wider MLP\n"
+                                          "3. as in ![the paper's figure](https://example.invalid/beacon.png)\n")
     first = ledger(repo)[0]["run_id"]
     with open(store / first / "analysis.md", "a") as f:
         f.write("Checked the train/val gap by hand: steady, no overfitting.\n")
@@ -238,6 +239,10 @@ def test_the_page_in_headless_chromium(night, tmp_path):
     assert '<span class="add">+MATRIX_LR = 0.05 ' in kept and '<span class="del">-MATRIX_LR = 0.04 ' in kept
     assert "2× (2 crash;" in text_of(section(dom, "failures"))
     assert "steady, no overfitting" in section(dom, "learned") and "<strong>warmup 2x</strong>" in dom
+    # nothing from outside: an image the agent's markdown names on another host is a link, not fetched
+    assert '<a href="https://example.invalid/beacon.png">the paper\'s figure</a>' in dom
+    assert "<img" not in dom.split("beacon.png")[0][-200:] and 'src="https://' not in dom
+    assert "Content-Security-Policy" in path.read_text()
     assert dom.count("<polyline fill=\"none\"") == 2  # the two kept codes' validation curves
     # the state in the URL: filtered to the crashes, with the first one open
     crash = next(r["run_id"] for r in rows if r["status"] == "crash")
@@ -261,3 +266,40 @@ def test_the_screenshot_is_not_blank(night, tmp_path):
     assert dark.mean() > 0.01 and dark[:400].mean() > 0.01 and dark[400:1200].mean() > 0.005
     green = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     assert ((green[..., 1] - green[..., 0] > 60) & (green[..., 1] - green[..., 2] > 30)).sum() > 100  # kept points
+
+
+@pytestmark_browser
+def test_the_page_fetches_nothing_from_outside_even_an_image_put_into_it(night, tmp_path):
+    """The report's Content-Security-Policy, in a real browser: an <img> of another origin written
+    into the page (as a report rewritten by hand or by the agent would have it) is never requested
+    from a server on loopback."""
+    import http.server
+    import threading
+    requests = []
+
+    class Counter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Counter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = night / ".auto-log-research" / "beacon-test.html"
+        html = (night / ".auto-log-research" / "report.html").read_text()
+        beacon = f'<img src="http://127.0.0.1:{server.server_port}/beacon.png">'
+        page.write_text(html.replace("<h1>", beacon + "<h1>", 1))
+        proc = browse(page.as_uri(), tmp_path / "profile", "--dump-dom")
+        assert proc.returncode == 0 and beacon.split(">")[0] in proc.stdout, proc.stderr[-2000:]
+        assert requests == [], requests
+        # the control: the same page without the policy does fetch it (so the server was reachable)
+        page.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text()))
+        control = browse(page.as_uri(), tmp_path / "profile", "--dump-dom")
+        assert control.returncode == 0
+    finally:
+        server.shutdown()
+    assert requests == ["/beacon.png"], requests  # once: by the page without the policy only

@@ -65,12 +65,13 @@ time.sleep(3600)
 
 def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(prepared, tmp_path):
     repo = night_repo(tmp_path / "repo")
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    agent = tmp_path / "agent.py"
-    agent.write_text(STAND_IN)
     store = repo / ".auto-log-research"
     store.mkdir()
+    # in the store, which every worker's box can read and write (the agents run boxed where bubblewrap works)
+    calls = store / "calls"
+    calls.mkdir()
+    agent = store / "agent.py"
+    agent.write_text(STAND_IN)
     (store / "ideas_queue.md").write_text("# Ideas queue\n\n" + "".join(f"{i + 1}. {idea}\n" for i, idea in
                                                                           enumerate(IDEAS)))
     env = {**os.environ, **GIT_ENV, "CALLS": str(calls), "AUTORESEARCH_TIME_BUDGET": "3"}
@@ -137,7 +138,8 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
 
 def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
     repo = night_repo(tmp_path / "repo")
-    agent = tmp_path / "agent.py"
+    (repo / ".auto-log-research").mkdir()
+    agent = repo / ".auto-log-research" / "agent.py"  # where the workers' boxes can read it
     agent.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stdin.read()\ntime.sleep(3600)\n")
     proc = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", "t2",
                              "--claude-command", f"{sys.executable} {agent}", "--restart-delay", "0"],
