@@ -90,7 +90,8 @@ def cmd_claims(args, lines: list):
     """Every idea of ideas_queue.md with its claim: free, claimed by a live worker, or tested."""
     store = Store(".")
     queue = store.path(IDEAS)
-    lines.append(claims.listing(claims.read(store), queue.read_text() if queue.exists() else ""))
+    lines.append(claims.listing(claims.read(store), queue.read_text() if queue.exists() else "",
+                                claims.alive_in(store)))
 
 
 def cmd_compare(args, lines: list):
@@ -125,7 +126,7 @@ def cmd_status(args, lines: list):
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable)
     mode, notes = keep_policy(store)
-    live = [c for c in claims.read(store) if claims.is_live(c)]
+    live = [c for c in claims.read(store) if claims.is_live(c, claims.alive_in(store))]
     lines += notes
     tampering = store.path(fixed.TAMPERING_FILE)
     if tampering.exists():  # what a night's supervisor found, first: it ended that night

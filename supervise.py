@@ -24,7 +24,8 @@ from pathlib import Path
 
 # The settings this night and its runs use, read and checked once: a bad AUTORESEARCH_* value ends
 # the supervisor here with one `error:` line.
-from harness import settings
+from harness import proc, settings
+from analysis import claims
 from harness.contract import TRAIN_PY
 from night import api, claude, environment, rules, sandbox
 from night.supervisor import PROGRAM, REPORT, Supervisor
@@ -116,8 +117,11 @@ def main(argv=None) -> int:
     environment.launcher_environment(args, os.environ)
     if args.worker:  # its commands' claims and ledger rows
         os.environ[settings.WORKER_ENV] = args.worker
-        os.environ[settings.WORKER_PID_ENV] = str(os.getpid())
     sup = Supervisor(args, repo, secret=secret)
+    if args.worker:  # its idea claims live as long as this process (analysis/claims.py)
+        life = f"{args.worker}-{os.getpid()}-{int(time.time())}"
+        sup.life = proc.hold_life(sup.store.path(claims.LIVES_DIR) / life)
+        os.environ[settings.WORKER_LIFE_ENV] = life
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, a closed terminal goes on
             signal.signal(sig, sup.on_signal)

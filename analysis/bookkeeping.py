@@ -223,7 +223,8 @@ def claim(lines: list, idea: str):
     tested already or another live worker is testing it."""
     store = Store(".")
     with store.lock():
-        updated, notes = claims.take(claims.read(store), idea, this_worker(), settings.WORKER_PID)
+        updated, notes = claims.take(claims.read(store), idea, this_worker(),
+                                     settings.WORKER_LIFE, claims.alive_in(store))
         claims.write(store, updated)
     lines += ([f"note: {note}" for note in notes]
               + [f"claimed for {this_worker()}: {idea.strip()}"])

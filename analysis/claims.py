@@ -2,12 +2,14 @@
 Idea claims: which worker of a night is testing which idea of ideas_queue.md, so that N agents
 sharing one store never test the same idea twice.
 
-    claims.json   {"claims": [{idea, key, worker, pid, claimed_at, state, run_id, outcome}, ...]}
+    claims.json   {"claims": [{idea, key, worker, life, claimed_at, state, run_id, outcome}, ...]}
 
 A claim is `claimed` (its worker is testing it), `tested` (its run was kept or discarded: the idea
 is done, for every worker) or `released` (its worker moved on without a decision, or is gone). A
-claimed idea whose worker process is dead counts as released, so a crashed worker never blocks an
-idea. Ideas are matched by their text, normalised (list markers, emphasis, case and spacing do not
+claimed idea whose worker is gone counts as released, so a crashed worker never blocks an idea. A
+worker's life is a file in the store's .lives/ that its supervisor holds locked while it lives
+(harness/proc.py hold_life): the kernel releases it when the supervisor ends, even by SIGKILL, a
+reused pid cannot fake it, and an agent in its box, which sees no process of the night, can ask. Ideas are matched by their text, normalised (list markers, emphasis, case and spacing do not
 count), so the agents can copy a line of ideas_queue.md as it is. The functions on lists are pure;
 the store's file is read and written by `read` / `write` only, under the store lock (analyze.py's
 commands).
@@ -18,9 +20,10 @@ import re
 
 from harness import contract
 from harness.contract import HarnessError
-from harness.proc import pid_alive
+from harness import proc
 
 CLAIMS_FILE = "claims.json"
+LIVES_DIR = ".lives"  # in the store: the workers' life files (a dot-folder: no run's archive)
 CLAIMED, TESTED, RELEASED = "claimed", "tested", "released"
 # shorter than this is no idea but a fragment ("1.", "lr"): refused, so keys stay distinct
 MIN_KEY_CHARS = 8
@@ -45,13 +48,18 @@ def idea_key(text: str) -> str:
     return key
 
 
-def is_live(claim: dict, alive=pid_alive) -> bool:
-    """Whether a claim still holds its idea: claimed, and its worker's process (if it named one) is
-    alive."""
-    return claim["state"] == CLAIMED and (claim.get("pid") is None or alive(claim["pid"]))
+def alive_in(store):
+    """Whether the worker whose life file is named so lives, in `store`."""
+    return lambda life: proc.life_held(store.path(LIVES_DIR) / life)
 
 
-def take(claims: list, idea: str, worker: str, pid, now: str = None, alive=pid_alive) -> tuple:
+def is_live(claim: dict, alive) -> bool:
+    """Whether a claim still holds its idea: claimed, and its worker (if it named its life) lives;
+    `alive`: alive_in(store), or a stand-in."""
+    return claim["state"] == CLAIMED and (claim.get("life") is None or alive(claim["life"]))
+
+
+def take(claims: list, idea: str, worker: str, life, alive, now: str = None) -> tuple:
     """(claims, notes) after `worker` claims `idea`. Its other live claim, if any, is released (a
     worker tests one idea at a time), and so is a claim whose worker is gone. Raises ClaimRefused
     when the idea was tested already, or is claimed by another worker that is alive."""
@@ -70,8 +78,7 @@ def take(claims: list, idea: str, worker: str, pid, now: str = None, alive=pid_a
                                    f"{c['claimed_at']}: take the next unclaimed idea "
                                    f"(`uv run analyze.py claims`)")
             c["state"] = RELEASED
-            notes.append(f"released {c['worker']}'s claim on it: that worker (pid {c.get('pid')}) "
-                         f"is gone")
+            notes.append(f"released {c['worker']}'s claim on it: that worker is gone")
     mine = next((c for c in claims
                  if c["key"] == key and c["worker"] == worker and c["state"] == CLAIMED), None)
     for c in claims:
@@ -80,10 +87,10 @@ def take(claims: list, idea: str, worker: str, pid, now: str = None, alive=pid_a
             notes.append(f"released your earlier claim on {c['idea']!r} (a worker tests one idea "
                          f"at a time)")
     if mine is None:
-        claims.append({"idea": idea.strip(), "key": key, "worker": worker, "pid": pid,
+        claims.append({"idea": idea.strip(), "key": key, "worker": worker, "life": life,
                        "claimed_at": now, "state": CLAIMED, "run_id": None, "outcome": None})
     else:
-        mine["pid"] = pid
+        mine["life"] = life
     return claims, notes
 
 
@@ -108,7 +115,7 @@ def release_worker(claims: list, worker: str) -> tuple:
     return claims, len(mine)
 
 
-def state_of(claims: list, line: str, alive=pid_alive):
+def state_of(claims: list, line: str, alive):
     """The claim that decides a line of ideas_queue.md: tested, else live; None when the idea is
     free."""
     try:
@@ -129,7 +136,7 @@ def queue_ideas(text: str) -> list:
     return [line.strip() for line in (text or "").splitlines() if IDEA_LINE.match(line)]
 
 
-def listing(claims: list, queue_text: str, alive=pid_alive) -> str:
+def listing(claims: list, queue_text: str, alive) -> str:
     """`analyze.py claims`: every idea of the queue with its state, then claims on ideas no longer
     queued."""
     out, shown = [], set()

@@ -510,7 +510,8 @@ def build_context(store: Store) -> dict:
         "rows": rows, "statuses": sorted({r["status"] for r in rows}),
         "failures": failure_groups(ledger),
         "workers": report.worker_progress(ledger,
-                                          [c for c in claims.read(store) if claims.is_live(c)]),
+                                          [c for c in claims.read(store)
+                                           if claims.is_live(c, claims.alive_in(store))]),
         "val_chart": val_chart(store, chain, best[0] if best else None),
         "grad": {"best": (best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ())
                           else None),

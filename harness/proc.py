@@ -4,6 +4,7 @@ then SIGKILL). The night finds and ends its processes with these; the store tell
 from a dead one; a run measures its own age.
 """
 
+import fcntl
 import os
 import signal
 import time
@@ -174,3 +175,29 @@ def terminate(child, also=()) -> list:
     killed = end_processes(descendants(child.pid) | {child.pid} | set(also))
     child.wait()
     return killed
+
+
+def hold_life(path: Path):
+    """Hold `path` locked (flock) for as long as this process lives; the kernel releases it when
+    the process ends, however it ends (SIGKILL too). Other processes ask with `life_held`, also from
+    another PID namespace (the agent's box), where this process's pid means nothing, and a reused
+    pid cannot fake it. Returns the open file: keep it."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    held = open(path, "a")  # not inherited by children (Python's default): they do not hold it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return held
+
+
+def life_held(path: Path) -> bool:
+    """Whether a live process holds `path` with hold_life."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False

@@ -10,6 +10,7 @@ No import beyond the standard library: the analysis and the night read their set
 
 import math
 import os
+import re
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -46,8 +47,9 @@ SLURM_GRES_ENV = "AUTORESEARCH_SLURM_GRES"
 SLURM_ARGS_ENV = "AUTORESEARCH_SLURM_ARGS"
 SLURM_PENDING_ENV = "AUTORESEARCH_SLURM_PENDING_S"
 WORKER_ENV = "AUTORESEARCH_WORKER"          # the worker of a night with several (gpu0, w1, ...)
-# ... and its supervisor's pid: its idea claims live as long
-WORKER_PID_ENV = "AUTORESEARCH_WORKER_PID"
+# ... and the file its supervisor holds locked while it lives (in the store's .lives/): its idea
+# claims live as long
+WORKER_LIFE_ENV = "AUTORESEARCH_WORKER_LIFE"
 WORKER_INDEX_ENV = "AUTORESEARCH_WORKER_INDEX"  # set for the agent's commands, read by none of ours
 # the worker's baseline SEED, read by program.md's shell
 WORKER_SEED_ENV = "AUTORESEARCH_WORKER_SEED"
@@ -134,11 +136,12 @@ def _choice(name: str, choices: tuple, what: str, unset="first"):
     return raw
 
 
-def _pid(name: str):
+def _name(name: str):
+    """A file name (no folder), or None where unset."""
     raw = _text(name, None, empty_ok=True)
-    if raw is not None and not raw.isdigit():
-        _refuse(name, raw, "a process id")
-    return int(raw) if raw else None
+    if raw and not re.fullmatch(r"[\w.-]+", raw):
+        _refuse(name, raw, "a file name")
+    return raw or None
 
 
 CACHE_DIR = Path(_text(CACHE_ENV, DEFAULT_CACHE, "a folder"))
@@ -156,4 +159,4 @@ SLURM = {"partition": _text(SLURM_PARTITION_ENV, None, "a partition"),
          "extra": _text(SLURM_ARGS_ENV, None, empty_ok=True) or None,
          "pending_s": _seconds(SLURM_PENDING_ENV, DEFAULT_SLURM_PENDING_S)}
 WORKER = _text(WORKER_ENV, MAIN_WORKER, empty_ok=True) or MAIN_WORKER
-WORKER_PID = _pid(WORKER_PID_ENV)
+WORKER_LIFE = _name(WORKER_LIFE_ENV)

@@ -95,6 +95,7 @@ class Supervisor:
         self.watch = None            # the fixed files' hashes at the night's start (begin)
         self.tampered = []           # what differed from them: the night stopped on it
         self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
+        self.life = None             # a worker's life file, held open (supervise.py)
 
     # -- the ledger and the logs -----------------------------------------------------------------
 
@@ -354,6 +355,8 @@ class Supervisor:
         self.status(f"stopped: {self.stopping}")
         self.write_log(f"=== stopped: {self.stopping}")
         self.store.path(worker_file(PID_FILE, self.worker)).unlink(missing_ok=True)
+        if self.life is not None:  # its claims are released; the file is of no use to anyone now
+            Path(self.life.name).unlink(missing_ok=True)
         if not self.worker:
             self.store.path(NIGHT_FILE).unlink(missing_ok=True)
         if self.stopping == CTRL_C:

@@ -67,8 +67,9 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     repo = night_repo(tmp_path / "repo")
     store = repo / ".auto-log-research"
     store.mkdir()
-    # in the store, which every worker's box can read and write (the agents run boxed where bubblewrap works)
-    calls = store / "calls"
+    # in the store, which every worker's box can read and write (the agents run boxed where bubblewrap works),
+    # in a dot-folder, which the store's repair of orphaned archive folders leaves alone
+    calls = store / ".test-calls"
     calls.mkdir()
     agent = store / "agent.py"
     agent.write_text(STAND_IN)
@@ -191,9 +192,9 @@ def add_worktree(repo: Path, name: str) -> Path:
     return path
 
 
-def analyze(cwd, *args, worker=None, pid=None):
+def analyze(cwd, *args, worker=None, life=None):
     env = {**os.environ, **GIT_ENV, **({"AUTORESEARCH_WORKER": worker} if worker else {}),
-           **({"AUTORESEARCH_WORKER_PID": str(pid)} if pid else {})}
+           **({"AUTORESEARCH_WORKER_LIFE": life} if life else {})}
     return subprocess.run([sys.executable, "analyze.py", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
@@ -282,10 +283,20 @@ def test_two_workers_starting_the_same_code_in_the_same_second_are_two_runs(tmp_
 # Idea claims
 # ---------------------------------------------------------------------------
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+LIFE_HOLDER = ("import sys, time\nfrom harness import proc\nheld = proc.hold_life(sys.argv[1])\n"
+               "print('held', flush=True)\ntime.sleep(600)\n")
+
+
+def life_of(store: Store, name: str) -> subprocess.Popen:
+    """A process that holds the worker life `name` in `store`, as a worker's supervisor does."""
+    holder = subprocess.Popen([sys.executable, "-c", LIFE_HOLDER, str(store.path(claims.LIVES_DIR) / name)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def alive_only(*lives):
+    return lambda life: life in lives
 
 
 def test_an_idea_is_matched_by_its_text_whatever_its_list_marker_and_emphasis():
@@ -296,18 +307,19 @@ def test_an_idea_is_matched_by_its_text_whatever_its_list_marker_and_emphasis():
 
 
 def test_a_claim_is_refused_while_its_worker_lives_and_for_good_once_tested():
-    held, _ = claims.take([], "1. set MATRIX_LR to 0.03", "gpu0", os.getpid(), now="t0")
+    alive = alive_only("gpu0-life", "gpu1-life")
+    held, _ = claims.take([], "1. set MATRIX_LR to 0.03", "gpu0", "gpu0-life", alive, now="t0")
     with pytest.raises(claims.ClaimRefused, match="claimed by gpu0"):
-        claims.take(held, "set matrix_lr to 0.03", "gpu1", 1, now="t1")
-    again, _ = claims.take(held, "1. set MATRIX_LR to 0.03", "gpu0", os.getpid(), now="t2")  # its own: fine
+        claims.take(held, "set matrix_lr to 0.03", "gpu1", "gpu1-life", alive, now="t1")
+    again, _ = claims.take(held, "1. set MATRIX_LR to 0.03", "gpu0", "gpu0-life", alive, now="t2")  # its own
     assert [c["state"] for c in again] == ["claimed"]
-    moved, notes = claims.take(again, "2. set SCALAR_LR to 0.4", "gpu0", os.getpid(), now="t3")
+    moved, notes = claims.take(again, "2. set SCALAR_LR to 0.4", "gpu0", "gpu0-life", alive, now="t3")
     assert [c["state"] for c in moved] == ["released", "claimed"] and "one idea at a time" in notes[0]
     tested, done = claims.finish(moved, "gpu0", "abc1234", "discard")
     assert done["key"] == "set scalar_lr to 0.4" and tested[-1]["state"] == "tested"
     with pytest.raises(claims.ClaimRefused, match="already tested by gpu0 \\(run abc1234, discard\\)"):
-        claims.take(tested, "set SCALAR_LR to 0.4", "gpu1", 1)
-    free, _ = claims.take(tested, "set MATRIX_LR to 0.03", "gpu1", 1)  # released ideas are free again
+        claims.take(tested, "set SCALAR_LR to 0.4", "gpu1", "gpu1-life", alive)
+    free, _ = claims.take(tested, "set MATRIX_LR to 0.03", "gpu1", "gpu1-life", alive)  # released: free again
     assert free[-1]["worker"] == "gpu1"
 
 
@@ -316,26 +328,32 @@ def test_a_dead_workers_claim_is_free_and_the_listing_shows_every_idea(tmp_path,
     (repo / ".auto-log-research").mkdir()
     (repo / ".auto-log-research" / "ideas_queue.md").write_text(
         "# Ideas queue\n\n1. set MATRIX_LR to 0.03\n2. set SCALAR_LR to 0.4\nsome prose, not an idea\n")
-    gone = dead_pid()
-    assert analyze(repo, "claim", "1. set MATRIX_LR to 0.03", worker="gpu0", pid=gone).returncode == 0
-    assert analyze(repo, "claim", "2. set SCALAR_LR to 0.4", worker="gpu2", pid=os.getpid()).returncode == 0
-    refused = analyze(repo, "claim", "2. set SCALAR_LR to 0.4", worker="gpu1", pid=os.getpid())
+    store = Store(repo)
+    gpu0, gpu1, gpu2 = (life_of(store, f"gpu{i}-life") for i in range(3))
+    assert analyze(repo, "claim", "1. set MATRIX_LR to 0.03", worker="gpu0", life="gpu0-life").returncode == 0
+    assert analyze(repo, "claim", "2. set SCALAR_LR to 0.4", worker="gpu2", life="gpu2-life").returncode == 0
+    gpu0.kill()  # the OOM killer: no clean-up of its own; the kernel releases its life
+    gpu0.wait()
+    refused = analyze(repo, "claim", "2. set SCALAR_LR to 0.4", worker="gpu1", life="gpu1-life")
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: idea already claimed by gpu2 since ")
     listing = analyze(repo, "claims").stdout.splitlines()
     assert listing[0] == "[free] 1. set MATRIX_LR to 0.03"  # its worker is gone
     assert listing[1].startswith("[claimed by gpu2 since ") and listing[1].endswith("] 2. set SCALAR_LR to 0.4")
     assert len(listing) == 2
-    taken = analyze(repo, "claim", "set MATRIX_LR to 0.03", worker="gpu1", pid=os.getpid())
+    taken = analyze(repo, "claim", "set MATRIX_LR to 0.03", worker="gpu1", life="gpu1-life")
     assert taken.returncode == 0, taken.stderr
-    assert "released gpu0's claim on it: that worker (pid %d) is gone" % gone in taken.stdout
+    assert "released gpu0's claim on it: that worker is gone" in taken.stdout
+    for holder in (gpu1, gpu2):
+        holder.kill()
+        holder.wait()
 
 
 def test_a_worker_that_ends_has_its_claims_released_by_the_night(tmp_path, prepared):
     repo = night_repo(tmp_path / "repo")
     store = Store(repo)
     store.dir.mkdir()
-    claims.write(store, claims.take([], "set MATRIX_LR to 0.03", "gpu1", os.getpid())[0])
+    claims.write(store, claims.take([], "set MATRIX_LR to 0.03", "gpu1", "gpu1-life", alive_only("gpu1-life"))[0])
     sup = type("Sup", (), {"store": store, "repo": repo, "lines": [],
                            "status": lambda self, line: self.lines.append(line)})()
     night = workers.Workers(sup, [("gpu1", "1")], [])
