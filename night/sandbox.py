@@ -8,7 +8,8 @@ nothing of a session outlives it. Writable: the worktree, minus the fixed files
 (contract.FIXED_PATHSPECS), the virtual environment and the project's pyproject.toml / uv.lock,
 which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
 which would run code in the night's own git commands; the prepare cache's seals folder (the run's
-seal, written by launch.py); and what the caller adds (the CLI's config). Every capability is
+seal, written by launch.py); and what the caller adds (the CLI's config). The prepare cache and the
+Slurm client's folder ($SLURM_CONF's) stay visible where they are under /tmp. Every capability is
 dropped, so a root agent cannot remount any of it. Not closed by the box (README, "Threat model"):
 the network (shared with the host), and the memory of the CLI, which runs in the box as the same
 user.
@@ -72,6 +73,7 @@ sys.exit(128 - code if code < 0 else code)
 """
 # beyond the stopper's grace: bwrap's own start and end
 END_MARGIN_S = 10.0
+SLURM_CONF_ENV = "SLURM_CONF"  # Slurm's own client setting (the launcher `slurm` runs sbatch)
 NO_SANDBOX = "--no-sandbox"
 NOT_WANTED = f"{NO_SANDBOX} was given"
 
@@ -141,9 +143,14 @@ def box(command: list, repo: Path, writable=(), python: str = sys.executable) ->
     command may change (the CLI's config); `python`: the interpreter of the box's stopper."""
     bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
              "--setenv", "TMPDIR", "/tmp"]
-    cache = Path(settings.CACHE_DIR).resolve()
-    if cache.exists():  # where it is under /tmp, hidden by the box's own
-        bwrap += ["--ro-bind", str(cache), str(cache)]
+    # where these are under /tmp, hidden by the box's own: the prepare cache, and the Slurm client's
+    # folder (its slurm.conf; a cluster's munge socket may be there too)
+    shown = [Path(settings.CACHE_DIR)]
+    if os.environ.get(SLURM_CONF_ENV):
+        shown.append(Path(os.environ[SLURM_CONF_ENV]).parent)
+    for path in (p.resolve() for p in shown):
+        if path.exists():
+            bwrap += ["--ro-bind", str(path), str(path)]
     for path in (*writable_paths(repo), *(Path(p).resolve() for p in writable)):
         bwrap += ["--bind", str(path), str(path)]
     for path in read_only_paths(repo):

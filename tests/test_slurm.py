@@ -117,9 +117,10 @@ time.sleep(3600)
 def test_a_night_on_slurm_trains_as_jobs_and_a_cancelled_job_is_a_crash_with_the_schedulers_reason(
         prepared, cluster, tmp_path):
     repo = night_repo(tmp_path / "repo")
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    agent = tmp_path / "agent.py"
+    # where the agent's box can read and write (a dot-folder of the store, which its repair leaves alone)
+    calls = repo / ".auto-log-research" / ".test-calls"
+    calls.mkdir(parents=True)
+    agent = calls / "agent.py"
     agent.write_text(STAND_IN)
     env = {**os.environ, **GIT_ENV, **cluster, "CALLS": str(calls), "AUTORESEARCH_TIME_BUDGET": "3"}
     proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--launcher", "slurm",
