@@ -21,10 +21,11 @@ numbers, and the others refuse with one line.
 """
 
 import argparse
+import os
 import sys
 
 from harness import fixed, git, settings
-from harness.contract import TRAIN_COMMAND, HarnessError
+from harness.contract import PRIVATE_UMASK, TRAIN_COMMAND, HarnessError
 from analysis import archive, bookkeeping, claims, plots, report, verdict
 from analysis.store import COMPARE_DIR, IDEAS, LedgerError, Store
 
@@ -226,6 +227,7 @@ COMMANDS = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compar
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # the store, its ledger and reports: this user's only
     lines = []
     try:
         if args.command in JUDGING_COMMANDS:

@@ -25,11 +25,12 @@ Settings: AUTORESEARCH_SLURM_PARTITION, AUTORESEARCH_SLURM_GRES (default gpu:1; 
 AUTORESEARCH_SLURM_ARGS (more sbatch options), AUTORESEARCH_SLURM_PENDING_S (default 600).
 """
 
+import os
 import sys
 from pathlib import Path
 
 from harness import runner, settings, slurm
-from harness.contract import RUN_LOG, TRAIN_PY, HarnessError
+from harness.contract import PRIVATE_UMASK, RUN_LOG, TRAIN_PY, HarnessError
 
 
 def refuse(error: HarnessError) -> int:
@@ -39,6 +40,7 @@ def refuse(error: HarnessError) -> int:
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    os.umask(PRIVATE_UMASK)  # run.log, the run's files and its seal: this user's only
     here = Path.cwd()
     if not Path(TRAIN_PY).exists():
         print(f"error: no train.py in {here}: run launch.py in the repository (or worktree) "

@@ -26,7 +26,7 @@ from pathlib import Path
 # the supervisor here with one `error:` line.
 from harness import proc, settings
 from analysis import claims
-from harness.contract import TRAIN_PY
+from harness.contract import PRIVATE_UMASK, TRAIN_PY
 from night import api, claude, environment, rules, sandbox
 from night.supervisor import PROGRAM, REPORT, Supervisor
 from night.workers import run_workers, worker_argv, worker_names
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         print(f"error: --backend api needs {environment.KEY_ENV} in the environment",
               file=sys.stderr)
         return 2
-    os.umask(0o077)  # the logs, the store and what the agent writes: readable by this user only
+    os.umask(PRIVATE_UMASK)  # the logs, the store and what the agent writes: this user's only
     environment.launcher_environment(args, os.environ)
     if args.worker:  # its commands' claims and ledger rows
         os.environ[settings.WORKER_ENV] = args.worker

@@ -27,6 +27,9 @@ class HarnessError(Exception):
 # ---------------------------------------------------------------------------
 
 RUN_METRICS = "metrics.jsonl"
+# what every entry point (launch.py, analyze.py, supervise.py) creates files with: the store, the
+# seals, the logs and the run's files are readable by their owner only, however they are run
+PRIVATE_UMASK = 0o077
 RUN_SUMMARY = "run_summary.json"
 RUN_LOG = "run.log"
 # flock-held by a running train.py in its directory: analyze.py waits

@@ -91,6 +91,7 @@ class Run:
         self._run_lock = (None if evaluation.launcher_socket_given()
                           else runner.lock_run(self.run_dir))
         self.summary_path.unlink(missing_ok=True)
+        self.metrics_path.unlink(missing_ok=True)  # made anew, with this process's umask
         self.t_start = process_start()
         self._clock_start = time.monotonic()  # the harness's own clock stamps (log_step)
         self._eval_start = metric.EVALUATION_CLOCK.seconds

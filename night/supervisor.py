@@ -312,10 +312,31 @@ class Supervisor:
         else:
             sandbox.end(child)
 
+    def archive_interrupted(self):
+        """A run the stop cut before the agent analysed it (Ctrl-C while it trained: train.py wrote
+        its crash summary): archive it, so that the ledger has it and settling reverts its
+        experiment."""
+        try:
+            summary = json.loads((self.repo / contract.RUN_SUMMARY).read_text())
+        except (OSError, ValueError):
+            return  # no run here, or one analyze.py would not archive either
+        started = summary.get("started_at") if isinstance(summary, dict) else None
+        if started is None or any(r.get("started_at") == started for r in self._ledger()):
+            return
+        done = subprocess.run(harness_command("analyze.py"), cwd=self.repo, capture_output=True,
+                              text=True, env=agent_environment(self.args.pass_env),
+                              timeout=SETTLE_TIMEOUT_S)
+        self.write_log(f"[settle] analyze.py -> exit {done.returncode}\n{done.stdout}{done.stderr}")
+        self.status("archived the run the stop interrupted: analyze.py " + (
+            "done" if done.returncode == 0
+            else f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"))
+        self._ledger()
+
     def settle(self):
-        """After the agent is gone: decide the latest run as its verdict says (keep, or discard and
-        revert train.py to the best), so that the night ends with git, train.py and the ledger in
-        agreement."""
+        """After the agent is gone: archive a run the stop interrupted, then decide the latest run
+        as its verdict says (keep, or discard and revert train.py to the best), so that the night
+        ends with git, train.py and the ledger in agreement."""
+        self.archive_interrupted()
         try:
             command, what = bookkeeping.settle_command(self.store,
                                                        self.worker or settings.MAIN_WORKER,

@@ -46,11 +46,12 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
-def run_script(args, cwd, env_extra=None, timeout=600):
-    """Run a repository script with the test interpreter; returns CompletedProcess (text)."""
+def run_script(args, cwd, env_extra=None, timeout=600, umask=-1):
+    """Run a repository script with the test interpreter (and `umask`, -1: this process's);
+    returns CompletedProcess (text)."""
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, umask=umask)
 
 
 @pytest.fixture(scope="session")

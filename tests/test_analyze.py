@@ -44,6 +44,22 @@ def test_run_is_archived_with_ledger_row(repo):
     assert entry["config"] == summary["config"] and entry["verdict"] == "keep"
 
 
+def test_the_store_is_its_owners_only_from_a_usual_shell(repo):
+    """analyze.py run by hand (no night, whose umask is 077) from a shell whose umask is 022: the
+    store, its ledger and the run's archive are still readable by their owner only."""
+    fake_run(repo, 1.0)
+    proc = subprocess.run([sys.executable, "analyze.py"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}, umask=0o022)
+    assert proc.returncode == 0, proc.stderr
+    store = repo / ".auto-log-research"
+    run = store / ledger(repo)[-1]["run_id"]
+    modes = {p.relative_to(repo).as_posix(): p.stat().st_mode & 0o777
+             for p in (store, store / "runs.jsonl", store / "results.tsv", run, run / "analysis.md")}
+    assert modes == {".auto-log-research": 0o700, ".auto-log-research/runs.jsonl": 0o600,
+                     ".auto-log-research/results.tsv": 0o600, f"{run.relative_to(repo)}": 0o700,
+                     f"{run.relative_to(repo)}/analysis.md": 0o600}
+
+
 def test_analysis_md_reports_compilation_and_stalls_on_the_clock(repo):
     compiled = {"backend": "inductor", "graphs": 9, "graph_breaks": 0, "recompiles": 8, "recompile_reasons": [],
                 "graphs_in_loop": 0, "recompiles_in_loop": 0}

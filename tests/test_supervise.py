@@ -260,6 +260,11 @@ def test_ctrl_c_in_the_middle_of_a_run_leaves_no_corrupt_file(prepared, repo):
     assert not (repo / ".git" / "index.lock").exists()
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
     assert "stopped by Ctrl-C" in (repo / ".auto-log-research" / "status.log").read_text().splitlines()[-1]
+    # the experiment is settled like any other stop: the cut run is in the ledger, train.py is the best's again
+    rows = Store(repo).read_ledger()
+    assert rows[-1]["status"] == "crash" and rows[-1]["started_at"] == summary["started_at"], rows[-1]
+    assert "archived the run the stop interrupted: analyze.py done" in (
+        repo / ".auto-log-research" / "status.log").read_text()
 
 
 def test_api_backend_needs_a_key(repo):

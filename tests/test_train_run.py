@@ -30,7 +30,8 @@ def workdir(tmp_path, replace=None, stale_summary=True):
 
 
 def train(cwd, budget=4, **env):
-    return run_script(["launch.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": str(budget), **env}, timeout=300)
+    return run_script(["launch.py"], cwd=cwd, env_extra={"AUTORESEARCH_TIME_BUDGET": str(budget), **env}, timeout=300,
+                      umask=0o022)
 
 
 def read_metrics(cwd):
@@ -52,6 +53,17 @@ def test_smoke_run_succeeds(smoke):
     cwd, proc = smoke
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "no CUDA GPU" in proc.stdout  # the CPU configuration is announced
+
+
+def test_the_runs_files_and_its_seal_are_its_owners_only(smoke):
+    """Run without the night (whose own umask is 077), from a shell whose umask is the usual 022:
+    launch.py still creates run.log, the run's files and the seal readable by their owner only."""
+    cwd, _ = smoke
+    seal = contract.seal_path(cwd, read_summary(cwd)["started_at"])
+    modes = {p.name: p.stat().st_mode & 0o777
+             for p in (cwd / "run.log", cwd / "metrics.jsonl", cwd / "run_summary.json", seal)}
+    assert modes == {"run.log": 0o600, "metrics.jsonl": 0o600, "run_summary.json": 0o600,
+                     seal.name: 0o600}
 
 
 def test_metrics_follow_the_contract(smoke):
