@@ -4,6 +4,7 @@ then SIGKILL). The night finds and ends its processes with these; the store tell
 from a dead one; a run measures its own age.
 """
 
+import ctypes
 import fcntl
 import os
 import signal
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 KILL_GRACE_S = 15.0   # SIGTERM first (train.py writes its crash summary), SIGKILL after this
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
 WAIT_POLL_S = 0.2     # how often the processes being ended are looked at
 
 
@@ -201,3 +204,15 @@ def life_held(path: Path) -> bool:
         except BlockingIOError:
             return True
     return False
+
+
+def prctl(option: int, value: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
+
+
+def dies_with_parent(sig: int):
+    """A preexec_fn: the child gets `sig` when the process that started it dies, however it dies
+    (SIGKILL, the OOM killer)."""
+    return lambda: prctl(PR_SET_PDEATHSIG, sig)

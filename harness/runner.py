@@ -17,7 +17,6 @@ it stands; a finished one whose model the evaluator could not evaluate becomes a
 why.
 """
 
-import ctypes
 import fcntl
 import json
 import os
@@ -34,8 +33,6 @@ from harness import contract, data, proc
 from harness.contract import HarnessError
 from harness.evaluation import EVAL_FD_ENV, FAILED_EXIT, NO_MODEL_EXIT, STARTED
 
-PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
-PR_SET_PDEATHSIG = 1         # prctl(2): a signal for the child when its parent dies
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # the evaluator's interpreter: isolated (no PYTHON* variables, no user site, not the cwd on the
 # path), importing the harness from this checkout only
@@ -115,16 +112,8 @@ def run_log(path: Path):
 # train.py and the evaluator
 # ---------------------------------------------------------------------------
 
-def _prctl(option: int, value: int):
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
-
-
-def _die_with_parent():
-    """In a child, before exec: a launch.py killed outright takes train.py and the evaluator
-    along."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# a launch.py killed outright takes train.py and the evaluator along
+_die_with_parent = proc.dies_with_parent(signal.SIGKILL)
 
 
 def end_leftovers(keep: set):
@@ -145,7 +134,7 @@ def end_leftovers(keep: set):
 def launch(args: list, run_dir: Path) -> int:
     """Run train.py ARGS in run_dir with the evaluator beside it; train.py's exit code (1 when it
     finished but could not be evaluated)."""
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    proc.prctl(proc.PR_SET_CHILD_SUBREAPER, 1)
     ours, theirs = socket.socketpair()
     # in a session of its own, as train.py: a terminal's Ctrl-C reaches launch.py, which passes it
     # on

@@ -4,12 +4,13 @@ a git worktree and branch of its own, all on one store and one best.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from harness import git, settings
+from harness import git, proc, settings
 from harness.contract import HarnessError
 from analysis import claims
 from analysis.store import STORE_DIR, worker_of
@@ -119,28 +120,31 @@ class Workers:
                 read_end = key_pipe(sup.secret)
                 argv += [KEY_FD_FLAG, str(read_end)]
                 pass_fds = (read_end,)
+            # a night killed outright (SIGKILL, the OOM killer) stops its workers as a signal
+            # would: each ends its agent's box, settles its last run and exits
             self.procs[name] = subprocess.Popen(
                 [sys.executable, str(self.repo / "supervise.py"), *argv],
-                cwd=self.worktree(name), env=env, pass_fds=pass_fds)
+                cwd=self.worktree(name), env=env, pass_fds=pass_fds,
+                preexec_fn=proc.dies_with_parent(signal.SIGTERM))
             for fd in pass_fds:
                 os.close(fd)
             sup.status(f"worker {name} started (pid {self.procs[name].pid}, {self.branch(name)}"
                        + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "") + ")")
 
     def forward(self, signum):
-        for proc in self.procs.values():
-            if proc.poll() is None:
+        for worker in self.procs.values():
+            if worker.poll() is None:
                 try:
-                    proc.send_signal(signum)
+                    worker.send_signal(signum)
                 except ProcessLookupError:
                     pass  # it just ended
 
     def reap(self):
         """Note the workers that ended; release the ideas they had claimed."""
-        for name, proc in self.procs.items():
-            if name in self.ended or proc.poll() is None:
+        for name, worker in self.procs.items():
+            if name in self.ended or worker.poll() is None:
                 continue
-            self.ended[name] = proc.returncode
+            self.ended[name] = worker.returncode
             with self.sup.store.lock():
                 updated, released = claims.release_worker(claims.read(self.sup.store), name)
                 if released:

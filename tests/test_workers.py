@@ -5,6 +5,7 @@ lock under concurrent writers from several worktrees; per-worker stop rules and 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +161,36 @@ def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
     assert "stopped: stopped by Ctrl-C" in lines.splitlines()[-1] and "| worker " not in lines.splitlines()[-1]
     assert not (repo / ".worktrees" / "gpu0").exists() and not (repo / ".worktrees" / "gpu1").exists()
     assert [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] == []  # agents and workers are gone
+
+
+def test_a_night_killed_outright_stops_every_worker_and_its_agent(tmp_path):
+    """The OOM killer takes the night's own supervisor: its workers get SIGTERM from the kernel (they
+    die with their parent) and stop as on a signal, each taking its agent's box along."""
+    repo = night_repo(tmp_path / "repo")
+    (repo / ".auto-log-research").mkdir()
+    agent = repo / ".auto-log-research" / "agent.py"  # where the workers' boxes can read it
+    agent.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stdin.read()\ntime.sleep(3600)\n")
+    night = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", "t5",
+                              "--claude-command", f"{sys.executable} {agent}", "--restart-delay", "0"],
+                             cwd=repo, env={**os.environ, **GIT_ENV}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    status = repo / ".auto-log-research" / "status.log"
+    deadline = time.time() + 300
+    while not all(f"| worker {w} | claude session 1 started" in (status.read_text() if status.exists() else "")
+                  for w in ("gpu0", "gpu1")):
+        assert time.time() < deadline and night.poll() is None, "the workers never started their agents"
+        time.sleep(0.2)
+    workers = [int(m) for m in re.findall(r"worker gpu\d started \(pid (\d+)", status.read_text())]
+    assert len(workers) == 2
+    night.kill()
+    night.wait()
+    deadline = time.time() + 300  # each worker ends its agent (with the box's grace) and settles
+    while [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] and time.time() < deadline:
+        time.sleep(0.2)
+    assert [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] == []
+    assert not any(processes.running(pid) for pid in workers)
+    lines = status.read_text()
+    assert all(f"| worker {w} | stopped: stopped by a signal (SIGTERM)" in lines for w in ("gpu0", "gpu1")), lines
 
 
 def cwd_inside(pid: int, folder: Path) -> bool:
