@@ -346,14 +346,9 @@ class BufferCounter(torch.nn.Module):
 
 
 class BufferBranch(BufferCounter):
-    """The count in a buffer, the switch a Python `if` on it."""
+    """The count in a buffer, the switch a Python `if` on it (PythonCounter's forward)."""
 
-    def forward(self, idx):
-        self.calls += 1
-        logits = self.inner(idx)
-        if self.calls > COUNTER_LIMIT:
-            logits = logits + SHIFT
-        return logits
+    forward = PythonCounter.forward
 
 
 def classify(logits, honest) -> str:

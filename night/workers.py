@@ -149,7 +149,7 @@ class Workers:
                 updated, released = claims.release_worker(claims.read(self.sup.store), name)
                 if released:
                     claims.write(self.sup.store, updated)
-            self.sup.status(f"worker {name} ended (exit code {proc.returncode})"
+            self.sup.status(f"worker {name} ended (exit code {worker.returncode})"
                             + (f"; released its claim on {released} idea(s)" if released else ""))
 
     def remove_worktrees(self):

@@ -138,12 +138,14 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     assert 'id="workers"' in html and all(f'<tr><td class="l"><code>{w}</code></td><td>2</td>' in html for w in workers)
 
 
-def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
+def night_of_sleeping_agents(tmp_path, tag: str):
+    """A night of two workers whose agents only sleep, once both agents run: (the night's process,
+    its repository, its status.log)."""
     repo = night_repo(tmp_path / "repo")
     (repo / ".auto-log-research").mkdir()
     agent = repo / ".auto-log-research" / "agent.py"  # where the workers' boxes can read it
     agent.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stdin.read()\ntime.sleep(3600)\n")
-    proc = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", "t2",
+    proc = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", tag,
                              "--claude-command", f"{sys.executable} {agent}", "--restart-delay", "0"],
                             cwd=repo, env={**os.environ, **GIT_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -153,6 +155,11 @@ def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
                   for w in ("gpu0", "gpu1")):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
+    return proc, repo, status
+
+
+def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
+    proc, repo, status = night_of_sleeping_agents(tmp_path, "t2")
     proc.send_signal(signal.SIGINT)  # to the night alone, as `kill -INT`: it passes it on to every worker
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
@@ -166,24 +173,11 @@ def test_ctrl_c_stops_every_worker_and_the_night_cleans_up(tmp_path):
 def test_a_night_killed_outright_stops_every_worker_and_its_agent(tmp_path):
     """The OOM killer takes the night's own supervisor: its workers get SIGTERM from the kernel (they
     die with their parent) and stop as on a signal, each taking its agent's box along."""
-    repo = night_repo(tmp_path / "repo")
-    (repo / ".auto-log-research").mkdir()
-    agent = repo / ".auto-log-research" / "agent.py"  # where the workers' boxes can read it
-    agent.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stdin.read()\ntime.sleep(3600)\n")
-    night = subprocess.Popen([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1", "--tag", "t5",
-                              "--claude-command", f"{sys.executable} {agent}", "--restart-delay", "0"],
-                             cwd=repo, env={**os.environ, **GIT_ENV}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    status = repo / ".auto-log-research" / "status.log"
-    deadline = time.time() + 300
-    while not all(f"| worker {w} | claude session 1 started" in (status.read_text() if status.exists() else "")
-                  for w in ("gpu0", "gpu1")):
-        assert time.time() < deadline and night.poll() is None, "the workers never started their agents"
-        time.sleep(0.2)
+    night, repo, status = night_of_sleeping_agents(tmp_path, "t5")
     workers = [int(m) for m in re.findall(r"worker gpu\d started \(pid (\d+)", status.read_text())]
     assert len(workers) == 2
     night.kill()
-    night.wait()
+    night.communicate()
     deadline = time.time() + 300  # each worker ends its agent (with the box's grace) and settles
     while [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] and time.time() < deadline:
         time.sleep(0.2)
