@@ -70,10 +70,10 @@ def verify_parquet(path, read_all: bool = False) -> int:
     return pf.metadata.num_rows
 
 
-def _write_parquet(path: Path, docs: list):
+def _parquet_bytes(docs: list) -> bytes:
     table = pa.BufferOutputStream()
     pq.write_table(pa.table({"text": docs}), table, row_group_size=ROW_GROUP_SIZE)
-    contract.atomic_write(path, table.getvalue().to_pybytes(), mode="wb")
+    return table.getvalue().to_pybytes()
 
 
 def row_group_texts(pf: pq.ParquetFile, rg: int) -> list:
@@ -368,21 +368,24 @@ def split_documents(docs: list, val_fraction: float = VAL_FRACTION):
     return train, val
 
 
-def write_local_corpus(source: str, train: list, val: list):
-    """Write the split documents as parquet under the cache's data/<source>, replacing what was
-    there."""
+def local_corpus(source: str, train: list, val: list) -> tuple:
+    """The parquet files of the split documents under the cache's data/<source>, as
+    write_local_corpus writes them: ({train path: bytes}, {val path: bytes}), nothing written."""
     dest = contract.cache_path(contract.DATA_DIR, source)
+    train_files = {dest / f"train_{k // ROWS_PER_FILE:05d}.parquet":
+                   _parquet_bytes(train[k:k + ROWS_PER_FILE])
+                   for k in range(0, len(train), ROWS_PER_FILE)}
+    return train_files, {dest / "val.parquet": _parquet_bytes(val)}
+
+
+def write_local_corpus(files: dict):
+    """Write local_corpus's files ({path: bytes}), replacing what was in their folder."""
+    dest = next(iter(files)).parent
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.parquet"):
         old.unlink()
-    train_paths = []
-    for k in range(0, len(train), ROWS_PER_FILE):
-        path = dest / f"train_{k // ROWS_PER_FILE:05d}.parquet"
-        _write_parquet(path, train[k:k + ROWS_PER_FILE])
-        train_paths.append(path)
-    val_path = dest / "val.parquet"
-    _write_parquet(val_path, val)
-    return train_paths, [val_path]
+    for path, content in files.items():
+        contract.atomic_write(path, content, mode="wb")
 
 
 # ---------------------------------------------------------------------------
@@ -463,21 +466,30 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
     else:
         raise ValueError(f"unknown source {source!r}")
 
-    # From here on the cache changes. The manifest is what train.py trusts: remove it first, so a
-    # prepare that fails half way leaves "run prepare.py" behind, never an old manifest describing
-    # new files.
-    manifest_path = contract.cache_path(contract.MANIFEST)
-    manifest_path.unlink(missing_ok=True)
-    if source != "climbmix":
-        train_paths, val_paths = write_local_corpus(source, *split)
-
-    hashes = {p: contract.sha256_file(p) for p in [*train_paths, *val_paths]}
+    if source == "climbmix":
+        hashes = {p: contract.sha256_file(p) for p in [*train_paths, *val_paths]}
+    else:
+        train_files, val_files = local_corpus(source, *split)
+        train_paths, val_paths = list(train_files), list(val_files)
+        hashes = {p: contract.sha256_bytes(b) for p, b in {**train_files, **val_files}.items()}
     # what the tokenizer depends on: when none of it changed, retraining (minutes on climbmix) is
     # skipped
     trained_on = {"vocab_size": vocab_size, "pattern": tokenizer.SPLIT_PATTERN,
                   "special_tokens": tokenizer.SPECIAL_TOKENS,
                   "max_chars": TOKENIZER_MAX_CHARS, "doc_cap": TOKENIZER_DOC_CAP,
                   "train_sha256": [hashes[p] for p in train_paths]}
+    kept = prepared_already(source, hashes, trained_on)
+    if kept is not None:  # nothing is written: a read-only (shared) cache works
+        print(f"already prepared in {settings.CACHE_DIR} ({data_label(kept)}): nothing to change")
+        return kept
+
+    # From here on the cache changes. The manifest is what train.py trusts: remove it first, so a
+    # prepare that fails half way leaves "run prepare.py" behind, never an old manifest describing
+    # new files.
+    manifest_path = contract.cache_path(contract.MANIFEST)
+    manifest_path.unlink(missing_ok=True)
+    if source != "climbmix":
+        write_local_corpus({**train_files, **val_files})
     folder = tokenizer.tokenizer_dir()
     stamp = folder / TRAINED_ON
     if (stamp.exists() and json.loads(stamp.read_text()) == trained_on
@@ -490,6 +502,27 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
         stamp.write_text(json.dumps(trained_on, indent=2) + "\n")
     manifest = build_manifest(source, train_paths, val_paths, description, hashes)
     contract.atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def prepared_already(source: str, hashes: dict, trained_on: dict):
+    """The cache's manifest when the cache already holds exactly this preparation (the same source,
+    files of these sha256 in this order, a tokenizer trained on them as `trained_on` says, each file
+    on disk as the manifest records it); None when anything would change."""
+    try:
+        manifest = load_manifest()
+    except HarnessError:
+        return None
+    folder = tokenizer.tokenizer_dir()
+    stamp = folder / TRAINED_ON
+    files = [*manifest.get("train_files", []), *manifest.get("val_files", [])]
+    recorded = [(settings.CACHE_DIR / f["path"], f["sha256"]) for f in files]
+    on_disk = [*recorded, (folder / contract.TOKENIZER_FILE, manifest.get("tokenizer_sha256")),
+               (folder / contract.TOKEN_BYTES_FILE, manifest.get("token_bytes_sha256"))]
+    if (manifest.get("source") != source or recorded != list(hashes.items())
+            or not stamp.exists() or json.loads(stamp.read_text()) != trained_on
+            or not all(p.is_file() and contract.sha256_file(p) == sha for p, sha in on_disk)):
+        return None
     return manifest
 
 

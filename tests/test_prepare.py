@@ -6,7 +6,11 @@ Every CLI run that trains a tokenizer uses a tiny vocabulary so it takes a secon
 """
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -470,6 +474,24 @@ def _random_bytes_txt(root):
 def _latin1_txt(root):
     (root / "latin1.txt").write_bytes("Un café au lait, s'il vous plaît.\n".encode("latin-1"))
     return [f"{root / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 6)", "iconv"]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (the read-only "
+                    "mount of the cache); .ci/run installs it")
+def test_a_prepared_cache_is_only_read_by_prepare_again(tmp_path):
+    """program.md's setup runs `uv run prepare.py` on a prepared cache; on a read-only one (a shared
+    cluster cache, the agent's box) it must change nothing and say so, not crash."""
+    proc, cache = run_prepare(tmp_path, "--offline", "--vocab-size", str(SMALL_VOCAB))
+    assert proc.returncode == 0, proc.stderr
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    again = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--cap-drop",
+                            "ALL", "--chdir", str(ROOT), sys.executable, "prepare.py", "--offline",
+                            "--vocab-size", str(SMALL_VOCAB)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "AUTORESEARCH_CACHE": str(cache)})
+    assert again.returncode == 0, again.stderr
+    assert f"already prepared in {cache} (offline (SMOKE-TEST corpus, not for research)): nothing to change" \
+        in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("build", [
