@@ -9,7 +9,8 @@ is done, for every worker) or `released` (its worker moved on without a decision
 claimed idea whose worker is gone counts as released, so a crashed worker never blocks an idea. A
 worker's life is a file in the store's .lives/ that its supervisor holds locked while it lives
 (harness/proc.py hold_life): the kernel releases it when the supervisor ends, even by SIGKILL, a
-reused pid cannot fake it, and an agent in its box, which sees no process of the night, can ask. Ideas are matched by their text, normalised (list markers, emphasis, case and spacing do not
+reused pid cannot fake it, and an agent in its box, which sees no process of the night, can ask.
+Ideas are matched by their text, normalised (list markers, emphasis, case and spacing do not
 count), so the agents can copy a line of ideas_queue.md as it is. The functions on lists are pure;
 the store's file is read and written by `read` / `write` only, under the store lock (analyze.py's
 commands).
