@@ -8,11 +8,11 @@ nothing of a session outlives it. Writable: the worktree, minus the fixed files
 (contract.FIXED_PATHSPECS), the virtual environment and the project's pyproject.toml / uv.lock,
 which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
 which would run code in the night's own git commands; the prepare cache's seals folder (the run's
-seal, written by launch.py); and what the caller adds (the CLI's config). The prepare cache and the
-Slurm client's folder ($SLURM_CONF's) stay visible where they are under /tmp. Every capability is
-dropped, so a root agent cannot remount any of it. Not closed by the box (README, "Threat model"):
-the network (shared with the host), and the memory of the CLI, which runs in the box as the same
-user.
+seal, written by launch.py); and what the caller adds (the CLI's config). Where the Python
+environment, the commands on PATH, the prepare cache or the Slurm client's folder are under /tmp,
+they stay visible, read-only. Every capability is dropped, so a root agent cannot remount any of
+it. Not closed by the box (README, "Threat model"): the network (shared with the host), and the
+memory of the CLI, which runs in the box as the same user.
 """
 
 import os
@@ -133,6 +133,22 @@ def read_only_paths(repo: Path) -> list:
     return [p for p in paths if p.exists() or p.is_symlink()]
 
 
+def shown_under_tmp() -> list:
+    """What the box must still see of the host's /tmp, which its own hides, read-only: the Python
+    environment (a checkout or venv under /tmp), the commands on PATH, the prepare cache, and the
+    Slurm client's folder (its slurm.conf; a cluster's munge socket may be there too)."""
+    wanted = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
+              Path(settings.CACHE_DIR)]
+    wanted += [Path(d) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    if os.environ.get(SLURM_CONF_ENV):
+        wanted.append(Path(os.environ[SLURM_CONF_ENV]).parent)
+    tmp, shown = Path("/tmp"), []
+    for path in (p.resolve() for p in wanted):
+        if path.is_relative_to(tmp) and path != tmp and path.exists() and path not in shown:
+            shown.append(path)
+    return shown
+
+
 def read_only(repo: Path, target: Path) -> bool:
     """Whether the box holds `target` (a resolved path in the worktree) read-only."""
     return any(p == target or p in target.parents for p in read_only_paths(repo))
@@ -143,14 +159,8 @@ def box(command: list, repo: Path, writable=(), python: str = sys.executable) ->
     command may change (the CLI's config); `python`: the interpreter of the box's stopper."""
     bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
              "--setenv", "TMPDIR", "/tmp"]
-    # where these are under /tmp, hidden by the box's own: the prepare cache, and the Slurm client's
-    # folder (its slurm.conf; a cluster's munge socket may be there too)
-    shown = [Path(settings.CACHE_DIR)]
-    if os.environ.get(SLURM_CONF_ENV):
-        shown.append(Path(os.environ[SLURM_CONF_ENV]).parent)
-    for path in (p.resolve() for p in shown):
-        if path.exists():
-            bwrap += ["--ro-bind", str(path), str(path)]
+    for path in shown_under_tmp():
+        bwrap += ["--ro-bind", str(path), str(path)]
     for path in (*writable_paths(repo), *(Path(p).resolve() for p in writable)):
         bwrap += ["--bind", str(path), str(path)]
     for path in read_only_paths(repo):
