@@ -56,8 +56,13 @@ def alive_in(store):
 
 def is_live(claim: dict, alive) -> bool:
     """Whether a claim still holds its idea: claimed, and its worker (if it named its life) lives;
-    `alive`: alive_in(store), or a stand-in."""
-    return claim["state"] == CLAIMED and (claim.get("life") is None or alive(claim["life"]))
+    `alive`: alive_in(store), or a stand-in. A claim that names a pid instead was made by a night
+    from before the lives, which is over."""
+    if claim["state"] != CLAIMED:
+        return False
+    if claim.get("life") is None:
+        return "pid" not in claim
+    return alive(claim["life"])
 
 
 def take(claims: list, idea: str, worker: str, life, alive, now: str = None) -> tuple:

@@ -292,7 +292,6 @@ class Supervisor:
         self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else sandbox.unavailable()
         if not self.worker:  # said once for the night (the start line), not by each worker again
             sandbox.record(self.store, self.unboxed)
-        if not self.worker:
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
                 {"pid": os.getpid(), "verdict": policy, "started_at": contract.stamp()}) + "\n")

@@ -345,6 +345,10 @@ def test_a_claim_is_refused_while_its_worker_lives_and_for_good_once_tested():
     with pytest.raises(claims.ClaimRefused, match="already tested by gpu0 \\(run abc1234, discard\\)"):
         claims.take(tested, "set SCALAR_LR to 0.4", "gpu1", "gpu1-life", alive)
     free, _ = claims.take(tested, "set MATRIX_LR to 0.03", "gpu1", "gpu1-life", alive)  # released: free again
+    legacy = {**held[0], "pid": os.getpid()}  # a claim from before the lives: its night is over
+    del legacy["life"]
+    by_hand = {k: v for k, v in legacy.items() if k != "pid"}  # no worker named: held until released
+    assert not claims.is_live(legacy, alive) and claims.is_live(by_hand, alive)
     assert free[-1]["worker"] == "gpu1"
 
 
