@@ -490,6 +490,14 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
     manifest_path.unlink(missing_ok=True)
     if source != "climbmix":
         write_local_corpus({**train_files, **val_files})
+    _tokenizer_for(train_paths, trained_on)
+    manifest = build_manifest(source, train_paths, val_paths, description, hashes)
+    contract.atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _tokenizer_for(train_paths, trained_on: dict):
+    """Keep the cache's tokenizer when it was trained as `trained_on` says, else train it anew."""
     folder = tokenizer.tokenizer_dir()
     stamp = folder / TRAINED_ON
     if (stamp.exists() and json.loads(stamp.read_text()) == trained_on
@@ -498,11 +506,8 @@ def prepare(source: str, num_shards: int = DEFAULT_NUM_SHARDS, data_path=None,
         print(f"tokenizer is up to date with this data, keeping it: {folder}")
     else:
         stamp.unlink(missing_ok=True)
-        _train_tokenizer_on(train_paths, vocab_size)
+        _train_tokenizer_on(train_paths, trained_on["vocab_size"])
         stamp.write_text(json.dumps(trained_on, indent=2) + "\n")
-    manifest = build_manifest(source, train_paths, val_paths, description, hashes)
-    contract.atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def prepared_already(source: str, hashes: dict, trained_on: dict):
