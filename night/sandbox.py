@@ -110,15 +110,18 @@ def _devices() -> list:
     return args
 
 
+def git_folder(repo: Path) -> Path:
+    """git's own folder of the worktree `repo` (a worker's is its repository's .git)."""
+    return (repo / git.git("rev-parse", "--git-common-dir", cwd=repo).strip()).resolve()
+
+
 def writable_paths(repo: Path) -> list:
     """What the agent may change: the worktree, the store it writes through (a worker's is a link
     to the night's), git's folder and the prepare cache's seals."""
     repo = Path(repo).resolve()
-    common = Path(git.git("rev-parse", "--git-common-dir", cwd=repo).strip())
     seals = contract.cache_path(contract.SEALS_DIR)
     seals.mkdir(parents=True, exist_ok=True)
-    paths = [repo, (repo / STORE_DIR).resolve(), (repo / common).resolve(),
-             seals.resolve()]
+    paths = [repo, (repo / STORE_DIR).resolve(), git_folder(repo), seals.resolve()]
     return [p for p in paths if p.exists()]
 
 
@@ -126,7 +129,7 @@ def read_only_paths(repo: Path) -> list:
     """Bound read-only over the writable ones: the fixed files, the environment, git's hooks and
     config (each existing one; the hooks folder is made, so that none can be added)."""
     repo = Path(repo).resolve()
-    common = (repo / git.git("rev-parse", "--git-common-dir", cwd=repo).strip()).resolve()
+    common = git_folder(repo)
     (common / "hooks").mkdir(exist_ok=True)
     paths = [repo / p for p in (*contract.FIXED_PATHSPECS, *READ_ONLY)]
     paths += [common / "hooks", common / "config"]
