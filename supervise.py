@@ -32,6 +32,24 @@ from night.supervisor import PROGRAM, REPORT, Supervisor
 from night.workers import run_workers, worker_argv, worker_names
 
 
+def agent_options(agent):
+    """The options of the agent: its command, what it may see, its key and its box."""
+    agent.add_argument("--claude-command", default=claude.DEFAULT_CLAUDE_COMMAND,
+                       help="the agent command; program.md (then a resume prompt) goes to its "
+                            "stdin")
+    agent.add_argument("--pass-env", type=lambda s: {n for n in s.split(",") if n}, default=set(),
+                       help="comma-separated names of other environment variables the agent may "
+                            "see (default: none)")
+    agent.add_argument("--restart-delay", type=float, default=claude.RESTART_DELAY_S,
+                       help="seconds before a restart")
+    agent.add_argument("--model", default=api.DEFAULT_MODEL, help="model of the api backend")
+    agent.add_argument("--key-file", metavar="PATH",
+                       help=f"the API key, from this file (mode 600) rather than "
+                            f"{environment.KEY_ENV}, which `uv` keeps in its environment all night")
+    agent.add_argument(sandbox.NO_SANDBOX, action="store_true",
+                       help="run the agent outside its bubblewrap box (README, 'Threat model')")
+
+
 def parser() -> argparse.ArgumentParser:
     limits = settings.LIMITS
     top = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip(),
@@ -58,16 +76,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--stop-grace", type=float,
                      help=f"seconds a stop rule waits for the experiment in progress to finish "
                           f"(default: the training limit + {settings.TOOL_MARGIN_S})")
-    top.add_argument("--claude-command", default=claude.DEFAULT_CLAUDE_COMMAND,
-                     help="the agent command; program.md (then a resume prompt) goes to its stdin")
-    top.add_argument("--pass-env", type=lambda s: {n for n in s.split(",") if n}, default=set(),
-                     help="comma-separated names of other environment variables the agent may see "
-                          "(default: none)")
-    top.add_argument("--restart-delay", type=float, default=claude.RESTART_DELAY_S,
-                     help="seconds before a restart")
-    top.add_argument("--model", default=api.DEFAULT_MODEL, help="model of the api backend")
-    top.add_argument(sandbox.NO_SANDBOX, action="store_true",
-                     help="run the agent outside its bubblewrap box (README, 'Threat model')")
+    agent_options(top.add_argument_group("the agent"))
     night = top.add_argument_group("several workers, one store and one best (README: 'An 8-GPU "
                                    "node')")
     night.add_argument("--gpus", help="one worker per GPU, e.g. 0,1,2,3: each in its own git "
@@ -108,10 +117,16 @@ def main(argv=None) -> int:
         print(f"error: run supervise.py in the repository root (no {PROGRAM} / train.py in {repo})",
               file=sys.stderr)
         return 2
-    secret = environment.handed_over_key(args.key_fd, __file__, argv)  # leaves the environment here
+    try:  # the key leaves the environment here
+        secret = environment.handed_over_key(args.key_fd, args.key_file, __file__, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if secret:  # the supervisor's memory, where the key stays, closed to the user's other processes
+        proc.undumpable()
     if args.backend == "api" and not secret:
-        print(f"error: --backend api needs {environment.KEY_ENV} in the environment",
-              file=sys.stderr)
+        print(f"error: --backend api needs an API key: --key-file PATH (a file readable by you "
+              f"only) or {environment.KEY_ENV} in the environment", file=sys.stderr)
         return 2
     os.umask(PRIVATE_UMASK)  # the logs, the store and what the agent writes: this user's only
     environment.launcher_environment(args, os.environ)
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
                + (f"; {len(names)} workers" if names else "")
                + ("; training on Slurm" if slurm else "")
                + (f"; agent {sandbox.UNBOXED}: {sup.unboxed}" if sup.unboxed else
-                  "; the agent in its box" if not names else "")
+                  f"; the agent in its box, {sandbox.network(sup.isolated)}" if not names else "")
                + (f"; morning report: {REPORT})" if not args.worker else ")"))
     if names:
         return run_workers(sup, names, worker_argv(argv))

@@ -14,6 +14,7 @@ from pathlib import Path
 KILL_GRACE_S = 15.0   # SIGTERM first (train.py writes its crash summary), SIGKILL after this
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans below this process are re-parented to it
+PR_SET_DUMPABLE = 4  # prctl(2): 0 closes /proc/<pid>/mem, environ and ptrace to the same user
 WAIT_POLL_S = 0.2     # how often the processes being ended are looked at
 
 
@@ -210,6 +211,12 @@ def prctl(option: int, value: int):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
+
+
+def undumpable():
+    """This process's memory (where the API key is) closed to other processes of its user: no
+    ptrace, no /proc/<pid>/mem or environ, no core dump. A child's exec opens its own again."""
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def dies_with_parent(sig: int):

@@ -1,23 +1,22 @@
 """
 The claude backend: your Claude Code CLI (`claude -p`), restarted whenever it exits, its output
-read into supervisor.log one line per message, tool call and result, its key handed over by a
-file it reads once.
+read into supervisor.log one line per message, tool call and result; it reaches the API through
+the night's key proxy (night/keyproxy.py) with a token of the night, never the key.
 """
 
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from harness import proc, settings
-from night import rules
-from night.environment import agent_environment
+from night import rules, sandbox
+from night.environment import KEY_ENV, agent_environment
+from night.keyproxy import DEFAULT_UPSTREAM, KeyProxy
 from night.supervisor import POLL_S, PROGRAM, Supervisor, worker_preamble
 
 # unattended: no permission prompts; stream-json so that every tool call and result reaches the log
@@ -37,6 +36,10 @@ MAX_BACKOFF_S = 900.0                # ... up to 15 minutes
 
 # failed sessions (API down, 5xx, 401) for this long end the night
 DEFAULT_MAX_OUTAGE_H = 1.0
+
+BASE_URL_ENV = "ANTHROPIC_BASE_URL"  # the CLI's API; the proxy's upstream
+# the CLI's other credential; with a key proxy the CLI has none but the night's token
+AUTH_TOKEN_ENV = "ANTHROPIC_AUTH_TOKEN"
 
 CLAUDE_STATE_FILE = ".claude.json"  # the CLI's state beside ~/.claude, without $CLAUDE_CONFIG_DIR
 
@@ -69,13 +72,17 @@ def root_refusal(command: list, env: dict):
     return None
 
 
-def claude_environment(sup) -> dict:
-    """The CLI's environment: the allowlist and its own settings, and a Bash tool timeout above the
+def claude_environment(sup, proxy: KeyProxy = None) -> dict:
+    """The CLI's environment: the allowlist and its own settings, a Bash tool timeout above the
     longest training run (the CLI's default, 2 minutes, would cut every run and blame the idea's
-    code)."""
+    code) and, with a key, the key proxy as its API and the night's token as its key."""
     env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
     ms = str(int((sup.args.train_timeout + settings.TOOL_MARGIN_S) * 1000))
     env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
+    if proxy is not None:
+        env.pop(AUTH_TOKEN_ENV, None)
+        env[KEY_ENV] = proxy.token
+        env[BASE_URL_ENV] = sandbox.RELAY_URL if sup.isolated else proxy.url
     return env
 
 
@@ -146,40 +153,6 @@ class SessionLog:
         return []
 
 
-class KeyHandover:
-    """Gives the claude CLI its API key without an environment variable: a key file readable by this
-    user only, outside the repository, and an apiKeyHelper (Claude Code's setting) that prints it
-    and deletes it. The CLI reads it once at start (its helper TTL is set beyond the night), before
-    the agent can run a command, and then holds it in memory only: the agent's commands and
-    train.py never inherit it. Each session gets a folder of its own (bound into its box), removed
-    when the session ends: nothing a session leaves in one reaches the next."""
-
-    # never ask the helper again during a session: the file is gone
-    TTL_MS = str(7 * 24 * 3600 * 1000)
-
-    def __init__(self, secret: str):
-        self.secret = secret
-        self.dir = None
-
-    def arm(self, command: list, env: dict) -> list:
-        """Put the key in place for one session; the command with the helper setting added."""
-        self.dir = Path(tempfile.mkdtemp(prefix="alr-key-"))  # 0700
-        key_file, helper = self.dir / "key", self.dir / "api-key-helper"
-        helper.write_text(f"#!/bin/sh\ncat {shlex.quote(str(key_file))} 2>/dev/null\n"
-                          f"rm -f {shlex.quote(str(key_file))}\n")
-        helper.chmod(0o700)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.secret)
-        env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"] = self.TTL_MS
-        return command + ["--settings", json.dumps({"apiKeyHelper": str(helper)})]
-
-    def disarm(self):
-        if self.dir is not None:
-            shutil.rmtree(self.dir)
-            self.dir = None
-
-
 def config_paths(env: dict) -> list:
     """What the CLI writes outside the worktree: its config folder ($CLAUDE_CONFIG_DIR, or
     ~/.claude and ~/.claude.json), made when absent so that it can be bound into the box."""
@@ -240,16 +213,15 @@ class SessionFailures:
             self.delay = min(self.delay * 2, MAX_BACKOFF_S)
 
 
-def run_session(sup: Supervisor, session: int, command: list, env: dict, handover, prompt: str):
+def run_session(sup: Supervisor, session: int, command: list, env: dict, proxy, prompt: str):
     """Start claude session number `session`, hand it `prompt` and log its output until it exits
     or the agent must end. (the process, its SessionLog); None when the command cannot be started
     (the night is stopped then)."""
     sup.status(f"claude session {session} started")
     sup.write_log(f"=== claude session {session} ({' '.join(command)}), "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    session_command = handover.arm(command, env) if handover else command
-    writable = config_paths(env) + ([handover.dir] if handover else [])
-    session_command = sup.boxed(session_command, writable=writable)
+    session_command = sup.boxed(command, writable=config_paths(env),
+                                relay=proxy.socket if proxy else None)
     try:
         child = subprocess.Popen(session_command, cwd=sup.repo, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -270,8 +242,6 @@ def run_session(sup: Supervisor, session: int, command: list, env: dict, handove
             break
         time.sleep(POLL_S)
     output.thread.join(timeout=30)
-    if handover:
-        handover.disarm()  # read by the CLI at its start; gone in any case once the session is
     return child, output
 
 
@@ -279,20 +249,29 @@ def run_claude(sup: Supervisor) -> int:
     """The claude backend: the CLI restarted whenever it exits (program.md for the first session,
     RESUME_PROMPT after), until a stop rule or its failures end the night."""
     command = shlex.split(sup.args.claude_command)
-    env = claude_environment(sup)
+    proxy = (KeyProxy(sup.secret, os.environ.get(BASE_URL_ENV) or DEFAULT_UPSTREAM)
+             if sup.secret else None)
+    try:
+        return claude_night(sup, command, claude_environment(sup, proxy), proxy)
+    finally:
+        if proxy is not None:
+            proxy.close()
+
+
+def claude_night(sup: Supervisor, command: list, env: dict, proxy) -> int:
+    """The sessions of the night, until it stops; the exit code of the supervisor."""
     refusal = root_refusal(command, env)
     if refusal:
         sup.stop(refusal, failed=True)
         print(f"error: {refusal}", file=sys.stderr)
         return sup.finish()
-    handover = KeyHandover(sup.secret) if sup.secret else None
     program = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
     session, failures = 0, SessionFailures(sup.args.restart_delay)
     while not sup.check():
         session += 1
         prompt = program if session == 1 else worker_preamble(sup) + RESUME_PROMPT
         rows_before, t0 = len(sup.new_runs()), time.time()
-        ended = run_session(sup, session, command, env, handover, prompt)
+        ended = run_session(sup, session, command, env, proxy, prompt)
         if ended is None:
             break
         child, output = ended
@@ -305,6 +284,4 @@ def run_claude(sup: Supervisor) -> int:
             if not failures.count:
                 sup.status(f"claude session {session} exited (code {child.returncode}); restarting")
             failures.pause(sup)
-    if handover:
-        handover.disarm()
     return sup.finish()

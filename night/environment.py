@@ -46,17 +46,33 @@ def key_pipe(key: str) -> int:
     return read_end
 
 
-def handed_over_key(key_fd, script: str, argv: list):
-    """The API key, kept out of every environment: the first call re-executes `script` (the
-    supervisor) without ANTHROPIC_API_KEY, the key on a pipe (so no process of the agent's can read
-    it, not even from /proc/<supervisor>/environ), and does not return; the re-executed one reads
-    it from key_fd. None without a key."""
+def key_from_file(path: str) -> str:
+    """The key in `path` (its first line), which must be readable by this user only."""
+    try:
+        mode = os.stat(path).st_mode
+        key = open(path).readline().strip()
+    except OSError as e:
+        raise ValueError(f"--key-file {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"--key-file {path} is readable by other users (mode {mode & 0o777:o}): "
+                         f"chmod 600 {path}")
+    if not key:
+        raise ValueError(f"--key-file {path} is empty: write the API key into it")
+    return key
+
+
+def handed_over_key(key_fd, key_file, script: str, argv: list):
+    """The API key (from `key_file`, else the environment), kept out of every environment: where
+    the environment has one, the first call re-executes `script` (the supervisor) without
+    ANTHROPIC_API_KEY, the key on a pipe (so that it is not in /proc/<supervisor>/environ), and
+    does not return; the re-executed one reads it from key_fd. None without a key; ValueError for a
+    key file that cannot be used."""
     if key_fd is not None:
         with os.fdopen(key_fd) as f:
             return f.read() or None
-    key = os.environ.get(KEY_ENV)
-    if not key:
-        return None
+    key = key_from_file(key_file) if key_file else os.environ.get(KEY_ENV)
+    if not key or KEY_ENV not in os.environ:
+        return key or None
     read_end = key_pipe(key)
     os.set_inheritable(read_end, True)
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}

@@ -11,8 +11,11 @@ which would run code in the night's own git commands; the prepare cache's seals 
 seal, written by launch.py); and what the caller adds (the CLI's config). Where the Python
 environment, the commands on PATH, the prepare cache or the Slurm client's folder are under /tmp,
 they stay visible, read-only. Every capability is dropped, so a root agent cannot remount any of
-it. Not closed by the box (README, "Threat model"): the network (shared with the host), and the
-memory of the CLI, which runs in the box as the same user.
+it.
+
+An isolated box has a network of its own with loopback only: its one way out is the night's key
+proxy (night/keyproxy.py), whose Unix socket the stopper relays to RELAY_URL inside the box. A box
+of a night that trains on Slurm shares the host's network (sbatch talks to slurmctld).
 """
 
 import os
@@ -35,14 +38,45 @@ READ_ONLY = (".venv", "pyproject.toml", "uv.lock")
 UV_CACHE_IN_BOX = "/tmp/uv-cache"
 # GPU device nodes, bound into the box's minimal /dev where they exist
 GPU_DEVICES = ("nvidia*", "dri", "kfd")
+# Inside an isolated box the key proxy answers here (the box's own loopback: any free port does)
+RELAY_PORT = 8417
+RELAY_URL = f"http://127.0.0.1:{RELAY_PORT}"
+NO_RELAY = "-"
 # The box's first process below bwrap's own init: it runs the command and, told to stop (SIGTERM,
 # SIGINT), passes SIGTERM to every process in the box and waits for them (train.py writes its crash
 # summary, launch.py its final word, git removes its lock) before it exits, which ends the box and
 # SIGKILLs what is left. Signalling the box's processes from outside all at once would not do: the
 # box's first process may die first and take the others with it before they have written anything.
+# Given a socket (argv[3]), it first relays every connection to RELAY_PORT on the box's loopback to
+# that Unix socket (the key proxy, outside), byte for byte, in threads of its own.
 STOPPER = """
-import os, signal, subprocess, sys, time
-grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[2:])
+import os, signal, socket, subprocess, sys, threading, time
+def pump(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for end in (sink, source):
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def relay(server, path):
+    while True:
+        conn, _ = server.accept()
+        out = socket.socket(socket.AF_UNIX)
+        try:
+            out.connect(path)
+        except OSError:
+            conn.close()
+            continue
+        for a, b in ((conn, out), (out, conn)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+if sys.argv[3] != '""" + NO_RELAY + """':
+    server = socket.create_server(('127.0.0.1', int(sys.argv[2])))
+    threading.Thread(target=relay, args=(server, sys.argv[3]), daemon=True).start()
+grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[4:])
 def alive():
     found = []
     for name in os.listdir('/proc'):
@@ -157,18 +191,26 @@ def read_only(repo: Path, target: Path) -> bool:
     return any(p == target or p in target.parents for p in read_only_paths(repo))
 
 
-def box(command: list, repo: Path, writable=(), python: str = sys.executable) -> list:
+def box(command: list, repo: Path, writable=(), python: str = sys.executable,
+        isolated: bool = True, relay: Path = None) -> list:
     """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
-    command may change (the CLI's config); `python`: the interpreter of the box's stopper."""
+    command may change (the CLI's config); `python`: the interpreter of the box's stopper;
+    `isolated`: a network of its own, whose only way out is `relay` (the key proxy's socket),
+    reached at RELAY_URL."""
     bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
              "--setenv", "TMPDIR", "/tmp"]
+    if isolated:  # nothing to download from: uv must not try
+        bwrap += ["--unshare-net", "--setenv", "UV_OFFLINE", "1"]
+    if isolated and relay is not None:  # the socket's folder: its socket may be made anew
+        bwrap += ["--ro-bind", str(Path(relay).parent), str(Path(relay).parent)]
     for path in shown_under_tmp():
         bwrap += ["--ro-bind", str(path), str(path)]
     for path in (*writable_paths(repo), *(Path(p).resolve() for p in writable)):
         bwrap += ["--bind", str(path), str(path)]
     for path in read_only_paths(repo):
         bwrap += ["--ro-bind", str(path), str(path)]
-    stopper = [python, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S)]
+    stopper = [python, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S), str(RELAY_PORT),
+               str(relay) if relay is not None and isolated else NO_RELAY]
     return [*bwrap, "--chdir", str(Path(repo).resolve()), "--", *stopper, *command]
 
 
@@ -203,8 +245,14 @@ def end(child: subprocess.Popen):
         child.wait()
 
 
-def record(store, unboxed):
+def network(isolated: bool) -> str:
+    """The box's network, in the words of the night's start line and sandbox.log."""
+    return ("network: the API only" if isolated
+            else "network: the host's (the Slurm launcher's sbatch needs it)")
+
+
+def record(store, unboxed, isolated: bool):
     """Note in the store whether the night's agent runs in its box (`unboxed`: why not)."""
-    state = f"{UNBOXED}: {unboxed}" if unboxed else "boxed (bubblewrap)"
+    state = f"{UNBOXED}: {unboxed}" if unboxed else f"boxed (bubblewrap; {network(isolated)})"
     with open(store.path(SANDBOX_LOG), "a") as f:
         f.write(f"{contract.stamp()} | {state}\n")

@@ -95,6 +95,7 @@ class Supervisor:
         self.watch = None            # the fixed files' hashes at the night's start (begin)
         self.tampered = []           # what differed from them: the night stopped on it
         self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
+        self.isolated = False        # the box has no network but the key proxy (begin)
         self.life = None             # a worker's life file, held open (supervise.py)
 
     # -- the ledger and the logs -----------------------------------------------------------------
@@ -290,18 +291,21 @@ class Supervisor:
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
         self.watch = FixedWatch(self.repo)  # before the agent runs anything
         self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else sandbox.unavailable()
+        # sbatch needs slurmctld: a night that trains on Slurm leaves its boxes the host's network
+        self.isolated = not self.unboxed and (self.args.launcher or settings.LAUNCHER) != "slurm"
         if not self.worker:  # said once for the night (the start line), not by each worker again
-            sandbox.record(self.store, self.unboxed)
+            sandbox.record(self.store, self.unboxed, self.isolated)
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
                 {"pid": os.getpid(), "verdict": policy, "started_at": contract.stamp()}) + "\n")
 
-    def boxed(self, command: list, writable=()) -> list:
+    def boxed(self, command: list, writable=(), relay=None) -> list:
         """`command` as the agent's process runs it: in its box (night/sandbox.py), unless the
-        night runs unboxed."""
+        night runs unboxed; `relay`: the key proxy's socket, the isolated box's way to the API."""
         if self.unboxed:
             return command
-        return sandbox.box(command, self.repo, writable=writable)
+        return sandbox.box(command, self.repo, writable=writable, isolated=self.isolated,
+                           relay=relay)
 
     def end_agent(self, child, also=()):
         """End the agent's process `child` (the CLI, a tool command) and everything below it;

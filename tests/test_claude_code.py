@@ -7,6 +7,7 @@ tiny budget) and outlasts the CLI's Bash timeout as set in the environment (2 s 
 raises it above --train-timeout. Skipped with a reason where the CLI is not installed; .ci/run installs it."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -38,12 +39,60 @@ def say(text):
 TRAIN = f"{PY} launch.py; {PY} analyze.py"
 
 
+# Run from the agent's shell: every environment, command line and readable memory of the processes it can see
+# (the CLI's too), and every file under /tmp, $HOME (the CLI's config and transcripts) and the store, searched
+# for the key. The key is put together here at run time (the probe's own process is skipped), so that no
+# command line, transcript or memory holds it because of the probe; the night's token is counted too.
+PROBE = r"""
+import os, sys
+needle = ('sk-ant-test-' + 'REAL-CLI-1b2c3d').encode()
+token = os.environ.get('ANTHROPIC_API_KEY', '').encode()
+found, token_seen, pids = [], 0, 0
+def search(what, data):
+    global token_seen
+    if needle in data:
+        found.append(what)
+    token_seen += bool(token) and token in data
+for name in os.listdir('/proc'):
+    if not name.isdigit() or int(name) == os.getpid():
+        continue
+    pids += 1
+    for part in ('environ', 'cmdline'):
+        try:
+            search(f'{part} of {name}', open(f'/proc/{name}/{part}', 'rb').read())
+        except OSError:
+            pass
+    try:
+        maps = open(f'/proc/{name}/maps').read().splitlines()
+        with open(f'/proc/{name}/mem', 'rb') as mem:
+            for line in maps:
+                span, perms = line.split()[:2]
+                start, end = (int(x, 16) for x in span.split('-'))
+                if 'r' in perms and end - start <= 256 << 20:
+                    try:
+                        mem.seek(start)
+                        search(f'memory of {name}', mem.read(end - start))
+                    except (OSError, ValueError, OverflowError):
+                        pass
+    except OSError:
+        pass
+for top in ('/tmp', os.environ['HOME'], '.auto-log-research'):
+    for folder, _, files in os.walk(top):
+        for file in files:
+            try:
+                search(os.path.join(folder, file), open(os.path.join(folder, file), 'rb').read())
+            except OSError:
+                pass
+print(f'probe: {pids} processes; key found in {found}; token seen {token_seen > 0}')
+"""
+
+
 def night_script():
     return [
         # session 1, program.md: the baseline, kept, and the ideas queue
         bash(f"{TRAIN} && {PY} analyze.py keep"),
         bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
-        bash("echo key-seen: $(env | grep -c ANTHROPIC_API_KEY) $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c ANTHROPIC_API_KEY)"),
+        bash(f"{PY} .auto-log-research/probe.py"),
         # in the box (where bubblewrap works), the harness is read-only to the agent's shell
         bash("touch harness/probe.py 2>&1 | sed 's/^/box: /'"),
         say("baseline kept; stopping here for now"),
@@ -69,6 +118,8 @@ def repo(tmp_path):
 
 def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepared, repo, tmp_path):
     api = StreamingMessagesAPI(night_script())
+    (repo / ".auto-log-research").mkdir(mode=0o700)
+    (repo / ".auto-log-research" / "probe.py").write_text(PROBE)
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, **GIT_ENV, "HOME": str(home), "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
@@ -102,11 +153,15 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     assert "settled" not in status  # the agent finished its own experiment within the grace
     # the record: every command the agent ran, and no key anywhere
     assert log.count("[tool Bash]") >= 7 and "launch.py; " in log and "[result]" in log
-    assert api.keys == {SECRET}  # the CLI had the key (from the helper) ...
-    assert "[result] key-seen: 0 0\n" in log  # ... its commands did not, nor the CLI's environment
+    assert api.keys == {SECRET}  # the API got the key, from the night's key proxy ...
+    # ... which the CLI reached with the night's token: the key is nowhere the agent's shell can look
+    probe = re.search(r"\[result\] probe: (\d+) processes; key found in (.*); token seen (\w+)", log)
+    assert probe and int(probe[1]) >= 2 and probe[3] == "True", log[-4000:]
+    if sandbox.unavailable() is None:  # unboxed, the agent would see this test's own process, which has the key
+        assert probe[2] == "[]", probe[0]
     if sandbox.unavailable() is None:  # the night boxed its agent: the harness is read-only to it
         assert "[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n" in log
-        assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap)\n")
+        assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap; network: the API only)\n")
     for path in repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert SECRET.encode() not in path.read_bytes(), path

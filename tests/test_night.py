@@ -12,6 +12,7 @@ import sys
 import shlex
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from harness import proc as processes, settings
 from night import claude, supervisor, watch
 from analysis.store import Store
 from conftest import ROOT
+from fake_api import StreamingMessagesAPI
 from repos import GIT_ENV, HARNESS, analyze, git, make_repo
 
 SECRET = "sk-ant-test-NIGHT-7d1e0b"
@@ -35,11 +37,15 @@ open(n_path, "w").write(str(n))
 open(os.path.join(calls, f"stdin.{{n}}"), "w").write(sys.stdin.read())
 json.dump(dict(os.environ), open(os.path.join(calls, f"env.{{n}}"), "w"))
 json.dump(sys.argv[1:], open(os.path.join(calls, f"argv.{{n}}"), "w"))
-if "--settings" in sys.argv:  # what the CLI would do at its start: ask the key helper, once
-    helper = json.loads(sys.argv[sys.argv.index("--settings") + 1])["apiKeyHelper"]
-    for i in (1, 2):
-        out = subprocess.run([helper], capture_output=True, text=True).stdout
-        open(os.path.join(calls, f"key.{{n}}.{{i}}"), "w").write(out)
+if os.environ.get("ANTHROPIC_BASE_URL"):  # what the CLI does first: ask its API, with its key
+    import urllib.error, urllib.request
+    ask = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", data=b"{{}}",
+                                 headers={{"x-api-key": os.environ.get("ANTHROPIC_API_KEY", "")}})
+    try:
+        answer = str(urllib.request.urlopen(ask, timeout=60).status)
+    except urllib.error.HTTPError as e:
+        answer = str(e.code)
+    open(os.path.join(calls, f"api.{{n}}"), "w").write(answer)
 plan = json.load(open(os.environ["PLAN"]))
 for step in plan[min(n, len(plan)) - 1]:
     if "print" in step:
@@ -119,25 +125,83 @@ def alive(pid):
 
 def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allowlisted_environment(night):
     repo, calls, start = night
-    proc = start([[{"exit": 0}]], "--train-timeout", "1500", "--pass-env", "CALLS,PLAN,MY_VISIBLE",
-                 env={"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf-secret", "SSH_AUTH_SOCK": "/tmp/agent.sock",
-                      "GITHUB_TOKEN": "gh-secret", "MY_VISIBLE": "yes", "ANTHROPIC_API_KEY": SECRET})
-    out, _ = proc.communicate(timeout=120)
+    api = StreamingMessagesAPI([])
+    try:
+        proc = start([[{"exit": 0}]], "--train-timeout", "1500", "--pass-env", "CALLS,PLAN,MY_VISIBLE",
+                     env={"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf-secret",
+                          "SSH_AUTH_SOCK": "/tmp/agent.sock", "GITHUB_TOKEN": "gh-secret", "MY_VISIBLE": "yes",
+                          "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_AUTH_TOKEN": "auth-secret",
+                          "ANTHROPIC_BASE_URL": api.url})
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        api.close()
     env = json.loads((calls / "env.1").read_text())
     assert env["BASH_DEFAULT_TIMEOUT_MS"] == env["BASH_MAX_TIMEOUT_MS"] == str((1500 + 600) * 1000)
     for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "SSH_AUTH_SOCK", "GITHUB_TOKEN"):
         assert name not in env, name
     assert env["MY_VISIBLE"] == "yes" and env["PATH"].startswith(str(calls.parent / "bin"))
-    # the key: not in the environment the CLI (and so every command of the agent) has, but given to the CLI
-    # through Claude Code's apiKeyHelper, which hands it out once
-    assert "ANTHROPIC_API_KEY" not in env and SECRET not in json.dumps(env)
-    argv = json.loads((calls / "argv.1").read_text())
-    assert argv[:-2] == shlex.split(claude.DEFAULT_CLAUDE_COMMAND)[1:] and argv[-2] == "--settings"
-    assert (calls / "key.1.1").read_text() == SECRET and (calls / "key.1.2").read_text() == ""
-    assert int(env["CLAUDE_CODE_API_KEY_HELPER_TTL_MS"]) >= 24 * 3600 * 1000
-    assert not Path(json.loads(argv[-1])["apiKeyHelper"]).exists()  # cleaned up with the night
+    # the key: not in the environment the CLI (and so every command of the agent) has; the CLI has a token of
+    # the night and the night's key proxy as its API, which puts the key in the token's place
+    assert SECRET not in json.dumps(env) and "auth-secret" not in json.dumps(env)
+    assert env["ANTHROPIC_API_KEY"].startswith("alr-night-") and env["ANTHROPIC_BASE_URL"] != api.url
+    assert (calls / "api.1").read_text() == "200" and api.keys == {SECRET}
+    assert json.loads((calls / "argv.1").read_text()) == shlex.split(claude.DEFAULT_CLAUDE_COMMAND)[1:]
+    with pytest.raises(OSError):  # the token is worth nothing once its night is over
+        urllib.request.urlopen(env["ANTHROPIC_BASE_URL"], timeout=60)
     assert env[settings.NIGHT_ENV].startswith(f"{proc.pid}-")
     assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
+
+
+def test_a_key_file_readable_by_others_is_refused_and_one_of_the_users_own_serves_the_night(night, tmp_path):
+    repo, calls, start = night
+    key_file = tmp_path / "anthropic-key"
+    key_file.write_text(SECRET + "\n")
+    key_file.chmod(0o644)
+    refused = start([[{"exit": 0}]], "--key-file", str(key_file))
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2
+    assert out == (f"error: --key-file {key_file} is readable by other users (mode 644): "
+                   f"chmod 600 {key_file}\n")
+    assert not (calls / "n").exists()  # no agent started
+    key_file.chmod(0o600)
+    api = StreamingMessagesAPI([])
+    try:
+        proc = start([[{"exit": 0}]], "--hours", str(3 / 3600), "--key-file", str(key_file),
+                     env={"ANTHROPIC_BASE_URL": api.url})
+        proc.communicate(timeout=120)
+    finally:
+        api.close()
+    assert (calls / "api.1").read_text() == "200" and api.keys == {SECRET}
+    env = json.loads((calls / "env.1").read_text())
+    assert env["ANTHROPIC_API_KEY"].startswith("alr-night-") and SECRET not in json.dumps(env)
+
+
+def test_the_supervisors_memory_is_closed_to_the_users_other_processes():
+    """proc.undumpable, as the supervisor calls it once it has the key: another process of the same
+    (non-root) user can no longer read its environment or memory; without it, it can."""
+    if os.geteuid() != 0 or not Path("/usr/bin/python3").exists():
+        pytest.skip("runs two processes as the user nobody: needs root and /usr/bin/python3")
+    folders = [ROOT / "harness", ROOT, *ROOT.parents]
+    if any(not f.stat().st_mode & 0o001 for f in folders) or not (ROOT / "harness" / "proc.py").stat().st_mode & 0o004:
+        pytest.skip(f"the user nobody cannot read the checkout {ROOT}")
+    holder = ("import sys; sys.path.insert(0, sys.argv[1]); from harness import proc\n"
+              "if sys.argv[2] == 'closed': proc.undumpable()\n"
+              "print('ready', flush=True); sys.stdin.read()")
+    reader = ("import sys\n"
+              "try: open(f'/proc/{sys.argv[1]}/environ', 'rb').read(); print('read')\n"
+              "except PermissionError: print('refused')")
+    seen = {}
+    for state in ("open", "closed"):
+        held = subprocess.Popen(["/usr/bin/python3", "-I", "-c", holder, str(ROOT), state], user=65534, group=65534,
+                                extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert held.stdout.readline() == "ready\n"
+            seen[state] = subprocess.run(["/usr/bin/python3", "-I", "-c", reader, str(held.pid)], user=65534,
+                                         group=65534, extra_groups=[], capture_output=True, text=True).stdout
+        finally:
+            held.stdin.close()
+            held.wait()
+    assert seen == {"open": "read\n", "closed": "refused\n"}
 
 
 def test_a_night_that_cannot_box_its_agent_says_so_once_and_runs_it_unboxed(night, tmp_path):

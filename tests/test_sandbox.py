@@ -21,6 +21,8 @@ import pytest
 
 from harness import contract, proc, settings
 from night import sandbox
+from night.keyproxy import KeyProxy
+from fake_api import StreamingMessagesAPI
 from repos import GIT_ENV, HARNESS, git, make_repo
 
 pytestmark = pytest.mark.skipif(
@@ -179,6 +181,48 @@ def test_a_probe_from_the_agents_shell_finds_no_secret_and_changes_no_fixed_file
         time.sleep(0.1)
     assert left_behind() == []
     assert not venv_hook.exists()
+
+
+# From the agent's shell: the API through the relay, with the night's token and with a guess; the
+# stand-in API directly on the host's loopback; an address outside (standard library only).
+NETWORK_PROBE = r"""
+import json, sys, urllib.error, urllib.request
+relay, token, direct, report = sys.argv[1:5]
+def ask(url, key):
+    request = urllib.request.Request(url + '/v1/messages', data=b'{}', headers={'x-api-key': key})
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError as e:
+        return type(getattr(e, 'reason', e)).__name__
+json.dump({'relay': ask(relay, token), 'guess': ask(relay, 'sk-ant-guess'),
+           'direct': ask(direct, token), 'outside': ask('http://192.0.2.1', token)},
+          open(report, 'w'))
+"""
+
+
+def test_the_boxs_only_way_out_is_the_key_proxy_which_takes_its_token_only(box_user):
+    repo, uid, python = box_user
+    api = StreamingMessagesAPI([])
+    proxy = KeyProxy(SECRET, api.url)
+    if uid is not None:  # a night of nobody's runs its proxy as nobody
+        os.chown(proxy.folder, uid, uid)
+        os.chown(proxy.socket, uid, uid)
+    report = repo / "network.json"
+    (repo / "network_probe.py").write_text(NETWORK_PROBE)
+    command = sandbox.box([python, "network_probe.py", sandbox.RELAY_URL, proxy.token, api.url,
+                           str(report)], repo, python=python, relay=proxy.socket)
+    try:
+        done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                              user=uid, group=uid, extra_groups=[] if uid else None)
+    finally:
+        proxy.close()
+        api.close()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report.read_text()) == {
+        "relay": 200, "guess": 401, "direct": "ConnectionRefusedError", "outside": "OSError"}
+    assert api.keys == {SECRET}  # the one request that reached the API carried the key
 
 
 def test_ending_a_boxed_command_gives_its_processes_their_grace(tmp_path):
