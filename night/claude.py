@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from harness import proc, settings
-from night import rules, sandbox
+from harness import box, proc, settings
+from night import rules
 from night.environment import KEY_ENV, agent_environment
 from night.keyproxy import DEFAULT_UPSTREAM, KeyProxy
 from night.supervisor import POLL_S, PROGRAM, Supervisor, worker_preamble
@@ -82,7 +82,7 @@ def claude_environment(sup, proxy: KeyProxy = None) -> dict:
     if proxy is not None:
         env.pop(AUTH_TOKEN_ENV, None)
         env[KEY_ENV] = proxy.token
-        env[BASE_URL_ENV] = sandbox.RELAY_URL if sup.isolated else proxy.url
+        env[BASE_URL_ENV] = box.RELAY_URL if sup.isolated else proxy.url
     return env
 
 

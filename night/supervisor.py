@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import contract, git, proc, settings
+from harness import box, contract, git, proc, settings
 from harness.fixed import TAMPERING_FILE
 from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
@@ -258,7 +258,7 @@ class Supervisor:
             self.on_forward(signum)
         if self.current is not None and self.current.poll() is None:  # a tool command's session
             if not self.unboxed:
-                sandbox.signal_stop(self.current.pid)
+                box.signal_stop(self.current.pid)
                 return
             try:
                 os.killpg(self.current.pid, signal.SIGTERM)
@@ -290,7 +290,7 @@ class Supervisor:
                         f"{previous}); {len(killed)} needed SIGKILL")
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
         self.watch = FixedWatch(self.repo)  # before the agent runs anything
-        self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else sandbox.unavailable()
+        self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else box.unavailable()
         # sbatch needs slurmctld: a night that trains on Slurm leaves its boxes the host's network
         self.isolated = not self.unboxed and (self.args.launcher or settings.LAUNCHER) != "slurm"
         if not self.worker:  # said once for the night (the start line), not by each worker again
@@ -313,7 +313,7 @@ class Supervisor:
         if self.unboxed:
             proc.terminate(child, also)
         else:
-            sandbox.end(child)
+            box.end(child)
 
     def archive_interrupted(self):
         """A run the stop cut before the agent analysed it (Ctrl-C while it trained: train.py wrote

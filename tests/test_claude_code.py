@@ -15,8 +15,7 @@ import sys
 
 import pytest
 
-from harness import proc as processes, settings
-from night import sandbox
+from harness import box, proc as processes, settings
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, outage
@@ -157,9 +156,9 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepa
     # ... which the CLI reached with the night's token: the key is nowhere the agent's shell can look
     probe = re.search(r"\[result\] probe: (\d+) processes; key found in (.*); token seen (\w+)", log)
     assert probe and int(probe[1]) >= 2 and probe[3] == "True", log[-4000:]
-    if sandbox.unavailable() is None:  # unboxed, the agent would see this test's own process, which has the key
+    if box.unavailable() is None:  # unboxed, the agent would see this test's own process, which has the key
         assert probe[2] == "[]", probe[0]
-    if sandbox.unavailable() is None:  # the night boxed its agent: the harness is read-only to it
+    if box.unavailable() is None:  # the night boxed its agent: the harness is read-only to it
         assert "[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n" in log
         assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap; network: the API only)\n")
     for path in repo.rglob("*"):

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import contract, proc, settings
+from harness import box, contract, proc, settings
 from night import sandbox
 from night.keyproxy import KeyProxy
 from fake_api import StreamingMessagesAPI
 from repos import GIT_ENV, HARNESS, git, make_repo
 
 pytestmark = pytest.mark.skipif(
-    sandbox.unavailable() is not None,
-    reason=f"no bubblewrap box on this machine ({sandbox.unavailable()}); .ci/run installs bubblewrap")
+    box.unavailable() is not None,
+    reason=f"no bubblewrap box on this machine ({box.unavailable()}); .ci/run installs bubblewrap")
 
 SECRET = "sk-ant-test-BOX-5f0c9e"
 NOBODY = 65534
@@ -211,7 +211,7 @@ def test_the_boxs_only_way_out_is_the_key_proxy_which_takes_its_token_only(box_u
         os.chown(proxy.socket, uid, uid)
     report = repo / "network.json"
     (repo / "network_probe.py").write_text(NETWORK_PROBE)
-    command = sandbox.box([python, "network_probe.py", sandbox.RELAY_URL, proxy.token, api.url,
+    command = sandbox.box([python, "network_probe.py", box.RELAY_URL, proxy.token, api.url,
                            str(report)], repo, python=python, relay=proxy.socket)
     try:
         done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
@@ -243,7 +243,7 @@ def test_ending_a_boxed_command_gives_its_processes_their_grace(tmp_path):
     while not (repo / "started").exists():
         assert child.poll() is None, "the box ended before its command started"
         time.sleep(0.05)
-    sandbox.end(child)
+    box.end(child)
     assert (repo / "last-word").read_text() == "SIGTERM"
     assert child.returncode == 128 + signal.SIGTERM
 
@@ -255,8 +255,8 @@ def test_without_bubblewrap_the_night_says_so_once_and_runs_unboxed(tmp_path):
                                 "exit 1\n")
     (fake / "bwrap").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    said = subprocess.run([sys.executable, "-c", "from night import sandbox; "
-                           "print(sandbox.unavailable())"], env=env, capture_output=True,
+    said = subprocess.run([sys.executable, "-c", "from harness import box; "
+                           "print(box.unavailable())"], env=env, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)
     assert said.stdout.strip() == (
         "bwrap cannot make a box here (bwrap: No permissions to create new namespace): "
