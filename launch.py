@@ -21,6 +21,10 @@ needed; `uv run launch.py > run.log 2>&1` still writes each line once.
   records a job that did not complete as a `crash` (or `timeout`) with that line. A pre-empted job
   is submitted again, once. SIGTERM or Ctrl-C cancels the job and waits for its end.
 
+Under a boxed night (supervise.py) neither happens in the agent's box: launch.py asks the night's
+runner (AUTORESEARCH_RUN_SOCKET, harness/nightrun.py), which runs this same command outside the
+box, with train.py in a box of its own, and streams the run back; it reads the same to the agent.
+
 Settings: AUTORESEARCH_SLURM_PARTITION, AUTORESEARCH_SLURM_GRES (default gpu:1; empty for none),
 AUTORESEARCH_SLURM_ARGS (more sbatch options), AUTORESEARCH_SLURM_PENDING_S (default 600).
 """
@@ -29,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness import runner, settings, slurm
+from harness import nightrun, runner, settings, slurm
 from harness.contract import PRIVATE_UMASK, RUN_LOG, TRAIN_PY, HarnessError
 
 
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
         print(f"error: no train.py in {here}: run launch.py in the repository (or worktree) "
               f"root", file=sys.stderr)
         return 1
+    if settings.RUN_SOCKET and not settings.IN_SLURM_JOB:  # the night trains it, outside the box
+        return nightrun.ask(args, settings.RUN_SOCKET)
     try:
         if settings.IN_SLURM_JOB:  # on the node: the launch.py that submitted the job holds
             return runner.launch(args, here)  # the lock and run.log

@@ -23,6 +23,9 @@ ENVIRONMENT = (".venv", "pyproject.toml", "uv.lock")
 # uv needs a writable cache even for `uv run` of a synced environment; the host's stays read-only
 # (a package the agent planted there would reach the night's next sync)
 UV_CACHE_IN_BOX = "/tmp/uv-cache"
+# Caches that would be under the read-only home: uv's, and Triton's (~/.triton, where
+# torch.compile's GPU kernels go), in the box's /tmp
+_CACHES = ["--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX, "--setenv", "TRITON_HOME", "/tmp/triton"]
 # GPU device nodes, bound into the box's minimal /dev where they exist
 GPU_DEVICES = ("nvidia*", "dri", "kfd")
 # Inside an isolated box the key proxy answers here (the box's own loopback: any free port does)
@@ -63,7 +66,7 @@ def relay(server, path):
 if sys.argv[3] != '""" + NO_RELAY + """':
     server = socket.create_server(('127.0.0.1', int(sys.argv[2])))
     threading.Thread(target=relay, args=(server, sys.argv[3]), daemon=True).start()
-grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[4:])
+grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[4:], close_fds=False)
 def alive():
     found = []
     for name in os.listdir('/proc'):
@@ -150,8 +153,7 @@ def command(run: list, cwd: Path, writable=(), read_only=(), isolated: bool = Tr
     """`run` in a box, in `cwd`: `writable` paths bound read-write, then `read_only` ones over
     them; `isolated`: a network of its own, whose only way out is `relay` (the key proxy's Unix
     socket), reached at RELAY_URL; `python`: the interpreter of the box's stopper."""
-    bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "UV_CACHE_DIR", UV_CACHE_IN_BOX,
-             "--setenv", "TMPDIR", "/tmp"]
+    bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "TMPDIR", "/tmp", *_CACHES]
     if isolated:  # nothing to download from: uv must not try
         bwrap += ["--unshare-net", "--setenv", "UV_OFFLINE", "1"]
     if isolated and relay is not None:  # the socket's folder: its socket may be made anew

@@ -29,8 +29,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import contract, data, proc
+from harness import box, contract, data, proc, settings
 from harness.contract import HarnessError
+from harness.fixed import LEDGER_FILE
 from harness.evaluation import EVAL_FD_ENV, FAILED_EXIT, NO_MODEL_EXIT, STARTED
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +115,30 @@ def run_log(path: Path):
 
 # a launch.py killed outright takes train.py and the evaluator along
 _die_with_parent = proc.dies_with_parent(signal.SIGKILL)
+# what a boxed train.py may not change in its run directory, besides the fixed files and the
+# environment: git's folder (a main checkout's) and the store (analysis/store.py)
+RUN_BOX_READ_ONLY = (".git", str(Path(LEDGER_FILE).parent))
+
+
+def train_command(args: list, run_dir: Path) -> list:
+    """train.py ARGS, as the night's runner has it trained (settings.TRAIN_BOX): in a box of its
+    own (harness/box.py) with the GPU, no network, nothing writable but its run directory, and no
+    sight of launch.py or the evaluator (its own PID namespace), whose socket it inherits."""
+    command = [sys.executable, contract.TRAIN_PY, *args]
+    if not settings.TRAIN_BOX:
+        return command
+    run_dir = Path(run_dir).resolve()
+    shielded = (*contract.FIXED_PATHSPECS, *box.ENVIRONMENT, *RUN_BOX_READ_ONLY)
+    read_only = [run_dir / p for p in shielded if (run_dir / p).exists()]
+    return box.command(command, run_dir, writable=[run_dir], read_only=read_only)
+
+
+def stop_train(pid: int, signum: int):
+    """Pass a stop on to train.py (its crash summary); a boxed one through its box's stopper."""
+    if settings.TRAIN_BOX:
+        box.signal_stop(pid)
+    else:
+        os.kill(pid, signum)
 
 
 def end_leftovers(keep: set):
@@ -147,15 +172,15 @@ def launch(args: list, run_dir: Path) -> int:
         _, err = evaluator.communicate()
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise HarnessError(f"the harness's evaluator did not start ({last}); nothing was trained")
-    env = {**os.environ, EVAL_FD_ENV: str(theirs.fileno())}
+    env = {**os.environ, **settings.TRAIN_VARIABLES, EVAL_FD_ENV: str(theirs.fileno())}
     started = time.monotonic()
-    train = subprocess.Popen([sys.executable, contract.TRAIN_PY, *args], cwd=run_dir, env=env,
+    train = subprocess.Popen(train_command(args, run_dir), cwd=run_dir, env=env,
                              pass_fds=[theirs.fileno()], start_new_session=True,
                              preexec_fn=_die_with_parent)
     ours.close()
     theirs.close()
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, frame: os.kill(train.pid, signum))
+        signal.signal(sig, lambda signum, frame: stop_train(train.pid, signum))
     exits = _wait_for(train.pid, evaluator.pid)
     train_s = time.monotonic() - started
     end_leftovers({evaluator.pid})

@@ -8,6 +8,7 @@ policy nobody chose.
 No import beyond the standard library: the analysis and the night read their settings here too.
 """
 
+import json
 import math
 import os
 import re
@@ -55,6 +56,13 @@ WORKER_INDEX_ENV = "AUTORESEARCH_WORKER_INDEX"  # set for the agent's commands, 
 WORKER_SEED_ENV = "AUTORESEARCH_WORKER_SEED"
 # marks every process of a night (read from /proc by the night)
 NIGHT_ENV = "AUTORESEARCH_NIGHT"
+# set by a boxed night for its agent: launch.py asks the night's runner, outside the agent's box,
+# to train (night/runs.py), through this Unix socket
+RUN_SOCKET_ENV = "AUTORESEARCH_RUN_SOCKET"
+# set by that runner for the launch.py it runs: train.py trains in a box of its own, with the
+# agent's variables (a JSON object: SEED, the agent's own) on top of the night's
+TRAIN_BOX_ENV = "AUTORESEARCH_TRAIN_BOX"
+TRAIN_VARIABLES_ENV = "AUTORESEARCH_TRAIN_VARIABLES"
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoresearch"
 # climbmix-400b-shuffle: the public parquet layout autoresearch uses
@@ -144,6 +152,18 @@ def _name(name: str):
     return raw or None
 
 
+def _variables(name: str) -> dict:
+    """A JSON object of variable names and values; {} where unset."""
+    raw = _text(name, None, empty_ok=True)
+    try:
+        found = json.loads(raw) if raw else {}
+    except ValueError:
+        found = None
+    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+        _refuse(name, raw, "a JSON object of variables")
+    return found
+
+
 CACHE_DIR = Path(_text(CACHE_ENV, DEFAULT_CACHE, "a folder"))
 DATA_URL = _text(DATA_URL_ENV, DEFAULT_DATA_URL, "a URL")
 TIME_BUDGET = _seconds(TIME_BUDGET_ENV, DEFAULT_TIME_BUDGET_S)
@@ -160,3 +180,6 @@ SLURM = {"partition": _text(SLURM_PARTITION_ENV, None, "a partition"),
          "pending_s": _seconds(SLURM_PENDING_ENV, DEFAULT_SLURM_PENDING_S)}
 WORKER = _text(WORKER_ENV, MAIN_WORKER, empty_ok=True) or MAIN_WORKER
 WORKER_LIFE = _name(WORKER_LIFE_ENV)
+RUN_SOCKET = _text(RUN_SOCKET_ENV, None, empty_ok=True) or None
+TRAIN_BOX = _choice(TRAIN_BOX_ENV, ("0", "1"), "a switch") == "1"
+TRAIN_VARIABLES = _variables(TRAIN_VARIABLES_ENV)

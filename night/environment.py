@@ -1,6 +1,7 @@
 """
 What the agent and its commands get of the night: an allowlisted environment with no API key,
-cloud, Hugging Face or GitHub tokens or ssh agent; the key itself travels on a pipe instead.
+cloud, Hugging Face or GitHub tokens or ssh agent; the key itself travels on a pipe instead. And
+how the night runs the harness's own commands in the repository the agent writes.
 """
 
 import os
@@ -89,3 +90,15 @@ def launcher_environment(args, environ):
                         (args.slurm_args, settings.SLURM_ARGS_ENV)):
         if value is not None:
             environ[name] = value
+
+
+# How the night runs the harness's commands itself (settling, the report), outside the agent's box
+# but in the repository the agent writes: with -P no module the agent leaves beside them (a json.py,
+# a numpy.py) shadows one they import; the repository comes last on the path, for the harness's own
+# packages (a folder, which Python prefers to a module of the same name).
+HARNESS_RUNNER = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.append(os.getcwd()); "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def harness_command(script: str, *args) -> list:
+    return [sys.executable, "-P", "-c", HARNESS_RUNNER, script, *args]

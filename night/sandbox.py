@@ -32,13 +32,16 @@ def git_folder(repo: Path) -> Path:
     return (repo / git.git("rev-parse", "--git-common-dir", cwd=repo).strip()).resolve()
 
 
-def writable_paths(repo: Path) -> list:
+def writable_paths(repo: Path, seals: bool = False) -> list:
     """What the agent may change: the worktree, the store it writes through (a worker's is a link
-    to the night's), git's folder and the prepare cache's seals."""
+    to the night's), git's folder, and (`seals`: where its own launch.py trains and seals runs,
+    without the night's runner) the prepare cache's seals."""
     repo = Path(repo).resolve()
-    seals = contract.cache_path(contract.SEALS_DIR)
-    seals.mkdir(parents=True, exist_ok=True)
-    paths = [repo, (repo / STORE_DIR).resolve(), git_folder(repo), seals.resolve()]
+    paths = [repo, (repo / STORE_DIR).resolve(), git_folder(repo)]
+    if seals:
+        folder = contract.cache_path(contract.SEALS_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder.resolve())
     return [p for p in paths if p.exists()]
 
 
@@ -59,18 +62,21 @@ def read_only(repo: Path, target: Path) -> bool:
 
 
 def box(command: list, repo: Path, writable=(), python: str = None, isolated: bool = True,
-        relay: Path = None) -> list:
+        relay: Path = None, runner: Path = None) -> list:
     """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
-    command may change (the CLI's config); `relay`: the key proxy's socket (harness/box.py)."""
-    writable = [*writable_paths(repo), *(Path(p).resolve() for p in writable)]
-    return boxes.command(command, Path(repo), writable=writable, read_only=read_only_paths(repo),
-                       isolated=isolated, relay=relay, **({"python": python} if python else {}))
+    command may change (the CLI's config); `relay`: the key proxy's socket (harness/box.py);
+    `runner`: the night's runner's folder (night/runs.py), which trains and seals the runs (None:
+    the agent's launch.py does, and may write the seals)."""
+    writable = [*writable_paths(repo, seals=runner is None), *(Path(p).resolve() for p in writable)]
+    shown = [Path(runner)] if runner is not None else []
+    return boxes.command(command, Path(repo), writable=writable,
+                         read_only=[*read_only_paths(repo), *shown], isolated=isolated,
+                         relay=relay, **({"python": python} if python else {}))
 
 
 def network(isolated: bool) -> str:
     """The box's network, in the words of the night's start line and sandbox.log."""
-    return ("network: the API only" if isolated
-            else "network: the host's (the Slurm launcher's sbatch needs it)")
+    return "network: the API only" if isolated else "network: the host's"
 
 
 def record(store, unboxed, isolated: bool):

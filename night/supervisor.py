@@ -19,22 +19,11 @@ from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
 from analysis.store import NIGHT_FILE, STORE_DIR, Store, worker_of
 from night import rules, sandbox
+from night.runs import RunService
 from night.watch import FixedWatch
-from night.environment import agent_environment
+from night.environment import agent_environment, harness_command
 
 PROGRAM = "program.md"
-# How the night runs the harness's commands itself (settling, the report), outside the agent's box
-# but in the repository the agent writes: with -P no module the agent leaves beside them (a json.py,
-# a numpy.py) shadows one they import; the repository comes last on the path, for the harness's own
-# packages (a folder, which Python prefers to a module of the same name).
-HARNESS_RUNNER = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.append(os.getcwd()); "
-                  "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def harness_command(script: str, *args) -> list:
-    return [sys.executable, "-P", "-c", HARNESS_RUNNER, script, *args]
-
-
 STATUS_LOG = "status.log"          # one line per event, in the store: `tail -f` it
 SUPERVISOR_LOG = "supervisor.log"  # every agent session's output and every tool call
 # the running night, so the next start finds what a killed one left
@@ -96,6 +85,7 @@ class Supervisor:
         self.tampered = []           # what differed from them: the night stopped on it
         self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
         self.isolated = False        # the box has no network but the key proxy (begin)
+        self.runs = None             # the night's runner of the agent's training runs (begin)
         self.life = None             # a worker's life file, held open (supervise.py)
 
     # -- the ledger and the logs -----------------------------------------------------------------
@@ -291,9 +281,10 @@ class Supervisor:
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
         self.watch = FixedWatch(self.repo)  # before the agent runs anything
         self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else box.unavailable()
-        # sbatch needs slurmctld: a night that trains on Slurm leaves its boxes the host's network
-        self.isolated = not self.unboxed and (self.args.launcher or settings.LAUNCHER) != "slurm"
-        if not self.worker:  # said once for the night (the start line), not by each worker again
+        self.isolated = not self.unboxed
+        if not self.unboxed and not (self.args.gpus or self.args.workers):  # one agent: its runner
+            self.runs = RunService(self)
+            os.environ[settings.RUN_SOCKET_ENV] = str(self.runs.socket)  # the agent's launch.py        if not self.worker:  # said once for the night (the start line), not by each worker again
             sandbox.record(self.store, self.unboxed, self.isolated)
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
@@ -305,7 +296,7 @@ class Supervisor:
         if self.unboxed:
             return command
         return sandbox.box(command, self.repo, writable=writable, isolated=self.isolated,
-                           relay=relay)
+                           relay=relay, runner=self.runs.folder if self.runs else None)
 
     def end_agent(self, child, also=()):
         """End the agent's process `child` (the CLI, a tool command) and everything below it;
@@ -363,6 +354,8 @@ class Supervisor:
     def finish(self, settle: bool = True) -> int:
         """End every process of the night, settle the last run (a night of workers leaves that to
         each worker, `settle`), say why the night ended."""
+        if self.runs is not None:  # a run in progress ends with its crash summary, sealed
+            self.runs.close()
         left = (proc.marked(settings.NIGHT_ENV, self.night)
                 | {pid for pid, _ in proc.scripts_in(self.repo, contract.TRAIN_PY)})
         if left:
