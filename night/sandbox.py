@@ -7,15 +7,16 @@ in it ends when the box's first process (the CLI, or one command of the api back
 nothing of a session outlives it. Writable: the worktree, minus the fixed files
 (contract.FIXED_PATHSPECS), the virtual environment and the project's pyproject.toml / uv.lock,
 which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
-which would run code in the night's own git commands; the prepare cache's seals folder (the run's
-seal, written by launch.py); and what the caller adds (the CLI's config). Where the Python
+which would run code in the night's own git commands; and what the caller adds (the CLI's
+config). Where the Python
 environment, the commands on PATH, the prepare cache or the Slurm client's folder are under /tmp,
 they stay visible, read-only. Every capability is dropped, so a root agent cannot remount any of
 it.
 
-An isolated box has a network of its own with loopback only: its one way out is the night's key
-proxy (night/keyproxy.py), whose Unix socket the stopper relays to RELAY_URL inside the box. A box
-of a night that trains on Slurm shares the host's network (sbatch talks to slurmctld).
+The box has a network of its own with loopback only: its one way out is the night's key proxy
+(night/keyproxy.py), whose Unix socket its stopper relays to box.RELAY_URL inside it. Its training
+runs are the night's runner's (night/runs.py), whose socket is bound into it: the prepare cache,
+the seals included, is read-only to the agent.
 """
 
 from pathlib import Path
@@ -32,16 +33,11 @@ def git_folder(repo: Path) -> Path:
     return (repo / git.git("rev-parse", "--git-common-dir", cwd=repo).strip()).resolve()
 
 
-def writable_paths(repo: Path, seals: bool = False) -> list:
+def writable_paths(repo: Path) -> list:
     """What the agent may change: the worktree, the store it writes through (a worker's is a link
-    to the night's), git's folder, and (`seals`: where its own launch.py trains and seals runs,
-    without the night's runner) the prepare cache's seals."""
+    to the night's) and git's folder. Not the prepare cache's seals: its runs are the night's."""
     repo = Path(repo).resolve()
     paths = [repo, (repo / STORE_DIR).resolve(), git_folder(repo)]
-    if seals:
-        folder = contract.cache_path(contract.SEALS_DIR)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths.append(folder.resolve())
     return [p for p in paths if p.exists()]
 
 
@@ -61,26 +57,24 @@ def read_only(repo: Path, target: Path) -> bool:
     return any(p == target or p in target.parents for p in read_only_paths(repo))
 
 
-def box(command: list, repo: Path, writable=(), python: str = None, isolated: bool = True,
-        relay: Path = None, runner: Path = None) -> list:
+def box(command: list, repo: Path, writable=(), python: str = None, relay: Path = None,
+        runner: Path = None) -> list:
     """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
     command may change (the CLI's config); `relay`: the key proxy's socket (harness/box.py);
-    `runner`: the night's runner's folder (night/runs.py), which trains and seals the runs (None:
-    the agent's launch.py does, and may write the seals)."""
-    writable = [*writable_paths(repo, seals=runner is None), *(Path(p).resolve() for p in writable)]
+    `runner`: the folder of the night's runner (night/runs.py), which trains and seals the runs."""
+    writable = [*writable_paths(repo), *(Path(p).resolve() for p in writable)]
     shown = [Path(runner)] if runner is not None else []
     return boxes.command(command, Path(repo), writable=writable,
-                         read_only=[*read_only_paths(repo), *shown], isolated=isolated,
-                         relay=relay, **({"python": python} if python else {}))
+                         read_only=[*read_only_paths(repo), *shown], relay=relay,
+                         **({"python": python} if python else {}))
 
 
-def network(isolated: bool) -> str:
-    """The box's network, in the words of the night's start line and sandbox.log."""
-    return "network: the API only" if isolated else "network: the host's"
+# the box's network, in the words of the night's start line and sandbox.log
+NETWORK = "network: the API only"
 
 
-def record(store, unboxed, isolated: bool):
+def record(store, unboxed):
     """Note in the store whether the night's agent runs in its box (`unboxed`: why not)."""
-    state = f"{UNBOXED}: {unboxed}" if unboxed else f"boxed (bubblewrap; {network(isolated)})"
+    state = f"{UNBOXED}: {unboxed}" if unboxed else f"boxed (bubblewrap; {NETWORK})"
     with open(store.path(SANDBOX_LOG), "a") as f:
         f.write(f"{contract.stamp()} | {state}\n")

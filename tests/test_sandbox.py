@@ -150,9 +150,9 @@ def test_a_probe_from_the_agents_shell_finds_no_secret_and_changes_no_fixed_file
     (repo / "train.py").write_text((repo / "train.py").read_text() + "\n# an experiment\n")
     venv_hook = Path(sysconfig.get_paths()["purelib"]) / "probe-hook.pth"
     cache = settings.CACHE_DIR
-    allowed = [repo / "train.py", repo / ".auto-log-research" / "notes.md",
-               cache / contract.SEALS_DIR / "probe.json"]
-    refused = [repo / "harness" / "metric.py", repo / "analysis" / "integrity.py",
+    (cache / contract.SEALS_DIR).mkdir(exist_ok=True)  # as after a run
+    allowed = [repo / "train.py", repo / ".auto-log-research" / "notes.md"]
+    refused = [cache / contract.SEALS_DIR / "probe.json", repo / "harness" / "metric.py", repo / "analysis" / "integrity.py",
                repo / "launch.py", repo / "prepare.py", repo / ".git" / "config",
                repo / ".git" / "hooks" / "post-checkout", cache / contract.MANIFEST, venv_hook]
     command = sandbox.box([python, "probe.py", str(report), *map(str, allowed + refused)], repo,
