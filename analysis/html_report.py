@@ -33,10 +33,9 @@ import numpy as np
 
 from harness import contract, fixed
 from analysis import claims, plots, report, verdict
-from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, SANDBOX_LOG, STORE_DIR, UNBOXED,
-                            LedgerError, Store, worker_of)
+from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
+                            UNBOXED, LedgerError, Store, worker_of)
 
-REPORT_HTML = "report.html"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "report.html.j2"
 BROKEN_TEMPLATE = "broken.html.j2"  # the page of a broken ledger: its banner only

@@ -41,6 +41,7 @@ RUNS_JSONL = "runs.jsonl"
 INSIGHTS = "insights.md"
 IDEAS = "ideas_queue.md"      # the agents' prioritised hypotheses (`analyze.py claims` lists them)
 PROGRESS_PNG = "progress.png"
+REPORT_HTML = "report.html"  # the morning report (analysis/html_report.py)
 LOCK_FILE = ".lock"
 LOCK_ANCHOR = ".anchor/lock"  # the lock file's second name: removing .lock cannot free the lock
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`

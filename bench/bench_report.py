@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import synthetic  # noqa: E402
 from bench_common import envelope, parse_args, timed_run, timings, write_result  # noqa: E402
 from analysis import html_report  # noqa: E402
-from analysis.store import Store  # noqa: E402
+from analysis.store import REPORT_HTML, Store  # noqa: E402
 
 STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
 DEPTH = 8               # the default DEPTH
@@ -125,7 +125,7 @@ def main():
         seconds, proc = timed_run(["analyze.py", "report"], repo)
         times.append(seconds)
         print(f"repeat {k + 1}: {times[-1]:.2f} s")
-    size = Store(repo).path(html_report.REPORT_HTML).stat().st_size
+    size = Store(repo).path(REPORT_HTML).stat().st_size
     result = {
         **envelope(__file__), "runs": args.runs, "kept": len(range(0, args.runs, KEEP_EVERY)),
         **timings(times), "report_bytes": size, "last_stdout": proc.stdout.strip(),

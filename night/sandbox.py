@@ -8,7 +8,8 @@ nothing of a session outlives it. Writable: the worktree, minus the fixed files
 (contract.FIXED_PATHSPECS), the virtual environment and the project's pyproject.toml / uv.lock,
 which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
 which would run code in the night's own git commands; and what the caller adds (the CLI's
-config). Where the Python
+config). The morning report is not bound read-only: the night rewrites it by renaming a new file
+over it, which would detach such a binding; its last rewrite comes after the agent has ended. Where the Python
 environment, the commands on PATH, the prepare cache or the Slurm client's folder are under /tmp,
 they stay visible, read-only. Every capability is dropped, so a root agent cannot remount any of
 it.

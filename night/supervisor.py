@@ -17,7 +17,7 @@ from harness import box, contract, git, proc, settings
 from harness.fixed import TAMPERING_FILE
 from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
-from analysis.store import NIGHT_FILE, STORE_DIR, Store, worker_of
+from analysis.store import NIGHT_FILE, REPORT_HTML, STORE_DIR, Store, worker_of
 from night import rules, sandbox
 from night.runs import RunService
 from night.watch import FixedWatch
@@ -30,7 +30,7 @@ SUPERVISOR_LOG = "supervisor.log"  # every agent session's output and every tool
 PID_FILE = "supervisor.pid"
 POLL_S = 2.0                       # how often stop rules and training runs are checked
 # the morning report, rewritten after every change of the ledger
-REPORT = f"{STORE_DIR}/report.html"
+REPORT = f"{STORE_DIR}/{REPORT_HTML}"
 # `analyze.py report` takes ~1 s for 500 runs; this only ends a hang
 REPORT_TIMEOUT_S = 120
 SETTLE_TIMEOUT_S = 600             # `analyze.py keep/discard` at the stop; this only ends a hang
