@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                + (f"; {len(names)} workers" if names else "")
                + ("; training on Slurm" if slurm else "")
                + (f"; agent {sandbox.UNBOXED}: {sup.unboxed}" if sup.unboxed else
-                  f"; the agent in its box, {sandbox.NETWORK}" if not names else "")
+                  f"; the agent in its box, {sandbox.network(sup.isolated)}" if not names else "")
                + (f"; morning report: {REPORT})" if not args.worker else ")"))
     if names:
         return run_workers(sup, names, worker_argv(argv))

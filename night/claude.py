@@ -82,7 +82,7 @@ def claude_environment(sup, proxy: KeyProxy = None) -> dict:
     if proxy is not None:
         env.pop(AUTH_TOKEN_ENV, None)
         env[KEY_ENV] = proxy.token
-        env[BASE_URL_ENV] = proxy.url if sup.unboxed else box.RELAY_URL
+        env[BASE_URL_ENV] = box.RELAY_URL if sup.isolated else proxy.url
     return env
 
 

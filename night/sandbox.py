@@ -9,13 +9,14 @@ nothing of a session outlives it. Writable: the worktree, minus the fixed files
 which are bound read-only over it; the store; git's folder (commits), minus its hooks and config,
 which would run code in the night's own git commands; and what the caller adds (the CLI's
 config). The morning report is not bound read-only: the night rewrites it by renaming a new file
-over it, which would detach such a binding; its last rewrite comes after the agent has ended. Where the Python
-environment, the commands on PATH, the prepare cache or the Slurm client's folder are under /tmp,
-they stay visible, read-only. Every capability is dropped, so a root agent cannot remount any of
-it.
+over it, which would detach such a binding; its last rewrite comes after the agent has ended.
+Where the Python environment, the commands on PATH, the prepare cache or the Slurm client's folder
+are under /tmp, they stay visible, read-only. Every capability is dropped, so a root agent cannot
+remount any of it.
 
 The box has a network of its own with loopback only: its one way out is the night's key proxy
-(night/keyproxy.py), whose Unix socket its stopper relays to box.RELAY_URL inside it. Its training
+(night/keyproxy.py), whose Unix socket its stopper relays to box.RELAY_URL inside it (a claude CLI
+given no key, which uses its own login, keeps the host's network). Its training
 runs are the night's runner's (night/runs.py), whose socket is bound into it: the prepare cache,
 the seals included, is read-only to the agent.
 """
@@ -58,24 +59,26 @@ def read_only(repo: Path, target: Path) -> bool:
     return any(p == target or p in target.parents for p in read_only_paths(repo))
 
 
-def box(command: list, repo: Path, writable=(), python: str = None, relay: Path = None,
-        runner: Path = None) -> list:
+def box(command: list, repo: Path, writable=(), python: str = None, isolated: bool = True,
+        relay: Path = None, runner: Path = None) -> list:
     """`command` run in the agent's box for the worktree `repo`; `writable`: more paths the
     command may change (the CLI's config); `relay`: the key proxy's socket (harness/box.py);
     `runner`: the folder of the night's runner (night/runs.py), which trains and seals the runs."""
     writable = [*writable_paths(repo), *(Path(p).resolve() for p in writable)]
     shown = [Path(runner)] if runner is not None else []
     return boxes.command(command, Path(repo), writable=writable,
-                         read_only=[*read_only_paths(repo), *shown], relay=relay,
-                         **({"python": python} if python else {}))
+                         read_only=[*read_only_paths(repo), *shown], isolated=isolated,
+                         relay=relay, **({"python": python} if python else {}))
 
 
-# the box's network, in the words of the night's start line and sandbox.log
-NETWORK = "network: the API only"
+def network(isolated: bool) -> str:
+    """The box's network, in the words of the night's start line and sandbox.log."""
+    return ("network: the API only" if isolated else
+            "network: the host's (the CLI's own login needs it; --key-file closes it)")
 
 
-def record(store, unboxed):
+def record(store, unboxed, isolated: bool):
     """Note in the store whether the night's agent runs in its box (`unboxed`: why not)."""
-    state = f"{UNBOXED}: {unboxed}" if unboxed else f"boxed (bubblewrap; {NETWORK})"
+    state = f"{UNBOXED}: {unboxed}" if unboxed else f"boxed (bubblewrap; {network(isolated)})"
     with open(store.path(SANDBOX_LOG), "a") as f:
         f.write(f"{contract.stamp()} | {state}\n")

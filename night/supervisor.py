@@ -85,6 +85,7 @@ class Supervisor:
         self.tampered = []           # what differed from them: the night stopped on it
         self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
         self.runs = None             # the night's runner of the agent's training runs (begin)
+        self.isolated = False        # the box has no network but the key proxy (begin)
         self.life = None             # a worker's life file, held open (supervise.py)
 
     # -- the ledger and the logs -----------------------------------------------------------------
@@ -280,11 +281,13 @@ class Supervisor:
         pid_file.write_text(f"{os.getpid()} {self.night}\n")
         self.watch = FixedWatch(self.repo)  # before the agent runs anything
         self.unboxed = sandbox.NOT_WANTED if self.args.no_sandbox else box.unavailable()
+        # a claude CLI without a key uses its own login, which needs the network
+        self.isolated = not self.unboxed and (self.args.backend == "api" or bool(self.secret))
         if not self.unboxed and not (self.args.gpus or self.args.workers):  # one agent: its runner
             self.runs = RunService(self)
             os.environ[settings.RUN_SOCKET_ENV] = str(self.runs.socket)  # for the agent's launch.py
         if not self.worker:  # said once for the night (the start line), not by each worker again
-            sandbox.record(self.store, self.unboxed)
+            sandbox.record(self.store, self.unboxed, self.isolated)
             policy = settings.VERDICT or verdict.VERDICT_MODE
             contract.atomic_write(self.store.path(NIGHT_FILE), json.dumps(
                 {"pid": os.getpid(), "verdict": policy, "started_at": contract.stamp()}) + "\n")
@@ -294,8 +297,8 @@ class Supervisor:
         night runs unboxed; `relay`: the key proxy's socket, the box's way to the API."""
         if self.unboxed:
             return command
-        return sandbox.box(command, self.repo, writable=writable, relay=relay,
-                           runner=self.runs.folder if self.runs else None)
+        return sandbox.box(command, self.repo, writable=writable, isolated=self.isolated,
+                           relay=relay, runner=self.runs.folder if self.runs else None)
 
     def end_agent(self, child, also=()):
         """End the agent's process `child` (the CLI, a tool command) and everything below it;

@@ -20,7 +20,10 @@ from analysis import claims
 from analysis.store import Store
 from harness.contract import HarnessError
 from conftest import ROOT
+from fake_api import StreamingMessagesAPI
 from repos import GIT_ENV, fake_run, git, ledger, night_repo
+
+SECRET = "sk-ant-test-WORKERS-4e8a1f"
 
 IDEAS = ["set WEIGHT_DECAY to 0.1", "set MATRIX_LR to 0.03", "set WARMDOWN_RATIO to 0.4", "set SCALAR_LR to 0.4"]
 
@@ -33,6 +36,11 @@ py, w, seed = sys.executable, os.environ["AUTORESEARCH_WORKER"], int(os.environ[
 calls = os.environ["CALLS"]
 open(os.path.join(calls, "prompt." + w), "a").write(sys.stdin.read())
 json.dump(dict(os.environ), open(os.path.join(calls, "env." + w), "w"))
+if os.environ.get("ANTHROPIC_BASE_URL"):  # what the CLI does first: ask its API (its worker's key proxy)
+    import urllib.request
+    ask = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", data=b"{{}}",
+                                 headers={{"x-api-key": os.environ["ANTHROPIC_API_KEY"]}})
+    open(os.path.join(calls, "api." + w), "w").write(str(urllib.request.urlopen(ask, timeout=60).status))
 def sh(cmd, check=True):
     p = subprocess.run(cmd, shell=True, capture_output=True, text=True)
     open(os.path.join(calls, "log." + w), "a").write(f"$ {{cmd}}\\n{{p.stdout}}{{p.stderr}}[exit {{p.returncode}}]\\n")
@@ -76,11 +84,16 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     agent.write_text(STAND_IN)
     (store / "ideas_queue.md").write_text("# Ideas queue\n\n" + "".join(f"{i + 1}. {idea}\n" for i, idea in
                                                                           enumerate(IDEAS)))
-    env = {**os.environ, **GIT_ENV, "CALLS": str(calls), "AUTORESEARCH_TIME_BUDGET": "3"}
-    proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1,2", "--tag", "t1",
-                           "--claude-command", f"{sys.executable} {agent}", "--pass-env", "CALLS",
-                           "--max-experiments", "6", "--restart-delay", "0"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    api = StreamingMessagesAPI([])
+    env = {**os.environ, **GIT_ENV, "CALLS": str(calls), "AUTORESEARCH_TIME_BUDGET": "3",
+           "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url}
+    try:
+        proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--gpus", "0,1,2", "--tag", "t1",
+                               "--claude-command", f"{sys.executable} {agent}", "--pass-env", "CALLS",
+                               "--max-experiments", "6", "--restart-delay", "0"],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    finally:
+        api.close()
     logs = "".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(calls.glob("log.*")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-6000:]
     assert "stopped: experiment budget used (6 runs)" in proc.stdout
@@ -123,6 +136,11 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
             {(store / best[0]["run_id"] / "train.py").read_text()}
     status = subprocess.run([sys.executable, "analyze.py", "status"], cwd=repo, capture_output=True, text=True)
     assert status.stdout.startswith(f"best: {best[0]['commit']} ")
+    # each worker's agent had a token of its own for its own key proxy, which sent the key on; none had the key
+    tokens = {w: json.loads((calls / f"env.{w}").read_text())["ANTHROPIC_API_KEY"] for w in workers}
+    assert len(set(tokens.values())) == 3 and all(t.startswith("alr-night-") for t in tokens.values()), tokens
+    assert all((calls / f"api.{w}").read_text() == "200" for w in workers) and api.keys == {SECRET}
+    assert not any(SECRET in p.read_text() for p in calls.iterdir())
     # each worker ran on its own GPU id, in its own worktree, and knew it from its first prompt
     for i, w in enumerate(workers):
         seen = json.loads((calls / f"env.{w}").read_text())
