@@ -66,7 +66,6 @@ def relay(server, path):
 if sys.argv[3] != '""" + NO_RELAY + """':
     server = socket.create_server(('127.0.0.1', int(sys.argv[2])))
     threading.Thread(target=relay, args=(server, sys.argv[3]), daemon=True).start()
-grace, child = float(sys.argv[1]), subprocess.Popen(sys.argv[4:], close_fds=False)
 def alive():
     found = []
     for name in os.listdir('/proc'):
@@ -90,8 +89,11 @@ def stop(signum, frame):
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     os._exit(128 + signum)
-signal.signal(signal.SIGTERM, stop)
+grace = float(sys.argv[1])
+signal.signal(signal.SIGTERM, stop)  # before the command starts: its exec resets them to default
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a box started with it ignored
+child = subprocess.Popen(sys.argv[4:], close_fds=False)
 code = child.wait()
 sys.exit(128 - code if code < 0 else code)
 """

@@ -115,6 +115,15 @@ def run_log(path: Path):
 
 # a launch.py killed outright takes train.py and the evaluator along
 _die_with_parent = proc.dies_with_parent(signal.SIGKILL)
+
+
+def _boxed_train_start():
+    """A boxed train.py's preexec_fn: dies with launch.py, and its bwrap ignores the stop signals
+    that reach a whole job (Slurm's scancel, a terminal's Ctrl-C), which would kill the box and
+    everything in it at once; its stopper takes them instead, and gives train.py its grace."""
+    _die_with_parent()
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
 # what a boxed train.py may not change in its run directory, besides the fixed files and the
 # environment: git's folder (a main checkout's) and the store (analysis/store.py)
 RUN_BOX_READ_ONLY = (".git", str(Path(LEDGER_FILE).parent))
@@ -129,7 +138,9 @@ def train_command(args: list, run_dir: Path) -> list:
         return command
     run_dir = Path(run_dir).resolve()
     shielded = (*contract.FIXED_PATHSPECS, *box.ENVIRONMENT, *RUN_BOX_READ_ONLY)
-    read_only = [run_dir / p for p in shielded if (run_dir / p).exists()]
+    # a link (a worker's store) is bound where it leads, if that is in the run directory at all
+    targets = {(run_dir / p).resolve() for p in shielded if (run_dir / p).exists()}
+    read_only = sorted(t for t in targets if t == run_dir or run_dir in t.parents)
     return box.command(command, run_dir, writable=[run_dir], read_only=read_only)
 
 
@@ -176,7 +187,8 @@ def launch(args: list, run_dir: Path) -> int:
     started = time.monotonic()
     train = subprocess.Popen(train_command(args, run_dir), cwd=run_dir, env=env,
                              pass_fds=[theirs.fileno()], start_new_session=True,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=_boxed_train_start if settings.TRAIN_BOX
+                             else _die_with_parent)
     ours.close()
     theirs.close()
     for sig in FORWARDED:

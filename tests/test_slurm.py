@@ -100,8 +100,16 @@ for seed in (42, 43):
     sh(f"SEED={{seed}} {{py}} launch.py")
     sh(py + " analyze.py")
     sh(py + " analyze.py keep")
+# an idea that stalls after its first step (STALL, the agent's own variable, reaches train.py; the night's
+# settings, the time budget too, are the night's), so that the scheduler's cancel finds train.py training
+source = open("train.py").read()
+open("train.py", "w").write(source.replace("    if step == 0:  # after", "    if step == 0 and os.environ.get('STALL'):\\n"
+                                           "        time.sleep(600)\\n    if step == 0:  # after", 1))
+if "STALL" not in open("train.py").read():
+    sys.exit("train.py no longer has the line this stand-in stalls after: update the test")
+sh("git commit -qam 'a stalling idea'")
 open("run.log", "w").close()
-run = subprocess.Popen(py + " launch.py", shell=True, env={{**os.environ, "AUTORESEARCH_TIME_BUDGET": "300"}})
+run = subprocess.Popen(py + " launch.py", shell=True, env={{**os.environ, "STALL": "1"}})
 while not re.search(r"^step 0000", open("run.log").read(), re.M):
     time.sleep(0.2)
 job = re.search(r"submitted slurm job (\\d+)", open("run.log").read())[1]
