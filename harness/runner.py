@@ -124,6 +124,8 @@ def _boxed_train_start():
     _die_with_parent()
     for sig in FORWARDED:
         signal.signal(sig, signal.SIG_IGN)
+
+
 # what a boxed train.py may not change in its run directory, besides the fixed files and the
 # environment: git's folder (a main checkout's) and the store (analysis/store.py)
 RUN_BOX_READ_ONLY = (".git", str(Path(LEDGER_FILE).parent))
