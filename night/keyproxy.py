@@ -156,10 +156,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
 class KeyProxy:
     """The proxy of one agent (one supervisor): its token, its loopback URL and its socket; serves
     in threads of this process until close()."""
@@ -169,12 +165,11 @@ class KeyProxy:
         self.token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         self.refused = 0  # requests without the token (a probe, another night's CLI)
         self.tcp = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.tcp.daemon_threads = True
         self.folder = Path(tempfile.mkdtemp(prefix="alr-proxy-"))  # 0700: this user's only
         self.socket = self.folder / SOCKET_NAME
-        self.unix = _UnixServer(str(self.socket), Handler)
+        self.unix = socketserver.ThreadingUnixStreamServer(str(self.socket), Handler)
         for server in (self.tcp, self.unix):
-            server.proxy = self
+            server.daemon_threads, server.proxy = True, self
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
     @property

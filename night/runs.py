@@ -69,10 +69,6 @@ class _Handler(socketserver.StreamRequestHandler):
             pass  # the asker is gone
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
 class RunService:
     """The runner of one agent's worktree: listens until close(), which ends the runs in
     progress."""
@@ -81,8 +77,8 @@ class RunService:
         self.sup, self.runs, self.lock = sup, set(), threading.Lock()
         self.folder = Path(tempfile.mkdtemp(prefix="alr-runs-"))  # 0700: this user's only
         self.socket = self.folder / SOCKET_NAME
-        self.server = _Server(str(self.socket), _Handler)
-        self.server.runner = self
+        self.server = socketserver.ThreadingUnixStreamServer(str(self.socket), _Handler)
+        self.server.daemon_threads, self.server.runner = True, self
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def environment(self, asked: dict) -> dict:
