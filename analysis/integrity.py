@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from harness import contract, fixed, git
+from harness import contract, fixed, git, settings
 from harness.contract import HarnessError
 from analysis import stats
 
@@ -237,7 +237,7 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
         seal = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         return [f"the harness's seal {path} is corrupt ({e.msg}): train again"]
-    problems = []
+    problems = sealer_problems(seal.get("sealed_by"))
     if contract.sha256_file(run_dir / contract.RUN_SUMMARY) != seal.get("summary_sha256"):
         problems.append("run_summary.json was changed after the harness wrote it (it no longer "
                         "matches the seal): the summary is the harness's; remove what rewrites it "
@@ -252,6 +252,19 @@ def seal_problems(summary: dict, run_dir: Path, metrics_sha256) -> list:
                         f"evaluation computed ({seal.get('val_bpb')}): end train.py with "
                         f"run.finish and train again")
     return problems
+
+
+def sealer_problems(sealed_by) -> list:
+    """The seal is the evaluator's, or a synthetic run's where a test accepts those."""
+    if sealed_by == contract.SEALED_BY_EVALUATOR:
+        return []
+    if sealed_by == contract.SEALED_BY_SYNTHETIC:
+        if settings.ACCEPT_SYNTHETIC:
+            return []
+        return [f"the run was sealed by the tests' synthetic-run helper ({sealed_by}), not by the "
+                f"harness's evaluator: it never trained; train with `{contract.TRAIN_COMMAND}`"]
+    return [f"the run's seal names {sealed_by!r} as its writer, not the harness's evaluator: "
+            f"train again with `{contract.TRAIN_COMMAND}`"]
 
 
 def pre_clock_problems(summary: dict) -> list:

@@ -256,12 +256,20 @@ def seal_path(run_dir, started_at: str) -> Path:
     return cache_path(SEALS_DIR, f"{key}.json")
 
 
+# Who wrote a seal: the harness's runner, once its evaluator measured the model; or the tests'
+# synthetic-run helper (tests/synthetic.py), for runs that never trained: analyze.py takes such a
+# run only where AUTORESEARCH_ACCEPT_SYNTHETIC=1 says so, and calls it invalid everywhere else.
+SEALED_BY_EVALUATOR = "evaluator"
+SEALED_BY_SYNTHETIC = "tests/synthetic.py"
+
+
 def write_seal(run_dir, started_at: str, summary_text: str, metrics_sha256: str, metrics_lines: int,
-               val_bpb):
+               val_bpb, sealed_by: str = SEALED_BY_EVALUATOR):
     """Seal a run's files as the harness wrote them: the summary's sha256, the metrics' sha256 and
-    line count, and the val_bpb the harness computed itself (None for a run that did not finish)."""
+    line count, the val_bpb the harness computed itself (None for a run that did not finish), and
+    who sealed them."""
     seal = {"summary_sha256": sha256_bytes(summary_text.encode()), "metrics_sha256": metrics_sha256,
-            "metrics_lines": metrics_lines, "val_bpb": val_bpb}
+            "metrics_lines": metrics_lines, "val_bpb": val_bpb, "sealed_by": sealed_by}
     path = seal_path(run_dir, started_at)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(seal) + "\n")

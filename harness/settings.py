@@ -63,6 +63,9 @@ RUN_SOCKET_ENV = "AUTORESEARCH_RUN_SOCKET"
 # agent's variables (a JSON object: SEED, the agent's own) on top of the night's
 TRAIN_BOX_ENV = "AUTORESEARCH_TRAIN_BOX"
 TRAIN_VARIABLES_ENV = "AUTORESEARCH_TRAIN_VARIABLES"
+# set by a test that analyses runs written by tests/synthetic.py: their seals say so, and
+# analyze.py takes them only with this set (they never trained, so they are invalid everywhere else)
+ACCEPT_SYNTHETIC_ENV = "AUTORESEARCH_ACCEPT_SYNTHETIC"
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoresearch"
 # climbmix-400b-shuffle: the public parquet layout autoresearch uses
@@ -183,3 +186,4 @@ WORKER_LIFE = _name(WORKER_LIFE_ENV)
 RUN_SOCKET = _text(RUN_SOCKET_ENV, None, empty_ok=True) or None
 TRAIN_BOX = _choice(TRAIN_BOX_ENV, ("0", "1"), "a switch") == "1"
 TRAIN_VARIABLES = _variables(TRAIN_VARIABLES_ENV)
+ACCEPT_SYNTHETIC = _choice(ACCEPT_SYNTHETIC_ENV, ("0", "1"), "a switch") == "1"

@@ -4,6 +4,7 @@ URL points at a closed local port (nothing is ever downloaded from the internet)
 corpus is the offline smoke-test corpus with a small vocabulary so CPU runs stay fast.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,23 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "CACHE_DIR", cache)
     cache.mkdir()
     return cache
+
+
+@contextlib.contextmanager
+def synthetic_accepted():
+    """Accept the seals of runs written by tests/synthetic.py, which never trained, in this process
+    and in the scripts it starts (AUTORESEARCH_ACCEPT_SYNTHETIC=1), until the block ends."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(settings.ACCEPT_SYNTHETIC_ENV, "1")
+        patch.setattr(settings, "ACCEPT_SYNTHETIC", True)
+        yield
+
+
+@pytest.fixture
+def accept_synthetic():
+    """This test analyses synthetic runs: synthetic_accepted() for its length."""
+    with synthetic_accepted():
+        yield
 
 
 def run_script(args, cwd, env_extra=None, timeout=600, umask=-1):

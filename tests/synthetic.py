@@ -3,9 +3,11 @@ Synthetic training runs with known answers, written in the exact format train.py
 a planted power-law loss curve with noise, optional spikes and offsets, a validation curve,
 per-layer statistics, run_summary.json and a run.log. Used by the analyze.py tests and its benchmark.
 
-A synthetic summary passes analyze.py's integrity checks like an honest run would: its harness_hash is
-this repository's, its data is whatever the prepare cache ($AUTORESEARCH_CACHE) holds, and its
-training_seconds is the sum of its timed step times.
+A synthetic run never trained, and its seal says so (contract.SEALED_BY_SYNTHETIC): analyze.py calls
+it invalid unless the test accepts synthetic runs (the `accept_synthetic` fixture, which sets
+AUTORESEARCH_ACCEPT_SYNTHETIC=1). Where it does, the run passes the other integrity checks like an
+honest run would: its harness_hash is this repository's, its data is whatever the prepare cache
+($AUTORESEARCH_CACHE) holds, and its training_seconds is the sum of its timed step times.
 """
 
 import hashlib
@@ -126,11 +128,14 @@ def make_summary(records, val_bpb, commit="abc1234", train_sha256="0" * 64, stat
 
 
 def seal_run(folder, summary: dict, metrics_text: str):
-    """Write run_summary.json and the harness's seal of it and of the metrics, as the harness's run logger does."""
+    """Write run_summary.json and a seal of it and of the metrics that names this helper as its writer:
+    analyze.py takes the run only where a test accepts synthetic runs."""
     text = json.dumps(summary, indent=2)
     (Path(folder) / "run_summary.json").write_text(text)
     contract.write_seal(folder, summary.get("started_at"), text, hashlib.sha256(metrics_text.encode()).hexdigest(),
-                      metrics_text.count("\n"), summary.get("val_bpb") if summary.get("status") == "ok" else None)
+                        metrics_text.count("\n"),
+                        summary.get("val_bpb") if summary.get("status") == "ok" else None,
+                        sealed_by=contract.SEALED_BY_SYNTHETIC)
 
 
 def stamped_log(summary: dict, body: str) -> str:

@@ -17,6 +17,9 @@ from analysis.runfiles import read_metrics
 from analysis.store import Store
 from repos import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, train_sha
 
+# these tests analyse runs written by tests/synthetic.py, which never trained
+pytestmark = pytest.mark.usefixtures("accept_synthetic")
+
 # ---------------------------------------------------------------------------
 # Archive and ledger
 # ---------------------------------------------------------------------------

@@ -19,6 +19,9 @@ from analysis.runfiles import LOG_CUT_MARK, LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from analysis.store import Store
 from repos import CRASH_LOG, GIT_ENV, analyze, commit_change, fake_run, git, head, ledger, night_repo
 
+# these tests analyse runs written by tests/synthetic.py, which never trained
+pytestmark = pytest.mark.usefixtures("accept_synthetic")
+
 STORE = ".auto-log-research"
 SYNTAX_ERROR = "def (\n"  # a train.py that dies before train.py's logger starts
 KILLED_IN_IMPORTS = ("import os, signal\nprint('importing torch', flush=True)\n"

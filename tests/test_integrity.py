@@ -259,7 +259,7 @@ CHECKER_EDITS = {  # each silences the integrity check of a committed edit of th
 
 
 @pytest.mark.parametrize("checker", CHECKER_EDITS)
-def test_a_committed_change_of_the_checker_itself_is_refused(repo, checker):
+def test_a_committed_change_of_the_checker_itself_is_refused(accept_synthetic, repo, checker):
     """`return []` at the top of integrity_problems, or a `finished` that never finds the first run,
     committed: analyze.py compares its checker's own files with the first run's commit (found without
     analysis/) before it judges anything."""
@@ -335,7 +335,7 @@ def test_an_uncommitted_edit_of_the_evaluation_makes_the_run_invalid(repo):
     assert ledger(repo)[-1]["status"] == "invalid"
 
 
-def test_a_committed_edit_of_the_evaluation_is_caught_and_never_becomes_the_best(repo):
+def test_a_committed_edit_of_the_evaluation_is_caught_and_never_becomes_the_best(accept_synthetic, repo):
     fake_run(repo, 1.0)
     proc = analyze(repo)
     assert proc.returncode == 0 and ledger(repo)[0]["integrity"] == [] and "INVALID" not in proc.stdout
@@ -366,7 +366,7 @@ def test_a_run_that_claims_more_training_time_than_its_steps_is_invalid(repo):
     assert_invalid(repo, analyze(repo), "disagrees with the sum of the run's own step times")
 
 
-def test_tampered_validation_data_makes_the_run_invalid(repo, tmp_path, monkeypatch):
+def test_tampered_validation_data_makes_the_run_invalid(accept_synthetic, repo, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     make_cache(cache)
@@ -384,3 +384,22 @@ def test_synthetic_runs_pass_the_checks(repo):
     """No false alarm on the runs the other tests and the benchmark use."""
     records, summary = fake_run(repo, 1.0)
     assert integrity.integrity_problems(summary, records, repo, settings.CACHE_DIR, None) == []
+
+
+def test_a_synthetic_run_is_invalid_unless_the_test_accepts_it(repo):
+    """tests/synthetic.py's runs never trained: their seal names the helper, and analyze.py calls
+    such a run invalid (never kept) unless AUTORESEARCH_ACCEPT_SYNTHETIC=1 says a test wrote it."""
+    fake_run(repo, 0.5)
+    entry = assert_invalid(repo, analyze(repo), "sealed by the tests' synthetic-run helper")
+    assert entry["integrity"] == [
+        "the run was sealed by the tests' synthetic-run helper (tests/synthetic.py), not by the "
+        "harness's evaluator: it never trained; train with `uv run launch.py`"]
+    proc = analyze(repo, "keep")
+    assert proc.returncode != 0 and "is invalid and can never be kept" in proc.stderr
+
+
+def test_a_seal_must_name_the_evaluator():
+    assert integrity.sealer_problems("evaluator") == []
+    assert integrity.sealer_problems(None) == [
+        "the run's seal names None as its writer, not the harness's evaluator: train again with "
+        "`uv run launch.py`"]

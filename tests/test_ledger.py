@@ -11,7 +11,11 @@ import pytest
 
 import synthetic
 from analysis.store import CHAIN_FIELD, HEAD_FILE, RUNS_JSONL
+from conftest import synthetic_accepted
 from repos import analyze, baseline, commit_change, fake_run, ledger, make_repo
+
+# these tests analyse runs written by tests/synthetic.py, which never trained
+pytestmark = pytest.mark.usefixtures("accept_synthetic")
 
 STORE = ".auto-log-research"
 BANNER = "!!! LEDGER BROKEN, no numbers shown !!!"
@@ -24,13 +28,14 @@ def built(tmp_path_factory, prepared):
     """A repository whose ledger real commands wrote, built once for this file (each test edits a
     copy): a kept baseline of three runs, then an invalid run (its summary claims twice its
     steps' time)."""
-    repo = make_repo(tmp_path_factory.mktemp("built") / "repo")
-    baseline(repo)
-    records, summary = fake_run(repo, 0.5, seed=5)
-    synthetic.write_run(repo, records, {**summary, "training_seconds": 2 * summary["training_seconds"]},
-                        "log\n")
-    assert analyze(repo).returncode == 0 and ledger(repo)[-1]["status"] == "invalid"
-    return repo
+    with synthetic_accepted():
+        repo = make_repo(tmp_path_factory.mktemp("built") / "repo")
+        baseline(repo)
+        records, summary = fake_run(repo, 0.5, seed=5)
+        synthetic.write_run(repo, records, {**summary, "training_seconds": 2 * summary["training_seconds"]},
+                            "log\n")
+        assert analyze(repo).returncode == 0 and ledger(repo)[-1]["status"] == "invalid"
+        return repo
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def api_retry(attempt):
 
 
 @pytest.fixture
-def night(tmp_path):
+def night(tmp_path, accept_synthetic):
     repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()

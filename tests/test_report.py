@@ -17,7 +17,11 @@ import pytest
 import synthetic
 from analysis import html_report
 from analysis.store import Store
+from conftest import synthetic_accepted
 from repos import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, make_repo
+
+# these tests analyse runs written by tests/synthetic.py, which never trained
+pytestmark = pytest.mark.usefixtures("accept_synthetic")
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_TIMEOUT_S = 120      # a cold headless start on a loaded 2-core machine takes seconds; this is only a hang guard
@@ -183,40 +187,41 @@ def cpu_fake_run(repo, real: dict, value: float, seed: int, **kw):
 def night(prepared, tmp_path_factory):
     """A store: a real tiny CPU training run as the baseline, two synthetic repeats of it, a kept change, a
     discarded one, the same crash twice, notes and an ideas queue; report.html written."""
-    repo = make_repo(tmp_path_factory.mktemp("night") / "repo")
-    env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
-    train = subprocess.run([sys.executable, "launch.py"], cwd=repo, capture_output=True, env=env, timeout=300)
-    assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
-    real = json.loads((repo / "run_summary.json").read_text())
-    assert analyze(repo).returncode == 0
-    sigma = 0.002 * real["val_bpb"]
-    for seed in (43, 44):
-        cpu_fake_run(repo, real, real["val_bpb"] + (seed - 43.5) * sigma, seed)
-        proc = analyze(repo)
-        assert proc.returncode == 0 and "INVALID" not in proc.stdout, proc.stdout
-    assert analyze(repo, "keep").returncode == 0
-    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
-    for seed in (1, 2, 3):
-        cpu_fake_run(repo, real, real["val_bpb"] * 0.97 + seed * sigma / 4, seed)
+    with synthetic_accepted():
+        repo = make_repo(tmp_path_factory.mktemp("night") / "repo")
+        env = {**os.environ, **GIT_ENV, "AUTORESEARCH_TIME_BUDGET": "4"}
+        train = subprocess.run([sys.executable, "launch.py"], cwd=repo, capture_output=True, env=env, timeout=300)
+        assert train.returncode == 0, (repo / "run.log").read_text()[-2000:]
+        real = json.loads((repo / "run_summary.json").read_text())
         assert analyze(repo).returncode == 0
-    assert analyze(repo, "keep").returncode == 0
-    commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.5", "matrix lr 0.5 (too high)")
-    cpu_fake_run(repo, real, real["val_bpb"] * 1.1, 5)
-    assert analyze(repo).returncode == 0
-    assert analyze(repo, "discard").returncode == 0
-    for _ in range(2):
-        synthetic.write_run(repo, synthetic.make_records(n_steps=20), None, CRASH_LOG, truncate_metrics=True)
+        sigma = 0.002 * real["val_bpb"]
+        for seed in (43, 44):
+            cpu_fake_run(repo, real, real["val_bpb"] + (seed - 43.5) * sigma, seed)
+            proc = analyze(repo)
+            assert proc.returncode == 0 and "INVALID" not in proc.stdout, proc.stdout
+        assert analyze(repo, "keep").returncode == 0
+        commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+        for seed in (1, 2, 3):
+            cpu_fake_run(repo, real, real["val_bpb"] * 0.97 + seed * sigma / 4, seed)
+            assert analyze(repo).returncode == 0
+        assert analyze(repo, "keep").returncode == 0
+        commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.5", "matrix lr 0.5 (too high)")
+        cpu_fake_run(repo, real, real["val_bpb"] * 1.1, 5)
         assert analyze(repo).returncode == 0
-    git(repo, "checkout", "train.py")
-    store = repo / ".auto-log-research"
-    (store / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
-                                          "2. a wider MLP\n"
-                                          "3. as in ![the paper's figure](https://example.invalid/beacon.png)\n")
-    first = ledger(repo)[0]["run_id"]
-    with open(store / first / "analysis.md", "a") as f:
-        f.write("Checked the train/val gap by hand: steady, no overfitting.\n")
-    report(repo)
-    return repo
+        assert analyze(repo, "discard").returncode == 0
+        for _ in range(2):
+            synthetic.write_run(repo, synthetic.make_records(n_steps=20), None, CRASH_LOG, truncate_metrics=True)
+            assert analyze(repo).returncode == 0
+        git(repo, "checkout", "train.py")
+        store = repo / ".auto-log-research"
+        (store / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
+                                              "2. a wider MLP\n"
+                                              "3. as in ![the paper's figure](https://example.invalid/beacon.png)\n")
+        first = ledger(repo)[0]["run_id"]
+        with open(store / first / "analysis.md", "a") as f:
+            f.write("Checked the train/val gap by hand: steady, no overfitting.\n")
+        report(repo)
+        return repo
 
 
 pytestmark_browser = pytest.mark.skipif(chromium() is None, reason="no chromium on PATH (Debian: apt-get install -y "

@@ -2,8 +2,13 @@
 repository (issue 10, items 4 and 5): a rerun under a seed already used is not a repeat, and the store's
 rules are those of its first *finished* run."""
 
+import pytest
+
 import synthetic
 from repos import analyze, baseline, commit_change, fake_run, ledger
+
+# these tests analyse runs written by tests/synthetic.py, which never trained
+pytestmark = pytest.mark.usefixtures("accept_synthetic")
 
 
 def test_a_rerun_under_the_same_seed_is_not_pooled_and_the_next_command_names_a_new_one(repo):

@@ -259,7 +259,8 @@ def night_of_two(tmp_path, prepared):
     return repo, a, b
 
 
-def test_a_keep_in_one_worktree_is_the_best_every_other_worktree_builds_on(tmp_path, prepared):
+def test_a_keep_in_one_worktree_is_the_best_every_other_worktree_builds_on(
+        tmp_path, prepared, accept_synthetic):
     repo, a, b = night_of_two(tmp_path, prepared)
     edit_and_commit(a, "WEIGHT_DECAY = 0.2 ", "WEIGHT_DECAY = 0.1 ", "lower weight decay")
     for seed in (42, 43, 44):  # a clear gain, confirmed on 3 runs
@@ -285,7 +286,8 @@ def test_a_keep_in_one_worktree_is_the_best_every_other_worktree_builds_on(tmp_p
     assert git(a, "show", "HEAD:train.py") == kept  # gpu0's branch untouched by gpu1's discard
 
 
-def test_sync_starts_a_worker_from_the_best_and_refuses_an_undecided_run(tmp_path, prepared):
+def test_sync_starts_a_worker_from_the_best_and_refuses_an_undecided_run(
+        tmp_path, prepared, accept_synthetic):
     repo, a, b = night_of_two(tmp_path, prepared)
     edit_and_commit(a, "WEIGHT_DECAY = 0.2 ", "WEIGHT_DECAY = 0.1 ", "lower weight decay")
     fake_run(a, val_bpb=0.9, seed=42)
@@ -307,7 +309,8 @@ def test_sync_starts_a_worker_from_the_best_and_refuses_an_undecided_run(tmp_pat
     assert "MATRIX_LR = 0.05" in (b / "train.py").read_text()
 
 
-def test_two_workers_starting_the_same_code_in_the_same_second_are_two_runs(tmp_path, prepared):
+def test_two_workers_starting_the_same_code_in_the_same_second_are_two_runs(
+        tmp_path, prepared, accept_synthetic):
     repo = night_repo(tmp_path / "repo")
     (repo / ".auto-log-research").mkdir()
     a, b = add_worktree(repo, "gpu0"), add_worktree(repo, "gpu1")
@@ -430,7 +433,8 @@ for i in range(n):
 """
 
 
-def test_three_worktrees_writing_at_once_lose_and_duplicate_no_row(tmp_path, prepared):
+def test_three_worktrees_writing_at_once_lose_and_duplicate_no_row(
+        tmp_path, prepared, accept_synthetic):
     repo = night_repo(tmp_path / "repo")
     (repo / ".auto-log-research").mkdir()
     trees = [add_worktree(repo, f"gpu{i}") for i in range(3)]
