@@ -84,6 +84,7 @@ def main():
     cache = Path(tempfile.mkdtemp(prefix="alr-bench-cache-"))
     build_cache(cache)
     os.environ["AUTORESEARCH_CACHE"] = str(cache)  # for the analyze.py processes
+    os.environ[settings.ACCEPT_SYNTHETIC_ENV] = "1"  # whose runs are synthetic ones, sealed as such
     settings.CACHE_DIR = cache  # for the summaries written here (this process read its settings at import)
     synthetic.copy_harness(repo)
     (repo / ".gitignore").write_text(".auto-log-research/\nrun.log\nmetrics.jsonl\nrun_summary.json\n__pycache__/\n")

@@ -28,6 +28,7 @@ import synthetic  # noqa: E402
 from bench_common import envelope, parse_args, timed_run, timings, write_result  # noqa: E402
 from analysis import html_report  # noqa: E402
 from analysis.store import REPORT_HTML, Store  # noqa: E402
+from harness import settings  # noqa: E402
 
 STEPS = 1000            # about what a 5-minute H100 run of the default train.py does
 DEPTH = 8               # the default DEPTH
@@ -114,6 +115,7 @@ def main():
     cache = tmp / "cache"
     cache.mkdir()
     os.environ["AUTORESEARCH_CACHE"] = str(cache)
+    os.environ[settings.ACCEPT_SYNTHETIC_ENV] = "1"  # the store's runs are synthetic, sealed as such
     repo = tmp / "repo"
     repo.mkdir()
     synthetic.copy_harness(repo)
