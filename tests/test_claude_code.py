@@ -4,7 +4,8 @@ API does (server-sent events). The night: the baseline, a discarded experiment, 
 (the CLI retries, fails, the supervisor backs off and resumes), and a second experiment during which
 the experiment budget runs out, so the stop rule must let it finish. Every training run is real (a
 tiny budget) and outlasts the CLI's Bash timeout as set in the environment (2 s here): the supervisor
-raises it above --train-timeout. Skipped with a reason where the CLI is not installed; .ci/run installs it."""
+raises it above --train-timeout. The night runs as root (CI's user) and as the non-root user nobody.
+Skipped with a reason where the CLI is not installed; .ci/run installs it."""
 
 import os
 import re
@@ -12,17 +13,23 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from harness import box, proc as processes, settings
+from harness import box, contract, proc as processes, settings
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, outage
 from repos import GIT_ENV, HARNESS, git, make_repo
 
 SECRET = "sk-ant-test-REAL-CLI-1b2c3d"
-PY = shlex.quote(sys.executable)
+NOBODY = 65534
+# a non-root user cannot run an interpreter under /root (where this venv's may live): the night of
+# nobody's runs the system's, of the same minor version, with this venv's packages
+SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 CLAUDE = shutil.which("claude")
 pytestmark = pytest.mark.skipif(CLAUDE is None, reason="Claude Code CLI not installed "
                                 "(npm install -g @anthropic-ai/claude-code; .ci/run does it where npm exists)")
@@ -34,8 +41,6 @@ def bash(command):
 def say(text):
     return [{"type": "text", "text": text}]
 
-
-TRAIN = f"{PY} launch.py; {PY} analyze.py"
 
 
 # Run from the agent's shell: every environment, command line and readable memory of the processes it can see
@@ -86,12 +91,14 @@ print(f'probe: {pids} processes; key found in {found}; token seen {token_seen > 
 """
 
 
-def night_script():
+def night_script(python):
+    py = shlex.quote(python)
+    train = f"{py} launch.py; {py} analyze.py"
     return [
         # session 1, program.md: the baseline, kept, and the ideas queue
-        bash(f"{TRAIN} && {PY} analyze.py keep"),
+        bash(f"{train} && {py} analyze.py keep"),
         bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
-        bash(f"{PY} .auto-log-research/probe.py"),
+        bash(f"{py} .auto-log-research/probe.py"),
         # in the box (where bubblewrap works), the harness is read-only to the agent's shell
         bash("touch harness/probe.py 2>&1 | sed 's/^/box: /'"),
         say("baseline kept; stopping here for now"),
@@ -99,42 +106,83 @@ def night_script():
         outage(4),
         # a later session: experiment 1, discarded
         bash("sed -i 's/^MATRIX_LR = 0.04 /MATRIX_LR = 0.4 /' train.py && git commit -qam 'matrix lr 0.4'"),
-        bash(f"{TRAIN} && {PY} analyze.py discard"),
+        bash(f"{train} && {py} analyze.py discard"),
         say("discarded"),
         # experiment 2: the budget (3 runs) runs out when its row lands; the agent still discards it
         bash("sed -i 's/^DEPTH = 8 /DEPTH = 9 /' train.py && git commit -qam 'depth 9'"),
-        bash(TRAIN),
-        bash(f"sleep 3; {PY} analyze.py discard"),
+        bash(train),
+        bash(f"sleep 3; {py} analyze.py discard"),
         say("discarded; next idea"),
         bash("sleep 600"),  # what would come next: the supervisor has ended the agent before
     ]
 
 
-@pytest.fixture
-def repo(tmp_path):
-    return make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+@pytest.fixture(params=["root", "nobody"])
+def night_of(request, tmp_path, prepared, monkeypatch):
+    """(the repository, the uid the night runs as, its interpreter, its environment): as this
+    test's user (root in CI: IS_SANDBOX=1, as README says), or as the non-root user nobody, with a
+    repository, home, prepare cache and interpreter of its own in a folder it can reach."""
+    files = HARNESS + ("supervise.py", "program.md")
+    if request.param == "root":
+        home = tmp_path / "home"
+        home.mkdir()
+        yield (make_repo(tmp_path / "repo", files), None, sys.executable,
+               {"HOME": str(home), "IS_SANDBOX": "1"})
+        return
+    if os.geteuid() != 0:
+        pytest.skip("switching to the user nobody needs root")
+    packages = sysconfig.get_paths()["purelib"]
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"the night of nobody's runs {SYSTEM_PYTHON}, which is missing")
+    if subprocess.run([SYSTEM_PYTHON, "-c", "import os, sys; sys.exit(not os.access(sys.argv[1], "
+                       "os.R_OK | os.X_OK))", packages], user=NOBODY).returncode:
+        pytest.skip(f"the user nobody cannot read this venv's packages ({packages})")
+    top = Path(tempfile.mkdtemp(prefix="alr-nobody-"))
+    top.chmod(0o755)
+    venv = top / "venv"  # the system's interpreter with this venv's packages
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(SYSTEM_PYTHON)
+    (venv / "lib" / Path(packages).parent.name).mkdir(parents=True)
+    (venv / "lib" / Path(packages).parent.name / "site-packages").symlink_to(packages)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    cache = shutil.copytree(settings.CACHE_DIR, top / "cache",
+                            ignore=shutil.ignore_patterns(contract.SEALS_DIR))
+    (top / "home").mkdir()
+    repo = make_repo(top / "repo", files)
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(cache), str(top / "home"), str(repo)],
+                   check=True)
+    # this test, as root, reads nobody's repository afterwards: git would refuse to
+    for name, value in {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory",
+                        "GIT_CONFIG_VALUE_0": str(repo)}.items():
+        monkeypatch.setenv(name, value)
+    yield (repo, NOBODY, str(venv / "bin" / "python"),
+           {"HOME": str(top / "home"), "AUTORESEARCH_CACHE": str(cache), "USER": "nobody"})
+    shutil.rmtree(top)
 
 
-def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(prepared, repo, tmp_path):
-    api = StreamingMessagesAPI(night_script())
+def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(night_of):
+    repo, uid, python, user_env = night_of
+    api = StreamingMessagesAPI(night_script(python))
     (repo / ".auto-log-research").mkdir(mode=0o700)
     (repo / ".auto-log-research" / "probe.py").write_text(PROBE)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, **GIT_ENV, "HOME": str(home), "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
+    if uid is not None:
+        shutil.chown(repo / ".auto-log-research", uid, uid)
+        shutil.chown(repo / ".auto-log-research" / "probe.py", uid, uid)
+    env = {**os.environ, **GIT_ENV, "ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": api.url,
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "1",
-           "IS_SANDBOX": "1",  # as root in a container (README: threat model)
            "BASH_DEFAULT_TIMEOUT_MS": "2000", "BASH_MAX_TIMEOUT_MS": "2000",  # a default no training run survives
-           "AUTORESEARCH_TIME_BUDGET": "3"}
+           "AUTORESEARCH_TIME_BUDGET": "3", **user_env}
     try:
-        proc = subprocess.run([sys.executable, "supervise.py", "--backend", "claude", "--max-experiments", "3",
+        proc = subprocess.run([python, "supervise.py", "--backend", "claude", "--max-experiments", "3",
                                "--restart-delay", "0.5", "--train-timeout", "700"], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=900, user=uid, group=uid,
+                              extra_groups=[] if uid is not None else None)
     finally:
         api.close()
     store = repo / ".auto-log-research"
     log = (store / "supervisor.log").read_text()
     assert proc.returncode == 0, proc.stdout + log[-4000:]
+    assert (store / "supervisor.log").stat().st_uid == (os.geteuid() if uid is None else uid)
     # the ledger and git agree: baseline kept, both experiments discarded and reverted
     rows = Store(repo).read_ledger()
     assert [r["status"] for r in rows] == ["keep", "discard", "discard"], proc.stdout
