@@ -26,7 +26,7 @@ import sys
 
 from harness import fixed, git, settings
 from harness.contract import PRIVATE_UMASK, TRAIN_COMMAND, HarnessError
-from analysis import archive, bookkeeping, claims, plots, report, verdict
+from analysis import archive, bookkeeping, claims, pairing, plots, report, verdict
 from analysis.store import COMPARE_DIR, IDEAS, LedgerError, Store
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
@@ -132,8 +132,10 @@ def cmd_status(args, lines: list):
     tampering = store.path(fixed.TAMPERING_FILE)
     if tampering.exists():  # what a night's supervisor found, first: it ended that night
         lines += tampering.read_text().splitlines()
+    share = pairing.store_share(groups, best[0] if best else None,
+                                noise["sigma"] if noise["trusted"] else None)
     lines.append(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger),
-                                    args.n, mode, live))
+                                    args.n, mode, live, share))
 
 
 def cmd_report(args, lines: list):

@@ -436,8 +436,19 @@ def reseal_lines(reseals: list) -> list:
             f"last at {last.get('at')}, when {last.get('broken')}"]
 
 
+def seed_share_line(share: dict) -> str:
+    """How much of the noise runs under the same SEED share, as the store measures it
+    (pairing.store_share)."""
+    if share["rho"] is None:
+        return ("seed pairing: no estimate yet (it needs the noise σ and an idea run at least "
+                "twice under the best's seeds)")
+    return (f"seed pairing: ρ = {share['rho']:.2f} of the noise shared by runs under the same "
+            f"SEED (raw {share['raw']:.2f} from {share['df']} paired df over {share['codes']} "
+            f"idea(s), shrunk toward 0 while few)")
+
+
 def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str,
-                live_claims=()) -> str:
+                live_claims=(), seed_share: dict = None) -> str:
     counts = {}
     for r in ledger:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -455,6 +466,8 @@ def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: 
     else:
         out.append(f"noise: no estimate yet ({noise['df']} df < {verdict.MIN_NOISE_DF}): run the "
                    f"same commit with other SEEDs")
+    if seed_share is not None:
+        out.append(seed_share_line(seed_share))
     out.append(f"verdict mode: {mode}"
                + (" (the default)" if mode == verdict.VERDICT_MODE else
                   f" (${verdict.VERDICT_ENV}; default {verdict.VERDICT_MODE})"))

@@ -368,6 +368,19 @@ def test_compare_and_status(repo):
     assert proc.returncode == 0
     assert f"best: {a}" in proc.stdout and "3 keep" in proc.stdout and "1 rerun" in proc.stdout  # to be confirmed
     assert "noise: σ =" in proc.stdout
+    assert "seed pairing: no estimate yet" in proc.stdout  # the idea ran once under the best's seeds
+
+
+def test_status_shows_how_much_noise_runs_under_the_same_seed_share(repo):
+    baseline(repo)  # seeds 42, 43, 44: 1.0, 1.002, 0.998
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    for seed, value in ((42, 0.995), (43, 0.9965)):
+        fake_run(repo, value, seed=seed)
+        assert analyze(repo).returncode == 0
+    # paired differences -0.005, -0.0055: 1 df, variance 1.25e-7; σ² pooled over both codes:
+    # (8e-6 + 1.125e-6) / 3; raw = 1 - 1.25e-7 / (2 σ²) = 0.979, shrunk by 1 / (1 + 8) to 0.109
+    assert ("seed pairing: ρ = 0.11 of the noise shared by runs under the same SEED (raw 0.98 "
+            "from 1 paired df over 1 idea(s), shrunk toward 0 while few)") in analyze(repo, "status").stdout
 
 
 # ---------------------------------------------------------------------------

@@ -37,3 +37,32 @@ def test_too_few_runs_or_no_noise_is_one_clear_error():
         pairing.seed_share([1.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="without any noise"):
         pairing.seed_share([1.0, 1.0], [2.0, 2.0])
+
+
+def runs(code, values, first_seed=42):
+    return [{"code": code, "seed": first_seed + j, "val_bpb": v} for j, v in enumerate(values)]
+
+
+def test_the_stores_share_pairs_every_idea_with_the_bests_runs_of_the_same_seed():
+    groups = {"best": runs("best", [1.00, 1.02, 0.98]),
+              # differences to the best's seeds 42, 43, 44: 0.01, 0.01, 0.01 (no spread)
+              "a": runs("a", [1.01, 1.03, 0.99]),
+              # seeds 42, 43: differences -0.02, 0.00 (squares about their mean: 2 * 0.01^2)
+              "b": runs("b", [0.98, 1.02]),
+              "c": runs("c", [0.9]),                  # one run: no spread to measure
+              "d": runs("d", [1.1, 1.2], first_seed=7)}  # seeds the best never ran under
+    share = pairing.store_share(groups, "best", sigma=0.02)
+    # df = 2 (a) + 1 (b); Var = 0.0002 / 3; raw = 1 - Var / (2 * 0.0004) = 11/12
+    assert share["df"] == 3 and share["codes"] == 2
+    assert share["raw"] == pytest.approx(11 / 12)
+    assert share["rho"] == pytest.approx(11 / 12 * 3 / (3 + pairing.SHRINK_DF))
+
+
+def test_the_stores_share_is_none_without_pairs_or_sigma_and_never_below_0():
+    groups = {"best": runs("best", [1.0, 1.1]), "a": runs("a", [1.3])}
+    assert pairing.store_share(groups, "best", sigma=0.05) == {
+        "rho": None, "raw": None, "df": 0, "codes": 0}
+    groups["a"] = runs("a", [1.2, 0.9])  # differences 0.2, -0.2: far noisier than sigma says
+    share = pairing.store_share(groups, "best", sigma=0.01)
+    assert share["raw"] < 0 and share["rho"] == 0.0
+    assert pairing.store_share(groups, "best", sigma=None)["rho"] is None
