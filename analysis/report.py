@@ -72,6 +72,12 @@ def result_lines(ctx: dict) -> list:
         delta = value - mean
         lines.append(f"vs best {ctx['best']['run_id']} (pooled mean {mean:.6f} over "
                      f"{len(best_records)} run(s)): {delta:+.6f}{_sigma_units(delta, sigma)}")
+        twin = next((r for r in best_records if r.get("seed") == record.get("seed")
+                     and r.get("run_id") != record.get("run_id")), None)
+        if twin is not None:  # same initialisation and data order: the seed's noise cancels
+            paired = value - twin["val_bpb"]
+            lines.append(f"vs the best's run under the same SEED {record.get('seed')} "
+                         f"({twin['run_id']}, {twin['val_bpb']:.6f}): {paired:+.6f}")
         if decision.get("n_candidate", 1) > 1 and "delta" in decision:
             lines.append(f"this code pooled over {decision['n_candidate']} runs: "
                          f"{decision['candidate_mean']:.6f}, {decision['delta']:+.6f}"

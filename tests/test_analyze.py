@@ -381,6 +381,9 @@ def test_status_shows_how_much_noise_runs_under_the_same_seed_share(repo):
     # (8e-6 + 1.125e-6) / 3; raw = 1 - 1.25e-7 / (2 σ²) = 0.979, shrunk by 1 / (1 + 8) to 0.109
     assert ("seed pairing: ρ = 0.11 of the noise shared by runs under the same SEED (raw 0.98 "
             "from 1 paired df over 1 idea(s), shrunk toward 0 while few)") in analyze(repo, "status").stdout
+    rows = ledger(repo)
+    text = (repo / ".auto-log-research" / rows[-1]["run_id"] / "analysis.md").read_text()
+    assert f"vs the best's run under the same SEED 43 ({rows[1]['run_id']}, 1.002000): -0.005500" in text
 
 
 # ---------------------------------------------------------------------------
