@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, fixed
-from analysis import claims, plots, report, verdict
+from analysis import claims, pairing, plots, report, verdict
 from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
                             UNBOXED, LedgerError, Store, worker_of)
 
@@ -500,6 +500,8 @@ def build_context(store: Store) -> dict:
         "tampering": (read_text(store.path(fixed.TAMPERING_FILE)) or "").splitlines(),
         "unboxed": unboxed_night(store),
         "summary": summary, "fmt": fmt,
+        "seed_pairing": report.seed_share_line(pairing.store_share(
+            groups, best[0] if best else None, noise["sigma"] if noise["trusted"] else None)),
         "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
         "progress_png": store.path(PROGRESS_PNG).exists(),
         "chain": chain, "best_key": best[0] if best else None, "other_kept": other_kept,

@@ -3,6 +3,7 @@ known answers (empty, only crashes, a run without metrics), and the page opened 
 store made of a real tiny CPU run plus synthetic history: no script errors, a row per run, the kept
 change's diff, the filter working from the URL, a screenshot that is not blank."""
 
+import html as html_text
 import json
 import os
 import re
@@ -109,6 +110,9 @@ def test_kept_chain_reads_like_a_changelog(repo):
     assert night.startswith("val_bpb 1.000000 → 0.952000 ( -0.048000 , -30.4σ) ± 0.001581 noise σ per run "
                             "(pooled from repeats (4 df))")  # σ² = (8e-6 + 2e-6) / 4 df
     assert "7 experiments 6 keep 0 discard 0 rerun 1 pending 0 crash 0 invalid" in night
+    # the change ran under seeds 1, 2, 3, the baseline under 42, 43, 44: nothing pairs
+    assert ("seed pairing: no estimate yet (it needs the noise σ and an idea run at least twice "
+            "under the best's seeds)") in html_text.unescape(night)
 
 
 def test_each_run_opens_its_analysis_with_its_figures_and_notes(repo):
