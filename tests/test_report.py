@@ -38,7 +38,7 @@ def report(repo):
     proc = analyze(repo, "report")
     assert proc.returncode == 0, proc.stderr
     path = repo / ".auto-log-research" / "report.html"
-    assert proc.stdout.startswith(f"wrote .auto-log-research/report.html (") and f"file://{path}" in proc.stdout
+    assert proc.stdout.startswith("wrote .auto-log-research/report.html (") and f"file://{path}" in proc.stdout
     return path.read_text()
 
 
