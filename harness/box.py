@@ -9,6 +9,7 @@ paths each may change is theirs to say.
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -136,10 +137,11 @@ def _devices() -> list:
 
 def shown_under_tmp() -> list:
     """What a box must still see of the host's /tmp, which its own hides, read-only: the Python
-    environment (a checkout or venv under /tmp), the commands on PATH, the prepare cache, and the
-    Slurm client's folder (its slurm.conf; a cluster's munge socket may be there too)."""
+    environment (a checkout or venv under /tmp, and where its site-packages lead: a link may
+    take them elsewhere), the commands on PATH, the prepare cache, and the Slurm client's folder
+    (its slurm.conf; a cluster's munge socket may be there too)."""
     wanted = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
-              Path(settings.CACHE_DIR)]
+              *map(Path, site.getsitepackages()), Path(settings.CACHE_DIR)]
     wanted += [Path(d) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
     if os.environ.get(SLURM_CONF_ENV):
         wanted.append(Path(os.environ[SLURM_CONF_ENV]).parent)
