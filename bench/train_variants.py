@@ -57,13 +57,15 @@ def copy(src: Path, dest: Path):
         shutil.copy(src, dest)
 
 
-def write_variant(dest: Path, name: str) -> Path:
-    """The harness files in dest, with train.py edited into the named variant."""
+def write_variant(dest: Path, name: str, edits: dict = None, owner: str = None) -> Path:
+    """The harness files in dest, with train.py edited into the named variant, then by `edits`
+    (old text: new text), whose stale text names `owner` as the script to update."""
     source = (ROOT / "train.py").read_text()
-    for old, new in VARIANTS[name].items():
+    for old, new in [*VARIANTS[name].items(), *(edits or {}).items()]:
         if old not in source:
+            script = owner or "bench/train_variants.py"
             raise SystemExit(f"error: benchmark variant {name!r} is stale: {old!r} is not in "
-                             f"train.py; update bench/train_variants.py")
+                             f"train.py; update {script}")
         source = source.replace(old, new)
     dest.mkdir(parents=True, exist_ok=True)
     for part in HARNESS[1:]:
