@@ -17,14 +17,16 @@ files are lying around; a finished run whose harness, data or clock does not che
 as invalid, never kept or counted. This file is the command line; the analysis/ package does the
 work. No torch import: analysis takes seconds. A ledger edited by hand (analysis/store.py's chain)
 stops every command: `status` and `report` show a red banner naming its first broken row instead of
-numbers, and the others refuse with one line.
+numbers, and the others refuse with one line. In a boxed night (supervise.py) every command the
+agent gives runs in the night's runner, outside its box (harness/nightrun.py): the store is
+read-only in the box but for its notes folder.
 """
 
 import argparse
 import os
 import sys
 
-from harness import fixed, git, settings
+from harness import fixed, git, nightrun, settings
 from harness.contract import PRIVATE_UMASK, TRAIN_COMMAND, HarnessError
 from analysis import archive, bookkeeping, claims, pairing, plots, report, verdict
 from analysis.store import COMPARE_DIR, IDEAS, LedgerError, Store
@@ -90,7 +92,7 @@ def cmd_claim(args, lines: list):
 def cmd_claims(args, lines: list):
     """Every idea of ideas_queue.md with its claim: free, claimed by a live worker, or tested."""
     store = Store(".")
-    queue = store.path(IDEAS)
+    queue = store.note(IDEAS)
     lines.append(claims.listing(claims.read(store), queue.read_text() if queue.exists() else "",
                                 claims.alive_in(store)))
 
@@ -162,6 +164,9 @@ def cmd_report(args, lines: list):
 
 def cmd_reseal(args, lines: list):
     """Accept a ledger that no longer chains, as it now is, once a person has checked it."""
+    if os.environ.get(settings.NIGHT_ENV):
+        raise HarnessError("reseal is the human's command, after checking the ledger by hand: "
+                           "a night's agent cannot give it")
     store = Store(".")
     with store.lock():
         rows, broken = store.reseal()
@@ -228,7 +233,10 @@ COMMANDS = {None: cmd_analyze, "keep": cmd_keep, "discard": cmd_discard, "compar
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if settings.RUN_SOCKET:  # in a boxed night's agent box: the night's runner writes the store
+        return nightrun.ask("analyze.py", argv, settings.RUN_SOCKET)
     os.umask(PRIVATE_UMASK)  # the store, its ledger and reports: this user's only
     lines = []
     try:

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
               f"root", file=sys.stderr)
         return 1
     if settings.RUN_SOCKET and not settings.IN_SLURM_JOB:  # the night trains it, outside the box
-        return nightrun.ask(args, settings.RUN_SOCKET)
+        return nightrun.ask("launch.py", args, settings.RUN_SOCKET)
     try:
         if settings.IN_SLURM_JOB:  # on the node: the launch.py that submitted the job holds
             return runner.launch(args, here)  # the lock and run.log

@@ -97,6 +97,7 @@ def keep(lines: list, run_id=None, new_baseline: bool = False):
     with bookkeeping(run_id, lines) as (store, ledger, target):
         refuse_keep(target, ledger, new_baseline)
         ideas = claims.read(store)
+        store.notes_folder()
         insights = store.path(INSIGHTS)
         old = insights.read_text() if insights.exists() else None
         comparable = verdict.comparable_key(target)

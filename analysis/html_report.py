@@ -5,7 +5,7 @@ The morning report: .auto-log-research/report.html, one page that tells what the
 
 In order: the night in one line and the progress chart; the chain of kept changes from the baseline
 to the best, each with its numbers and its diff; what the agent learned (insights.md,
-ideas_queue.md and every run's "Agent Investigation Notes"); a sortable, filterable table of all
+ideas_queue.md and every run's notes); a sortable, filterable table of all
 runs, each row opening that run's analysis.md with its plots; failures grouped by cause; the kept
 runs' validation curves and the per-layer gradient norms of the best next to the baseline's.
 
@@ -39,8 +39,6 @@ from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "report.html.j2"
 BROKEN_TEMPLATE = "broken.html.j2"  # the page of a broken ledger: its banner only
-# report.analysis_md ends with it; the agent writes below it
-NOTES_HEADING = "## Agent Investigation Notes"
 # a page left open reloads this often (the supervisor rewrites it after every run)
 REFRESH_S = 60
 # a kept change's diff shown in full up to this many lines (the rest is in diff.patch)
@@ -127,12 +125,21 @@ def without_comments(text: str) -> str:
 
 
 def split_notes(analysis: str) -> tuple:
-    """(analysis.md before its Agent Investigation Notes heading, the notes the agent wrote below
-    it)."""
-    if NOTES_HEADING not in analysis:
+    """(analysis.md before its Agent Investigation Notes heading, what is written below it: the
+    pointer to the run's notes file, or in a store from before notes/ the agent's notes)."""
+    if report.NOTES_HEADING not in analysis:
         return analysis, ""
-    head, notes = analysis.rsplit(NOTES_HEADING, 1)
+    head, notes = analysis.rsplit(report.NOTES_HEADING, 1)
     return head, notes.strip()
+
+
+def run_notes(store: Store, run_id: str, below_heading: str) -> str:
+    """The agent's notes on a run: its notes file, else (a store from before notes/) what it
+    wrote below analysis.md's heading."""
+    written = read_text(store.run_notes(run_id))
+    if written is not None:
+        return written.strip()
+    return "" if below_heading.startswith(report.NOTES_POINTER) else below_heading
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +429,8 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     run_id = record["run_id"]
     folder = store.run_path(run_id)
     analysis = read_text(folder / "analysis.md")
-    head, notes = split_notes(analysis) if analysis is not None else (None, "")
+    head, below = split_notes(analysis) if analysis is not None else (None, "")
+    notes = run_notes(store, run_id, below)
     env = {"base": f"{run_id}/"}
     vram = record.get("peak_vram_mb")
     started = contract.parse_stamp(record.get("started_at"))
@@ -489,7 +497,7 @@ def build_context(store: Store) -> dict:
     md = markdown_renderer()
     names = figure_names(store, ledger)
     rows = [run_row(store, i, r, md, names) for i, r in enumerate(ledger, start=1)]
-    insights, ideas = read_text(store.path(INSIGHTS)), read_text(store.path(IDEAS))
+    insights, ideas = read_text(store.note(INSIGHTS)), read_text(store.note(IDEAS))
     base_run = chain[0]["run_id"] if chain else None
     best_run = best[1][-1]["run_id"] if best else None
     other_kept = sum(1 for r in ledger

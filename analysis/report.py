@@ -10,7 +10,12 @@ import numpy as np
 from harness import contract
 from analysis import stats, verdict
 from harness.settings import MAIN_WORKER
-from analysis.store import worker_of
+from analysis.store import NOTES_DIR, STORE_DIR, worker_of
+
+# analysis.md's last section: where it says the agent's notes on the run are (notes/<run_id>.md;
+# a store from before notes/ has them below this heading)
+NOTES_HEADING = "## Agent Investigation Notes"
+NOTES_POINTER = "This file is the harness's: write your notes on this run in"
 
 STDOUT_MAX_LINES = 15         # what the agent reads after every run; the rest is in analysis.md
 # a config diff longer than this is cut (the full one is in run_summary.json)
@@ -339,7 +344,8 @@ def analysis_md(ctx: dict) -> str:
     out += ["", "## Plots", "", "Each overlays this run with the best and the previous run:", ""]
     out += [f"- [{name}]({name})" for name in ctx["plots"]]
     out += ["", "Files: run_summary.json, metrics.jsonl, run.log, train.py (snapshot), "
-            "diff.patch (against the best).", "", "## Agent Investigation Notes", "", ""]
+            "diff.patch (against the best).", "", NOTES_HEADING, "",
+            f"{NOTES_POINTER} `{STORE_DIR}/{NOTES_DIR}/{r['run_id']}.md`.", ""]
     return "\n".join(out)
 
 

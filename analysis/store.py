@@ -38,8 +38,13 @@ from analysis.runfiles import KIND_CHECKS, SUMMARY_FIELD_KINDS, read_metrics, re
 STORE_DIR = ".auto-log-research"
 RESULTS_TSV = "results.tsv"
 RUNS_JSONL = "runs.jsonl"
-INSIGHTS = "insights.md"
-IDEAS = "ideas_queue.md"      # the agents' prioritised hypotheses (`analyze.py claims` lists them)
+# The agents' own files, the one folder of the store an agent's box may change (night/sandbox.py):
+# everything else is written by analyze.py, which a boxed night runs outside the box
+NOTES_DIR = "notes"
+INSIGHTS = f"{NOTES_DIR}/insights.md"
+IDEAS = f"{NOTES_DIR}/ideas_queue.md"  # prioritised hypotheses (`analyze.py claims` lists them)
+# where a store from before notes/ kept them (Store.notes_folder moves them in)
+LEGACY_NOTES = {"insights.md": INSIGHTS, "ideas_queue.md": IDEAS}
 PROGRESS_PNG = "progress.png"
 REPORT_HTML = "report.html"  # the morning report (analysis/html_report.py)
 LOCK_FILE = ".lock"
@@ -235,6 +240,27 @@ class Store:
 
     def run_path(self, run_id: str) -> Path:
         return self.dir / run_id
+
+    def run_notes(self, run_id: str) -> Path:
+        """The agent's investigation notes on run `run_id` (its analysis.md is the harness's)."""
+        return self.dir / NOTES_DIR / f"{run_id}.md"
+
+    def note(self, name: str) -> Path:
+        """Where to read the note `name` (INSIGHTS, IDEAS): in notes/, or where a store from
+        before notes/ that no command has written since still keeps it."""
+        path = self.path(name)
+        legacy = next((self.path(old) for old, new in LEGACY_NOTES.items() if new == name), None)
+        return legacy if not path.exists() and legacy is not None and legacy.exists() else path
+
+    def notes_folder(self) -> Path:
+        """The notes folder, made where missing; a store from before it has its insights.md and
+        ideas_queue.md moved in."""
+        folder = self.dir / NOTES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        for old, new in LEGACY_NOTES.items():
+            if self.path(old).is_file() and not self.path(new).exists():
+                self.path(old).rename(self.path(new))
+        return folder
 
     @contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT_S):
@@ -471,7 +497,8 @@ class Store:
         if not self.dir.exists():
             return []
         return sorted(p.name for p in self.dir.iterdir()
-                      if p.is_dir() and p.name not in known and p.name not in (COMPARE_DIR,)
+                      if p.is_dir() and p.name not in known
+                      and p.name not in (COMPARE_DIR, NOTES_DIR)
                       and not p.name.startswith("."))
 
     def stale_temp_files(self) -> list:
@@ -501,6 +528,7 @@ class Store:
         notes = []
         if not self.dir.exists():
             return notes
+        self.notes_folder()
         stale = self.stale_temp_files()
         for path in stale:
             path.unlink(missing_ok=True)

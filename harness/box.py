@@ -152,10 +152,11 @@ def shown_under_tmp() -> list:
     return shown
 
 
-def command(run: list, cwd: Path, writable=(), read_only=(), isolated: bool = True,
+def command(run: list, cwd: Path, writable=(), read_only=(), reopened=(), isolated: bool = True,
             relay: Path = None, python: str = sys.executable) -> list:
     """`run` in a box, in `cwd`: `writable` paths bound read-write, then `read_only` ones over
-    them; `isolated`: a network of its own, whose only way out is `relay` (the key proxy's Unix
+    them, then `reopened` ones read-write again over those (a folder inside a read-only one);
+    `isolated`: a network of its own, whose only way out is `relay` (the key proxy's Unix
     socket), reached at RELAY_URL; `python`: the interpreter of the box's stopper."""
     bwrap = [BWRAP, *_base(), *_devices(), "--setenv", "TMPDIR", "/tmp", *_CACHES]
     if isolated:  # nothing to download from: uv must not try
@@ -168,6 +169,8 @@ def command(run: list, cwd: Path, writable=(), read_only=(), isolated: bool = Tr
         bwrap += ["--bind", str(path), str(path)]
     for path in read_only:
         bwrap += ["--ro-bind", str(path), str(path)]
+    for path in reopened:
+        bwrap += ["--bind", str(path), str(path)]
     stopper = [python, "-I", "-c", STOPPER, str(proc.KILL_GRACE_S), str(RELAY_PORT),
                str(relay) if relay is not None and isolated else NO_RELAY]
     return [*bwrap, "--chdir", str(Path(cwd).resolve()), "--", *stopper, *run]

@@ -1,12 +1,14 @@
 """
-launch.py inside a boxed night's agent box: the run is not trained there but by the night's
-runner, outside the box (night/runs.py), asked through the Unix socket $AUTORESEARCH_RUN_SOCKET.
-What the run prints comes back as it is printed and launch.py exits with the run's code, so the
+launch.py and analyze.py inside a boxed night's agent box: neither runs there, but in the night's
+runner, outside the box (night/runs.py), asked through the Unix socket $AUTORESEARCH_RUN_SOCKET;
+so the seals, the ledger and the archive are written by processes the agent's code never ran in.
+What the command prints comes back as it is printed and it exits with the command's code, so the
 agent's loop reads the same. This process ending (Ctrl-C, the CLI's timeout, the session's end)
-ends the run: train.py gets its grace and writes its crash summary, which is sealed.
+ends the command: a run's train.py gets its grace and writes its crash summary, which is sealed.
 
-On the socket: the request, one JSON line {"argv": [...], "env": {...}}; the answer, frames of a
-kind byte and a 4-byte length: OUTPUT (bytes the run printed), then EXIT (its exit code, as text).
+On the socket: the request, one JSON line {"script": ..., "argv": [...], "env": {...},
+"cwd": ...}; the answer, frames of a kind byte and a 4-byte length: OUTPUT (bytes the command
+printed), then EXIT (its exit code, as text).
 """
 
 import json
@@ -16,6 +18,8 @@ import struct
 import sys
 
 FRAME = struct.Struct(">cI")
+# what the runner runs for the agent: a training run, and the bookkeeping that writes the store
+SCRIPTS = ("launch.py", "analyze.py")
 OUTPUT, EXIT = b"o", b"x"
 # a request is an argv and an environment: far below this
 MAX_REQUEST = 1 << 20
@@ -46,8 +50,9 @@ def read_frame(conn: socket.socket):
     return None if payload is None else (kind, payload)
 
 
-def ask(args: list, socket_path: str) -> int:
-    """Have the night's runner train with `args`: its output on stdout, its exit code returned."""
+def ask(script: str, args: list, socket_path: str) -> int:
+    """Have the night's runner run `script` (one of SCRIPTS) with `args`: its output on stdout,
+    its exit code returned."""
     conn = socket.socket(socket.AF_UNIX)
     try:
         conn.connect(socket_path)
@@ -56,13 +61,14 @@ def ask(args: list, socket_path: str) -> int:
               f"night has ended, or this is not its agent's box", file=sys.stderr)
         return 1
     with conn:
-        conn.sendall(json.dumps({"argv": args, "env": dict(os.environ)}).encode() + b"\n")
+        request = {"script": script, "argv": args, "env": dict(os.environ), "cwd": os.getcwd()}
+        conn.sendall(json.dumps(request).encode() + b"\n")
         while (frame := read_frame(conn)) is not None:
             kind, payload = frame
             if kind == OUTPUT:
                 os.write(sys.stdout.fileno(), payload)
             elif kind == EXIT:
                 return int(payload)
-    print("error: the night's runner ended before the run did (the night is stopping)",
+    print(f"error: the night's runner ended before {script} did (the night is stopping)",
           file=sys.stderr)
     return 1

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from analysis.store import IDEAS, INSIGHTS, RESULTS_TSV, STORE_DIR
+from analysis.store import IDEAS, INSIGHTS, NOTES_DIR, RESULTS_TSV, STORE_DIR
 from night import rules, sandbox
 from night.claude import LOG_RESULT_CHARS, MAX_BACKOFF_S
 from night.environment import agent_environment
@@ -66,7 +66,7 @@ def experiment_prompt(sup: Supervisor) -> str:
              "and ideas_queue.md, then follow the verdict (keep, discard, or rerun with another "
              "SEED). When the experiment is done, reply with a short summary and no tool call."]
     for name, label in ((INSIGHTS, "insights.md"), (IDEAS, "ideas_queue.md")):
-        path = sup.store.path(name)
+        path = sup.store.note(name)
         text = (path.read_text()[:6000] if path.exists()
                 else "(missing: create it as program.md says)")
         parts.append(f"## {label}\n{text}")
@@ -96,8 +96,9 @@ def _writable(sup: Supervisor, path: str) -> Path:
     repository, and, in a boxed night, nowhere the box holds read-only."""
     target = _inside(sup.repo, path)
     if not sup.unboxed and sandbox.read_only(sup.repo, target):
-        raise ValueError(f"{path} is read-only to the agent: the harness, its environment and "
-                         f"git's hooks and config are not the experiment's")
+        raise ValueError(f"{path} is read-only to the agent: the harness, its environment, the "
+                         f"store outside {STORE_DIR}/{NOTES_DIR}/ and git's hooks and config are "
+                         f"not the experiment's")
     return target
 
 

@@ -102,3 +102,11 @@ HARNESS_RUNNER = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.appe
 
 def harness_command(script: str, *args) -> list:
     return [sys.executable, "-P", "-c", HARNESS_RUNNER, script, *args]
+
+
+def harness_environment(extra_names=(), night=None) -> dict:
+    """The environment of the harness's commands the night runs itself (for the agent, or to
+    settle and report): the agent's, without the runner's socket, so they run here."""
+    env = agent_environment(extra_names, night=night)
+    env.pop(settings.RUN_SOCKET_ENV, None)
+    return env

@@ -1,10 +1,11 @@
 """
-The night's runner: training runs executed by the night, outside the agent's box. The agent's
-`uv run launch.py` (harness/nightrun.py) asks here, through a Unix socket bound into its box;
-launch.py then runs in the supervisor's worktree with the night's environment, outside every box
-(so the evaluator and the seal are out of the agent's reach), and trains train.py in a box of its
-own (harness/runner.py). What it prints is streamed back as it comes; the asker's end (Ctrl-C, a
-timeout, the session's end) ends the run with its grace.
+The night's runner: training runs and bookkeeping executed by the night, outside the agent's box.
+The agent's `uv run launch.py` and `uv run analyze.py ...` (harness/nightrun.py) ask here, through
+a Unix socket bound into its box; the command then runs in the supervisor's worktree with the
+night's environment, outside every box, so the evaluator and the seal, the ledger and the archive
+are out of the agent's reach; launch.py trains train.py in a box of its own (harness/runner.py).
+What it prints is streamed back as it comes; the asker's end (Ctrl-C, a timeout, the session's
+end) ends the command, a run with its grace.
 """
 
 import json
@@ -16,7 +17,7 @@ import threading
 from pathlib import Path
 
 from harness import nightrun, proc, settings
-from night.environment import agent_environment, harness_command
+from night.environment import harness_command, harness_environment
 
 SOCKET_NAME = "run.sock"
 CHUNK = 64 * 1024
@@ -33,14 +34,20 @@ class _Handler(socketserver.StreamRequestHandler):
         runner = self.server.runner
         try:
             request = json.loads(self.rfile.readline(nightrun.MAX_REQUEST))
-            argv, env = request["argv"], request["env"]
-            if not (all(isinstance(a, str) for a in argv)
+            script, argv, env, cwd = (request["script"], request["argv"], request["env"],
+                                      request["cwd"])
+            if not (script in nightrun.SCRIPTS and isinstance(cwd, str)
+                    and all(isinstance(a, str) for a in argv)
                     and all(isinstance(v, str) for v in env.values())):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             self._say(b"error: the night's runner got a request it cannot read\n", 2)
             return
-        run = runner.start(argv, env)
+        if Path(cwd).resolve() != runner.sup.repo.resolve():
+            self._say(f"error: run {script} in the worktree's root, {runner.sup.repo.resolve()} "
+                      f"(not in {cwd})\n".encode(), 1)
+            return
+        run = runner.start(script, argv, env)
         # the asker sends nothing more: its socket closing means it is gone
         threading.Thread(target=self._end_when_gone, args=(run,), daemon=True).start()
         try:
@@ -81,18 +88,19 @@ class RunService:
         self.server.daemon_threads, self.server.runner = True, self
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def environment(self, asked: dict) -> dict:
-        """launch.py's: the night's (as its agent's commands get it), with train.py boxed and the
+    def environment(self, script: str, asked: dict) -> dict:
+        """The night's (as its agent's commands get it); for launch.py with train.py boxed and the
         asker's own variables (SEED, ...) for train.py only."""
-        env = agent_environment(self.sup.args.pass_env, night=self.sup.night)
-        env.pop(settings.RUN_SOCKET_ENV, None)
-        own = {k: v for k, v in asked.items() if not k.startswith(NIGHT_PREFIX)}
-        env.update({settings.TRAIN_BOX_ENV: "1", settings.TRAIN_VARIABLES_ENV: json.dumps(own)})
+        env = harness_environment(self.sup.args.pass_env, night=self.sup.night)
+        if script == "launch.py":
+            own = {k: v for k, v in asked.items() if not k.startswith(NIGHT_PREFIX)}
+            env.update({settings.TRAIN_BOX_ENV: "1",
+                        settings.TRAIN_VARIABLES_ENV: json.dumps(own)})
         return env
 
-    def start(self, argv: list, asked: dict) -> subprocess.Popen:
-        run = subprocess.Popen(harness_command("launch.py", *argv), cwd=self.sup.repo,
-                               env=self.environment(asked), stdin=subprocess.DEVNULL,
+    def start(self, script: str, argv: list, asked: dict) -> subprocess.Popen:
+        run = subprocess.Popen(harness_command(script, *argv), cwd=self.sup.repo,
+                               env=self.environment(script, asked), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
         with self.lock:

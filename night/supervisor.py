@@ -21,7 +21,7 @@ from analysis.store import NIGHT_FILE, REPORT_HTML, STORE_DIR, Store, worker_of
 from night import rules, sandbox
 from night.runs import RunService
 from night.watch import FixedWatch
-from night.environment import agent_environment, harness_command
+from night.environment import harness_command, harness_environment
 
 PROGRAM = "program.md"
 STATUS_LOG = "status.log"          # one line per event, in the store: `tail -f` it
@@ -208,7 +208,8 @@ class Supervisor:
         self.report_proc = subprocess.Popen(harness_command("analyze.py", "report"), cwd=self.repo,
                                             text=True, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE,
-                                            env=agent_environment(self.args.pass_env))
+                                            env=harness_environment(
+                                                self.args.pass_env))
         if wait:
             self.refresh_report(wait=True)
 
@@ -285,7 +286,8 @@ class Supervisor:
         self.isolated = not self.unboxed and (self.args.backend == "api" or bool(self.secret))
         if not self.unboxed and not (self.args.gpus or self.args.workers):  # one agent: its runner
             self.runs = RunService(self)
-            os.environ[settings.RUN_SOCKET_ENV] = str(self.runs.socket)  # for the agent's launch.py
+            # for the agent's launch.py and analyze.py (not the night's own: harness_environment)
+            os.environ[settings.RUN_SOCKET_ENV] = str(self.runs.socket)
         if not self.worker:  # said once for the night (the start line), not by each worker again
             sandbox.record(self.store, self.unboxed, self.isolated)
             policy = settings.VERDICT or verdict.VERDICT_MODE
@@ -320,7 +322,7 @@ class Supervisor:
         if started is None or any(r.get("started_at") == started for r in self._ledger()):
             return
         done = subprocess.run(harness_command("analyze.py"), cwd=self.repo, capture_output=True,
-                              text=True, env=agent_environment(self.args.pass_env),
+                              text=True, env=harness_environment(self.args.pass_env),
                               timeout=SETTLE_TIMEOUT_S)
         self.write_log(f"[settle] analyze.py -> exit {done.returncode}\n{done.stdout}{done.stderr}")
         self.status("archived the run the stop interrupted: analyze.py " + (
@@ -346,7 +348,8 @@ class Supervisor:
             return
         done = subprocess.run(harness_command("analyze.py", command, what), cwd=self.repo,
                               capture_output=True, text=True,
-                              env=agent_environment(self.args.pass_env), timeout=SETTLE_TIMEOUT_S)
+                              env=harness_environment(self.args.pass_env),
+                              timeout=SETTLE_TIMEOUT_S)
         self.write_log(f"[settle] analyze.py {command} -> exit {done.returncode}\n"
                        f"{done.stdout}{done.stderr}")
         self.status(f"settled the last run: analyze.py {command} " + (

@@ -87,7 +87,9 @@ def test_analysis_md_sections_in_order(repo):
                 "## Per-layer statistics", "## Plots", "## Agent Investigation Notes"]
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions)
-    assert text.rstrip().endswith("## Agent Investigation Notes")
+    assert text.rstrip().endswith(
+        "## Agent Investigation Notes\n\nThis file is the harness's: write your notes on this run in "
+        f"`.auto-log-research/notes/{head(repo)}.md`.")
     assert "σ)" in text  # deltas in noise units
     assert "parted at step" in text  # the planted offset at step 150
     assert "power-law fit" in text and "tail (steps" in text
@@ -245,7 +247,7 @@ def test_rerun_pools_the_runs_of_the_same_code(repo):
 def test_keep_then_discard_gives_the_right_history_and_files(repo):
     baseline(repo)
     base_commit = head(repo)
-    insights = (repo / ".auto-log-research" / "insights.md").read_text()
+    insights = (repo / ".auto-log-research" / "notes" / "insights.md").read_text()
     assert insights.startswith("# Insights") and "## Current Best" in insights
     assert f"`{base_commit}`" in insights and "mean of 3 run(s)" in insights and "1.000000" in insights
     assert {r["status"] for r in ledger(repo)} == {"keep"}
@@ -266,7 +268,7 @@ def test_keep_then_discard_gives_the_right_history_and_files(repo):
     # the discarded change is still in the archive
     assert "+DEPTH = 12" in (repo / ".auto-log-research" / bad_commit / "diff.patch").read_text()
     # the user's own notes in insights.md survive a new keep
-    path = repo / ".auto-log-research" / "insights.md"
+    path = repo / ".auto-log-research" / "notes" / "insights.md"
     path.write_text(path.read_text() + "\n- wider is better at this budget (runs a, b)\n")
     commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
     fake_run(repo, 0.95, seed=10)
@@ -323,7 +325,7 @@ def test_a_run_on_other_hardware_is_never_a_silent_new_baseline(repo):
     proc = analyze(repo, "keep", "--new-baseline")
     assert proc.returncode == 0, proc.stderr
     assert ledger(repo)[-1]["status"] == "keep"
-    assert f"`{entry['commit']}`" in (repo / ".auto-log-research" / "insights.md").read_text()  # the new Current Best
+    assert f"`{entry['commit']}`" in (repo / ".auto-log-research" / "notes" / "insights.md").read_text()  # the new Current Best
 
 
 def test_keep_and_discard_refuse_unsafe_situations(repo):
@@ -563,7 +565,7 @@ def test_real_cpu_run_end_to_end(prepared, repo):
     for plot in plots.PLOTS:
         assert (folder / plot.file).stat().st_size > 1000
     assert analyze(repo, "keep").returncode == 0
-    assert "## Current Best" in (repo / ".auto-log-research" / "insights.md").read_text()
+    assert "## Current Best" in (repo / ".auto-log-research" / "notes" / "insights.md").read_text()
 
 
 def test_analyze_imports_no_torch(repo):

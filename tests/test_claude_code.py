@@ -97,10 +97,10 @@ def night_script(python):
     return [
         # session 1, program.md: the baseline, kept, and the ideas queue
         bash(f"{train} && {py} analyze.py keep"),
-        bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/ideas_queue.md"),
+        bash("printf '# Ideas queue\\n1. a higher Muon lr\\n2. deeper\\n' > .auto-log-research/notes/ideas_queue.md"),
         bash(f"{py} .auto-log-research/probe.py"),
-        # in the box (where bubblewrap works), the harness is read-only to the agent's shell
-        bash("touch harness/probe.py 2>&1 | sed 's/^/box: /'"),
+        # in the box (where bubblewrap works), the harness and the ledger are read-only to the agent's shell
+        bash("touch harness/probe.py .auto-log-research/runs.jsonl 2>&1 | sed 's/^/box: /'"),
         say("baseline kept; stopping here for now"),
         # the API goes down: the CLI retries once (CLAUDE_CODE_MAX_RETRIES=1) and gives up, twice
         outage(4),
@@ -206,8 +206,9 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(night
     assert probe and int(probe[1]) >= 2 and probe[3] == "True", log[-4000:]
     if box.unavailable() is None:  # unboxed, the agent would see this test's own process, which has the key
         assert probe[2] == "[]", probe[0]
-    if box.unavailable() is None:  # the night boxed its agent: the harness is read-only to it
-        assert "[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n" in log
+    if box.unavailable() is None:  # the night boxed its agent: the harness and the ledger are read-only to it
+        assert ("[result] box: touch: cannot touch 'harness/probe.py': Read-only file system\n"
+                "box: touch: cannot touch '.auto-log-research/runs.jsonl': Read-only file system\n") in log
         assert (store / "sandbox.log").read_text().endswith(" | boxed (bubblewrap; network: the API only)\n")
     for path in repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:

@@ -441,13 +441,13 @@ def test_a_failed_commit_marks_nothing_and_discard_again_finishes(repo):
 @pytest.mark.parametrize("command", ["keep", "discard"])
 def test_a_corrupt_claims_file_stops_keep_and_discard_before_the_ledger_changes(repo, command):
     kept_baseline_and_a_worse_run(repo)
-    before, insights = ledger(repo), (repo / STORE / "insights.md").read_text()
+    before, insights = ledger(repo), (repo / STORE / "notes" / "insights.md").read_text()
     claims_file = repo / STORE / "claims.json"
     claims_file.write_text('{"claims": [')  # cut short, as by a crash of an older writer
     error = one_error_line(analyze(repo, command))
     assert f"{claims_file.relative_to(repo)} is corrupt" in error, error
     assert ledger(repo) == before  # the ledger is a command's last write
-    assert (repo / STORE / "insights.md").read_text() == insights
+    assert (repo / STORE / "notes" / "insights.md").read_text() == insights
     claims_file.unlink()
     proc = analyze(repo, command)
     assert proc.returncode == 0, proc.stderr

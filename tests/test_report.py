@@ -120,9 +120,10 @@ def test_each_run_opens_its_analysis_with_its_figures_and_notes(repo):
     assert analyze(repo).returncode == 0
     run_id = head(repo)
     folder = repo / ".auto-log-research" / run_id
-    with open(folder / "analysis.md", "a") as f:
-        f.write("The **gap** is steady; see [the curve](val_bpb.png).\n<script>alert(1)</script>\n")
-    (repo / ".auto-log-research" / "ideas_queue.md").write_text("# Ideas\n\n1. wider MLP\n")
+    notes = repo / ".auto-log-research" / "notes"
+    (notes / f"{run_id}.md").write_text(
+        "The **gap** is steady; see [the curve](val_bpb.png).\n<script>alert(1)</script>\n")
+    (notes / "ideas_queue.md").write_text("# Ideas\n\n1. wider MLP\n")
     html = report(repo)
     template = html.split(f'<template id="run-{run_id}">', 1)[1].split("</template>", 1)[0]
     assert "<h2>Verdict</h2>" in template and "<table>" in template  # analysis.md rendered, tables included
@@ -131,6 +132,28 @@ def test_each_run_opens_its_analysis_with_its_figures_and_notes(repo):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in template and "<script>alert" not in html  # raw HTML stays text
     learned = section(html, "learned")
     assert "<li>wider MLP</li>" in learned and "<strong>gap</strong>" in learned
+
+
+def test_a_store_from_before_notes_shows_its_notes_where_it_kept_them(repo):
+    """insights.md and ideas_queue.md at the store's top, a run's notes below analysis.md's heading:
+    the report reads them there; the next keep moves the two files into notes/."""
+    fake_run(repo, 1.0)
+    assert analyze(repo).returncode == 0
+    store, run_id = repo / ".auto-log-research", head(repo)
+    shutil.rmtree(store / "notes")
+    analysis = (store / run_id / "analysis.md").read_text()
+    old_style = analysis.split("## Agent Investigation Notes")[0] + "## Agent Investigation Notes\n\n"
+    (store / run_id / "analysis.md").write_text(old_style + "A **plateau** after step 10.\n")
+    (store / "insights.md").write_text("# Insights\n\n- a **legacy** finding\n")
+    (store / "ideas_queue.md").write_text("# Ideas\n\n1. an old idea\n")
+    learned = section(report(repo), "learned")
+    assert "<strong>legacy</strong>" in learned and "<li>an old idea</li>" in learned
+    assert "<strong>plateau</strong>" in learned
+    assert analyze(repo, "keep").returncode == 0
+    assert not (store / "insights.md").exists() and not (store / "ideas_queue.md").exists()
+    moved = (store / "notes" / "insights.md").read_text()
+    assert "- a **legacy** finding" in moved and "## Current Best" in moved
+    assert (store / "notes" / "ideas_queue.md").read_text() == "# Ideas\n\n1. an old idea\n"
 
 
 def test_the_report_stays_out_of_analyze(repo):
@@ -218,12 +241,13 @@ def night(prepared, tmp_path_factory):
             assert analyze(repo).returncode == 0
         git(repo, "checkout", "train.py")
         store = repo / ".auto-log-research"
-        (store / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
+        (store / "notes").mkdir(exist_ok=True)
+        (store / "notes" / "ideas_queue.md").write_text("# Ideas queue\n\n1. **warmup 2x**: the loss is still falling at the end\n"
                                               "2. a wider MLP\n"
                                               "3. as in ![the paper's figure](https://example.invalid/beacon.png)\n")
         first = ledger(repo)[0]["run_id"]
-        with open(store / first / "analysis.md", "a") as f:
-            f.write("Checked the train/val gap by hand: steady, no overfitting.\n")
+        (store / "notes" / f"{first}.md").write_text(
+            "Checked the train/val gap by hand: steady, no overfitting.\n")
         report(repo)
         return repo
 

@@ -1,5 +1,6 @@
 """Runs executed by the night (night/runs.py), with real boxes and real tiny CPU runs: the agent's
-`launch.py`, in its box, has the night's runner train outside it; train.py trains in a box of its own,
+`launch.py`, in its box, has the night's runner train outside it, and its `analyze.py` has it write
+the store, which is read-only in the box; train.py trains in a box of its own,
 from which it sees neither launch.py nor the evaluator and can change nothing but its run directory; the
 seal comes from outside every box; the agent's own variables reach train.py but never the harness's
 settings; and an agent that ends its launch.py mid-run (Ctrl-C, a timeout) leaves a sealed crash.
@@ -84,10 +85,24 @@ def test_the_agents_launch_has_the_night_train_outside_its_box(night_runner):
     assert summary["status"] == "ok" and summary["time_budget_s"] == 3.0
     assert contract.seal_path(repo, summary["started_at"]).exists()  # sealed, from outside
     assert (repo / "run.log").read_text().endswith(done.stdout[-200:])
-    archived = analyze(repo)
+
+    # the agent's analyze.py, in the same box (where the store is read-only), has the runner write
+    def analyze_in_box(*args):
+        return subprocess.run(sandbox.box([sys.executable, "analyze.py", *args], repo,
+                                          runner=service.folder),
+                              cwd=repo, env=agent_env, capture_output=True, text=True, timeout=300)
+    archived = analyze_in_box()
     assert archived.returncode == 0, archived.stdout + archived.stderr
+    assert "verdict:" in archived.stdout  # its output, streamed back
     row = json.loads((repo / ".auto-log-research" / "runs.jsonl").read_text().splitlines()[-1])
     assert (row["status"], row["integrity"]) == ("pending", []), row  # sealed and believed
+    kept = analyze_in_box("keep")
+    assert kept.returncode == 0 and f"kept {row['run_id']}" in kept.stdout, kept.stdout + kept.stderr
+    assert "## Current Best" in (repo / ".auto-log-research" / "notes" / "insights.md").read_text()
+    refused = analyze_in_box("reseal")
+    assert (refused.returncode, refused.stdout) == (1, (  # the runner's output is one stream
+        "error: reseal is the human's command, after checking the ledger by hand: a night's agent "
+        "cannot give it\n"))
 
 
 def test_a_run_fabricated_in_the_agents_box_cannot_be_sealed(night_runner):

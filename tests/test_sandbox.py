@@ -1,7 +1,8 @@
 """The agent's box (night/sandbox.py), attacked from inside with a real bubblewrap sandbox: a probe
 run as the agent's shell would run it, as root and as a non-root user, reads every environment,
 command line and memory it can see and every file under /tmp, tries to write the harness, the
-environment, the cache and git's hooks, and leaves a process behind. Outside the box a stand-in of
+environment, the cache, the store's ledger, archive and report and git's hooks (and the notes, which
+it may), and leaves a process behind. Outside the box a stand-in of
 the night holds a secret (its environment, its command line, a key file in /tmp). Also: a machine
 where no box can be made, and the one line a night says about it. Skipped with the reason where
 bubblewrap is missing; .ci/run installs it."""
@@ -107,6 +108,16 @@ def left_behind() -> list:
     return found
 
 
+def a_store(repo):
+    """The store as after a night's first run: its ledger, a run's folder, the notes folder."""
+    store = repo / ".auto-log-research"
+    (store / "notes").mkdir(parents=True)
+    (store / "abc1234").mkdir()
+    for name in ("runs.jsonl", "results.tsv", "report.html", "abc1234/analysis.md",
+                 "notes/insights.md"):
+        (store / name).write_text("as analyze.py wrote it\n")
+
+
 @pytest.fixture(params=["root", "nobody"])
 def box_user(request, tmp_path, monkeypatch):
     """(the repository, the uid the box runs as, the interpreter for the probe and the stopper):
@@ -116,7 +127,7 @@ def box_user(request, tmp_path, monkeypatch):
         if os.geteuid() != 0:
             pytest.skip("the root half needs root")
         repo = make_repo(tmp_path / "repo", HARNESS)
-        (repo / ".auto-log-research").mkdir()  # the store, as the night makes it
+        a_store(repo)
         yield repo, None, sys.executable
         return
     if os.geteuid() != 0:
@@ -130,7 +141,7 @@ def box_user(request, tmp_path, monkeypatch):
     cache.mkdir()
     (cache / contract.MANIFEST).write_text("{}\n")
     (cache / contract.SEALS_DIR).mkdir()
-    (repo / ".auto-log-research").mkdir()  # the store, as a night of nobody's would have made it
+    a_store(repo)  # as a night of nobody's would have made it
     monkeypatch.setattr(settings, "CACHE_DIR", cache)
     # this test, as root, lays out the box of nobody's repository: git would refuse to read it
     for name, value in {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory",
@@ -151,8 +162,11 @@ def test_a_probe_from_the_agents_shell_finds_no_secret_and_changes_no_fixed_file
     venv_hook = Path(sysconfig.get_paths()["purelib"]) / "probe-hook.pth"
     cache = settings.CACHE_DIR
     (cache / contract.SEALS_DIR).mkdir(exist_ok=True)  # as after a run
-    allowed = [repo / "train.py", repo / ".auto-log-research" / "notes.md"]
-    refused = [cache / contract.SEALS_DIR / "probe.json", repo / "harness" / "metric.py", repo / "analysis" / "integrity.py",
+    store = repo / ".auto-log-research"
+    allowed = [repo / "train.py", store / "notes" / "insights.md", store / "notes" / "abc1234.md"]
+    refused = [store / "runs.jsonl", store / "results.tsv", store / "report.html",
+               store / "abc1234" / "analysis.md", store / "forged-run.md",
+               cache / contract.SEALS_DIR / "probe.json", repo / "harness" / "metric.py", repo / "analysis" / "integrity.py",
                repo / "launch.py", repo / "prepare.py", repo / ".git" / "config",
                repo / ".git" / "hooks" / "post-checkout", cache / contract.MANIFEST, venv_hook]
     command = sandbox.box([python, "probe.py", str(report), *map(str, allowed + refused)], repo,

@@ -125,8 +125,8 @@ time.sleep(3600)
 def test_a_night_on_slurm_trains_as_jobs_and_a_cancelled_job_is_a_crash_with_the_schedulers_reason(
         prepared, cluster, tmp_path):
     repo = night_repo(tmp_path / "repo")
-    # where the agent's box can read and write (a dot-folder of the store, which its repair leaves alone)
-    calls = repo / ".auto-log-research" / ".test-calls"
+    # where the agent's box can read and write (the store's notes)
+    calls = repo / ".auto-log-research" / "notes" / ".test-calls"
     calls.mkdir(parents=True)
     agent = calls / "agent.py"
     agent.write_text(STAND_IN)
@@ -143,7 +143,8 @@ def test_a_night_on_slurm_trains_as_jobs_and_a_cancelled_job_is_a_crash_with_the
         ("slurm", PARTITION, "gpu:1")
 
     rows = Store(repo).read_ledger()
-    assert [r["status"] for r in rows] == ["keep", "keep", "crash"], [(r["run_id"], r["status"], r.get("error")) for r in rows]
+    assert [r["status"] for r in rows] == ["keep", "keep", "crash"], \
+        [(r["run_id"], r["status"], r.get("error"), r.get("integrity")) for r in rows]
     store = repo / ".auto-log-research"
     for r in rows[:2]:  # trained as Slurm jobs: the job's output is the run's log, and the number is the harness's
         archived = (store / r["run_id"] / "run.log").read_text()

@@ -167,7 +167,7 @@ def three_experiments():
         [bash("env | grep -c ANTHROPIC_API_KEY; tr '\\0' '\\n' < /proc/$PPID/environ | grep -c ANTHROPIC_API_KEY")],
         [bash(f"{TRAIN_ANALYZE} && {PY} analyze.py keep")],
         [{"type": "tool_use", "name": "write_file",
-          "input": {"path": ".auto-log-research/ideas_queue.md", "content": "# Ideas queue\n1. higher matrix lr\n"}}],
+          "input": {"path": ".auto-log-research/notes/ideas_queue.md", "content": "# Ideas queue\n1. higher matrix lr\n"}}],
         done("baseline kept"),
         # 2: a change, committed, trained, discarded (reverted to the best)
         [{"type": "text", "text": "trying a higher Muon lr"},
@@ -210,8 +210,8 @@ def test_api_backend_drives_three_iterations_of_the_real_loop(prepared, repo):
     for r in rows:
         assert (store.run_path(r["run_id"]) / "analysis.md").exists()
     assert "MATRIX_LR = 0.4" in (store.run_path(rows[1]["run_id"]) / "diff.patch").read_text()
-    assert f"`{base}`" in store.path("insights.md").read_text()
-    assert store.path("ideas_queue.md").read_text().startswith("# Ideas queue")
+    assert f"`{base}`" in store.path("notes/insights.md").read_text()
+    assert store.path("notes/ideas_queue.md").read_text().startswith("# Ideas queue")
     # the morning report, rewritten as the ledger changed and once more for the settled night
     report = store.path("report.html").read_text()
     assert report.count('<tr class="run"') == 3

@@ -57,7 +57,7 @@ if not os.path.exists(done):
     base = train(seed=seed)
     sh(py + " analyze.py keep " + base["run_id"])
     sh(py + " analyze.py sync")
-    ideas = [l.strip() for l in open(".auto-log-research/ideas_queue.md") if re.match(r"\\d+\\.", l.strip())]
+    ideas = [l.strip() for l in open(".auto-log-research/notes/ideas_queue.md") if re.match(r"\\d+\\.", l.strip())]
     idea = next((i for i in ideas if sh(py + " analyze.py claim " + shlex.quote(i), check=False).returncode == 0), None)
     if idea is None:
         sys.exit("no free idea")
@@ -76,13 +76,13 @@ def test_three_workers_share_one_store_one_best_and_never_test_an_idea_twice(pre
     repo = night_repo(tmp_path / "repo")
     store = repo / ".auto-log-research"
     store.mkdir()
-    # in the store, which every worker's box can read and write (the agents run boxed where bubblewrap works),
-    # in a dot-folder, which the store's repair of orphaned archive folders leaves alone
-    calls = store / ".test-calls"
-    calls.mkdir()
+    # in the store's notes, which every worker's box can read and write (the agents run boxed where
+    # bubblewrap works)
+    calls = store / "notes" / ".test-calls"
+    calls.mkdir(parents=True)
     agent = store / "agent.py"
     agent.write_text(STAND_IN)
-    (store / "ideas_queue.md").write_text("# Ideas queue\n\n" + "".join(f"{i + 1}. {idea}\n" for i, idea in
+    (store / "notes" / "ideas_queue.md").write_text("# Ideas queue\n\n" + "".join(f"{i + 1}. {idea}\n" for i, idea in
                                                                           enumerate(IDEAS)))
     api = StreamingMessagesAPI([])
     env = {**os.environ, **GIT_ENV, "CALLS": str(calls), "AUTORESEARCH_TIME_BUDGET": "3",
@@ -375,8 +375,8 @@ def test_a_claim_is_refused_while_its_worker_lives_and_for_good_once_tested():
 
 def test_a_dead_workers_claim_is_free_and_the_listing_shows_every_idea(tmp_path, prepared):
     repo = night_repo(tmp_path / "repo")
-    (repo / ".auto-log-research").mkdir()
-    (repo / ".auto-log-research" / "ideas_queue.md").write_text(
+    (repo / ".auto-log-research" / "notes").mkdir(parents=True)
+    (repo / ".auto-log-research" / "notes" / "ideas_queue.md").write_text(
         "# Ideas queue\n\n1. set MATRIX_LR to 0.03\n2. set SCALAR_LR to 0.4\nsome prose, not an idea\n")
     store = Store(repo)
     gpu0, gpu1, gpu2 = (life_of(store, f"gpu{i}-life") for i in range(3))
