@@ -14,9 +14,17 @@ another seed. All nights of a cell advance together, one run per step, so the ru
 Common random numbers: every rule sees the same ideas and the same noise draws (the k-th run of idea i, the
 j-th run of the baseline), so differences between rules are not differences of luck.
 
+Seed noise (`--rho`, `--seeds`): a run's noise is σ(√ρ·s + √(1-ρ)·e), where s belongs to the run's SEED
+(shared by every code run under it in the night: its initialisation and data order) and e to the run alone;
+ρ is the share of run noise that comes from the seed (bench/bench_pairing.py measures it). Which seed a run
+gets: `paired` (the project's convention, program.md: the k-th run of every code, the baseline's included,
+under the k-th seed), `fixed` (every run under one seed, as autoresearch's train.py) or `fresh` (a new seed
+per run: independent noise, whatever ρ). ρ = 0 is the model before seed noise, draw for draw.
+
     uv run bench/night_sim.py                               # the base prior, σ = 0.0003 / 0.0013 / 0.003
     uv run bench/night_sim.py --prior all --json bench/results/night-sim-2026-12-01.json
     uv run bench/night_sim.py --check 40                    # the vectorised rules decide as decide() does
+    uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.3,0.6,0.9 --seeds paired,fresh
 """
 
 import argparse
@@ -55,6 +63,8 @@ PRIORS = {
 }
 BASELINE_RUNS = {"autoresearch": 1}  # autoresearch runs its baseline once; the project's rules: --baseline-runs
 
+SEED_CONVENTIONS = ("paired", "fixed", "fresh")  # which seed a run gets (see the docstring)
+
 KEEP, DISCARD, RERUN = verdict.KEEP_CODE, verdict.DISCARD_CODE, verdict.RERUN_CODE  # every rule answers in these
 
 
@@ -71,8 +81,21 @@ def draw_streams(prior: dict, nights: int, runs: int, seed: int) -> dict:
     delta = np.where(helpful, -rng.exponential(prior["helpful_mean"], (nights, runs)),
                      np.where(harmful, rng.uniform(prior["harmful_lo"], prior["harmful_hi"], (nights, runs)),
                               rng.uniform(0.0, prior["noop_hi"], (nights, runs)) if prior["noop_hi"] else 0.0))
-    return {"delta": delta, "eps_idea": rng.standard_normal((nights, runs, MAX_RUNS_PER_IDEA)),
-            "eps_best": rng.standard_normal((nights, runs))}
+    streams = {"delta": delta, "eps_idea": rng.standard_normal((nights, runs, MAX_RUNS_PER_IDEA)),
+               "eps_best": rng.standard_normal((nights, runs))}
+    # drawn last, so that ρ = 0 reproduces the nights drawn before seed noise was modelled
+    streams["seed"] = rng.standard_normal((nights, MAX_RUNS_PER_IDEA))  # s of the k-th seed
+    return streams
+
+
+def run_noise(eps: np.ndarray, streams: dict, k, rho: float, seeds: str) -> np.ndarray:
+    """Standard-normal noise of runs whose own draw is `eps`, run as the k-th of their code (an int,
+    or one per night): the seed's share √ρ·s plus the run's own √(1-ρ)·e."""
+    if seeds == "fresh" or rho == 0:
+        return eps
+    rows = np.arange(streams["seed"].shape[0])
+    s = streams["seed"][rows, 0 if seeds == "fixed" else k]
+    return math.sqrt(rho) * s + math.sqrt(1 - rho) * eps
 
 
 # ---------------------------------------------------------------------------
@@ -131,13 +154,15 @@ for _mode, _policy in verdict.POLICIES.items():
 # One cell: nights of one rule at one σ
 # ---------------------------------------------------------------------------
 
-def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, record: int = 0) -> dict:
+def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, record: int = 0,
+             rho: float = 0.0, seeds: str = "paired") -> dict:
     """Run every night of `streams` under `rule`; per-night outcomes, and the first `record` nights' decisions
-    (candidate values, best values, verdict) for --check."""
+    (candidate values, best values, verdict) for --check. rho, seeds: the seed noise (module docstring)."""
     delta_all, eps_i, eps_b = streams["delta"], streams["eps_idea"], streams["eps_best"]
     nights = delta_all.shape[0]
     rows = np.arange(nights)
-    base = BASE_VALUE + sigma * eps_b[:, :baseline_runs]
+    base = BASE_VALUE + sigma * np.stack([run_noise(eps_b[:, j], streams, j, rho, seeds)
+                                          for j in range(baseline_runs)], axis=1)
     best_true = np.full(nights, BASE_VALUE)
     best_n = np.full(nights, baseline_runs)
     best_mean = base.mean(axis=1)
@@ -151,7 +176,7 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
     hist = [{"best": list(base[i]), "cand": []} for i in range(min(record, nights))]
     for _ in range(runs - baseline_runs):
         delta = delta_all[rows, idea]
-        x = best_true + delta + sigma * eps_i[rows, idea, cand_n]
+        x = best_true + delta + sigma * run_noise(eps_i[rows, idea, cand_n], streams, cand_n, rho, seeds)
         dx = x - cand_mean
         noise_ss += np.where(cand_n > 0, cand_n / (cand_n + 1) * dx ** 2, 0.0)
         noise_df += cand_n > 0
@@ -288,25 +313,30 @@ def pareto(sigmas: list, nights: int, runs: int, baseline_runs: int, seed: int) 
 # Command line
 # ---------------------------------------------------------------------------
 
-def run_cells(priors: list, sigmas: list, rules: list, nights: int, runs: int, baseline_runs: int, seed: int) -> list:
+def run_cells(priors: list, sigmas: list, rules: list, nights: int, runs: int, baseline_runs: int, seed: int,
+              rhos=(0.0,), conventions=("paired",)) -> list:
     results = []
     for p_index, prior_name in enumerate(priors):
         streams = draw_streams(PRIORS[prior_name], nights, runs, seed + p_index)
         for sigma in sigmas:
-            for name in rules:
-                b = BASELINE_RUNS.get(name, baseline_runs)
-                out = simulate(RULES[name], streams, sigma, runs, b)
-                results.append({"prior": prior_name, "sigma": sigma, "rule": name, "baseline_runs": b,
-                                **summarize(out, runs, b)})
+            for rho in rhos:
+                for seeds in conventions:
+                    for name in rules:
+                        b = BASELINE_RUNS.get(name, baseline_runs)
+                        out = simulate(RULES[name], streams, sigma, runs, b, rho=rho, seeds=seeds)
+                        results.append({"prior": prior_name, "sigma": sigma, "rho": rho, "seeds": seeds,
+                                        "rule": name, "baseline_runs": b, **summarize(out, runs, b)})
     return results
 
 
 def table(results: list) -> str:
-    lines = ["| prior | σ | rule | true gain (mbpb, ±95 %) | false keeps | harmful keeps | helpful missed | "
-             "ideas decided | runs / keep | optimism (mbpb) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| prior | σ | ρ | seeds | rule | true gain (mbpb, ±95 %) | false keeps | harmful keeps | "
+             "helpful missed | ideas decided | runs / keep | optimism (mbpb) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rpk = f"{r['runs_per_keep']:.1f}" if r["runs_per_keep"] else "—"
-        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rule']} | {r['true_gain_mbpb']:.1f} ± {r['gain_ci95']:.1f} "
+        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rho']:g} | {r['seeds']} | {r['rule']} | "
+                     f"{r['true_gain_mbpb']:.1f} ± {r['gain_ci95']:.1f} "
                      f"| {r['false_keeps']:.2f} | {r['harmful_keeps']:.2f} | {r['helpful_missed']:.1f} | "
                      f"{r['decided']:.1f} | {rpk} | {r['optimism_mbpb']:+.2f} |")
     return "\n".join(lines)
@@ -321,11 +351,18 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="5-minute runs per night, the baseline included")
     parser.add_argument("--baseline-runs", type=int, default=3, help="runs of the baseline (program.md: 3)")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--rho", default="0", help="the seed's share of run noise, comma-separated")
+    parser.add_argument("--seeds", default="paired",
+                        help=f"which seed each run gets, comma-separated: {', '.join(SEED_CONVENTIONS)}")
     parser.add_argument("--check", type=int, metavar="K", help="replay K nights through decide() and compare")
     parser.add_argument("--pareto", action="store_true", help="sweep PARETO_GRID on the base prior instead")
     parser.add_argument("--json", help="write the results (and the command) here")
     args = parser.parse_args(argv)
     sigmas = [float(s) for s in args.sigma.split(",")]
+    rhos = [float(r) for r in args.rho.split(",")]
+    conventions = args.seeds.split(",")
+    if not all(0 <= r < 1 for r in rhos) or not set(conventions) <= set(SEED_CONVENTIONS):
+        parser.error(f"--rho takes shares in [0, 1); --seeds takes {', '.join(SEED_CONVENTIONS)}")
     if args.check:
         mismatches, checked = check(args.check, sigmas, args.runs, args.baseline_runs, args.seed)
         print(f"checked {checked} decisions against decide(): {len(mismatches)} differ")
@@ -345,7 +382,8 @@ def main(argv=None) -> int:
         return 0
     priors = list(PRIORS) if args.prior == "all" else args.prior.split(",")
     started = time.time()
-    results = run_cells(priors, sigmas, args.rules.split(","), args.nights, args.runs, args.baseline_runs, args.seed)
+    results = run_cells(priors, sigmas, args.rules.split(","), args.nights, args.runs, args.baseline_runs, args.seed,
+                        rhos, conventions)
     print(table(results))
     print(f"({args.nights} nights per cell, {args.runs} runs per night, seed {args.seed}, "
           f"{time.time() - started:.0f} s)")

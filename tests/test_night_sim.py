@@ -1,10 +1,12 @@
 """The simulated night (bench/night_sim.py) in seconds: the project's rule keeps at most 1 idea without a real
-gain per night and beats the rule before issue 11 on true gain, on fixed seeds; and its vectorised rules decide
-exactly as the scalar decide() does."""
+gain per night and beats the rule before issue 11 on true gain, on fixed seeds; its vectorised rules decide
+exactly as the scalar decide() does; and its seed noise shares ρ between runs under one seed, which paired seeds
+turn into gain."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -35,3 +37,29 @@ def test_the_vectorised_rules_decide_as_decide_does():
         pytest.skip(f"git show {night_sim.TODAY_COMMIT} unavailable: {e}")
     mismatches, checked = night_sim.check(3, [0.0013], 100, 3, seed=5)
     assert checked > 500 and mismatches == []
+
+
+def test_runs_under_one_seed_share_rho_of_their_noise():
+    """Two runs of the k-th seed differ by noise of variance 2(1 - ρ) (in σ²); under fresh seeds, 2."""
+    rng = np.random.default_rng(3)
+    streams = {"seed": rng.standard_normal((200_000, night_sim.MAX_RUNS_PER_IDEA))}
+    a, b = rng.standard_normal(200_000), rng.standard_normal(200_000)
+    for rho in (0.3, 0.9):
+        paired = night_sim.run_noise(a, streams, 2, rho, "paired") - night_sim.run_noise(b, streams, 2, rho, "paired")
+        fresh = night_sim.run_noise(a, streams, 2, rho, "fresh") - night_sim.run_noise(b, streams, 2, rho, "fresh")
+        assert abs(paired.var() - 2 * (1 - rho)) < 0.03 and abs(fresh.var() - 2) < 0.03
+        assert abs(night_sim.run_noise(a, streams, 2, rho, "paired").var() - 1) < 0.02  # a run's own σ stays σ
+    # the k-th run of a code and the j-th of another share nothing when j != k
+    other = night_sim.run_noise(b, streams, 3, 0.9, "paired")
+    assert abs((night_sim.run_noise(a, streams, 2, 0.9, "paired") - other).var() - 2) < 0.03
+
+
+def test_paired_seeds_buy_gain_when_the_seed_carries_the_noise():
+    """At ρ = 0.9 the project's rule on paired seeds (program.md's convention) finds more real gain
+    than on fresh seeds, with the same ideas and draws; at ρ = 0 the two are the same nights."""
+    streams = night_sim.draw_streams(night_sim.PRIORS["base"], 1000, 100, seed=17)
+    gain = {(rho, seeds): night_sim.summarize(night_sim.simulate(night_sim.RULES["project"], streams, 0.0013, 100, 3,
+                                                                 rho=rho, seeds=seeds), 100, 3)["true_gain_mbpb"]
+            for rho in (0.0, 0.9) for seeds in ("paired", "fresh")}
+    assert gain[(0.0, "paired")] == gain[(0.0, "fresh")]
+    assert gain[(0.9, "paired")] > gain[(0.9, "fresh")] + 1.0, gain
