@@ -12,7 +12,7 @@ import numpy as np
 
 from harness import contract, git, settings
 from harness.contract import HarnessError
-from analysis import integrity, plots, report, runfiles, stats, verdict
+from analysis import integrity, pairing, plots, report, runfiles, stats, verdict
 from analysis.store import PROGRESS_PNG, Store
 from analysis.worker import current as this_worker
 
@@ -71,9 +71,14 @@ def judge(record: dict, ledger: list, best_records, noise: dict, mode: str) -> d
     same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
     kept = [r for r in ledger if r["status"] == "keep"]
     changes = verdict.pool_changes(record, kept[-1]) if kept and not best_records else None
+    share = pairing.store_share(verdict.pools(ledger + [record], verdict.comparable_key(record)),
+                                verdict.code_key(best_records[0]) if best_records else None,
+                                noise.get("sigma"))
     decision = verdict.decide([r["val_bpb"] for r in candidate],
                               [r["val_bpb"] for r in best_records] if best_records else None, noise,
-                              same_as_best=same, new_pool=changes, policy=verdict.POLICIES[mode])
+                              same_as_best=same, new_pool=changes, policy=verdict.POLICIES[mode],
+                              shared_seeds=pairing.shared_seeds(candidate, best_records or []),
+                              rho=share["rho"])
     return {**decision, "next_seed": verdict.next_seed(ledger, record)}
 
 

@@ -50,6 +50,21 @@ def unpaired_share(first, second) -> float:
     return seed_share(first, np.roll(np.asarray(second, float), -1))
 
 
+def same_shapes(a: dict, b: dict) -> bool:
+    """Whether two runs' models have the same initialisation's shapes, so that one SEED draws the
+    same initial weights in both: their parameter counts agree (a change of width, depth or
+    vocabulary changes it). Runs that differ are never paired."""
+    return a.get("num_params_M") is not None and a.get("num_params_M") == b.get("num_params_M")
+
+
+def shared_seeds(candidate: list, best: list) -> int:
+    """How many SEEDs the candidate's runs share with the best's (ledger records; 0 when their
+    shapes differ)."""
+    if not candidate or not best or not same_shapes(candidate[0], best[0]):
+        return 0
+    return len({r.get("seed") for r in candidate} & {r.get("seed") for r in best} - {None})
+
+
 # A store's pooled rho-hat is shrunk toward 0 by df / (df + SHRINK_DF), df its paired degrees of
 # freedom: with 2 (one idea run 3 times on the best's seeds) it counts for a fifth of what it says,
 # with 40 for 83 %. Rho is never taken from fewer pairs than the data support.
@@ -60,14 +75,16 @@ def store_share(groups: dict, best_key, sigma) -> dict:
     """The store's seed share: each code's runs paired with the best's runs under the same SEED.
 
     groups: {code key: [ledger records]} (verdict.pools), best_key: the best's code key, sigma: the
-    store's noise sigma (None: no estimate yet). The paired differences of each code with 2 or more
-    shared seeds give Var(difference) about their own mean (df: their count less one per code);
+    store's noise sigma (None: no estimate yet). The paired differences of each code of the best's
+    shapes (same_shapes) with 2 or more shared seeds give Var(difference) about their own mean
+    (df: their count less one per code);
     raw = 1 - Var / (2 sigma^2), and the reported rho is max(raw, 0) * df / (df + SHRINK_DF).
     Returns {"rho", "raw", "df", "codes"} (rho and raw None without paired runs or sigma)."""
-    best = {r.get("seed"): r["val_bpb"] for r in groups.get(best_key, [])}
+    best_runs = groups.get(best_key, [])
+    best = {r.get("seed"): r["val_bpb"] for r in best_runs}
     squares, df, codes = 0.0, 0, 0
     for key, records in groups.items():
-        if key == best_key:
+        if key == best_key or not best_runs or not same_shapes(records[0], best_runs[0]):
             continue
         differences = np.asarray([r["val_bpb"] - best[r.get("seed")] for r in records
                                   if r.get("seed") in best], float)

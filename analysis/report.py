@@ -141,7 +141,7 @@ def _verdict_section(ctx) -> list:
             f"| best mean (runs) | {d['best_mean']:.6f} ({d['n_best']}) |",
             f"| difference | {d['delta']:+.6f} |",
             f"| noise σ per run | {d['sigma']:.6f} ({d['sigma_source']}) |",
-            f"| standard error of the difference | {d['se']:.6f} |",
+            f"| standard error of the difference | {d['se']:.6f} ({_pairing_words(d)}) |",
             f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below "
             f"{policy['keep_alpha']} on {policy['confirm_runs']} runs, or below "
             f"{policy['strong_alpha']} on fewer) |",
@@ -153,6 +153,17 @@ def _verdict_section(ctx) -> list:
         max_runs = (d.get("policy") or {}).get("max_runs", verdict.MAX_RUNS_PER_CANDIDATE)
         out.append(f"(a candidate within the noise after {max_runs} runs is discarded)")
     return out
+
+
+def _pairing_words(d: dict) -> str:
+    """How the verdict's standard error counted the SEEDs the candidate shares with the best."""
+    shared = d.get("shared_seeds") or 0
+    if d.get("rho") is not None:
+        return (f"paired: {shared} SEED(s) shared with the best, which share ρ = {d['rho']:.2f} "
+                f"of the noise")
+    if shared:
+        return f"unpaired: {shared} SEED(s) shared with the best, but no estimate of ρ yet"
+    return "unpaired: no SEED shared with a best of the same shapes"
 
 
 def _config_section(ctx) -> list:

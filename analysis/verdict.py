@@ -229,7 +229,7 @@ KILLED_MARK = "terminated by SIGTERM"
 
 def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: bool = False,
            error: str = None, new_pool: list = None, repeats_seed_of: str = None,
-           policy: dict = None) -> dict:
+           policy: dict = None, shared_seeds: int = 0, rho: float = None) -> dict:
     """The verdict on a candidate, with every number behind it.
 
     candidate: val_bpb of every finished run of the candidate's code (this run included).
@@ -242,7 +242,10 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     (pool_changes): such a run is never a silent new baseline. repeats_seed_of: the run id of an
     earlier run of the same code under the same SEED (same_seed_run): this run measured nothing new
     and is not pooled. policy: one of POLICIES (default: VERDICT_MODE's); the keep, rerun and
-    discard of a finished run are sequential_verdict's."""
+    discard of a finished run are sequential_verdict's. shared_seeds: how many SEEDs the
+    candidate's runs share with the best's (pairing.shared_seeds), rho: the store's shrunk share of
+    the noise those runs have in common (pairing.store_share; None: no estimate): the standard
+    error of the difference counts their covariance (paired_se)."""
     unjudged = _unjudged(failed, error, repeats_seed_of)
     if unjudged is not None:
         return unjudged
@@ -263,15 +266,25 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
     best_mean = float(best.mean())
     sigma, df, sigma_source = _verdict_sigma(noise or noise_estimate([]), best_mean)
     delta = out["candidate_mean"] - best_mean
-    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
+    se = paired_se(sigma, len(candidate), len(best), shared_seeds, rho)
     z = delta / se if se > 0 else (-math.inf if delta < 0 else math.inf if delta > 0 else 0.0)
     p_noise, p_welch = _p_values(z, df, candidate, best)
     policy = POLICIES[VERDICT_MODE] if policy is None else policy
     out.update(n_best=len(best), best_mean=best_mean, delta=delta, sigma=sigma,
                sigma_source=sigma_source, delta_sigma=delta / sigma if sigma > 0 else None, se=se,
+               shared_seeds=shared_seeds, rho=rho if shared_seeds else None,
                z=z, p_value=p_noise, p_welch=p_welch, keep_alpha=policy["keep_alpha"],
                policy=dict(policy, futility=list(policy["futility"])))
     return {**out, **_sequential_decision(len(candidate), delta, se, df, p_noise, p_welch, policy)}
+
+
+def paired_se(sigma: float, n_candidate: int, n_best: int, shared: int = 0, rho: float = None):
+    """The standard error of mean(candidate) - mean(best) when `shared` of the candidate's runs
+    have a run of the best under the same SEED and runs under one seed share `rho` of their noise:
+    sigma * sqrt(1/n_c + 1/n_b - 2 rho shared / (n_c n_b)) (the covariance of the two means is
+    rho sigma^2 shared / (n_c n_b)). Without pairs or rho, the independent runs' error."""
+    paired = 2 * rho * shared / (n_candidate * n_best) if rho and shared else 0.0
+    return sigma * math.sqrt(1 / n_candidate + 1 / n_best - paired)
 
 
 def _unjudged(failed: str, error: str, repeats_seed_of: str):

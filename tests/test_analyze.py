@@ -575,3 +575,23 @@ def test_analyze_imports_no_torch(repo):
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, **GIT_ENV}, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_verdict_pairs_an_idea_with_the_bests_runs_of_the_same_seeds_and_shapes(repo):
+    baseline(repo)                                    # seeds 42, 43, 44: 1.0, 1.002, 0.998
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    for seed, value in ((42, 0.999), (43, 1.001)):    # 0.001 below the best's run of each seed
+        fake_run(repo, value, seed=seed)
+        assert analyze(repo).returncode == 0
+    analysis = (repo / ".auto-log-research" / ledger(repo)[-1]["run_id"] / "analysis.md").read_text()
+    # σ = sqrt((8e-6 + 2e-6) / 3); the paired differences agree exactly: raw ρ 1, shrunk by 1 / (1 + 8);
+    # se = σ sqrt(1/2 + 1/3 - 2 (1/9) 2 / 6)
+    assert ("| standard error of the difference | 0.001591 (paired: 2 SEED(s) shared with the best, which "
+            "share ρ = 0.11 of the noise) |") in analysis, analysis
+    assert "seed pairing: ρ = 0.11 of the noise shared by runs under the same SEED" in analyze(repo, "status").stdout
+    commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.06", "a wider model")
+    fake_run(repo, 0.999, seed=42, num_params_M=75.0)  # other shapes: its seed draws other weights
+    assert analyze(repo).returncode == 0
+    analysis = (repo / ".auto-log-research" / ledger(repo)[-1]["run_id"] / "analysis.md").read_text()
+    assert ("| standard error of the difference | 0.002108 (unpaired: no SEED shared with a best of the same "
+            "shapes) |") in analysis, analysis

@@ -39,8 +39,9 @@ def test_too_few_runs_or_no_noise_is_one_clear_error():
         pairing.seed_share([1.0, 1.0], [2.0, 2.0])
 
 
-def runs(code, values, first_seed=42):
-    return [{"code": code, "seed": first_seed + j, "val_bpb": v} for j, v in enumerate(values)]
+def runs(code, values, first_seed=42, params=1.5):
+    return [{"code": code, "seed": first_seed + j, "val_bpb": v, "num_params_M": params}
+            for j, v in enumerate(values)]
 
 
 def test_the_stores_share_pairs_every_idea_with_the_bests_runs_of_the_same_seed():
@@ -50,12 +51,23 @@ def test_the_stores_share_pairs_every_idea_with_the_bests_runs_of_the_same_seed(
               # seeds 42, 43: differences -0.02, 0.00 (squares about their mean: 2 * 0.01^2)
               "b": runs("b", [0.98, 1.02]),
               "c": runs("c", [0.9]),                  # one run: no spread to measure
-              "d": runs("d", [1.1, 1.2], first_seed=7)}  # seeds the best never ran under
+              "d": runs("d", [1.1, 1.2], first_seed=7),  # seeds the best never ran under
+              # a wider model: its seeds draw other initial weights, so it pairs with nothing
+              "e": runs("e", [1.3, 0.8, 1.0], params=2.25)}
     share = pairing.store_share(groups, "best", sigma=0.02)
     # df = 2 (a) + 1 (b); Var = 0.0002 / 3; raw = 1 - Var / (2 * 0.0004) = 11/12
     assert share["df"] == 3 and share["codes"] == 2
     assert share["raw"] == pytest.approx(11 / 12)
     assert share["rho"] == pytest.approx(11 / 12 * 3 / (3 + pairing.SHRINK_DF))
+
+
+def test_runs_pair_on_the_seeds_they_share_when_their_shapes_agree():
+    best = runs("best", [1.0, 1.0, 1.0])                     # seeds 42, 43, 44
+    assert pairing.shared_seeds(runs("a", [1.0, 1.0]), best) == 2
+    assert pairing.shared_seeds(runs("a", [1.0, 1.0], first_seed=44), best) == 1  # 44 and 45
+    assert pairing.shared_seeds(runs("a", [1.0, 1.0], params=1.75), best) == 0
+    assert pairing.shared_seeds(runs("a", [1.0], first_seed=7), best) == 0
+    assert not pairing.same_shapes({"num_params_M": None}, {"num_params_M": None})
 
 
 def test_the_stores_share_is_none_without_pairs_or_sigma_and_never_below_0():

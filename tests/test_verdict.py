@@ -1,5 +1,7 @@
 """The noise estimate and the verdict on planted noise (analysis/verdict.py)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -198,3 +200,19 @@ def test_runs_under_two_torch_releases_are_in_different_pools():
     patch = {**run("r3", "2.15.1+cu132", 0.995), "seed": 43}
     assert verdict.pool_changes(patch, run("r4", "2.15.0", 1.0)) == []
     assert verdict.pools([new, patch], verdict.comparable_key(patch)) == {"a": [new, patch]}
+
+
+def test_the_standard_error_counts_the_seeds_a_candidate_shares_with_the_best():
+    # sigma 0.002, 2 candidate runs, 3 of the best, both candidate seeds shared, rho 0.6:
+    # sqrt(1/2 + 1/3 - 2 * 0.6 * 2 / 6) = sqrt(0.43333...) = 0.658281...
+    assert verdict.paired_se(0.002, 2, 3, 2, 0.6) == pytest.approx(0.002 * 0.6582805886)
+    assert verdict.paired_se(0.002, 2, 3, 0, 0.6) == pytest.approx(0.002 * math.sqrt(5 / 6))
+    assert verdict.paired_se(0.002, 2, 3, 2, None) == pytest.approx(0.002 * math.sqrt(5 / 6))
+    noise = {"sigma": 0.002, "df": 10, "n_groups": 3, "trusted": True}
+    best = [1.0, 1.002, 0.998]
+    unpaired = verdict.decide([0.9985, 0.9975], best, noise)
+    paired = verdict.decide([0.9985, 0.9975], best, noise, shared_seeds=2, rho=0.6)
+    assert (unpaired["shared_seeds"], unpaired["rho"]) == (0, None)
+    assert (paired["shared_seeds"], paired["rho"]) == (2, 0.6)
+    assert paired["delta"] == unpaired["delta"] and paired["se"] < unpaired["se"]
+    assert paired["p_value"] < unpaired["p_value"]
