@@ -43,7 +43,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import verdict  # noqa: E402
+from analysis import pairing, verdict  # noqa: E402
 
 TODAY_COMMIT = "fd265c0"   # the last commit before issue 11: its analysis/verdict.py is "today's rule"
 BASE_VALUE = 1.0           # true val_bpb of the baseline code (the noise floor is a fraction of it)
@@ -145,7 +145,27 @@ def rule_project(policy: dict = None):
     return rule
 
 
-RULES = {"autoresearch": rule_autoresearch, "today": rule_today, "project": rule_project()}
+def rule_project_paired(s: dict) -> np.ndarray:
+    """The project's rule with the paired standard error decide() uses (verdict.paired_se): the
+    seeds the candidate shares with the best and the night's own shrunk estimate of ρ
+    (pairing.store_share's, from the paired differences of the ideas tried so far)."""
+    sigma, df = _sigma(s)
+    n_c, n_b = s["cand_n"], s["best_n"]
+    se = sigma * np.sqrt(1 / n_c + 1 / n_b - 2 * s["rho"] * s["shared"] / (n_c * n_b))
+    return verdict.sequential_verdict(n_c, s["cand_mean"] - s["best_mean"], se, df)
+
+
+def store_rho(pair_ss, pair_df, noise_ss, noise_df) -> np.ndarray:
+    """pairing.store_share's ρ per night: 1 - Var(paired difference) / (2σ̂²), at least 0, shrunk
+    by df / (df + SHRINK_DF); 0 without paired df or a σ̂."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = 1 - (pair_ss / pair_df) / (2 * noise_ss / noise_df)
+    ok = (pair_df > 0) & (noise_df > 0) & (noise_ss > 0)
+    return np.where(ok, np.maximum(raw, 0.0) * pair_df / (pair_df + pairing.SHRINK_DF), 0.0)
+
+
+RULES = {"autoresearch": rule_autoresearch, "today": rule_today, "project": rule_project(),
+         "project-paired": rule_project_paired}
 for _mode, _policy in verdict.POLICIES.items():
     RULES[f"project-{_mode}"] = rule_project(_policy)
 
@@ -171,6 +191,13 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
     idea = np.zeros(nights, int)
     cand_n = np.zeros(nights, int)
     cand_mean, cand_m2 = np.zeros(nights), np.zeros(nights)
+    # for the paired rule: the best's runs by seed, the candidate's, and the store's ρ (its paired
+    # differences' squares about each idea's mean, and their df, over the ideas decided so far;
+    # each against the best of its time, where the store pairs every idea with today's best)
+    best_vals = np.full((nights, MAX_RUNS_PER_IDEA), np.nan)
+    best_vals[:, :baseline_runs] = base
+    cand_vals = np.full((nights, MAX_RUNS_PER_IDEA), np.nan)
+    pair_ss, pair_df = np.zeros(nights), np.zeros(nights)
     out = {k: np.zeros(nights) for k in ("keeps", "false_keeps", "harmful_keeps", "helpful_missed", "decided")}
     log = [[] for _ in range(min(record, nights))]
     hist = [{"best": list(base[i]), "cand": []} for i in range(min(record, nights))]
@@ -183,8 +210,17 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
         cand_n = cand_n + 1
         cand_mean = cand_mean + dx / cand_n
         cand_m2 = cand_m2 + dx * (x - cand_mean)
+        cand_vals[rows, cand_n - 1] = x
+        diffs = cand_vals - best_vals if seeds == "paired" else np.full_like(cand_vals, np.nan)
+        shared = np.isfinite(diffs).sum(axis=1)
+        with np.errstate(invalid="ignore"):
+            own_ss = np.nansum((diffs - np.nanmean(np.where(shared[:, None] > 0, diffs, 0.0), axis=1,
+                                                   keepdims=True)) ** 2, axis=1)
+        own_df = np.maximum(shared - 1, 0)
+        rho_now = store_rho(pair_ss + own_ss, pair_df + own_df, noise_ss, noise_df)
         action = rule({"cand_n": cand_n, "cand_mean": cand_mean, "cand_m2": cand_m2, "best_n": best_n,
-                       "best_mean": best_mean, "best_m2": best_m2, "noise_ss": noise_ss, "noise_df": noise_df})
+                       "best_mean": best_mean, "best_m2": best_m2, "noise_ss": noise_ss, "noise_df": noise_df,
+                       "shared": shared, "rho": rho_now})
         for i in range(len(log)):
             hist[i]["cand"].append(float(x[i]))
             log[i].append({"candidate": list(hist[i]["cand"]), "best": list(hist[i]["best"]),
@@ -203,6 +239,10 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
         best_n = np.where(keep, cand_n, best_n)
         best_mean = np.where(keep, cand_mean, best_mean)
         best_m2 = np.where(keep, cand_m2, best_m2)
+        pair_ss = np.where(done, pair_ss + own_ss, pair_ss)
+        pair_df = np.where(done, pair_df + own_df, pair_df)
+        best_vals = np.where(keep[:, None], cand_vals, best_vals)
+        cand_vals = np.where(done[:, None], np.nan, cand_vals)
         idea = idea + done
         cand_n = np.where(done, 0, cand_n)
         cand_mean = np.where(done, 0.0, cand_mean)
