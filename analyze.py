@@ -164,7 +164,7 @@ def cmd_report(args, lines: list):
 
 def cmd_reseal(args, lines: list):
     """Accept a ledger that no longer chains, as it now is, once a person has checked it."""
-    if os.environ.get(settings.NIGHT_ENV):
+    if settings.NIGHT:
         raise HarnessError("reseal is the human's command, after checking the ledger by hand: "
                            "a night's agent cannot give it")
     store = Store(".")

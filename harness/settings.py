@@ -184,6 +184,7 @@ SLURM = {"partition": _text(SLURM_PARTITION_ENV, None, "a partition"),
 WORKER = _text(WORKER_ENV, MAIN_WORKER, empty_ok=True) or MAIN_WORKER
 WORKER_LIFE = _name(WORKER_LIFE_ENV)
 RUN_SOCKET = _text(RUN_SOCKET_ENV, None, empty_ok=True) or None
+NIGHT = _text(NIGHT_ENV, None, empty_ok=True) or None  # the night this process is part of
 TRAIN_BOX = _choice(TRAIN_BOX_ENV, ("0", "1"), "a switch") == "1"
 TRAIN_VARIABLES = _variables(TRAIN_VARIABLES_ENV)
 ACCEPT_SYNTHETIC = _choice(ACCEPT_SYNTHETIC_ENV, ("0", "1"), "a switch") == "1"
