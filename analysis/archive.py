@@ -66,13 +66,12 @@ def judge(record: dict, ledger: list, best_records, noise: dict, mode: str) -> d
     if twin:
         return {**verdict.decide([], repeats_seed_of=twin["run_id"]),
                 "next_seed": verdict.next_seed(ledger, record)}
-    candidate = verdict.pools(ledger + [record],
-                              verdict.comparable_key(record))[verdict.code_key(record)]
+    groups = verdict.pools(ledger + [record], verdict.comparable_key(record))
+    candidate = groups[verdict.code_key(record)]
     same = bool(best_records) and verdict.code_key(best_records[0]) == verdict.code_key(record)
     kept = [r for r in ledger if r["status"] == "keep"]
     changes = verdict.pool_changes(record, kept[-1]) if kept and not best_records else None
-    share = pairing.store_share(verdict.pools(ledger + [record], verdict.comparable_key(record)),
-                                verdict.code_key(best_records[0]) if best_records else None,
+    share = pairing.store_share(groups, verdict.code_key(best_records[0]) if best_records else None,
                                 noise.get("sigma"))
     decision = verdict.decide([r["val_bpb"] for r in candidate],
                               [r["val_bpb"] for r in best_records] if best_records else None, noise,
