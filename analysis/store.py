@@ -44,7 +44,7 @@ NOTES_DIR = "notes"
 INSIGHTS = f"{NOTES_DIR}/insights.md"
 IDEAS = f"{NOTES_DIR}/ideas_queue.md"  # prioritised hypotheses (`analyze.py claims` lists them)
 # where a store from before notes/ kept them (Store.notes_folder moves them in)
-LEGACY_NOTES = {"insights.md": INSIGHTS, "ideas_queue.md": IDEAS}
+LEGACY_NOTES = {INSIGHTS: "insights.md", IDEAS: "ideas_queue.md"}
 PROGRESS_PNG = "progress.png"
 REPORT_HTML = "report.html"  # the morning report (analysis/html_report.py)
 LOCK_FILE = ".lock"
@@ -248,16 +248,15 @@ class Store:
     def note(self, name: str) -> Path:
         """Where to read the note `name` (INSIGHTS, IDEAS): in notes/, or where a store from
         before notes/ that no command has written since still keeps it."""
-        path = self.path(name)
-        legacy = next((self.path(old) for old, new in LEGACY_NOTES.items() if new == name), None)
-        return legacy if not path.exists() and legacy is not None and legacy.exists() else path
+        path, legacy = self.path(name), self.path(LEGACY_NOTES[name])
+        return legacy if not path.exists() and legacy.exists() else path
 
     def notes_folder(self) -> Path:
         """The notes folder, made where missing; a store from before it has its insights.md and
         ideas_queue.md moved in."""
         folder = self.dir / NOTES_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        for old, new in LEGACY_NOTES.items():
+        for new, old in LEGACY_NOTES.items():
             if self.path(old).is_file() and not self.path(new).exists():
                 self.path(old).rename(self.path(new))
         return folder

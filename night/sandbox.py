@@ -24,7 +24,7 @@ socket is bound into it: the prepare cache, the seals included, is read-only to 
 
 from pathlib import Path
 
-from analysis.store import NOTES_DIR, SANDBOX_LOG, STORE_DIR, UNBOXED, Store
+from analysis.store import NOTES_DIR, SANDBOX_LOG, UNBOXED, Store
 from harness import box as boxes, contract, git
 
 NO_SANDBOX = "--no-sandbox"
