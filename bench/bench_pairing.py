@@ -26,14 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_common import envelope, write_result  # noqa: E402
-from train_variants import ROOT, run_train, write_variant  # noqa: E402
+from train_variants import ROOT, SMALL_CHANGES, run_train, write_variant  # noqa: E402
 from analysis import pairing  # noqa: E402
 
-# The small changes, each one line of train.py. The width change alters the initialisation's
-# shapes, so its seed's draws no longer line up with the baseline's.
-CHANGES = {"baseline": {},
-           "matrix_lr_x1.1": {"MATRIX_LR = 0.04 ": "MATRIX_LR = 0.044 "},
-           "width_96": {"ASPECT_RATIO = 64 ": "ASPECT_RATIO = 96 "}}
+CHANGES = {"baseline": {}, **SMALL_CHANGES}  # the baseline and train_variants' small changes
 DEFAULT_SEEDS = 7       # seeds per code: the interval of rho narrows as 1 / sqrt(seeds)
 DEFAULT_STEPS = 60      # optimizer steps of a fixed-step run: past the loss's steep start, and
                         # about 30 s each on 2 cores (a run's evaluation and startup take 25 s more)

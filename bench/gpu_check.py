@@ -11,8 +11,15 @@ leaves room for it:
 4. pair: the same file with and without its instrumentation, each for a shorter budget
    (--pair-budget, default 30 s): what the instrumentation costs.
 5. sdpa: every attention layer through SDPA instead of flex_attention, for the same short budget.
-6. summary: each target met or not: MFU, overhead, peak VRAM and compilation from the main run,
-   the instrumentation's cost from the pair.
+6. pairing (only when --steps names it): the baseline and one small change (MATRIX_LR x 1.1, as
+   bench/bench_pairing.py) under the same seeds 1..--pairing-seeds, each for --pairing-budget
+   seconds of the time budget as the loop runs, seed by seed; then rho-hat, the share of the run
+   noise two runs under one SEED have in common (issue 21), from the seeds both codes finished.
+7. summary: each target met or not: MFU, overhead, peak VRAM and compilation from the main run,
+   the instrumentation's cost from the pair, rho-hat from the pairing.
+
+--steps chooses which of main, pair, sdpa and pairing run (default main,pair,sdpa: the pairing
+needs a device command of its own, e.g. `--steps pairing`).
 
 A run is started only if its training budget, plus the largest overhead a run has measured so far
 (wall - training seconds; before the first, an assumed one), plus a safety margin end before the
@@ -23,6 +30,7 @@ finished result.
 
 Usage:
     python3 bench/gpu_check.py --wheels .whl --out bench/results/gpu-check-<device>-<date>.jsonl
+    python3 bench/gpu_check.py --wheels .whl --steps pairing --out bench/results/...jsonl
 Standard library only, so it runs before anything is installed.
 """
 
@@ -39,7 +47,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_variants import ROOT, VARIANTS, RunFailed, run_train, write_variant  # noqa: E402
+from train_variants import (  # noqa: E402
+    ROOT, SMALL_CHANGES, VARIANTS, RunFailed, run_train, write_variant)
 from harness import contract, settings  # noqa: E402  (standard library only; ROOT is on the path)
 
 # The issue's targets for a 5-minute H100 run (BENCHMARKS.md)
@@ -60,6 +69,14 @@ SAFETY_MARGIN_S = 20          # between a run's expected end and the deadline: t
 KILL_RESERVE_S = 5            # a run still going this close to the deadline is killed, leaving time
                               # for its line and the summary
 PAIR = ("instrumented", "uninstrumented")
+STEPS = ("main", "pair", "sdpa", "pairing")
+DEFAULT_STEPS = "main,pair,sdpa"
+DEFAULT_PAIRING_SEEDS = 4      # rho-hat's interval narrows as 1 / sqrt(seeds). A run's wall time is
+                               # its budget + ~106 s on an H200 (2026-12-04, a cold compile cache),
+                               # so 9 minutes hold 2 seeds cold; the rest is skipped, saying why
+DEFAULT_PAIRING_BUDGET_S = 30  # hundreds of steps on an H100: past the loss's steep start
+PAIRING_CHANGE = "matrix_lr_x1.1"  # of SMALL_CHANGES: it keeps the weights' shapes, so seeds pair
+PAIRING_CODES = ("pairing-baseline", f"pairing-{PAIRING_CHANGE}")
 
 
 def install_wheels(wheel_dir: Path, target: Path) -> dict:
@@ -94,6 +111,7 @@ class Check:
             self.file = open(out, "a")
         self.env, self.runs, self.outcomes, self.overheads = {}, {}, {}, []
         self.sources = {}  # variant -> the folder its runs are copied from
+        self.pairing = None  # the pairing step's line, once written
 
     def close(self):
         if self.file:
@@ -133,11 +151,15 @@ class Check:
                            f"+ {SAFETY_MARGIN_S} s margin; {left:.0f} s left before the deadline"})
         return False
 
-    def run(self, step: str, variant: str, budget: float):
-        """One run of a variant: its line, with every figure or with its error."""
+    def run(self, step: str, variant: str, budget: float, seed: int = None):
+        """One run of a variant (under SEED `seed`, if given): its line, with every figure or
+        with its error."""
         head = {"step": step, "variant": variant, "budget_s": budget}
+        env = self.env if seed is None else {**self.env, "SEED": str(seed)}
+        if seed is not None:
+            head["seed"] = seed
         try:
-            run, _ = run_train(self.sources[variant], budget, self.env,
+            run, _ = run_train(self.sources[variant], budget, env,
                                timeout=self.left() - KILL_RESERVE_S)
         except RunFailed as e:
             self.outcomes[step] = "failed"
@@ -184,6 +206,34 @@ def prepare(check: Check, cache: Path):
                  "seconds": round(time.monotonic() - t0, 1)})
 
 
+def pairing(check: Check, seeds: int, budget: float):
+    """Step 6: the baseline and the small change under seeds 1..seeds, seed by seed (a check cut
+    short still pairs what it has), then a `pairing` line with rho-hat over the seeds both
+    finished."""
+    values = {code: {} for code in PAIRING_CODES}
+    for seed in range(1, seeds + 1):
+        for code in PAIRING_CODES:
+            step = f"{code}-seed{seed}"
+            if check.fits(step, budget):
+                run = check.run(step, code, budget, seed=seed)
+                if run:
+                    values[code][seed] = run["val_bpb"]
+    both = sorted(set(values[PAIRING_CODES[0]]) & set(values[PAIRING_CODES[1]]))
+    line = {"step": "pairing", "seeds_paired": both, "budget_s": budget, "rho": None}
+    if len(both) < 2:
+        line["why"] = f"rho-hat needs 2 seeds that both codes finished; {len(both)} did"
+    else:
+        from analysis import pairing as seed_pairing  # numpy: installed once the check gets here
+        first, second = ([values[code][s] for s in both] for code in PAIRING_CODES)
+        line["val_bpb"] = dict(zip(PAIRING_CODES, (first, second)))
+        try:
+            line["rho"] = seed_pairing.seed_share(first, second)
+            line["rho_interval_95"] = list(seed_pairing.seed_share_interval(first, second))
+        except ValueError as e:  # runs without any spread: rho is undefined, and the line says so
+            line["why"] = str(e)
+    check.pairing = check.write(line)
+
+
 def target(value, met) -> dict:
     """A target's measured value and whether it is met (None: not measured)."""
     return {"value": value, "met": None if value is None else met(value)}
@@ -201,6 +251,7 @@ def summarise(check: Check) -> dict:
     compiled = main and [main["graph_breaks"], main["graphs_in_loop"], main["recompiles_in_loop"]]
     return {
         "step": "summary", "steps": check.outcomes, "instrumentation_cost_percent": cost,
+        "pairing_rho": check.pairing and check.pairing["rho"],
         "sdpa_vs_flex_steps_per_s": versus,
         "sdpa_compared_with": None if versus is None else flex_step,
         "targets": {
@@ -238,11 +289,25 @@ def parse_args(argv):
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,
                         help="wall seconds from the start by which the check ends (default "
                              "%(default)s)")
+    parser.add_argument("--steps", default=DEFAULT_STEPS,
+                        help=f"which of {', '.join(STEPS)} to run, comma-separated, in the "
+                             f"check's order (default %(default)s)")
+    parser.add_argument("--pairing-seeds", type=int, default=DEFAULT_PAIRING_SEEDS,
+                        help="seeds of the pairing step (default %(default)s)")
+    parser.add_argument("--pairing-budget", type=float, default=DEFAULT_PAIRING_BUDGET_S,
+                        help="training seconds of each pairing run (default %(default)s)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
-    for name in ("budget", "pair_budget", "deadline_s"):
+    for name in ("budget", "pair_budget", "deadline_s", "pairing_budget"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    args.steps = args.steps.split(",")
+    unknown = sorted(set(args.steps) - set(STEPS))
+    if unknown:
+        parser.error(f"--steps: unknown step(s) {', '.join(unknown)}; the steps are "
+                     f"{', '.join(STEPS)}")
+    if args.pairing_seeds < 2:
+        parser.error("--pairing-seeds must be at least 2: rho-hat needs a spread over seeds")
     return args
 
 
@@ -251,14 +316,16 @@ def run_steps(check: Check, args):
     if args.wheels:
         install(check, args.wheels)
     prepare(check, args.cache)
-    if check.fits("main", args.budget):
+    if "main" in args.steps and check.fits("main", args.budget):
         check.run("main", "instrumented", args.budget)
-    if check.fits("pair", args.pair_budget, runs=len(PAIR)):
+    if "pair" in args.steps and check.fits("pair", args.pair_budget, runs=len(PAIR)):
         for variant in PAIR:
             if check.fits(f"pair-{variant}", args.pair_budget):
                 check.run(f"pair-{variant}", variant, args.pair_budget)
-    if check.fits("sdpa", args.pair_budget):
+    if "sdpa" in args.steps and check.fits("sdpa", args.pair_budget):
         check.run("sdpa", "sdpa", args.pair_budget)
+    if "pairing" in args.steps:
+        pairing(check, args.pairing_seeds, args.pairing_budget)
     check.write(summarise(check))
 
 
@@ -270,6 +337,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             for variant in VARIANTS:  # all now: a stale one stops the check at once
                 check.sources[variant] = write_variant(Path(d, variant), variant)
+            for code, edits in zip(PAIRING_CODES, ({}, SMALL_CHANGES[PAIRING_CHANGE])):
+                check.sources[code] = write_variant(Path(d, code), "instrumented", edits,
+                                                    owner="bench/gpu_check.py")
             run_steps(check, args)
     finally:
         check.close()

@@ -34,6 +34,11 @@ UNINSTRUMENTED = {
 SDPA_ATTENTION = {'ATTENTION_BACKEND = "flex" if FAST_PATH else "sdpa"':
                   'ATTENTION_BACKEND = "sdpa"'}
 VARIANTS = {"instrumented": {}, "uninstrumented": UNINSTRUMENTED, "sdpa": SDPA_ATTENTION}
+# Small changes of train.py for measuring seed pairing (bench_pairing.py, gpu_check.py's pairing),
+# each one line. The width change alters the initialisation's shapes, so its seed's draws no longer
+# line up with the baseline's.
+SMALL_CHANGES = {"matrix_lr_x1.1": {"MATRIX_LR = 0.04 ": "MATRIX_LR = 0.044 "},
+                 "width_96": {"ASPECT_RATIO = 64 ": "ASPECT_RATIO = 96 "}}
 
 STDOUT_TAIL_CHARS = 2000  # a failed run's last progress lines
 STDERR_TAIL_CHARS = 4000  # a failed run's traceback: its last frames and the error line
@@ -79,9 +84,10 @@ def tail(path: Path, chars: int) -> str:
 
 
 def run_to_end(cwd: Path, env: dict, logs: Path, timeout) -> int:
-    """`python launch.py` (train.py beside the evaluator) in cwd, its output in logs/; its exit status. Past `timeout` seconds (None:
-    no limit) its whole process group is killed and RunFailed raised; an interrupt of this process
-    kills it too, so that no training is left running on the device."""
+    """`python launch.py` (train.py beside the evaluator) in cwd, its output in logs/; its exit
+    status. Past `timeout` seconds (None: no limit) its whole process group is killed and RunFailed
+    raised; an interrupt of this process kills it too, so that no training is left running on the
+    device."""
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, "launch.py"], cwd=cwd, env=env, stdout=out,
                                 stderr=err, start_new_session=True)

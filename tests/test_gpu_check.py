@@ -68,11 +68,11 @@ def write_stub_run(dest, source: str):
 
 @pytest.fixture
 def stub_runs(monkeypatch):
-    """Every run of an in-process check gets the train.py that sources[variant] (or sources[None])
-    gives."""
+    """Every run of an in-process check gets the train.py that sources[its name] (a variant, or a
+    pairing code; else sources[None]) gives."""
     sources = {}
-    monkeypatch.setattr(gpu_check, "write_variant", lambda dest, variant: write_stub_run(
-        dest, sources.get(variant, sources.get(None))))
+    monkeypatch.setattr(gpu_check, "write_variant", lambda dest, variant, *edits, **owner:
+                        write_stub_run(dest, sources.get(dest.name, sources.get(None))))
     return sources
 
 
@@ -158,6 +158,72 @@ def test_a_failed_run_leaves_its_error_and_the_check_goes_on(prepared, tmp_path,
     assert summary["steps"]["pair-uninstrumented"] == "failed"
     assert summary["steps"]["sdpa"] == "ran"
     assert summary["instrumentation_cost_percent"] is None
+
+
+SEEDED_STUB = '''"""A stand-in train.py whose val_bpb is VALUES[SEED]: one code under each seed."""
+import json, os, pathlib
+VALUES = {values!r}
+summary = {{**json.loads({summary!r}), "val_bpb": VALUES[int(os.environ["SEED"])]}}
+pathlib.Path("run_summary.json").write_text(json.dumps(summary))
+pathlib.Path("metrics.jsonl").write_text({metrics!r} + "\\n")
+'''
+
+
+def seeded_stub(values: dict) -> str:
+    return SEEDED_STUB.format(values=values, summary=json.dumps(STUB_SUMMARY),
+                              metrics=json.dumps(STUB_METRICS))
+
+
+def test_the_pairing_step_runs_both_codes_seed_by_seed_and_reports_rho(prepared, tmp_path,
+                                                                       stub_runs):
+    """`--steps pairing`: the baseline and the changed code under seeds 1..3, seed by seed, each
+    run told its SEED; rho-hat from the three pairs, as computed here by hand."""
+    base = {1: 1.000, 2: 1.020, 3: 1.010}
+    changed = {1: 1.004, 2: 1.026, 3: 1.011}
+    stub_runs[None] = stub_source()  # the variants the check writes, and never runs here
+    stub_runs["pairing-baseline"] = seeded_stub(base)
+    stub_runs["pairing-matrix_lr_x1.1"] = seeded_stub(changed)
+    out, lines = run_check(tmp_path, "--steps", "pairing", "--pairing-seeds", "3",
+                           "--pairing-budget", "1")
+    runs = lines[1:-2]
+    assert [(r["step"], r["seed"]) for r in runs] == [
+        (f"pairing-{code}-seed{seed}", seed) for seed in (1, 2, 3)
+        for code in ("baseline", "matrix_lr_x1.1")]
+    assert [r["val_bpb"] for r in runs] == [1.000, 1.004, 1.020, 1.026, 1.010, 1.011]
+    pairing, summary = lines[-2:]
+    diff = [0.004, 0.006, 0.001]
+    var = lambda xs: sum((x - sum(xs) / 3) ** 2 for x in xs) / 2  # noqa: E731
+    rho = 1 - var(diff) / (var([1.0, 1.02, 1.01]) + var([1.004, 1.026, 1.011]))
+    assert pairing["seeds_paired"] == [1, 2, 3]
+    assert pairing["rho"] == pytest.approx(rho, abs=1e-9)
+    assert pairing["rho_interval_95"][0] <= pairing["rho_interval_95"][1]
+    assert summary["pairing_rho"] == pairing["rho"]
+    assert summary["steps"] == {r["step"]: "ran" for r in runs}
+
+
+def test_a_pairing_with_one_seed_finished_by_both_codes_says_why_it_has_no_rho(
+        prepared, tmp_path, stub_runs):
+    """The changed code fails under seed 2 (its stand-in knows no value for it): one pair."""
+    stub_runs[None] = stub_source()
+    stub_runs["pairing-baseline"] = seeded_stub({1: 1.0, 2: 1.01})
+    stub_runs["pairing-matrix_lr_x1.1"] = seeded_stub({1: 1.002})
+    out, lines = run_check(tmp_path, "--steps", "pairing", "--pairing-seeds", "2",
+                           "--pairing-budget", "1")
+    failed, pairing, summary = lines[-3:]
+    assert failed["step"] == "pairing-matrix_lr_x1.1-seed2" and "KeyError: 2" in (
+        failed["stderr_tail"])
+    assert {k: pairing[k] for k in ("step", "rho", "seeds_paired", "why")} == {
+        "step": "pairing", "rho": None, "seeds_paired": [1],
+        "why": "rho-hat needs 2 seeds that both codes finished; 1 did"}
+    assert summary["pairing_rho"] is None
+    assert summary["steps"]["pairing-matrix_lr_x1.1-seed2"] == "failed"
+
+
+def test_an_unknown_step_is_refused_naming_the_steps(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--steps", "main,warp", "--out", str(tmp_path / "x.jsonl")])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "--steps: unknown step(s) warp; the steps are main, pair, sdpa, pairing")
 
 
 def test_a_run_past_its_time_is_killed_and_reported(tmp_path):
