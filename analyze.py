@@ -28,7 +28,8 @@ import sys
 
 from harness import fixed, git, nightrun, settings
 from harness.contract import PRIVATE_UMASK, TRAIN_COMMAND, HarnessError
-from analysis import archive, bookkeeping, claims, pairing, plots, report, verdict
+from analysis import (archive, bookkeeping, claims, confirmation, pairing, plots, report,
+                      verdict)
 from analysis.store import COMPARE_DIR, IDEAS, LedgerError, Store
 
 STATUS_LAST_N = 10            # runs listed by `analyze.py status`
@@ -137,7 +138,7 @@ def cmd_status(args, lines: list):
     share = pairing.store_share(groups, best[0] if best else None,
                                 noise["sigma"] if noise["trusted"] else None)
     lines.append(report.status_text(ledger, best[1] if best else None, noise, store.orphans(ledger),
-                                    args.n, mode, live, share))
+                                    args.n, mode, live, share, confirmation.load(store)))
 
 
 def cmd_report(args, lines: list):

@@ -9,10 +9,13 @@ No state lives only in an agent's context: every restart (claude) or experiment 
 from program.md, insights.md, ideas_queue.md and results.tsv. A training run that exceeds its
 wall-clock limit is killed. A stop rule lets the experiment in progress finish (up to
 --stop-grace), then the supervisor ends every process of the night and settles the last run (keep
-or discard), so git and the ledger agree. Progress: `tail -f .auto-log-research/status.log`; every
-agent session's output and tool call is in .auto-log-research/supervisor.log; the morning report,
-.auto-log-research/report.html, is rewritten after every change of the ledger. This file is the
-command line; the night/ package is the loop.
+or discard), so git and the ledger agree. With a deadline, its last stretch (--confirm-minutes)
+is the confirmation: the supervisor runs the night's best and its starting baseline on fresh
+seeds for an honest morning number (night/confirm.py). Progress: `tail -f
+.auto-log-research/status.log`; every agent session's output and tool call is in
+.auto-log-research/supervisor.log; the morning report, .auto-log-research/report.html, is
+rewritten after every change of the ledger. This file is the command line; the night/ package is
+the loop.
 """
 
 import argparse
@@ -27,7 +30,7 @@ from pathlib import Path
 from harness import proc, settings
 from analysis import claims
 from harness.contract import PRIVATE_UMASK, TRAIN_PY
-from night import api, claude, environment, rules, sandbox
+from night import api, claude, confirm, environment, rules, sandbox
 from night.supervisor import PROGRAM, REPORT, Supervisor
 from night.workers import run_workers, worker_argv, worker_names
 
@@ -57,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--backend", choices=("claude", "api"), required=True)
     top.add_argument("--hours", type=float,
                      help="stop after this many hours (default: no deadline)")
+    top.add_argument("--confirm-minutes", type=float,
+                     help=f"the night's last minutes, in which the supervisor runs the best and "
+                          f"the night's starting baseline on fresh seeds for the morning's "
+                          f"headline (default {confirm.DEFAULT_CONFIRM_MINUTES} where --hours is "
+                          f"at least {confirm.SHORT_NIGHT_FACTOR} times that; 0: none)")
     top.add_argument("--max-experiments", type=int,
                      help="stop after this many new runs in the ledger")
     top.add_argument("--max-crashes", type=int, default=3,
@@ -112,6 +120,12 @@ def main(argv=None) -> int:
         return 2
     if args.stop_grace is None:
         args.stop_grace = args.train_timeout + settings.TOOL_MARGIN_S
+    if args.confirm_minutes is not None and (
+            args.confirm_minutes < 0
+            or (args.hours is not None and args.confirm_minutes >= args.hours * 60)):
+        print(f"error: --confirm-minutes {args.confirm_minutes:g} must be at least 0 and shorter "
+              f"than the night (--hours {args.hours:g})", file=sys.stderr)
+        return 2
     repo = Path.cwd()
     if not (repo / PROGRAM).exists() or not (repo / TRAIN_PY).exists():
         print(f"error: run supervise.py in the repository root (no {PROGRAM} / train.py in {repo})",
@@ -150,6 +164,7 @@ def main(argv=None) -> int:
     sup.status(f"started (pid {os.getpid()}; stop rules: {rules.describe_rules(sup.rules)}"
                + (f"; {len(names)} workers" if names else "")
                + ("; training on Slurm" if slurm else "")
+               + (f"; {sup.confirm_note}" if sup.confirm_note else "")
                + (f"; agent {sandbox.UNBOXED}: {sup.unboxed}" if sup.unboxed else
                   f"; the agent in its box, {sandbox.network(sup.isolated)}" if not names else "")
                + (f"; morning report: {REPORT})" if not args.worker else ")"))

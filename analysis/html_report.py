@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, fixed
-from analysis import claims, pairing, plots, report, verdict
+from analysis import claims, confirmation, pairing, plots, report, verdict
 from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
                             UNBOXED, LedgerError, Store, worker_of)
 
@@ -507,6 +507,8 @@ def build_context(store: Store) -> dict:
         # what a night's supervisor found changed in the fixed files: first, in red
         "tampering": (read_text(store.path(fixed.TAMPERING_FILE)) or "").splitlines(),
         "unboxed": unboxed_night(store),
+        "confirmation": (confirmation.describe(confirmed)
+                         if (confirmed := confirmation.load(store)) else None),
         "summary": summary, "fmt": fmt,
         "seed_pairing": report.seed_share_line(pairing.store_share(
             groups, best[0] if best else None, noise["sigma"] if noise["trusted"] else None)),

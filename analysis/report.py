@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from harness import contract
-from analysis import stats, verdict
+from analysis import confirmation, stats, verdict
 from harness.settings import MAIN_WORKER
 from analysis.store import NOTES_DIR, STORE_DIR, worker_of
 
@@ -471,7 +471,7 @@ def seed_share_line(share: dict) -> str:
 
 
 def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: int, mode: str,
-                live_claims=(), seed_share: dict = None) -> str:
+                live_claims=(), seed_share: dict = None, confirmed: dict = None) -> str:
     counts = {}
     for r in ledger:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -483,6 +483,8 @@ def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: 
                    f"— {best_records[0].get('description')}")
     else:
         out.append("best: none yet (`uv run analyze.py keep` marks the baseline)")
+    if confirmed is not None:  # the latest night's confirmation (night/confirm.py)
+        out.append(confirmation.describe(confirmed))
     if noise["trusted"]:
         out.append(f"noise: σ = {noise['sigma']:.6f} per run ({noise['df']} df from "
                    f"{noise['n_groups']} repeated commit(s))")

@@ -50,6 +50,7 @@ REPORT_HTML = "report.html"  # the morning report (analysis/html_report.py)
 LOCK_FILE = ".lock"
 LOCK_ANCHOR = ".anchor/lock"  # the lock file's second name: removing .lock cannot free the lock
 COMPARE_DIR = "compare"       # overlay plots of `analyze.py compare A B`
+CONFIRMATION_FILE = "confirmation.json"  # the last night's confirmation (night/confirm.py)
 NIGHT_FILE = "night.json"     # the night running on this store: its supervisor and the keep policy
                               # it fixed at its start (written and removed by supervise.py)
 SANDBOX_LOG = "sandbox.log"   # one line per night's start: its agent boxed, or UNBOXED and why

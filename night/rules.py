@@ -27,6 +27,11 @@ class StopRules:
     max_consecutive_crashes: int = 3
     max_without_keep: int = None       # experiments in a row without a keep
     max_hours_without_keep: float = None
+    confirm_from: float = None         # epoch seconds: the confirmation stretch starts here
+
+
+# the stop reason of the night's last stretch, which the supervisor spends on the confirmation
+CONFIRM_STRETCH = "confirmation stretch"
 
 
 def stop_reason(new_runs: list, rules: StopRules, now: float, started: float,
@@ -36,6 +41,9 @@ def stop_reason(new_runs: list, rules: StopRules, now: float, started: float,
     are `own_runs`, the worker's own (a broken GPU stops its worker, not the night)."""
     if rules.deadline is not None and now >= rules.deadline:
         return f"deadline reached ({hhmm(rules.deadline)})"
+    if rules.confirm_from is not None and now >= rules.confirm_from:
+        return (f"{CONFIRM_STRETCH} from {hhmm(rules.confirm_from)}: the best and the night's "
+                f"starting baseline run on fresh seeds until {hhmm(rules.deadline)}")
     if rules.max_experiments is not None and len(new_runs) >= rules.max_experiments:
         return f"experiment budget used ({len(new_runs)} runs)"
     n, own = rules.max_consecutive_crashes, new_runs if own_runs is None else own_runs
@@ -57,6 +65,8 @@ def describe_rules(rules: StopRules) -> str:
     parts = []
     if rules.deadline is not None:
         parts.append(f"deadline {time.strftime('%Y-%m-%d %H:%M', time.localtime(rules.deadline))}")
+    if rules.confirm_from is not None:
+        parts.append(f"confirmation from {hhmm(rules.confirm_from)}")
     for label, value in (("max experiments", rules.max_experiments),
                          ("max crashes in a row", rules.max_consecutive_crashes),
                          ("max without keep", rules.max_without_keep),

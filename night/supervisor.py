@@ -18,7 +18,7 @@ from harness.fixed import TAMPERING_FILE
 from harness.contract import HarnessError
 from analysis import bookkeeping, verdict
 from analysis.store import NIGHT_FILE, REPORT_HTML, STORE_DIR, Store, worker_of
-from night import rules, sandbox
+from night import confirm, rules, sandbox
 from night.runs import RunService
 from night.watch import FixedWatch
 from night.environment import harness_command, harness_environment
@@ -55,8 +55,14 @@ class Supervisor:
         self.worker = getattr(args, "worker", None)  # None: the only agent of the night
         self.store = Store(repo)
         self.store.dir.mkdir(mode=0o700, exist_ok=True)
+        deadline = time.time() + args.hours * 3600 if args.hours else None
+        self.confirm_minutes, self.confirm_note = confirm.stretch_minutes(
+            args.hours, getattr(args, "confirm_minutes", None),
+            bool(args.gpus or args.workers or getattr(args, "worker", None)))
         self.rules = rules.StopRules(
-            deadline=time.time() + args.hours * 3600 if args.hours else None,
+            deadline=deadline,
+            confirm_from=(deadline - self.confirm_minutes * 60 if self.confirm_minutes
+                          else None),
             max_experiments=args.max_experiments, max_consecutive_crashes=args.max_crashes,
             max_without_keep=args.max_without_keep,
             max_hours_without_keep=args.max_hours_without_keep)
@@ -372,6 +378,12 @@ class Supervisor:
                         f"(see {STORE_DIR}/{TAMPERING_FILE})")
         elif settle:
             self.settle()
+            if (self.stopping or "").startswith(rules.CONFIRM_STRETCH) and not self.immediate:
+                self.report_of = None  # the ledger stays as it was: the report is new all the same
+                try:
+                    confirm.Confirmation(self).run()
+                except (HarnessError, OSError, subprocess.TimeoutExpired) as e:
+                    self.status(f"confirmation failed, the morning has no confirmed gain: {e}")
         self._ledger()
         self.refresh_report(wait=True)  # the settled night, for the morning
         self.status(f"stopped: {self.stopping}")
