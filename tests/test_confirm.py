@@ -6,13 +6,16 @@ import html
 import json
 import statistics
 import sys
+import time
+import types
 
 import pytest
 
 from analysis import confirmation
 from analysis.store import Store
+from harness import box, settings
 from night import confirm
-from repos import analyze, baseline, git
+from repos import HARNESS, analyze, baseline, fake_run, git, make_repo
 from test_night import night, status_lines  # noqa: F401  (the night fixture: a stand-in claude)
 
 
@@ -111,3 +114,52 @@ def test_the_last_stretch_runs_the_best_and_the_starting_baseline_on_fresh_seeds
     assert "confirm" not in git(repo, "worktree", "list")
     assert line in analyze(repo, "status").stdout
     assert line in html.unescape((repo / ".auto-log-research" / "report.html").read_text())
+
+
+# Put at the top of the idea's train.py: what it can change from where the confirmation trains it.
+LOOK = r"""import json as _json, os as _os
+def _look(ledger):
+    tried = {}
+    seals = _os.path.join(_os.environ['AUTORESEARCH_CACHE'], 'seals', 'forged.json')
+    for target in (ledger, seals, 'harness/metric.py'):
+        try:
+            open(target, 'a').close()
+            tried[target.split('/')[-1]] = 'written'
+        except OSError:
+            tried[target.split('/')[-1]] = 'refused'
+    print('LOOK ' + _json.dumps({'tried': tried, 'seed': _os.environ.get('SEED')}), flush=True)
+_look(%r)
+"""
+
+
+@pytest.mark.skipif(box.unavailable() is not None,
+                    reason=f"no bubblewrap box here ({box.unavailable()}); .ci/run installs it")
+def test_the_confirmation_trains_the_agents_code_in_its_box(prepared, accept_synthetic, tmp_path,
+                                                            monkeypatch):
+    """Where the night's agent was boxed, the best's train.py (the agent's code) trains in the
+    train box: it cannot write the night's ledger, the seals or the harness, and gets its fresh
+    SEED."""
+    monkeypatch.setenv(settings.TIME_BUDGET_ENV, "3")
+    monkeypatch.setattr(confirm, "CONFIRM_RUNS", 2)  # one pair: the box is under test, not pairing
+    repo = make_repo(tmp_path / "repo", HARNESS)
+    baseline(repo)
+    ledger = repo / ".auto-log-research" / "runs.jsonl"  # the night's ledger, outside the worktree
+    (repo / "train.py").write_text(LOOK % str(ledger) + (repo / "train.py").read_text())
+    git(repo, "commit", "-qam", "idea: looks around first")
+    fake_run(repo, 0.95, seed=42)
+    assert analyze(repo).returncode == 0 and analyze(repo, "keep").returncode == 0
+    said, logged = [], []
+    sup = types.SimpleNamespace(
+        repo=repo, store=Store(repo), started=time.time(), start_rows=3, night="test-night",
+        _ledger=Store(repo).read_ledger, status=said.append, write_log=logged.append,
+        args=types.SimpleNamespace(pass_env=set(), train_timeout=600), unboxed=None,
+        rules=types.SimpleNamespace(deadline=None), immediate=False)
+    record = confirm.Confirmation(sup).run()
+    assert [(r["code"], r["seed"], r["status"]) for r in record["runs"]] == [
+        ("best", 45, "ok"), ("baseline", 45, "ok")], record["runs"]
+    looks = [json.loads(line[len("LOOK "):]) for text in logged for line in text.splitlines()
+             if line.startswith("LOOK ")]
+    assert looks == [{"tried": {"runs.jsonl": "refused", "forged.json": "refused",
+                                "metric.py": "refused"}, "seed": "45"}]
+    assert not (settings.CACHE_DIR / "seals" / "forged.json").exists()
+    assert record["result"]["n"] == 1 and said[-1] == confirmation.describe(record)
