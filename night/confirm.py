@@ -77,6 +77,14 @@ def fresh_seeds(ledger: list, count: int) -> list:
     return list(range(top + 1, top + 1 + count))
 
 
+def typical_run_s(records: list) -> float:
+    """A run's wall time as the confirmed codes' runs took it (the median of their
+    total_seconds; 0 where none is recorded): what a pair must have left before the deadline."""
+    seconds = [r["total_seconds"] for r in records
+               if isinstance(r.get("total_seconds"), (int, float))]
+    return float(np.median(seconds)) if seconds else 0.0
+
+
 def in_night_figures(ledger: list, best: list, baseline: list) -> dict:
     """The in-night gain (the baseline's pooled mean less the best's), and the store's noise and
     seed share the confirmed interval uses."""
@@ -92,7 +100,8 @@ def in_night_figures(ledger: list, best: list, baseline: list) -> dict:
 
 class Confirmation:
     """The stretch's runs for one supervisor (sup: night.supervisor.Supervisor): run() starts them,
-    pair by pair, while the deadline leaves room for a pair, and writes the result."""
+    pair by pair, while the deadline leaves room for a pair (twice the longest run yet, or before
+    the first, twice typical_run_s), and writes the result."""
 
     def __init__(self, sup):
         self.sup, self.repo = sup, sup.repo.resolve()
@@ -114,10 +123,10 @@ class Confirmation:
                         f"SEEDs {', '.join(map(str, seeds))}")
         self._add_worktree()
         try:
-            longest = 0.0
+            longest = typical_run_s(best + baseline)
             for seed in seeds:
                 left = self._left()
-                if record["runs"] and left is not None and left < 2 * longest:
+                if left is not None and left < 2 * longest:
                     self.sup.status(f"confirmation: {left:.0f} s left before the deadline, a pair "
                                     f"takes ~{2 * longest:.0f} s: no more pairs")
                     break

@@ -4,6 +4,7 @@ baseline again, with the result in the store, status.log, `analyze.py status` an
 
 import html
 import json
+import re
 import statistics
 import sys
 import time
@@ -163,3 +164,29 @@ def test_the_confirmation_trains_the_agents_code_in_its_box(prepared, accept_syn
                                 "metric.py": "refused"}, "seed": "45"}]
     assert not (settings.CACHE_DIR / "seals" / "forged.json").exists()
     assert record["result"]["n"] == 1 and said[-1] == confirmation.describe(record)
+
+
+def test_a_pair_starts_only_while_the_deadline_leaves_room_for_it(tmp_path):
+    """With less left before the deadline than two of the codes' runs took, nothing is started:
+    the record says so, with no result (the night's own runs took 400 s, 100 s are left)."""
+    ledger = [row("r1", "base", status="keep", total_seconds=400.0),
+              row("r2", "c", status="keep", val=0.9, total_seconds=400.0)]
+    said = []
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sup = types.SimpleNamespace(
+        repo=repo, store=Store(repo), started=time.time(), start_rows=1, night="test-night",
+        _ledger=lambda: ledger, status=said.append, write_log=said.append,
+        args=types.SimpleNamespace(pass_env=set(), train_timeout=600), unboxed="test",
+        rules=types.SimpleNamespace(deadline=time.time() + 100), immediate=False)
+    Store(repo).dir.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "empty")
+    record = confirm.Confirmation(sup).run()
+    assert record["runs"] == [] and record["result"] is None
+    assert re.fullmatch(r"confirmation: (99|100) s left before the deadline, a pair takes ~800 s: "
+                        r"no more pairs", said[1]), said
+    assert said[-1] == confirmation.describe(record) == (
+        "confirmation: no pair of runs finished (in-night gain +100.00 mbpb; the night of "
+        f"{record['night_started_at']})")
+    assert not (repo / ".worktrees" / "confirm").exists()
