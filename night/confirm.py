@@ -24,8 +24,8 @@ from harness.contract import HarnessError
 from night.environment import harness_command, harness_environment
 
 CONFIRM_RUNS = 4            # the stretch's runs: two fresh seeds, the best and the baseline each
-DEFAULT_CONFIRM_MINUTES = 26  # four runs of the 5-minute budget plus ~90 s of startup and
-                              # evaluation each (an H200, BENCHMARKS.md), rounded up
+DEFAULT_CONFIRM_MINUTES = 28  # four runs of the 5-minute budget plus the 106 s of startup and
+                              # evaluation one took on an H200 (BENCHMARKS.md), rounded up
 SHORT_NIGHT_FACTOR = 4       # the default stretch only in a night at least 4 times its length:
                              # in a shorter one it would take the runs the ideas need
 WORKTREE = ".worktrees/confirm"  # gitignored, as the workers' worktrees

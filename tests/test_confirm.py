@@ -28,10 +28,10 @@ def row(run_id, code, status="ok", val=1.0, seed=42, **extra):
 
 
 def test_the_stretch_is_the_default_only_in_a_night_four_times_as_long():
-    assert confirm.stretch_minutes(8, None, False) == (26, None)
-    assert confirm.stretch_minutes(104 / 60, None, False) == (26, None)
-    assert confirm.stretch_minutes(1, None, False) == (0, (
-        "no confirmation stretch: a 1 h night is too short for the default 26 minutes "
+    assert confirm.stretch_minutes(8, None, False) == (28, None)
+    assert confirm.stretch_minutes(112 / 60, None, False) == (28, None)
+    assert confirm.stretch_minutes(1.85, None, False) == (0, (
+        "no confirmation stretch: a 1.85 h night is too short for the default 28 minutes "
         "(--confirm-minutes M sets one)"))
     assert confirm.stretch_minutes(1, 10, False) == (10, None)
     assert confirm.stretch_minutes(None, 10, False) == (
