@@ -58,7 +58,7 @@ class Supervisor:
         deadline = time.time() + args.hours * 3600 if args.hours else None
         self.confirm_minutes, self.confirm_note = confirm.stretch_minutes(
             args.hours, getattr(args, "confirm_minutes", None),
-            bool(args.gpus or args.workers or getattr(args, "worker", None)))
+            bool(getattr(args, "gpus", None) or getattr(args, "workers", None) or self.worker))
         self.rules = rules.StopRules(
             deadline=deadline,
             confirm_from=(deadline - self.confirm_minutes * 60 if self.confirm_minutes
