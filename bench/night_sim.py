@@ -6,10 +6,16 @@ effect δ on val_bpb drawn from a prior (no-op, harmful, helpful). A run measure
 plus N(0, σ²). The rule decides after every run: keep (δ adds to the best), discard, rerun the candidate with
 another seed. All nights of a cell advance together, one run per step, so the rules are evaluated on arrays:
 
-- `project` (the default rule) is `analysis.verdict.sequential_verdict`, the very function `decide()` calls;
+- `project` is `analysis.verdict.sequential_verdict` under policy validated (the default before the
+  paired threshold) on the unpaired standard error, `project-paired` the same on the paired one, and
+  `policy-<name>` each policy of `verdict.POLICIES` as `decide()` applies it in a store (paired error,
+  seeds shared with the best, the night's shrunk ρ̂): `policy-paired` is the default;
 - `today` is a vectorised copy of the rule before issue 11 and `autoresearch` keeps what is lower on one run.
   `--check K` replays K nights of every rule through the scalar `decide()` (today's from git commit
-  `TODAY_COMMIT`, the project's from the working tree) and fails unless every decision is identical.
+  `TODAY_COMMIT`, the project's from the working tree; the paired rules at ρ = CHECK_RHO with each
+  decision's shared seeds and ρ̂) and fails unless every decision is identical.
+- `--confirm K` spends the night's last 2K runs on the end-of-night confirmation: K runs of the final
+  best and K of the starting baseline under fresh seeds, reduced by `analysis.confirmation.confirmed_gain`.
 
 Common random numbers: every rule sees the same ideas and the same noise draws (the k-th run of idea i, the
 j-th run of the baseline), so differences between rules are not differences of luck.
@@ -25,6 +31,7 @@ per run: independent noise, whatever ρ). ρ = 0 is the model before seed noise,
     uv run bench/night_sim.py --prior all --json bench/results/night-sim-2026-12-01.json
     uv run bench/night_sim.py --check 40                    # the vectorised rules decide as decide() does
     uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.3,0.6,0.9 --seeds paired,fresh
+    uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.88 --rules project-paired,policy-paired --confirm 2
 """
 
 import argparse
