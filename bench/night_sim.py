@@ -8,14 +8,15 @@ another seed. All nights of a cell advance together, one run per step, so the ru
 
 - `project` is `analysis.verdict.sequential_verdict` under policy validated (the default before the
   paired threshold) on the unpaired standard error, `project-paired` the same on the paired one, and
-  `policy-<name>` each policy of `verdict.POLICIES` as `decide()` applies it in a store (paired error,
-  seeds shared with the best, the night's shrunk ρ̂): `policy-paired` is the default;
+  `policy-<name>` each policy of `verdict.POLICIES` as `decide()` applies it in a store (paired
+  error, seeds shared with the best, the night's shrunk ρ̂): `policy-paired` is the default;
 - `today` is a vectorised copy of the rule before issue 11 and `autoresearch` keeps what is lower on one run.
   `--check K` replays K nights of every rule through the scalar `decide()` (today's from git commit
   `TODAY_COMMIT`, the project's from the working tree; the paired rules at ρ = CHECK_RHO with each
   decision's shared seeds and ρ̂) and fails unless every decision is identical.
-- `--confirm K` spends the night's last 2K runs on the end-of-night confirmation: K runs of the final
-  best and K of the starting baseline under fresh seeds, reduced by `analysis.confirmation.confirmed_gain`.
+- `--confirm K` spends the night's last 2K runs on the end-of-night confirmation: K runs of the
+  final best and K of the starting baseline under fresh seeds, reduced by
+  `analysis.confirmation.confirmed_gain`.
 
 Common random numbers: every rule sees the same ideas and the same noise draws (the k-th run of idea i, the
 j-th run of the baseline), so differences between rules are not differences of luck.
@@ -31,7 +32,7 @@ per run: independent noise, whatever ρ). ρ = 0 is the model before seed noise,
     uv run bench/night_sim.py --prior all --json bench/results/night-sim-2026-12-01.json
     uv run bench/night_sim.py --check 40                    # the vectorised rules decide as decide() does
     uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.3,0.6,0.9 --seeds paired,fresh
-    uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.88 --rules project-paired,policy-paired --confirm 2
+    uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.88 --rules policy-paired --confirm 2
 """
 
 import argparse
@@ -56,7 +57,7 @@ TODAY_COMMIT = "fd265c0"   # the last commit before issue 11: its analysis/verdi
 BASE_VALUE = 1.0           # true val_bpb of the baseline code (the noise floor is a fraction of it)
 MAX_RUNS_PER_IDEA = 16     # pre-drawn noise per idea: no rule reruns a candidate more often
 MBPB = 1000.0              # reported in milli-bpb (0.001 val_bpb)
-MAX_CONFIRM = 8            # pre-drawn confirmation pairs per night: --confirm takes at most this many
+MAX_CONFIRM = 8            # confirmation pairs pre-drawn per night: the most --confirm takes
 
 # The priors of the benchmark: fractions of helpful and harmful ideas (the rest are no-ops), the mean of a
 # helpful effect (δ = -Exp(mean)), the range of a harmful one (U(lo, hi)) and the range of a no-op's
@@ -203,8 +204,9 @@ PAIRED_RULES = {"project-paired": verdict.POLICIES["validated"],
 def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, record: int = 0,
              rho: float = 0.0, seeds: str = "paired", confirm: int = 0) -> dict:
     """Run every night of `streams` under `rule`; per-night outcomes, and the first `record` nights' decisions
-    (candidate values, best values, verdict) for --check. rho, seeds: the seed noise (module docstring).
-    confirm: K > 0 spends the night's last 2K runs on the confirmation (confirm_night)."""
+    (candidate values, best values, verdict) for --check. rho, seeds: the seed noise (module
+    docstring). confirm: K > 0 spends the night's last 2K runs on the confirmation
+    (confirm_night)."""
     delta_all, eps_i, eps_b = streams["delta"], streams["eps_idea"], streams["eps_best"]
     nights = delta_all.shape[0]
     rows = np.arange(nights)
@@ -287,17 +289,18 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
 
 def confirm_night(streams: dict, best_true, sigma: float, rho: float, k: int, sigma_hat, df,
                   rho_hat) -> dict:
-    """The end-of-night confirmation: K runs of the final best and K of the starting baseline, pair j
-    under a fresh seed (its own s, shared by the pair, never used in the night), reduced by the
-    product's confirmation.confirmed_gain. Per night: the reported gain and whether the truth lies
-    in the interval the report prints, on the pairs' own spread (t on K - 1 df) and on the night's
+    """The end-of-night confirmation: K runs of the final best and K of the starting baseline,
+    pair j under a fresh seed (its own s, shared by the pair, never used in the night), reduced by
+    the product's confirmation.confirmed_gain. Per night: the reported gain and whether the truth
+    lies in the interval the report prints, on the pairs' own spread (t on K - 1 df) and on the night's
     pooled σ̂ and shrunk ρ̂ (sigma_hat on df, rho_hat); and whether the best's lead survived."""
     if not 1 <= k <= MAX_CONFIRM:
         raise ValueError(f"--confirm takes 1 to {MAX_CONFIRM} pairs")
     s = streams["confirm_seed"][:, :k]
     own = math.sqrt(rho) * s
-    best = best_true[:, None] + sigma * (own + math.sqrt(1 - rho) * streams["confirm_eps"][:, 0, :k])
-    base = BASE_VALUE + sigma * (own + math.sqrt(1 - rho) * streams["confirm_eps"][:, 1, :k])
+    eps = math.sqrt(1 - rho) * streams["confirm_eps"][:, :, :k]
+    best = best_true[:, None] + sigma * (own + eps[:, 0])
+    base = BASE_VALUE + sigma * (own + eps[:, 1])
     truth = BASE_VALUE - best_true
     spread = confirmation.confirmed_gain(best, base)
     pooled = confirmation.confirmed_gain(best, base, sigma=sigma_hat, df=df, rho=rho_hat)
@@ -379,10 +382,10 @@ CHECK_RHO = 0.88
 
 
 def check(nights: int, sigmas: list, runs: int, baseline_runs: int, seed: int) -> list:
-    """Replay `nights` nights per rule and σ through the scalar decide(); return the mismatches (none
-    expected), the decisions checked and how many of them decide() kept on the paired threshold.
-    The rules on the paired standard error (PAIRED_RULES) are replayed on paired seeds at ρ = CHECK_RHO, with
-    each decision's shared seeds and the night's ρ̂ passed to decide()."""
+    """Replay `nights` nights per rule and σ through the scalar decide(); return the mismatches
+    (none expected), the decisions checked and how many of them decide() kept on the paired
+    threshold. The rules on the paired standard error (PAIRED_RULES) are replayed on paired seeds at
+    ρ = CHECK_RHO, with each decision's shared seeds and the night's ρ̂ passed to decide()."""
     today = today_module()
     real = {"today": (today, None), "project": (verdict, verdict.POLICIES["validated"])}
     real.update({f"project-{m}": (verdict, verdict.POLICIES[m]) for m in ("validated", "gain")})
@@ -479,15 +482,18 @@ def table(results: list) -> str:
 
 
 def confirmation_table(results: list) -> list:
-    """The --confirm columns: the confirmed gain, its optimism, each interval's coverage and width."""
-    lines = ["", "| prior | σ | ρ | seeds | rule | confirmed gain (mbpb) | its optimism (mbpb, ±95 %) | "
-             "coverage, pooled σ̂ (width) | coverage, pairs' t (width) | lead survived |",
+    """The --confirm columns: the confirmed gain, its optimism, each interval's coverage and
+    width."""
+    lines = ["", "| prior | σ | ρ | seeds | rule | confirmed gain (mbpb) | "
+             "its optimism (mbpb, ±95 %) | coverage, pooled σ̂ (width) | "
+             "coverage, pairs' t (width) | lead survived |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         spread = (f"{r['coverage_spread']:.3f} ({r['width_spread_mbpb']:.1f})"
                   if r["width_spread_mbpb"] is not None else "—")
-        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rho']:g} | {r['seeds']} | {r['rule']} | "
-                     f"{r['confirmed_gain_mbpb']:.1f} | {r['confirmed_optimism_mbpb']:+.2f} ± "
+        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rho']:g} | {r['seeds']} | "
+                     f"{r['rule']} | {r['confirmed_gain_mbpb']:.1f} | "
+                     f"{r['confirmed_optimism_mbpb']:+.2f} ± "
                      f"{r['confirmed_optimism_ci95']:.2f} | {r['coverage_pooled']:.3f} "
                      f"({r['width_pooled_mbpb']:.1f}) | {spread} | {r['survived']:.3f} |")
     return lines
