@@ -1,7 +1,8 @@
 """
-The end-of-night confirmation, as a pure function: the night's best and its starting baseline run
-again under fresh SEEDs the night never used, pair k of both under one seed, and the gain the
-morning report headlines is the mean paired difference, with its interval (issue 21, item 6).
+The end-of-night confirmation's numbers (night/confirm.py runs it): the night's best and its
+starting baseline run again under fresh SEEDs the night never used, pair k of both under one seed,
+and the gain the morning report headlines is the mean paired difference, with its interval (issue
+21, item 6): confirmed_gain, a pure function; describe, its one line; load, the store's record.
 
 The in-night gain is optimistic: the best is the luckiest of many runs (+0.77 mbpb at sigma 0.0013
 in bench/night_sim.py). Runs under seeds the night never saw carry none of that selection, so their

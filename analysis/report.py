@@ -145,6 +145,11 @@ def _verdict_section(ctx) -> list:
             f"| one-sided p (difference vs noise) | {d['p_value']:.3g} (keep below "
             f"{policy['keep_alpha']} on {policy['confirm_runs']} runs, or below "
             f"{policy['strong_alpha']} on fewer) |",
+            *([f"| keep on the paired threshold | p below {policy['paired_alpha']} on "
+               f"{policy['paired_runs']}+ run(s), every one under a SEED of the best's, once the "
+               f"store's ρ is at least {policy['paired_rho']} (this keep: "
+               f"{'yes' if d.get('paired_keep') else 'no'}) |"]
+              if policy.get("paired_alpha") is not None else []),
             f"| rerun while p is below (after 1, 2, … runs) | "
             f"{', '.join(map(str, policy['futility']))} (at most {policy['max_runs']} runs) |",
             f"| one-sided Welch p | {welch} (reported, not a condition) |", ""]

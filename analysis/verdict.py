@@ -45,14 +45,31 @@ NOISE_FLOOR_FRACTION = 2e-4
 # - futility[n - 1]: after n runs, rerun only while p is below this bound; a candidate that merely
 #   looks a little better is discarded instead of taking more 5-minute runs from the ideas still
 #   waiting;
-# - max_runs: discarded when still undecided after this many runs.
+# - max_runs: discarded when still undecided after this many runs;
+# - paired_alpha (optional, the single-run paired threshold of issue 21): also kept once p <
+#   paired_alpha with at least paired_runs runs, when every run of the candidate has a run of the
+#   best under the same SEED and the store's shrunk rho-hat is at least paired_rho
+#   (paired_eligible); p is then that of the paired standard error (paired_se). Where the seed
+#   carries most of the noise, a paired difference of one run is as informative as three unpaired
+#   runs, so the confirmation's two extra runs go to new ideas instead.
 # keep_alpha is larger than a textbook 0.05 on purpose: simulated nights (100 runs, the base prior)
 # keep fewer than 1 idea without a real gain per night with it, because most no-op ideas stop at
 # the first or second run (futility), and a looser screen buys more real gains than a stricter one
 # (BENCHMARKS.md).
 POLICIES = {
-    # the default: at most ~1 false keep per night in every simulated cell, most of autoresearch's
-    # gain at low noise
+    # the default: validated's sequential test, plus the single-run paired threshold where the
+    # store's own pairs show rho-hat >= 0.4 (pairing.store_share, shrunk toward 0 while few pairs
+    # exist); p < 0.2 on the paired error. Chosen by simulation (BENCHMARKS.md, "Seed
+    # noise"): at sigma 0.0013 it gains 17.7 / 20.0 mbpb a night at rho 0.6 / 0.88 (validated on
+    # the paired error: 17.1 / 18.3) with <= 0.61 false keeps a night, and is validated itself
+    # where the seed carries little noise;
+    # paired_rho 0.3 gains a little more but passes 1 false keep at sigma 0.0003, rho 0.
+    "paired": dict(keep_alpha=0.1, strong_alpha=0.001, confirm_runs=3,
+                   futility=(0.2, 0.1, 0.05), max_runs=4,
+                   paired_alpha=0.2, paired_rho=0.4, paired_runs=1),
+    # the default before the paired threshold: every keep confirmed on 3 runs (unless p < 0.001);
+    # at most ~1 false keep per night in every simulated cell, most of autoresearch's gain at low
+    # noise
     "validated": dict(keep_alpha=0.1, strong_alpha=0.001, confirm_runs=3,
                       futility=(0.2, 0.1, 0.05), max_runs=4),
     # for a human who prefers gain over validated findings: more real gain at high noise, 1-3 false
@@ -82,11 +99,25 @@ def one_sided_p(z, df):
     return np.where(df > 0, stats.t.cdf(z, np.maximum(df, 1)), stats.norm.cdf(z))
 
 
-def sequential_verdict(n, delta, se, df, policy: dict = None):
+def paired_eligible(n, shared, rho, policy: dict):
+    """Whether a candidate with `n` runs, `shared` of them under a SEED the best also ran with, may
+    be kept on the paired threshold of `policy` (paired_alpha): every one of its runs is paired,
+    it has at least paired_runs runs, and the store's shrunk rho-hat is at least paired_rho (the
+    data must show that the seed carries most of the noise before one run is trusted). Always
+    False for a policy without a paired threshold. Vectorised, as sequential_verdict."""
+    if policy.get("paired_alpha") is None:
+        return np.zeros(np.shape(n), bool)
+    rho = np.where(np.asarray(rho if rho is not None else 0.0, float) > 0, rho, 0.0)
+    n, shared = np.asarray(n), np.asarray(shared)
+    return (shared >= n) & (n >= policy["paired_runs"]) & (rho >= policy["paired_rho"])
+
+
+def sequential_verdict(n, delta, se, df, policy: dict = None, shared=0, rho=None):
     """KEEP_CODE, DISCARD_CODE or RERUN_CODE for a candidate with `n` runs whose pooled mean differs
     from the best's by `delta` with standard error `se` (the noise's df `df`, 0 for the assumed
-    noise). Pure and vectorised: every argument may be an array (bench/night_sim.py decides
-    thousands of nights at once)."""
+    noise). shared, rho: the seeds its runs share with the best's and the store's shrunk rho-hat
+    (used only by a policy with a paired threshold, paired_eligible). Pure and vectorised: every
+    argument may be an array (bench/night_sim.py decides thousands of nights at once)."""
     policy = POLICIES[VERDICT_MODE] if policy is None else policy
     n, delta, se = np.asarray(n), np.asarray(delta, float), np.asarray(se, float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -95,6 +126,9 @@ def sequential_verdict(n, delta, se, df, policy: dict = None):
     better = delta < 0
     beyond = better & (p < policy["keep_alpha"])
     keep = beyond & ((n >= policy["confirm_runs"]) | (p < policy["strong_alpha"]))
+    if policy.get("paired_alpha") is not None:
+        keep = keep | (better & paired_eligible(n, shared, rho, policy)
+                       & (p < policy["paired_alpha"]))
     bounds = np.asarray(tuple(policy["futility"]) + (0.0,), float)
     # an unconfirmed keep is always rerun
     promising = (p < bounds[np.clip(n - 1, 0, len(bounds) - 1)]) | beyond
@@ -275,7 +309,9 @@ def decide(candidate, best=None, noise=None, failed: str = None, same_as_best: b
                shared_seeds=shared_seeds, rho=rho if shared_seeds else None,
                z=z, p_value=p_noise, p_welch=p_welch, keep_alpha=policy["keep_alpha"],
                policy=dict(policy, futility=list(policy["futility"])))
-    return {**out, **_sequential_decision(len(candidate), delta, se, df, p_noise, p_welch, policy)}
+    pairs = (shared_seeds, rho)
+    return {**out, **_sequential_decision(len(candidate), delta, se, df, p_noise, p_welch, policy,
+                                          pairs)}
 
 
 def paired_se(sigma: float, n_candidate: int, n_best: int, shared: int = 0, rho: float = None):
@@ -343,13 +379,22 @@ def _p_values(z: float, df, candidate, best) -> tuple:
 
 
 def _sequential_decision(n: int, delta: float, se: float, df, p_noise: float, p_welch,
-                         policy: dict) -> dict:
-    """{verdict, reason} (and confirm: True for an unconfirmed gain) of a finished candidate with
-    `n` runs: sequential_verdict's keep, rerun or discard, with the reason in words."""
+                         policy: dict, pairs: tuple = (0, None)) -> dict:
+    """{verdict, reason} (and confirm: True for an unconfirmed gain; paired_keep: True for a keep
+    on the paired threshold) of a finished candidate with `n` runs: sequential_verdict's keep,
+    rerun or discard, with the reason in words. pairs: (shared seeds, the store's rho)."""
     p_text = f"p = {p_noise:.3g}" + (f", Welch p = {p_welch:.3g}" if p_welch is not None else "")
-    code = int(sequential_verdict(n, delta, se, df or 0, policy))
+    code = int(sequential_verdict(n, delta, se, df or 0, policy, *pairs))
     if delta >= 0:
         return {"verdict": "discard", "reason": f"not better than the best ({p_text})"}
+    unpaired = int(sequential_verdict(n, delta, se, df or 0, dict(policy, paired_alpha=None)))
+    if code == KEEP_CODE and unpaired != KEEP_CODE:
+        return {"verdict": "keep", "paired_keep": True,
+                "reason": f"better than the best beyond the noise on the PAIRED THRESHOLD over "
+                          f"{n} run(s) under the best's SEEDs ({p_text} < "
+                          f"{policy['paired_alpha']}, the store's rho = {pairs[1]:.2f} >= "
+                          f"{policy['paired_rho']}): kept without the {policy['confirm_runs']}-run "
+                          f"confirmation"}
     if code == KEEP_CODE:
         return {"verdict": "keep",
                 "reason": f"better than the best beyond the noise over {n} run(s) ({p_text} < "

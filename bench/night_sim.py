@@ -6,10 +6,17 @@ effect δ on val_bpb drawn from a prior (no-op, harmful, helpful). A run measure
 plus N(0, σ²). The rule decides after every run: keep (δ adds to the best), discard, rerun the candidate with
 another seed. All nights of a cell advance together, one run per step, so the rules are evaluated on arrays:
 
-- `project` (the default rule) is `analysis.verdict.sequential_verdict`, the very function `decide()` calls;
+- `project` is `analysis.verdict.sequential_verdict` under policy validated (the default before the
+  paired threshold) on the unpaired standard error, `project-paired` the same on the paired one, and
+  `policy-<name>` each policy of `verdict.POLICIES` as `decide()` applies it in a store (paired
+  error, seeds shared with the best, the night's shrunk ρ̂): `policy-paired` is the default;
 - `today` is a vectorised copy of the rule before issue 11 and `autoresearch` keeps what is lower on one run.
   `--check K` replays K nights of every rule through the scalar `decide()` (today's from git commit
-  `TODAY_COMMIT`, the project's from the working tree) and fails unless every decision is identical.
+  `TODAY_COMMIT`, the project's from the working tree; the paired rules at ρ = CHECK_RHO with each
+  decision's shared seeds and ρ̂) and fails unless every decision is identical.
+- `--confirm K` spends the night's last 2K runs on the end-of-night confirmation: K runs of the
+  final best and K of the starting baseline under fresh seeds, reduced by
+  `analysis.confirmation.confirmed_gain`.
 
 Common random numbers: every rule sees the same ideas and the same noise draws (the k-th run of idea i, the
 j-th run of the baseline), so differences between rules are not differences of luck.
@@ -25,6 +32,7 @@ per run: independent noise, whatever ρ). ρ = 0 is the model before seed noise,
     uv run bench/night_sim.py --prior all --json bench/results/night-sim-2026-12-01.json
     uv run bench/night_sim.py --check 40                    # the vectorised rules decide as decide() does
     uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.3,0.6,0.9 --seeds paired,fresh
+    uv run bench/night_sim.py --sigma 0.0013 --rho 0,0.88 --rules policy-paired --confirm 2
 """
 
 import argparse
@@ -43,12 +51,13 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import pairing, verdict  # noqa: E402
+from analysis import confirmation, pairing, verdict  # noqa: E402
 
 TODAY_COMMIT = "fd265c0"   # the last commit before issue 11: its analysis/verdict.py is "today's rule"
 BASE_VALUE = 1.0           # true val_bpb of the baseline code (the noise floor is a fraction of it)
 MAX_RUNS_PER_IDEA = 16     # pre-drawn noise per idea: no rule reruns a candidate more often
 MBPB = 1000.0              # reported in milli-bpb (0.001 val_bpb)
+MAX_CONFIRM = 8            # confirmation pairs pre-drawn per night: the most --confirm takes
 
 # The priors of the benchmark: fractions of helpful and harmful ideas (the rest are no-ops), the mean of a
 # helpful effect (δ = -Exp(mean)), the range of a harmful one (U(lo, hi)) and the range of a no-op's
@@ -85,6 +94,10 @@ def draw_streams(prior: dict, nights: int, runs: int, seed: int) -> dict:
                "eps_best": rng.standard_normal((nights, runs))}
     # drawn last, so that ρ = 0 reproduces the nights drawn before seed noise was modelled
     streams["seed"] = rng.standard_normal((nights, MAX_RUNS_PER_IDEA))  # s of the k-th seed
+    # the end-of-night confirmation's (--confirm), drawn after everything else for the same reason:
+    # the fresh seeds' s, then each confirmation run's own e (the best's row 0, the baseline's 1)
+    streams["confirm_seed"] = rng.standard_normal((nights, MAX_CONFIRM))
+    streams["confirm_eps"] = rng.standard_normal((nights, 2, MAX_CONFIRM))
     return streams
 
 
@@ -145,14 +158,18 @@ def rule_project(policy: dict = None):
     return rule
 
 
-def rule_project_paired(s: dict) -> np.ndarray:
+def rule_project_paired(policy: dict = None):
     """The project's rule with the paired standard error decide() uses (verdict.paired_se): the
     seeds the candidate shares with the best and the night's own shrunk estimate of ρ
-    (pairing.store_share's, from the paired differences of the ideas tried so far)."""
-    sigma, df = _sigma(s)
-    n_c, n_b = s["cand_n"], s["best_n"]
-    se = sigma * np.sqrt(1 / n_c + 1 / n_b - 2 * s["rho"] * s["shared"] / (n_c * n_b))
-    return verdict.sequential_verdict(n_c, s["cand_mean"] - s["best_mean"], se, df)
+    (pairing.store_share's, from the paired differences of the ideas tried so far); a policy with
+    a paired threshold (paired_alpha) also keeps on it where verdict.paired_eligible allows."""
+    def rule(s: dict) -> np.ndarray:
+        sigma, df = _sigma(s)
+        n_c, n_b = s["cand_n"], s["best_n"]
+        se = sigma * np.sqrt(1 / n_c + 1 / n_b - 2 * s["rho"] * s["shared"] / (n_c * n_b))
+        return verdict.sequential_verdict(n_c, s["cand_mean"] - s["best_mean"], se, df, policy,
+                                          shared=s["shared"], rho=s["rho"])
+    return rule
 
 
 def store_rho(pair_ss, pair_df, noise_ss, noise_df) -> np.ndarray:
@@ -164,10 +181,20 @@ def store_rho(pair_ss, pair_df, noise_ss, noise_df) -> np.ndarray:
     return np.where(ok, np.maximum(raw, 0.0) * pair_df / (pair_df + pairing.SHRINK_DF), 0.0)
 
 
-RULES = {"autoresearch": rule_autoresearch, "today": rule_today, "project": rule_project(),
-         "project-paired": rule_project_paired}
+# `project` and `project-paired` keep the meaning of the tables before the paired threshold: policy
+# validated (the default then) on the unpaired and on the paired standard error; `project-validated`
+# and `project-gain` those policies on the unpaired one; `policy-<name>` is each policy of
+# verdict.POLICIES as decide() applies it in a store (paired error, shared seeds, the store's ρ̂):
+# `policy-paired` is today's default.
+RULES = {"autoresearch": rule_autoresearch, "today": rule_today,
+         "project": rule_project(verdict.POLICIES["validated"]),
+         "project-paired": rule_project_paired(verdict.POLICIES["validated"])}
+for _mode in ("validated", "gain"):
+    RULES[f"project-{_mode}"] = rule_project(verdict.POLICIES[_mode])
 for _mode, _policy in verdict.POLICIES.items():
-    RULES[f"project-{_mode}"] = rule_project(_policy)
+    RULES[f"policy-{_mode}"] = rule_project_paired(_policy)
+PAIRED_RULES = {"project-paired": verdict.POLICIES["validated"],
+                **{f"policy-{m}": p for m, p in verdict.POLICIES.items()}}  # decide() with pairs
 
 
 # ---------------------------------------------------------------------------
@@ -175,9 +202,11 @@ for _mode, _policy in verdict.POLICIES.items():
 # ---------------------------------------------------------------------------
 
 def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, record: int = 0,
-             rho: float = 0.0, seeds: str = "paired") -> dict:
+             rho: float = 0.0, seeds: str = "paired", confirm: int = 0) -> dict:
     """Run every night of `streams` under `rule`; per-night outcomes, and the first `record` nights' decisions
-    (candidate values, best values, verdict) for --check. rho, seeds: the seed noise (module docstring)."""
+    (candidate values, best values, verdict) for --check. rho, seeds: the seed noise (module
+    docstring). confirm: K > 0 spends the night's last 2K runs on the confirmation
+    (confirm_night)."""
     delta_all, eps_i, eps_b = streams["delta"], streams["eps_idea"], streams["eps_best"]
     nights = delta_all.shape[0]
     rows = np.arange(nights)
@@ -201,7 +230,7 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
     out = {k: np.zeros(nights) for k in ("keeps", "false_keeps", "harmful_keeps", "helpful_missed", "decided")}
     log = [[] for _ in range(min(record, nights))]
     hist = [{"best": list(base[i]), "cand": []} for i in range(min(record, nights))]
-    for _ in range(runs - baseline_runs):
+    for _ in range(runs - baseline_runs - 2 * confirm):
         delta = delta_all[rows, idea]
         x = best_true + delta + sigma * run_noise(eps_i[rows, idea, cand_n], streams, cand_n, rho, seeds)
         dx = x - cand_mean
@@ -224,7 +253,8 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
         for i in range(len(log)):
             hist[i]["cand"].append(float(x[i]))
             log[i].append({"candidate": list(hist[i]["cand"]), "best": list(hist[i]["best"]),
-                           "groups_done": None, "action": int(action[i])})
+                           "shared": int(shared[i]), "rho": float(rho_now[i]),
+                           "action": int(action[i])})
             if action[i] != RERUN:
                 if action[i] == KEEP:
                     hist[i]["best"] = list(hist[i]["cand"])
@@ -250,7 +280,38 @@ def simulate(rule, streams: dict, sigma: float, runs: int, baseline_runs: int, r
     out["gain"] = (BASE_VALUE - best_true) * MBPB
     out["optimism"] = (best_true - best_mean) * MBPB
     out["log"] = log
+    if confirm:
+        sigma_hat, df = _sigma({"noise_ss": noise_ss, "noise_df": noise_df, "best_mean": best_mean})
+        rho_hat = store_rho(pair_ss, pair_df, noise_ss, noise_df)
+        out.update(confirm_night(streams, best_true, sigma, rho, confirm, sigma_hat, df, rho_hat))
     return out
+
+
+def confirm_night(streams: dict, best_true, sigma: float, rho: float, k: int, sigma_hat, df,
+                  rho_hat) -> dict:
+    """The end-of-night confirmation: K runs of the final best and K of the starting baseline,
+    pair j under a fresh seed (its own s, shared by the pair, never used in the night), reduced by
+    the product's confirmation.confirmed_gain. Per night: the reported gain and whether the truth
+    lies in the interval the report prints, on the pairs' own spread (t on K - 1 df) and on the night's
+    pooled σ̂ and shrunk ρ̂ (sigma_hat on df, rho_hat); and whether the best's lead survived."""
+    if not 1 <= k <= MAX_CONFIRM:
+        raise ValueError(f"--confirm takes 1 to {MAX_CONFIRM} pairs")
+    s = streams["confirm_seed"][:, :k]
+    own = math.sqrt(rho) * s
+    eps = math.sqrt(1 - rho) * streams["confirm_eps"][:, :, :k]
+    best = best_true[:, None] + sigma * (own + eps[:, 0])
+    base = BASE_VALUE + sigma * (own + eps[:, 1])
+    truth = BASE_VALUE - best_true
+    spread = confirmation.confirmed_gain(best, base)
+    pooled = confirmation.confirmed_gain(best, base, sigma=sigma_hat, df=df, rho=rho_hat)
+    with np.errstate(invalid="ignore"):  # K = 1: no spread, no interval (never covers)
+        covered = (spread["low"] <= truth) & (truth <= spread["high"])
+    return {"confirmed_gain": pooled["estimate"] * MBPB,
+            "confirmed_optimism": (pooled["estimate"] - truth) * MBPB,
+            "covered_spread": covered, "width_spread": (spread["high"] - spread["low"]) * MBPB,
+            "covered_pooled": (pooled["low"] <= truth) & (truth <= pooled["high"]),
+            "width_pooled": (pooled["high"] - pooled["low"]) * MBPB,
+            "survived": pooled["survived"]}
 
 
 def summarize(out: dict, runs: int, baseline_runs: int) -> dict:
@@ -261,7 +322,24 @@ def summarize(out: dict, runs: int, baseline_runs: int) -> dict:
             "false_keeps": float(out["false_keeps"].mean()), "harmful_keeps": float(out["harmful_keeps"].mean()),
             "helpful_missed": float(out["helpful_missed"].mean()), "decided": float(out["decided"].mean()),
             "runs_per_keep": float((runs - baseline_runs) * n / keeps) if keeps else None,
-            "optimism_mbpb": float(out["optimism"].mean()), "keeps": float(out["keeps"].mean())}
+            "optimism_mbpb": float(out["optimism"].mean()), "keeps": float(out["keeps"].mean()),
+            **(summarize_confirmation(out) if "confirmed_gain" in out else {})}
+
+
+def summarize_confirmation(out: dict) -> dict:
+    """The confirmation's numbers of a cell: its optimism (reported - true gain, mbpb, with its
+    Monte Carlo 95 % half-width), each interval's coverage of the true gain and mean width, and the
+    share of nights whose lead survived."""
+    opt = out["confirmed_optimism"]
+    return {"confirmed_gain_mbpb": float(out["confirmed_gain"].mean()),
+            "confirmed_optimism_mbpb": float(opt.mean()),
+            "confirmed_optimism_ci95": float(1.96 * opt.std(ddof=1) / math.sqrt(len(opt))),
+            "coverage_spread": float(out["covered_spread"].mean()),
+            "width_spread_mbpb": float(np.nanmean(out["width_spread"]))
+            if np.isfinite(out["width_spread"]).any() else None,
+            "coverage_pooled": float(out["covered_pooled"].mean()),
+            "width_pooled_mbpb": float(out["width_pooled"].mean()),
+            "survived": float(out["survived"].mean())}
 
 
 # ---------------------------------------------------------------------------
@@ -285,29 +363,49 @@ def today_module():
         return _module_at(TODAY_COMMIT, "analysis/verdict.py", "verdict_today")
 
 
-def scalar_decision(module, candidate: list, best: list, groups: list, policy=None) -> int:
-    """The verdict of the real decide() (of `module`) on one decision, as an action code."""
+def scalar_decision(module, candidate: list, best: list, groups: list, policy=None,
+                    pairs: tuple = None) -> int:
+    """The verdict of the real decide() (of `module`) on one decision, as an action code. pairs:
+    (shared seeds, the store's ρ̂) for a rule on the paired standard error, passed to decide()."""
     noise = module.noise_estimate(groups)
     kwargs = {"policy": policy} if policy is not None else {}
-    v = module.decide(candidate, best, noise, **kwargs)["verdict"]
-    return {"keep": KEEP, "discard": DISCARD, "rerun": RERUN}[v]
+    if pairs is not None:
+        kwargs.update(shared_seeds=pairs[0], rho=pairs[1])
+    decision = module.decide(candidate, best, noise, **kwargs)
+    code = {"keep": KEEP, "discard": DISCARD, "rerun": RERUN}[decision["verdict"]]
+    return code if pairs is None else (code, bool(decision.get("paired_keep")))
+
+
+# the seed noise under which --check replays the rules on paired standard errors: the measured
+# CPU share, where the store's ρ̂ passes policy paired's bound and its threshold decides
+CHECK_RHO = 0.88
 
 
 def check(nights: int, sigmas: list, runs: int, baseline_runs: int, seed: int) -> list:
-    """Replay `nights` nights per rule and σ through the scalar decide(); return the mismatches (none expected)."""
+    """Replay `nights` nights per rule and σ through the scalar decide(); return the mismatches
+    (none expected), the decisions checked and how many of them decide() kept on the paired
+    threshold. The rules on the paired standard error (PAIRED_RULES) are replayed on paired seeds at
+    ρ = CHECK_RHO, with each decision's shared seeds and the night's ρ̂ passed to decide()."""
     today = today_module()
-    real = {"today": (today, None), "project": (verdict, None)}
-    real.update({f"project-{m}": (verdict, p) for m, p in verdict.POLICIES.items()})
-    mismatches, checked = [], 0
+    real = {"today": (today, None), "project": (verdict, verdict.POLICIES["validated"])}
+    real.update({f"project-{m}": (verdict, verdict.POLICIES[m]) for m in ("validated", "gain")})
+    real.update({name: (verdict, p) for name, p in PAIRED_RULES.items()})
+    mismatches, checked, paired_keeps = [], 0, 0
     for sigma in sigmas:
         streams = draw_streams(PRIORS["base"], nights, runs, seed)
         for name, (module, policy) in real.items():
-            out = simulate(RULES[name], streams, sigma, runs, baseline_runs, record=nights)
+            paired = name in PAIRED_RULES
+            out = simulate(RULES[name], streams, sigma, runs, baseline_runs, record=nights,
+                           rho=CHECK_RHO if paired else 0.0)
             for night, decisions in enumerate(out["log"]):
                 groups_done = []
                 for d in decisions:
                     groups = groups_done + [d["best"]] + ([d["candidate"]] if len(d["candidate"]) > 1 else [])
-                    got = scalar_decision(module, d["candidate"], d["best"], groups, policy)
+                    got = scalar_decision(module, d["candidate"], d["best"], groups, policy,
+                                          (d["shared"], d["rho"]) if paired else None)
+                    if paired:
+                        got, on_threshold = got
+                        paired_keeps += on_threshold
                     checked += 1
                     if got != d["action"]:
                         mismatches.append({"rule": name, "sigma": sigma, "night": night, **d, "decide": got})
@@ -316,7 +414,7 @@ def check(nights: int, sigmas: list, runs: int, baseline_runs: int, seed: int) -
                             groups_done.append(d["candidate"])
                         if d["action"] == KEEP:
                             groups_done.append(d["best"])
-    return mismatches, checked
+    return mismatches, checked, paired_keeps
 
 
 # ---------------------------------------------------------------------------
@@ -354,7 +452,7 @@ def pareto(sigmas: list, nights: int, runs: int, baseline_runs: int, seed: int) 
 # ---------------------------------------------------------------------------
 
 def run_cells(priors: list, sigmas: list, rules: list, nights: int, runs: int, baseline_runs: int, seed: int,
-              rhos=(0.0,), conventions=("paired",)) -> list:
+              rhos=(0.0,), conventions=("paired",), confirm: int = 0) -> list:
     results = []
     for p_index, prior_name in enumerate(priors):
         streams = draw_streams(PRIORS[prior_name], nights, runs, seed + p_index)
@@ -363,7 +461,8 @@ def run_cells(priors: list, sigmas: list, rules: list, nights: int, runs: int, b
                 for seeds in conventions:
                     for name in rules:
                         b = BASELINE_RUNS.get(name, baseline_runs)
-                        out = simulate(RULES[name], streams, sigma, runs, b, rho=rho, seeds=seeds)
+                        out = simulate(RULES[name], streams, sigma, runs, b, rho=rho, seeds=seeds,
+                                       confirm=confirm)
                         results.append({"prior": prior_name, "sigma": sigma, "rho": rho, "seeds": seeds,
                                         "rule": name, "baseline_runs": b, **summarize(out, runs, b)})
     return results
@@ -379,7 +478,25 @@ def table(results: list) -> str:
                      f"{r['true_gain_mbpb']:.1f} ± {r['gain_ci95']:.1f} "
                      f"| {r['false_keeps']:.2f} | {r['harmful_keeps']:.2f} | {r['helpful_missed']:.1f} | "
                      f"{r['decided']:.1f} | {rpk} | {r['optimism_mbpb']:+.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + (confirmation_table(results) if "survived" in results[0] else []))
+
+
+def confirmation_table(results: list) -> list:
+    """The --confirm columns: the confirmed gain, its optimism, each interval's coverage and
+    width."""
+    lines = ["", "| prior | σ | ρ | seeds | rule | confirmed gain (mbpb) | "
+             "its optimism (mbpb, ±95 %) | coverage, pooled σ̂ (width) | "
+             "coverage, pairs' t (width) | lead survived |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        spread = (f"{r['coverage_spread']:.3f} ({r['width_spread_mbpb']:.1f})"
+                  if r["width_spread_mbpb"] is not None else "—")
+        lines.append(f"| {r['prior']} | {r['sigma']:g} | {r['rho']:g} | {r['seeds']} | "
+                     f"{r['rule']} | {r['confirmed_gain_mbpb']:.1f} | "
+                     f"{r['confirmed_optimism_mbpb']:+.2f} ± "
+                     f"{r['confirmed_optimism_ci95']:.2f} | {r['coverage_pooled']:.3f} "
+                     f"({r['width_pooled_mbpb']:.1f}) | {spread} | {r['survived']:.3f} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -394,6 +511,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rho", default="0", help="the seed's share of run noise, comma-separated")
     parser.add_argument("--seeds", default="paired",
                         help=f"which seed each run gets, comma-separated: {', '.join(SEED_CONVENTIONS)}")
+    parser.add_argument("--confirm", type=int, default=0, metavar="K",
+                        help="spend the last 2K runs on the end-of-night confirmation (K pairs)")
     parser.add_argument("--check", type=int, metavar="K", help="replay K nights through decide() and compare")
     parser.add_argument("--pareto", action="store_true", help="sweep PARETO_GRID on the base prior instead")
     parser.add_argument("--json", help="write the results (and the command) here")
@@ -404,8 +523,10 @@ def main(argv=None) -> int:
     if not all(0 <= r < 1 for r in rhos) or not set(conventions) <= set(SEED_CONVENTIONS):
         parser.error(f"--rho takes shares in [0, 1); --seeds takes {', '.join(SEED_CONVENTIONS)}")
     if args.check:
-        mismatches, checked = check(args.check, sigmas, args.runs, args.baseline_runs, args.seed)
-        print(f"checked {checked} decisions against decide(): {len(mismatches)} differ")
+        mismatches, checked, paired_keeps = check(args.check, sigmas, args.runs, args.baseline_runs,
+                                                  args.seed)
+        print(f"checked {checked} decisions against decide(): {len(mismatches)} differ "
+              f"({paired_keeps} keeps on the paired threshold among them)")
         for m in mismatches[:5]:
             print(json.dumps(m))
         return 1 if mismatches else 0
@@ -423,7 +544,7 @@ def main(argv=None) -> int:
     priors = list(PRIORS) if args.prior == "all" else args.prior.split(",")
     started = time.time()
     results = run_cells(priors, sigmas, args.rules.split(","), args.nights, args.runs, args.baseline_runs, args.seed,
-                        rhos, conventions)
+                        rhos, conventions, args.confirm)
     print(table(results))
     print(f"({args.nights} nights per cell, {args.runs} runs per night, seed {args.seed}, "
           f"{time.time() - started:.0f} s)")

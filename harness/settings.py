@@ -71,7 +71,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "autoresearch"
 # climbmix-400b-shuffle: the public parquet layout autoresearch uses
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 # analysis/verdict.py defines each; the human picks one a night
-POLICY_NAMES = ("validated", "gain")
+POLICY_NAMES = ("paired", "validated", "gain")  # the first is the default
 LAUNCHERS = ("local", "slurm")
 DEFAULT_GRES = "gpu:1"
 # a job still pending this long is cancelled: within the tool timeout

@@ -447,10 +447,10 @@ def test_the_keep_policy_is_the_one_the_night_started_with(night):
     assert "AUTORESEARCH_VERDICT" not in json.loads((calls / "env.1").read_text())  # the agent's own
     said = (calls / "analyze.out").read_text()
     assert "note: AUTORESEARCH_VERDICT=gain is ignored: the night running here (supervise.py pid " in said
-    assert "fixed the keep policy validated when it started" in said
+    assert "fixed the keep policy paired when it started" in said
     rows = Store(repo).read_ledger()
-    assert rows[-1]["verdict_mode"] == "validated" and rows[-1]["delta_best"] is not None
-    assert "verdict mode: validated" in (calls / "status.out").read_text()
+    assert rows[-1]["verdict_mode"] == "paired" and rows[-1]["delta_best"] is not None
+    assert "verdict mode: paired" in (calls / "status.out").read_text()
     assert not (repo / ".auto-log-research" / "night.json").exists()  # the night is over: nothing is fixed now
 
 

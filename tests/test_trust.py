@@ -84,7 +84,7 @@ def test_the_keep_policy_is_the_humans_choice_through_the_environment(repo, monk
     monkeypatch.setenv(verdict.VERDICT_ENV, "greedy")
     refused = analyze(repo)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
-        "error: AUTORESEARCH_VERDICT='greedy' is not a verdict mode; use one of validated, gain (default validated)"]
+        "error: AUTORESEARCH_VERDICT='greedy' is not a verdict mode; use one of paired, validated, gain (default paired)"]
     assert ledger(repo) == []  # refused before anything was archived
     monkeypatch.setenv(verdict.VERDICT_ENV, "gain")
     baseline(repo, values=(1.0, 1.002))
@@ -92,6 +92,6 @@ def test_the_keep_policy_is_the_humans_choice_through_the_environment(repo, monk
     commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
     fake_run(repo, 0.99, seed=50)
     assert analyze(repo).returncode == 0 and ledger(repo)[-1]["verdict_mode"] == "gain"
-    assert "verdict mode: gain ($AUTORESEARCH_VERDICT; default validated)" in analyze(repo, "status").stdout
+    assert "verdict mode: gain ($AUTORESEARCH_VERDICT; default paired)" in analyze(repo, "status").stdout
     monkeypatch.delenv(verdict.VERDICT_ENV)
-    assert "verdict mode: validated (the default)" in analyze(repo, "status").stdout
+    assert "verdict mode: paired (the default)" in analyze(repo, "status").stdout

@@ -216,3 +216,84 @@ def test_the_standard_error_counts_the_seeds_a_candidate_shares_with_the_best():
     assert (paired["shared_seeds"], paired["rho"]) == (2, 0.6)
     assert paired["delta"] == unpaired["delta"] and paired["se"] < unpaired["se"]
     assert paired["p_value"] < unpaired["p_value"]
+
+
+# The single-run paired threshold (policy "paired", the default): hand-computed cases.
+# best = [1.0, 1.002, 0.998]: mean 1.0, squares 0 + 4e-6 + 4e-6 on 2 df, sigma = 0.002. Student's t
+# on 2 df has the closed form CDF(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+PAIRED_BEST = [1.0, 1.002, 0.998]
+
+
+def t2_cdf(t: float) -> float:
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+def test_one_run_under_the_bests_seed_is_kept_on_the_paired_threshold():
+    """Candidate 0.9975 (delta -0.0025) under a seed the best ran with, store rho 0.5:
+    se = 0.002 sqrt(1 + 1/3 - 2 * 0.5 * 1 / 3) = 0.002, z = -1.25,
+    p = 1/2 - 1.25 / (2 sqrt(3.5625)) = 0.168867 < paired_alpha 0.2, rho 0.5 >= 0.4: kept on 1 run.
+    Validated (no paired threshold) reruns it: p > keep_alpha 0.1, below the futility bound 0.2."""
+    policy = verdict.POLICIES["paired"]
+    assert (policy["paired_alpha"], policy["paired_rho"], policy["paired_runs"]) == (0.2, 0.4, 1)
+    assert verdict.VERDICT_MODE == "paired"
+    noise = verdict.noise_estimate([PAIRED_BEST])
+    d = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=1, rho=0.5)
+    assert d["se"] == pytest.approx(0.002)
+    assert d["p_value"] == pytest.approx(0.5 - 1.25 / (2 * math.sqrt(3.5625)))
+    assert d["p_value"] == pytest.approx(0.168867, abs=1e-6)
+    assert d["verdict"] == "keep" and d["paired_keep"] and "PAIRED THRESHOLD" in d["reason"]
+    old = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=1, rho=0.5,
+                         policy=verdict.POLICIES["validated"])
+    assert old["verdict"] == "rerun" and not old.get("paired_keep")
+
+
+def test_the_paired_threshold_needs_the_stores_rho_and_the_bests_seeds():
+    """The same run with the store's rho 0.3 < 0.4: se = 0.002 sqrt(4/3 - 0.2) = 0.0021292,
+    z = -1.174158, p = 0.180606: below 0.2, but rho is too low to trust one run: rerun. Under a seed
+    the best never ran (shared 0): se = 0.002 sqrt(4/3) = 0.0023094, z = -1.082532, p = 0.196085:
+    not paired, rerun. A run of 0.998 (z = -1 at rho 0.5): p = 1/2 - 1/(2 sqrt 3) = 0.211325 is
+    above both the paired threshold and the first futility bound: discard."""
+    noise = verdict.noise_estimate([PAIRED_BEST])
+    low_rho = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=1, rho=0.3)
+    assert low_rho["se"] == pytest.approx(0.002 * math.sqrt(4 / 3 - 0.2))
+    assert low_rho["p_value"] == pytest.approx(t2_cdf(-0.0025 / (0.002 * math.sqrt(4 / 3 - 0.2))))
+    assert low_rho["p_value"] == pytest.approx(0.180606, abs=1e-6)
+    assert low_rho["verdict"] == "rerun"
+    unshared = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=0, rho=0.5)
+    assert unshared["p_value"] == pytest.approx(t2_cdf(-1.25 / math.sqrt(4 / 3)))
+    assert unshared["p_value"] == pytest.approx(0.196085, abs=1e-6)
+    assert unshared["verdict"] == "rerun"
+    no_rho = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=1, rho=None)
+    assert no_rho["verdict"] == "rerun"
+    weak = verdict.decide([0.998], PAIRED_BEST, noise, shared_seeds=1, rho=0.5)
+    assert weak["p_value"] == pytest.approx(0.5 - 1 / (2 * math.sqrt(3)))
+    assert weak["verdict"] == "discard"
+
+
+def test_the_paired_threshold_counts_only_a_candidate_whose_every_run_is_paired():
+    """paired_eligible by hand: n runs, shared seeds, rho against paired_runs 1 and paired_rho 0.4;
+    a policy without paired_alpha is never eligible; sequential_verdict on arrays agrees."""
+    policy = verdict.POLICIES["paired"]
+    n = np.array([1, 2, 2, 1, 1])
+    shared = np.array([1, 2, 1, 1, 0])
+    rho = np.array([0.4, 0.9, 0.9, 0.39, 0.9])
+    eligible = verdict.paired_eligible(n, shared, rho, policy)
+    assert list(eligible) == [True, True, False, False, False]
+    assert not verdict.paired_eligible(1, 1, 0.9, verdict.POLICIES["validated"])
+    delta, se = np.full(5, -0.0025), np.full(5, 0.002)  # p = 0.168867 on 2 df, as above
+    codes = verdict.sequential_verdict(n, delta, se, 2, policy, shared, rho)
+    # not eligible: 1 run rerun (p < futility 0.2), 2 runs discarded (p >= futility 0.1)
+    assert list(codes) == [verdict.KEEP_CODE, verdict.KEEP_CODE, verdict.DISCARD_CODE,
+                           verdict.RERUN_CODE, verdict.RERUN_CODE]
+
+
+def test_analysis_md_says_a_keep_came_from_the_paired_threshold():
+    """The verdict section of analysis.md carries decide()'s reason and the policy's paired row."""
+    from analysis import report
+    noise = verdict.noise_estimate([PAIRED_BEST])
+    d = verdict.decide([0.9975], PAIRED_BEST, noise, shared_seeds=1, rho=0.5)
+    text = "\n".join(report._verdict_section({"decision": d, "record": {"status": "keep"}}))
+    assert "**KEEP** — better than the best beyond the noise on the PAIRED THRESHOLD" in text
+    assert "the store's rho = 0.50 >= 0.4" in text
+    assert "| keep on the paired threshold | p below 0.2 on 1+ run(s)" in text
+    assert "(this keep: yes)" in text
