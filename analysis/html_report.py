@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, fixed
+from harness.contract import HarnessError
 from analysis import claims, pairing, plots, report, verdict
 from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
                             UNBOXED, LedgerError, Store, worker_of)
@@ -222,6 +223,106 @@ def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Nights: the page shows one in full, the others as a line each
+# ---------------------------------------------------------------------------
+
+NIGHTS = """
+What a night is. The ledger's rows, in order, are cut into nights, and each row belongs to one:
+a row starts a new night when it records a supervised night (its `night`: the start stamp of the
+night.json its supervisor wrote, recorded by analyze.py since the store knew nights) other than
+the one the current night records, or when more than NIGHT_GAP_S passed since the previous row was
+analysed. A row without a night (a run analysed by hand, or a store from before) starts no night
+by itself: it joins the night it follows unless the gap ends it, so runs made by hand before a
+night are a night of their own, and a repeat made by hand in the morning joins the night it
+checks. Nights are numbered from 1, the store's first; rows are only ever appended, so a night's
+number never changes.
+"""
+# longer than any pause inside a night (a run and its analysis take minutes, a Slurm job waits at
+# most AUTORESEARCH_SLURM_PENDING_S, 10 min by default), shorter than the day between two nights
+NIGHT_GAP_S = 3 * 3600
+NIGHT_PAGE = "report-night-{n}.html"  # `analyze.py report --night N` writes this, beside report.html
+
+
+def row_time(record: dict):
+    """When a row was recorded (its analysis, else its run's start), epoch seconds or None."""
+    return contract.parse_stamp(record.get("analyzed_at")) or \
+        contract.parse_stamp(record.get("started_at"))
+
+
+def night_spans(ledger: list) -> list:
+    """[(first, end)] row indices (0-based, end excluded) of the ledger's nights, in order (the
+    rule: NIGHTS). One pass over the rows; no file is read."""
+    spans, start, current, last_time = [], 0, None, None
+    for i, record in enumerate(ledger):
+        night, when = record.get("night"), row_time(record)
+        gap = when is not None and last_time is not None and when - last_time > NIGHT_GAP_S
+        if i and (gap or (night is not None and night != current)):
+            spans.append((start, i))
+            start, current = i, None
+        current = night if night is not None else current
+        last_time = when if when is not None else last_time
+    if ledger:
+        spans.append((start, len(ledger)))
+    return spans
+
+
+def running_best(ledger: list, comparable) -> list:
+    """The best's pooled mean after each row (None before the first kept run of the best's pool):
+    the lowest mean of the kept codes, pooled as verdict.pools does, as their runs arrived."""
+    out, kept_pools, seen, running = [], {}, set(), None
+    for record in ledger:
+        if record.get("status") == "keep" and verdict.finished(record) \
+                and verdict.comparable_key(record) == comparable \
+                and (verdict.code_key(record), record.get("seed")) not in seen:
+            seen.add((verdict.code_key(record), record.get("seed")))
+            kept_pools.setdefault(verdict.code_key(record), []).append(record["val_bpb"])
+            running = min(float(np.mean(v)) for v in kept_pools.values())
+        out.append(running)
+    return out
+
+
+def clock(when) -> str:
+    """A local time stamp for the page ("2026-12-04 22:01"), or "—"."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "—"
+
+
+def night_summaries(store: Store, ledger: list, spans: list, best_after: list) -> list:
+    """A line per night: its number, first and last row's time, runs, keeps, crashes, workers, the
+    best at its end, and its own page (its file name when written, and the command that writes
+    it). Computed from the ledger; one stat per night."""
+    out = []
+    for n, (first, end) in enumerate(spans, start=1):
+        rows = ledger[first:end]
+        counts = Counter(r.get("status") for r in rows)
+        times = [t for t in map(row_time, rows) if t is not None]
+        page = NIGHT_PAGE.format(n=n)
+        out.append({"n": n, "first": first + 1, "last": end, "runs": len(rows),
+                    "started": clock(min(times) if times else None),
+                    "ended": clock(max(times) if times else None),
+                    "hours": (max(times) - min(times)) / 3600 if times else None,
+                    "keeps": counts["keep"],
+                    "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES),
+                    "workers": len({worker_of(r) for r in rows}),
+                    "best": best_after[end - 1],
+                    "page": page if store.path(page).exists() else None,
+                    "command": f"uv run analyze.py report --night {n}"})
+    return out
+
+
+def chosen_span(spans: list, night):
+    """(its number, (first, end)) of the night to show in full: `night` (1-based), or the last;
+    (None, None) for an empty store. A night the store does not have is a HarnessError."""
+    if night is None:
+        return (len(spans), spans[-1]) if spans else (None, None)
+    if not 1 <= night <= len(spans):
+        have = f"nights 1-{len(spans)}" if spans else "no runs yet"
+        raise HarnessError(f"there is no night {night} in the store ({have}); "
+                           f"`uv run analyze.py report` shows the last")
+    return night, spans[night - 1]
+
+
+
+# ---------------------------------------------------------------------------
 # The kept changes
 # ---------------------------------------------------------------------------
 
@@ -236,29 +337,55 @@ def diff_lines(text: str) -> list:
     return out
 
 
-def kept_chain(store: Store, ledger: list, comparable) -> list:
+def kept_chain(store: Store, ledger: list, comparable, shown=None) -> list:
     """The kept codes of the best's pool in the order they were first kept, each with the numbers
-    of the verdict that kept it (its last run with a verdict), its pooled mean now, and its
-    diff.patch."""
+    of the verdict that kept it (its last run with a verdict), its pooled mean now, the row index
+    it was first kept at (`kept_at`), and its diff.patch: read for every code, or with `shown` (a
+    predicate on an entry) only for the entries it accepts (the others get diff None)."""
     if comparable is None:
         return []
+    index = {r["run_id"]: i for i, r in enumerate(ledger)}
     chain = []
     for key, records in verdict.pools(ledger, comparable).items():
         if not any(r.get("status") == "keep" for r in records):
             continue
         decisive = next((r for r in reversed(records) if r.get("verdict") == "keep"), records[-1])
-        diff = read_text(store.run_path(records[0]["run_id"]) / "diff.patch") or ""
-        chain.append({"key": key, "records": records, "run_id": records[-1]["run_id"],
-                      "run_ids": [r["run_id"] for r in records],
-                      "description": records[0].get("description"),
-                      "commit": records[0].get("commit"), "mean": pooled_mean(records),
-                      "n": len(records), "delta": decisive.get("delta_best"),
-                      "delta_sigma": decisive.get("delta_sigma"),
-                      "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
-                      "diff": (diff_lines(diff) if not diff.startswith("# nothing to compare")
-                               else []),
-                      "diff_cut": max(0, len(diff.splitlines()) - MAX_DIFF_LINES)})
+        entry = {"key": key, "records": records, "run_id": records[-1]["run_id"],
+                 "run_ids": [r["run_id"] for r in records],
+                 "description": records[0].get("description"),
+                 "commit": records[0].get("commit"), "mean": pooled_mean(records),
+                 "n": len(records), "delta": decisive.get("delta_best"),
+                 "delta_sigma": decisive.get("delta_sigma"),
+                 "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
+                 "kept_at": min(index[r["run_id"]] for r in records if r.get("status") == "keep"),
+                 "diff": None, "diff_cut": 0}
+        chain.append(entry)
+    for pos, entry in enumerate(chain):
+        entry["pos"] = pos
+        if shown is None or shown(entry):
+            diff = read_text(store.run_path(entry["records"][0]["run_id"]) / "diff.patch") or ""
+            entry["diff"] = diff_lines(diff) if not diff.startswith("# nothing to compare") else []
+            entry["diff_cut"] = max(0, len(diff.splitlines()) - MAX_DIFF_LINES)
     return chain
+
+
+def chain_on_page(chain: list, span: tuple, best_key) -> list:
+    """The kept changes the page shows in full: the baseline, those kept in the shown night and
+    the best; each run of others, kept in earlier or later nights, is one {"gap": count, "when"}
+    line in its place."""
+    out = []
+    for entry in chain:
+        full = entry is chain[0] or entry["key"] == best_key \
+            or span[0] <= entry["kept_at"] < span[1]
+        if full:
+            out.append(entry)
+            continue
+        when = "earlier" if entry["kept_at"] < span[0] else "later"
+        if out and out[-1].get("gap") and out[-1]["when"] == when:
+            out[-1]["gap"] += 1
+        else:
+            out.append({"gap": 1, "when": when})
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -305,15 +432,20 @@ def y_digits(lo: float, hi: float) -> int:
     return min(6, max(2, 1 - math.floor(math.log10(span / 5)))) if span > 0 else 4
 
 
-def progress_chart(ledger: list, best_mean, sigma, comparable=None):
-    """Every run in ledger order (kept highlighted, failures as crosses on the top edge), the
-    running best (the lowest pooled mean of the kept codes, as their runs arrived: the headline's
-    number at the end) and the noise band (± σ) around the best; None without runs."""
+def progress_chart(ledger: list, best_mean, sigma, comparable=None, span=None, best_after=None):
+    """The runs of `span` (row indices (first, end); default every row) in ledger order (kept
+    highlighted, failures as crosses on the top edge), the running best (`best_after`, from
+    running_best over the whole ledger, so that a night's line starts at the best it started
+    from; the headline's number at the end of the ledger) and the noise band (± σ) around the
+    best; None without runs."""
     if not ledger:
         return None
-    values = [r["val_bpb"] if verdict.finished(r) else None for r in ledger]
+    first, end = span or (0, len(ledger))
+    best_after = best_after if best_after is not None else running_best(ledger, comparable)
+    shown = ledger[first:end]
+    values = [r["val_bpb"] if verdict.finished(r) else None for r in shown]
     finite = np.array([v for v in values if v is not None], float)
-    kept_values = [v for v, r in zip(values, ledger) if v is not None and r.get("status") == "keep"]
+    kept_values = [v for v, r in zip(values, shown) if v is not None and r.get("status") == "keep"]
     if len(finite):
         lo = float(min(finite.min(), best_mean - (sigma or 0)) if best_mean is not None
                    else finite.min())
@@ -322,10 +454,9 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
         hi += 0.1 * (hi - lo)
     else:
         lo, hi = 0.0, 1.0
-    ax = Axes(0.5, len(ledger) + 0.5, lo, hi)
-    points, best_path, kept_pools, seen = [], [], {}, set()
-    running = math.inf
-    for i, (record, value) in enumerate(zip(ledger, values), start=1):
+    ax = Axes(first + 0.5, end + 0.5, lo, hi)
+    points, best_path = [], []
+    for i, (record, value) in enumerate(zip(shown, values), start=first + 1):
         status = record.get("status")
         tip = (f"#{i} {record['run_id']} · {status}"
                + (f" · {value:.6f}" if value is not None else f" · {failure_cause(record)[:120]}")
@@ -334,21 +465,16 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
         y = ax.y(value) if value is not None else ax.top
         points.append({"x": ax.x(i), "y": y, "kind": kind, "tip": tip, "run_id": record["run_id"],
                        "clipped": value is not None and value > ax.y1})
-        # pooled as verdict.pools does
-        if kind == "keep" and verdict.comparable_key(record) == comparable \
-                and (verdict.code_key(record), record.get("seed")) not in seen:
-            seen.add((verdict.code_key(record), record.get("seed")))
-            kept_pools.setdefault(verdict.code_key(record), []).append(value)
-            running = min(float(np.mean(v)) for v in kept_pools.values())
-        if math.isfinite(running):
+        running = best_after[i - 1]
+        if running is not None:
             best_path.append(f"{ax.x(i - 0.5) if not best_path else ax.x(i)},{ax.y(running)}")
-            best_path.append(f"{ax.x(i + 0.5 if i == len(ledger) else i + 1)},{ax.y(running)}")
+            best_path.append(f"{ax.x(i + 0.5 if i == end else i + 1)},{ax.y(running)}")
     band = None
     if best_mean is not None and sigma:
         band = {"y": ax.y(best_mean + sigma),
                 "h": round(ax.y(best_mean - sigma) - ax.y(best_mean + sigma), 1),
                 "mid": ax.y(best_mean)}
-    x_ticks = nice_ticks(1, len(ledger), 8) if len(ledger) > 1 else [1]
+    x_ticks = nice_ticks(first + 1, end, 8) if end - first > 1 else [first + 1]
     return {"w": SVG_W, "h": SVG_H,
             "frame": ax.frame([t for t in x_ticks if t == int(t)], nice_ticks(ax.y0, ax.y1),
                               y_digits(ax.y0, ax.y1)),
@@ -452,9 +578,11 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
             "figures": [f for f in RUN_FIGURES if f in names.get(run_id, ())]}
 
 
-def failure_groups(ledger: list) -> list:
+def failure_groups(ledger: list, first: int = 0) -> list:
+    """The failed runs of `ledger` (rows from index `first` of the store's) grouped by cause, the
+    largest group first, each with its latest runs (numbered as in the store)."""
     groups = {}
-    for i, record in enumerate(ledger, start=1):
+    for i, record in enumerate(ledger, start=first + 1):
         if verdict.finished(record) or record.get("status") not in verdict.NOT_COUNTED:
             continue
         cause = failure_cause(record)
@@ -485,23 +613,39 @@ def figure_names(store: Store, ledger: list) -> dict:
     return out
 
 
-def build_context(store: Store) -> dict:
-    """Everything the template shows, read from the store as it is now."""
+def build_context(store: Store, night=None) -> dict:
+    """Everything the template shows, read from the store as it is now: the headline, the kept
+    chain's ends and the nights' lines from the whole ledger; every run's row, analysis, notes and
+    figures only for the night shown in full (`night`, 1-based; default the last), so that the
+    page's cost does not grow with the store's age."""
     ledger = store.read_ledger()
     comparable = verdict.store_comparable(ledger)
     groups = verdict.pools(ledger, comparable) if ledger else {}
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable) if ledger else None
-    chain = kept_chain(store, ledger, comparable)
+    spans = night_spans(ledger)
+    shown_night, span = chosen_span(spans, night)
+    span = span or (0, 0)
+    best_key = best[0] if best else None
+    chain = kept_chain(store, ledger, comparable,
+                       shown=lambda e: e["pos"] == 0 or e["key"] == best_key
+                       or span[0] <= e["kept_at"] < span[1])
     summary = summary_line(ledger, best, noise, chain)
+    best_after = running_best(ledger, comparable)
     md = markdown_renderer()
-    names = figure_names(store, ledger)
-    rows = [run_row(store, i, r, md, names) for i, r in enumerate(ledger, start=1)]
+    night_rows = ledger[span[0]:span[1]]
+    names = figure_names(store, night_rows)
+    rows = [run_row(store, i, r, md, names) for i, r in enumerate(night_rows, start=span[0] + 1)]
     insights, ideas = read_text(store.note(INSIGHTS)), read_text(store.note(IDEAS))
     base_run = chain[0]["run_id"] if chain else None
     best_run = best[1][-1]["run_id"] if best else None
     other_kept = sum(1 for r in ledger
                      if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
+
+    def heatmap(run_id):  # the best's or the baseline's, wherever in the store it is
+        return run_id if run_id and (store.run_path(run_id) / plots.LAYER_HEATMAP).exists() \
+            else None
+
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
         # what a night's supervisor found changed in the fixed files: first, in red
@@ -509,50 +653,59 @@ def build_context(store: Store) -> dict:
         "unboxed": unboxed_night(store),
         "summary": summary, "fmt": fmt,
         "seed_pairing": report.seed_share_line(pairing.store_share(
-            groups, best[0] if best else None, noise["sigma"] if noise["trusted"] else None)),
-        "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
+            groups, best_key, noise["sigma"] if noise["trusted"] else None)),
+        "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable, span,
+                                   best_after),
         "progress_png": store.path(PROGRESS_PNG).exists(),
-        "chain": chain, "best_key": best[0] if best else None, "other_kept": other_kept,
+        "chain": chain_on_page(chain, span, best_key), "best_key": best_key,
+        "other_kept": other_kept,
+        "nights": night_summaries(store, ledger, spans, best_after), "shown_night": shown_night,
+        "chosen": night is not None, "night_page": NIGHT_PAGE.format(n=shown_night) if shown_night else None,
         "insights_html": md.render(without_comments(insights)) if insights else None,
         "ideas_html": md.render(without_comments(ideas)) if ideas else None,
         "notes": [r for r in rows if r["notes_html"]],
         "rows": rows, "statuses": sorted({r["status"] for r in rows}),
-        "failures": failure_groups(ledger),
-        "workers": report.worker_progress(ledger,
+        "failures": failure_groups(night_rows, span[0]),
+        "workers": report.worker_progress(night_rows,
                                           [c for c in claims.read(store)
                                            if claims.is_live(c, claims.alive_in(store))]),
-        "val_chart": val_chart(store, chain, best[0] if best else None),
-        "grad": {"best": (best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ())
-                          else None),
-                 "baseline": (base_run
-                              if base_run and plots.LAYER_HEATMAP in names.get(base_run, ())
-                              else None),
+        "val_chart": val_chart(store, chain, best_key),
+        "grad": {"best": heatmap(best_run), "baseline": heatmap(base_run),
                  "same": (best_run == base_run
                           or (best is not None and chain and best[0] == chain[0]["key"]))},
     }
 
 
-def render(store: Store) -> tuple:
-    """(the page, None), or of a broken ledger (its banner page, the LedgerError)."""
+def shown_text(context: dict) -> str:
+    """What a page shows, for analyze.py's line: "night 3 of 3: 100 of 2,000 runs"."""
+    if not context["nights"]:
+        return "no runs yet"
+    return (f"night {context['shown_night']} of {len(context['nights'])}: "
+            f"{len(context['rows'])} of {context['summary']['experiments']:,} runs")
+
+
+def render(store: Store, night=None) -> tuple:
+    """(the page, None, what it shows: shown_text), or of a broken ledger (its banner page, the
+    LedgerError, None); `night`: the night shown in full (1-based), default the last."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR),
                       autoescape=select_autoescape(["j2", "html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     try:
-        context = build_context(store)
+        context = build_context(store, night)
     except LedgerError as e:
         return env.get_template(BROKEN_TEMPLATE).render(
             problem=str(e), store=STORE_DIR, refresh_s=REFRESH_S,
-            generated=time.strftime("%Y-%m-%d %H:%M:%S")), e
-    return env.get_template(TEMPLATE).render(**context), None
+            generated=time.strftime("%Y-%m-%d %H:%M:%S")), e, None
+    return env.get_template(TEMPLATE).render(**context), None, shown_text(context)
 
 
-def write(store: Store) -> tuple:
-    """Write report.html into the store (atomically: a browser reloading it never reads half a
-    page): (its path, None), or (its path, the LedgerError) when it is a broken ledger's
-    banner."""
-    html, broken = render(store)
+def write(store: Store, night=None) -> tuple:
+    """Write the page into the store (atomically: a browser reloading it never reads half a
+    page): report.html, or with `night` (1-based) that night's page NIGHT_PAGE. (its path, None,
+    what it shows), or (its path, the LedgerError, None) when it is a broken ledger's banner."""
+    html, broken, shown = render(store, night)
     store.dir.mkdir(parents=True, exist_ok=True)
-    path = store.path(REPORT_HTML)
+    path = store.path(REPORT_HTML if night is None else NIGHT_PAGE.format(n=night))
     contract.atomic_write(path, html)
-    return path, broken
+    return path, broken, shown
