@@ -215,8 +215,9 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="best, latest runs, noise, counts")
     status.add_argument("-n", type=positive_int, default=STATUS_LAST_N,
                         help="how many latest runs to list")
-    report = sub.add_parser("report", help="write the morning report .auto-log-research/report.html "
-                                           "(the last night in full, the earlier ones a line each)")
+    report = sub.add_parser("report", help="write the morning report .auto-log-research/"
+                                           "report.html (the last night in full, the earlier "
+                                           "ones a line each)")
     report.add_argument("--night", type=positive_int,
                         help="show night N (1 = the store's first) in full instead, in "
                              "report-night-N.html beside report.html")

@@ -1,25 +1,33 @@
 """
 The morning report: .auto-log-research/report.html, one page that tells what the night found.
 
-    uv run analyze.py report          (supervise.py regenerates it after every new ledger row)
+    uv run analyze.py report              (supervise.py regenerates it after every new ledger row)
+    uv run analyze.py report --night N    (night N in full instead, in report-night-N.html)
 
-In order: the night in one line and the progress chart; the chain of kept changes from the baseline
-to the best, each with its numbers and its diff; what the agent learned (insights.md,
-ideas_queue.md and every run's notes); a sortable, filterable table of all
-runs, each row opening that run's analysis.md with its plots; failures grouped by cause; the kept
-runs' validation curves and the per-layer gradient norms of the best next to the baseline's.
+One night is shown in full, the last by default (analysis/nights.py: what a night is), and every
+night as a line of a table. The headline, the best and the kept chain's ends are the whole store's,
+from the ledger; what costs a file read or a rendering per run (the runs table, each run's analysis,
+notes and figures, the failures, the progress chart's points) is the shown night's only, so the
+page's time and size do not grow with the store's age.
+
+In order: the night in one line and the progress chart; the nights; the chain of kept changes from
+the baseline to the best, each with its numbers and its diff (those kept in other nights one line
+per stretch); what the agent learned (insights.md, ideas_queue.md and the night's runs' notes); a
+sortable, filterable table of the night's runs, each row opening that run's analysis.md with its
+plots; failures grouped by cause; the kept runs' validation curves and the per-layer gradient
+norms of the best next to the baseline's.
 
 Self-contained means no network and no server: no CDN, the CSS and the script are inline, and so are
 the two charts that carry the page (progress and validation curves, inline SVG drawn from the ledger
 and the kept runs' validation points, no matplotlib). The per-run figures analyze.py already wrote
 are linked relatively (`<run_id>/loss_vs_step.png`): the page lives in the store next to the run
-folders, so they load from file:// and the page stays small (a few MB for 500 runs); they are
-loaded only when a run is opened. Nothing is cached between calls: every call reads the ledger and
-the run folders as they are now. The page is built with Jinja2 (analysis/templates/report.html.j2)
-and the .md files are rendered with markdown-it-py with raw HTML disabled (the agent writes them;
-nothing it writes runs). A ledger that fails its chain or a row check (analysis/store.py) gets a
-page with only a red banner naming its first broken row (analysis/templates/broken.html.j2): no
-numbers from a ledger edited by hand.
+folders, so they load from file:// and the page stays small (under 1 MB for a night of 100 runs);
+they are loaded only when a run is opened. Nothing is cached between calls: every call reads the
+ledger and the shown night's run folders as they are now. The page is built with Jinja2
+(analysis/templates/report.html.j2) and the .md files are rendered with markdown-it-py with raw
+HTML disabled (the agent writes them; nothing it writes runs). A ledger that fails its chain or a
+row check (analysis/store.py) gets a page with only a red banner naming its first broken row
+(analysis/templates/broken.html.j2): no numbers from a ledger edited by hand.
 """
 
 import json
@@ -32,8 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, fixed
-from harness.contract import HarnessError
-from analysis import claims, pairing, plots, report, verdict
+from analysis import claims, nights, pairing, plots, report, verdict
 from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
                             UNBOXED, LedgerError, Store, worker_of)
 
@@ -223,106 +230,6 @@ def summary_line(ledger: list, best, noise: dict, chain: list) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Nights: the page shows one in full, the others as a line each
-# ---------------------------------------------------------------------------
-
-NIGHTS = """
-What a night is. The ledger's rows, in order, are cut into nights, and each row belongs to one:
-a row starts a new night when it records a supervised night (its `night`: the start stamp of the
-night.json its supervisor wrote, recorded by analyze.py since the store knew nights) other than
-the one the current night records, or when more than NIGHT_GAP_S passed since the previous row was
-analysed. A row without a night (a run analysed by hand, or a store from before) starts no night
-by itself: it joins the night it follows unless the gap ends it, so runs made by hand before a
-night are a night of their own, and a repeat made by hand in the morning joins the night it
-checks. Nights are numbered from 1, the store's first; rows are only ever appended, so a night's
-number never changes.
-"""
-# longer than any pause inside a night (a run and its analysis take minutes, a Slurm job waits at
-# most AUTORESEARCH_SLURM_PENDING_S, 10 min by default), shorter than the day between two nights
-NIGHT_GAP_S = 3 * 3600
-NIGHT_PAGE = "report-night-{n}.html"  # `analyze.py report --night N` writes this, beside report.html
-
-
-def row_time(record: dict):
-    """When a row was recorded (its analysis, else its run's start), epoch seconds or None."""
-    return contract.parse_stamp(record.get("analyzed_at")) or \
-        contract.parse_stamp(record.get("started_at"))
-
-
-def night_spans(ledger: list) -> list:
-    """[(first, end)] row indices (0-based, end excluded) of the ledger's nights, in order (the
-    rule: NIGHTS). One pass over the rows; no file is read."""
-    spans, start, current, last_time = [], 0, None, None
-    for i, record in enumerate(ledger):
-        night, when = record.get("night"), row_time(record)
-        gap = when is not None and last_time is not None and when - last_time > NIGHT_GAP_S
-        if i and (gap or (night is not None and night != current)):
-            spans.append((start, i))
-            start, current = i, None
-        current = night if night is not None else current
-        last_time = when if when is not None else last_time
-    if ledger:
-        spans.append((start, len(ledger)))
-    return spans
-
-
-def running_best(ledger: list, comparable) -> list:
-    """The best's pooled mean after each row (None before the first kept run of the best's pool):
-    the lowest mean of the kept codes, pooled as verdict.pools does, as their runs arrived."""
-    out, kept_pools, seen, running = [], {}, set(), None
-    for record in ledger:
-        if record.get("status") == "keep" and verdict.finished(record) \
-                and verdict.comparable_key(record) == comparable \
-                and (verdict.code_key(record), record.get("seed")) not in seen:
-            seen.add((verdict.code_key(record), record.get("seed")))
-            kept_pools.setdefault(verdict.code_key(record), []).append(record["val_bpb"])
-            running = min(float(np.mean(v)) for v in kept_pools.values())
-        out.append(running)
-    return out
-
-
-def clock(when) -> str:
-    """A local time stamp for the page ("2026-12-04 22:01"), or "—"."""
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "—"
-
-
-def night_summaries(store: Store, ledger: list, spans: list, best_after: list) -> list:
-    """A line per night: its number, first and last row's time, runs, keeps, crashes, workers, the
-    best at its end, and its own page (its file name when written, and the command that writes
-    it). Computed from the ledger; one stat per night."""
-    out = []
-    for n, (first, end) in enumerate(spans, start=1):
-        rows = ledger[first:end]
-        counts = Counter(r.get("status") for r in rows)
-        times = [t for t in map(row_time, rows) if t is not None]
-        page = NIGHT_PAGE.format(n=n)
-        out.append({"n": n, "first": first + 1, "last": end, "runs": len(rows),
-                    "started": clock(min(times) if times else None),
-                    "ended": clock(max(times) if times else None),
-                    "hours": (max(times) - min(times)) / 3600 if times else None,
-                    "keeps": counts["keep"],
-                    "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES),
-                    "workers": len({worker_of(r) for r in rows}),
-                    "best": best_after[end - 1],
-                    "page": page if store.path(page).exists() else None,
-                    "command": f"uv run analyze.py report --night {n}"})
-    return out
-
-
-def chosen_span(spans: list, night):
-    """(its number, (first, end)) of the night to show in full: `night` (1-based), or the last;
-    (None, None) for an empty store. A night the store does not have is a HarnessError."""
-    if night is None:
-        return (len(spans), spans[-1]) if spans else (None, None)
-    if not 1 <= night <= len(spans):
-        have = f"nights 1-{len(spans)}" if spans else "no runs yet"
-        raise HarnessError(f"there is no night {night} in the store ({have}); "
-                           f"`uv run analyze.py report` shows the last")
-    return night, spans[night - 1]
-
-
-
-# ---------------------------------------------------------------------------
 # The kept changes
 # ---------------------------------------------------------------------------
 
@@ -337,16 +244,18 @@ def diff_lines(text: str) -> list:
     return out
 
 
-def kept_chain(store: Store, ledger: list, comparable, shown=None) -> list:
+def kept_chain(store: Store, ledger: list, comparable, shown=None, groups=None) -> list:
     """The kept codes of the best's pool in the order they were first kept, each with the numbers
     of the verdict that kept it (its last run with a verdict), its pooled mean now, the row index
     it was first kept at (`kept_at`), and its diff.patch: read for every code, or with `shown` (a
-    predicate on an entry) only for the entries it accepts (the others get diff None)."""
+    predicate on an entry) only for the entries it accepts (the others get diff None); `groups`:
+    verdict.pools(ledger, comparable), when the caller has it."""
     if comparable is None:
         return []
     index = {r["run_id"]: i for i, r in enumerate(ledger)}
     chain = []
-    for key, records in verdict.pools(ledger, comparable).items():
+    groups = groups if groups is not None else verdict.pools(ledger, comparable)
+    for key, records in groups.items():
         if not any(r.get("status") == "keep" for r in records):
             continue
         decisive = next((r for r in reversed(records) if r.get("verdict") == "keep"), records[-1])
@@ -367,25 +276,6 @@ def kept_chain(store: Store, ledger: list, comparable, shown=None) -> list:
             entry["diff"] = diff_lines(diff) if not diff.startswith("# nothing to compare") else []
             entry["diff_cut"] = max(0, len(diff.splitlines()) - MAX_DIFF_LINES)
     return chain
-
-
-def chain_on_page(chain: list, span: tuple, best_key) -> list:
-    """The kept changes the page shows in full: the baseline, those kept in the shown night and
-    the best; each run of others, kept in earlier or later nights, is one {"gap": count, "when"}
-    line in its place."""
-    out = []
-    for entry in chain:
-        full = entry is chain[0] or entry["key"] == best_key \
-            or span[0] <= entry["kept_at"] < span[1]
-        if full:
-            out.append(entry)
-            continue
-        when = "earlier" if entry["kept_at"] < span[0] else "later"
-        if out and out[-1].get("gap") and out[-1]["when"] == when:
-            out[-1]["gap"] += 1
-        else:
-            out.append({"gap": 1, "when": when})
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -434,14 +324,13 @@ def y_digits(lo: float, hi: float) -> int:
 
 def progress_chart(ledger: list, best_mean, sigma, comparable=None, span=None, best_after=None):
     """The runs of `span` (row indices (first, end); default every row) in ledger order (kept
-    highlighted, failures as crosses on the top edge), the running best (`best_after`, from
-    running_best over the whole ledger, so that a night's line starts at the best it started
-    from; the headline's number at the end of the ledger) and the noise band (± σ) around the
-    best; None without runs."""
+    highlighted, failures as crosses on the top edge), the running best (`best_after`: running_best
+    of the whole ledger, so a night's line starts at the best it started from) and the noise band
+    (± σ) around the best; None without runs."""
     if not ledger:
         return None
     first, end = span or (0, len(ledger))
-    best_after = best_after if best_after is not None else running_best(ledger, comparable)
+    best_after = nights.running_best(ledger, comparable) if best_after is None else best_after
     shown = ledger[first:end]
     values = [r["val_bpb"] if verdict.finished(r) else None for r in shown]
     finite = np.array([v for v in values if v is not None], float)
@@ -615,23 +504,20 @@ def figure_names(store: Store, ledger: list) -> dict:
 
 def build_context(store: Store, night=None) -> dict:
     """Everything the template shows, read from the store as it is now: the headline, the kept
-    chain's ends and the nights' lines from the whole ledger; every run's row, analysis, notes and
-    figures only for the night shown in full (`night`, 1-based; default the last), so that the
-    page's cost does not grow with the store's age."""
+    chain's ends and the nights' lines from the whole ledger; each run's row, analysis, notes and
+    figures only for the night shown in full (`night`, 1-based; default the last)."""
     ledger = store.read_ledger()
     comparable = verdict.store_comparable(ledger)
     groups = verdict.pools(ledger, comparable) if ledger else {}
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable) if ledger else None
-    spans = night_spans(ledger)
-    shown_night, span = chosen_span(spans, night)
-    span = span or (0, 0)
+    row_times, spans, shown_night, span = nights.of_page(ledger, night)
     best_key = best[0] if best else None
     chain = kept_chain(store, ledger, comparable,
                        shown=lambda e: e["pos"] == 0 or e["key"] == best_key
-                       or span[0] <= e["kept_at"] < span[1])
+                       or span[0] <= e["kept_at"] < span[1], groups=groups)
     summary = summary_line(ledger, best, noise, chain)
-    best_after = running_best(ledger, comparable)
+    best_after = nights.running_best(ledger, comparable)
     md = markdown_renderer()
     night_rows = ledger[span[0]:span[1]]
     names = figure_names(store, night_rows)
@@ -657,10 +543,10 @@ def build_context(store: Store, night=None) -> dict:
         "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable, span,
                                    best_after),
         "progress_png": store.path(PROGRESS_PNG).exists(),
-        "chain": chain_on_page(chain, span, best_key), "best_key": best_key,
+        "chain": nights.chain_on_page(chain, span, best_key), "best_key": best_key,
         "other_kept": other_kept,
-        "nights": night_summaries(store, ledger, spans, best_after), "shown_night": shown_night,
-        "chosen": night is not None, "night_page": NIGHT_PAGE.format(n=shown_night) if shown_night else None,
+        "nights": nights.night_summaries(store, ledger, spans, best_after, row_times),
+        "shown_night": shown_night, "chosen": night is not None,
         "insights_html": md.render(without_comments(insights)) if insights else None,
         "ideas_html": md.render(without_comments(ideas)) if ideas else None,
         "notes": [r for r in rows if r["notes_html"]],
@@ -701,11 +587,11 @@ def render(store: Store, night=None) -> tuple:
 
 
 def write(store: Store, night=None) -> tuple:
-    """Write the page into the store (atomically: a browser reloading it never reads half a
-    page): report.html, or with `night` (1-based) that night's page NIGHT_PAGE. (its path, None,
-    what it shows), or (its path, the LedgerError, None) when it is a broken ledger's banner."""
+    """Write the page into the store (atomically: a browser reloading it never reads half a page):
+    report.html, or with `night` (1-based) that night's NIGHT_PAGE. (its path, None, what it
+    shows), or (its path, the LedgerError, None) when it is a broken ledger's banner."""
     html, broken, shown = render(store, night)
     store.dir.mkdir(parents=True, exist_ok=True)
-    path = store.path(REPORT_HTML if night is None else NIGHT_PAGE.format(n=night))
+    path = store.path(REPORT_HTML if night is None else nights.NIGHT_PAGE.format(n=night))
     contract.atomic_write(path, html)
     return path, broken, shown
