@@ -150,7 +150,7 @@ def cmd_report(args, lines: list):
     from analysis import html_report  # jinja2 and markdown-it are imported by this command only
     store = Store(".")
     try:
-        path, broken = html_report.write(store)
+        path, broken, shown = html_report.write(store, args.night)
     except TemplateError as e:  # a damaged analysis/templates/: one line, as every refusal
         raise HarnessError(f"the report template {html_report.TEMPLATE_DIR / html_report.TEMPLATE} "
                            f"is broken ({type(e).__name__}: {e}); restore it with `git checkout "
@@ -159,8 +159,8 @@ def cmd_report(args, lines: list):
         lines.append(f"wrote {path}: a red banner only, the ledger is broken; open "
                      f"file://{path.resolve()}")
         raise broken
-    lines.append(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB, {len(store.read_ledger())} "
-                 f"runs): open file://{path.resolve()}")
+    lines.append(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB, {shown}): open "
+                 f"file://{path.resolve()}")
 
 
 def cmd_reseal(args, lines: list):
@@ -216,7 +216,12 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="best, latest runs, noise, counts")
     status.add_argument("-n", type=positive_int, default=STATUS_LAST_N,
                         help="how many latest runs to list")
-    sub.add_parser("report", help="write the morning report .auto-log-research/report.html")
+    report = sub.add_parser("report", help="write the morning report .auto-log-research/"
+                                           "report.html (the last night in full, the earlier "
+                                           "ones a line each)")
+    report.add_argument("--night", type=positive_int,
+                        help="show night N (1 = the store's first) in full instead, in "
+                             "report-night-N.html beside report.html")
     sub.add_parser("sync", help="start from the store's best: commit its train.py where it differs")
     claim = sub.add_parser("claim", help="claim an idea of ideas_queue.md for this worker (refused "
                                          "if taken or tested)")

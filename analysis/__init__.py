@@ -14,6 +14,7 @@ The internals of analyze.py, one topic per module (fixed harness: the agent must
     plots.py        per-run figures and progress.png, driven from one list of series
     report.py       analysis.md, the `status` and `compare` texts, the Current Best block
     html_report.py  the morning report, report.html (templates/report.html.j2)
+    nights.py       the store's nights: which rows make each, a line of numbers per night
 
 The few git operations the bookkeeping commands need are harness/git.py's. Nothing here imports
 torch: analysing a run must stay cheap next to a 5-minute training run.

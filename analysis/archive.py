@@ -86,6 +86,15 @@ def run_commit(facts: dict):
     return (facts["summary"] or {}).get("commit") or git.head()
 
 
+def night_id(store: Store):
+    """The supervised night this run is analysed in: the start stamp its supervisor wrote into
+    night.json (the same for every worker of the night), or None (a run analysed by hand, with no
+    night running on the store). The morning report groups runs into nights by it."""
+    night = store.night()
+    started = night.get("started_at") if night else None
+    return started if isinstance(started, str) and started else None
+
+
 def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=None) -> dict:
     """Copy this run's own files into its (fresh) archive folder; return its ledger record (no
     verdict yet). run.log is archived bounded: a huge log keeps its head and tail."""
@@ -113,7 +122,7 @@ def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=Non
     record.update(run_id=run_id, commit=commit, train_status=summary.get("status"),
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
-                  analyzed_at=contract.stamp(), worker=this_worker(),
+                  analyzed_at=contract.stamp(), worker=this_worker(), night=night_id(store),
                   train_sha256=summary.get("train_sha256") or contract.sha256_bytes(code.encode()),
                   run_log_sha256=log_file["sha256"] if log_file else None,
                   run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,

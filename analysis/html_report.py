@@ -1,25 +1,33 @@
 """
 The morning report: .auto-log-research/report.html, one page that tells what the night found.
 
-    uv run analyze.py report          (supervise.py regenerates it after every new ledger row)
+    uv run analyze.py report              (supervise.py regenerates it after every new ledger row)
+    uv run analyze.py report --night N    (night N in full instead, in report-night-N.html)
 
-In order: the night in one line and the progress chart; the chain of kept changes from the baseline
-to the best, each with its numbers and its diff; what the agent learned (insights.md,
-ideas_queue.md and every run's notes); a sortable, filterable table of all
-runs, each row opening that run's analysis.md with its plots; failures grouped by cause; the kept
-runs' validation curves and the per-layer gradient norms of the best next to the baseline's.
+One night is shown in full, the last by default (analysis/nights.py: what a night is), and every
+night as a line of a table. The headline, the best and the kept chain's ends are the whole store's,
+from the ledger; what costs a file read or a rendering per run (the runs table, each run's analysis,
+notes and figures, the failures, the progress chart's points) is the shown night's only, so the
+page's time and size do not grow with the store's age.
+
+In order: the night in one line and the progress chart; the nights; the chain of kept changes from
+the baseline to the best, each with its numbers and its diff (those kept in other nights one line
+per stretch); what the agent learned (insights.md, ideas_queue.md and the night's runs' notes); a
+sortable, filterable table of the night's runs, each row opening that run's analysis.md with its
+plots; failures grouped by cause; the kept runs' validation curves and the per-layer gradient
+norms of the best next to the baseline's.
 
 Self-contained means no network and no server: no CDN, the CSS and the script are inline, and so are
 the two charts that carry the page (progress and validation curves, inline SVG drawn from the ledger
 and the kept runs' validation points, no matplotlib). The per-run figures analyze.py already wrote
 are linked relatively (`<run_id>/loss_vs_step.png`): the page lives in the store next to the run
-folders, so they load from file:// and the page stays small (a few MB for 500 runs); they are
-loaded only when a run is opened. Nothing is cached between calls: every call reads the ledger and
-the run folders as they are now. The page is built with Jinja2 (analysis/templates/report.html.j2)
-and the .md files are rendered with markdown-it-py with raw HTML disabled (the agent writes them;
-nothing it writes runs). A ledger that fails its chain or a row check (analysis/store.py) gets a
-page with only a red banner naming its first broken row (analysis/templates/broken.html.j2): no
-numbers from a ledger edited by hand.
+folders, so they load from file:// and the page stays small (under 1 MB for a night of 100 runs);
+they are loaded only when a run is opened. Nothing is cached between calls: every call reads the
+ledger and the shown night's run folders as they are now. The page is built with Jinja2
+(analysis/templates/report.html.j2) and the .md files are rendered with markdown-it-py with raw
+HTML disabled (the agent writes them; nothing it writes runs). A ledger that fails its chain or a
+row check (analysis/store.py) gets a page with only a red banner naming its first broken row
+(analysis/templates/broken.html.j2): no numbers from a ledger edited by hand.
 """
 
 import json
@@ -32,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, fixed
-from analysis import claims, confirmation, pairing, plots, report, verdict
+from analysis import claims, confirmation, nights, pairing, plots, report, verdict
 from analysis.store import (IDEAS, INSIGHTS, PROGRESS_PNG, REPORT_HTML, SANDBOX_LOG, STORE_DIR,
                             UNBOXED, LedgerError, Store, worker_of)
 
@@ -236,28 +244,37 @@ def diff_lines(text: str) -> list:
     return out
 
 
-def kept_chain(store: Store, ledger: list, comparable) -> list:
+def kept_chain(store: Store, ledger: list, comparable, shown=None, groups=None) -> list:
     """The kept codes of the best's pool in the order they were first kept, each with the numbers
-    of the verdict that kept it (its last run with a verdict), its pooled mean now, and its
-    diff.patch."""
+    of the verdict that kept it (its last run with a verdict), its pooled mean now, the row index
+    it was first kept at (`kept_at`), and its diff.patch: read for every code, or with `shown` (a
+    predicate on an entry) only for the entries it accepts (the others get diff None); `groups`:
+    verdict.pools(ledger, comparable), when the caller has it."""
     if comparable is None:
         return []
+    index = {r["run_id"]: i for i, r in enumerate(ledger)}
     chain = []
-    for key, records in verdict.pools(ledger, comparable).items():
+    groups = groups if groups is not None else verdict.pools(ledger, comparable)
+    for key, records in groups.items():
         if not any(r.get("status") == "keep" for r in records):
             continue
         decisive = next((r for r in reversed(records) if r.get("verdict") == "keep"), records[-1])
-        diff = read_text(store.run_path(records[0]["run_id"]) / "diff.patch") or ""
-        chain.append({"key": key, "records": records, "run_id": records[-1]["run_id"],
-                      "run_ids": [r["run_id"] for r in records],
-                      "description": records[0].get("description"),
-                      "commit": records[0].get("commit"), "mean": pooled_mean(records),
-                      "n": len(records), "delta": decisive.get("delta_best"),
-                      "delta_sigma": decisive.get("delta_sigma"),
-                      "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
-                      "diff": (diff_lines(diff) if not diff.startswith("# nothing to compare")
-                               else []),
-                      "diff_cut": max(0, len(diff.splitlines()) - MAX_DIFF_LINES)})
+        entry = {"key": key, "records": records, "run_id": records[-1]["run_id"],
+                 "run_ids": [r["run_id"] for r in records],
+                 "description": records[0].get("description"),
+                 "commit": records[0].get("commit"), "mean": pooled_mean(records),
+                 "n": len(records), "delta": decisive.get("delta_best"),
+                 "delta_sigma": decisive.get("delta_sigma"),
+                 "p_value": decisive.get("p_value"), "reason": decisive.get("verdict_reason"),
+                 "kept_at": min(index[r["run_id"]] for r in records if r.get("status") == "keep"),
+                 "diff": None, "diff_cut": 0}
+        chain.append(entry)
+    for pos, entry in enumerate(chain):
+        entry["pos"] = pos
+        if shown is None or shown(entry):
+            diff = read_text(store.run_path(entry["records"][0]["run_id"]) / "diff.patch") or ""
+            entry["diff"] = diff_lines(diff) if not diff.startswith("# nothing to compare") else []
+            entry["diff_cut"] = max(0, len(diff.splitlines()) - MAX_DIFF_LINES)
     return chain
 
 
@@ -305,15 +322,19 @@ def y_digits(lo: float, hi: float) -> int:
     return min(6, max(2, 1 - math.floor(math.log10(span / 5)))) if span > 0 else 4
 
 
-def progress_chart(ledger: list, best_mean, sigma, comparable=None):
-    """Every run in ledger order (kept highlighted, failures as crosses on the top edge), the
-    running best (the lowest pooled mean of the kept codes, as their runs arrived: the headline's
-    number at the end) and the noise band (± σ) around the best; None without runs."""
+def progress_chart(ledger: list, best_mean, sigma, comparable=None, span=None, best_after=None):
+    """The runs of `span` (row indices (first, end); default every row) in ledger order (kept
+    highlighted, failures as crosses on the top edge), the running best (`best_after`: running_best
+    of the whole ledger, so a night's line starts at the best it started from) and the noise band
+    (± σ) around the best; None without runs."""
     if not ledger:
         return None
-    values = [r["val_bpb"] if verdict.finished(r) else None for r in ledger]
+    first, end = span or (0, len(ledger))
+    best_after = nights.running_best(ledger, comparable) if best_after is None else best_after
+    shown = ledger[first:end]
+    values = [r["val_bpb"] if verdict.finished(r) else None for r in shown]
     finite = np.array([v for v in values if v is not None], float)
-    kept_values = [v for v, r in zip(values, ledger) if v is not None and r.get("status") == "keep"]
+    kept_values = [v for v, r in zip(values, shown) if v is not None and r.get("status") == "keep"]
     if len(finite):
         lo = float(min(finite.min(), best_mean - (sigma or 0)) if best_mean is not None
                    else finite.min())
@@ -322,10 +343,9 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
         hi += 0.1 * (hi - lo)
     else:
         lo, hi = 0.0, 1.0
-    ax = Axes(0.5, len(ledger) + 0.5, lo, hi)
-    points, best_path, kept_pools, seen = [], [], {}, set()
-    running = math.inf
-    for i, (record, value) in enumerate(zip(ledger, values), start=1):
+    ax = Axes(first + 0.5, end + 0.5, lo, hi)
+    points, best_path = [], []
+    for i, (record, value) in enumerate(zip(shown, values), start=first + 1):
         status = record.get("status")
         tip = (f"#{i} {record['run_id']} · {status}"
                + (f" · {value:.6f}" if value is not None else f" · {failure_cause(record)[:120]}")
@@ -334,21 +354,16 @@ def progress_chart(ledger: list, best_mean, sigma, comparable=None):
         y = ax.y(value) if value is not None else ax.top
         points.append({"x": ax.x(i), "y": y, "kind": kind, "tip": tip, "run_id": record["run_id"],
                        "clipped": value is not None and value > ax.y1})
-        # pooled as verdict.pools does
-        if kind == "keep" and verdict.comparable_key(record) == comparable \
-                and (verdict.code_key(record), record.get("seed")) not in seen:
-            seen.add((verdict.code_key(record), record.get("seed")))
-            kept_pools.setdefault(verdict.code_key(record), []).append(value)
-            running = min(float(np.mean(v)) for v in kept_pools.values())
-        if math.isfinite(running):
+        running = best_after[i - 1]
+        if running is not None:
             best_path.append(f"{ax.x(i - 0.5) if not best_path else ax.x(i)},{ax.y(running)}")
-            best_path.append(f"{ax.x(i + 0.5 if i == len(ledger) else i + 1)},{ax.y(running)}")
+            best_path.append(f"{ax.x(i + 0.5 if i == end else i + 1)},{ax.y(running)}")
     band = None
     if best_mean is not None and sigma:
         band = {"y": ax.y(best_mean + sigma),
                 "h": round(ax.y(best_mean - sigma) - ax.y(best_mean + sigma), 1),
                 "mid": ax.y(best_mean)}
-    x_ticks = nice_ticks(1, len(ledger), 8) if len(ledger) > 1 else [1]
+    x_ticks = nice_ticks(first + 1, end, 8) if end - first > 1 else [first + 1]
     return {"w": SVG_W, "h": SVG_H,
             "frame": ax.frame([t for t in x_ticks if t == int(t)], nice_ticks(ax.y0, ax.y1),
                               y_digits(ax.y0, ax.y1)),
@@ -452,9 +467,11 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
             "figures": [f for f in RUN_FIGURES if f in names.get(run_id, ())]}
 
 
-def failure_groups(ledger: list) -> list:
+def failure_groups(ledger: list, first: int = 0) -> list:
+    """The failed runs of `ledger` (rows from index `first` of the store's) grouped by cause, the
+    largest group first, each with its latest runs (numbered as in the store)."""
     groups = {}
-    for i, record in enumerate(ledger, start=1):
+    for i, record in enumerate(ledger, start=first + 1):
         if verdict.finished(record) or record.get("status") not in verdict.NOT_COUNTED:
             continue
         cause = failure_cause(record)
@@ -485,23 +502,36 @@ def figure_names(store: Store, ledger: list) -> dict:
     return out
 
 
-def build_context(store: Store) -> dict:
-    """Everything the template shows, read from the store as it is now."""
+def build_context(store: Store, night=None) -> dict:
+    """Everything the template shows, read from the store as it is now: the headline, the kept
+    chain's ends and the nights' lines from the whole ledger; each run's row, analysis, notes and
+    figures only for the night shown in full (`night`, 1-based; default the last)."""
     ledger = store.read_ledger()
     comparable = verdict.store_comparable(ledger)
     groups = verdict.pools(ledger, comparable) if ledger else {}
     noise = verdict.noise_estimate([[r["val_bpb"] for r in g] for g in groups.values()])
     best = verdict.best_pool(ledger, comparable) if ledger else None
-    chain = kept_chain(store, ledger, comparable)
+    row_times, spans, shown_night, span = nights.of_page(ledger, night)
+    best_key = best[0] if best else None
+    chain = kept_chain(store, ledger, comparable,
+                       shown=lambda e: e["pos"] == 0 or e["key"] == best_key
+                       or span[0] <= e["kept_at"] < span[1], groups=groups)
     summary = summary_line(ledger, best, noise, chain)
+    best_after = nights.running_best(ledger, comparable)
     md = markdown_renderer()
-    names = figure_names(store, ledger)
-    rows = [run_row(store, i, r, md, names) for i, r in enumerate(ledger, start=1)]
+    night_rows = ledger[span[0]:span[1]]
+    names = figure_names(store, night_rows)
+    rows = [run_row(store, i, r, md, names) for i, r in enumerate(night_rows, start=span[0] + 1)]
     insights, ideas = read_text(store.note(INSIGHTS)), read_text(store.note(IDEAS))
     base_run = chain[0]["run_id"] if chain else None
     best_run = best[1][-1]["run_id"] if best else None
     other_kept = sum(1 for r in ledger
                      if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
+
+    def heatmap(run_id):  # the best's or the baseline's, wherever in the store it is
+        return run_id if run_id and (store.run_path(run_id) / plots.LAYER_HEATMAP).exists() \
+            else None
+
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "store": STORE_DIR, "refresh_s": REFRESH_S,
         # what a night's supervisor found changed in the fixed files: first, in red
@@ -511,50 +541,59 @@ def build_context(store: Store) -> dict:
                          if (confirmed := confirmation.load(store)) else None),
         "summary": summary, "fmt": fmt,
         "seed_pairing": report.seed_share_line(pairing.store_share(
-            groups, best[0] if best else None, noise["sigma"] if noise["trusted"] else None)),
-        "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable),
+            groups, best_key, noise["sigma"] if noise["trusted"] else None)),
+        "progress": progress_chart(ledger, summary["best"], summary["sigma"], comparable, span,
+                                   best_after),
         "progress_png": store.path(PROGRESS_PNG).exists(),
-        "chain": chain, "best_key": best[0] if best else None, "other_kept": other_kept,
+        "chain": nights.chain_on_page(chain, span, best_key), "best_key": best_key,
+        "other_kept": other_kept,
+        "nights": nights.night_summaries(store, ledger, spans, best_after, row_times),
+        "shown_night": shown_night, "chosen": night is not None,
         "insights_html": md.render(without_comments(insights)) if insights else None,
         "ideas_html": md.render(without_comments(ideas)) if ideas else None,
         "notes": [r for r in rows if r["notes_html"]],
         "rows": rows, "statuses": sorted({r["status"] for r in rows}),
-        "failures": failure_groups(ledger),
-        "workers": report.worker_progress(ledger,
+        "failures": failure_groups(night_rows, span[0]),
+        "workers": report.worker_progress(night_rows,
                                           [c for c in claims.read(store)
                                            if claims.is_live(c, claims.alive_in(store))]),
-        "val_chart": val_chart(store, chain, best[0] if best else None),
-        "grad": {"best": (best_run if best_run and plots.LAYER_HEATMAP in names.get(best_run, ())
-                          else None),
-                 "baseline": (base_run
-                              if base_run and plots.LAYER_HEATMAP in names.get(base_run, ())
-                              else None),
+        "val_chart": val_chart(store, chain, best_key),
+        "grad": {"best": heatmap(best_run), "baseline": heatmap(base_run),
                  "same": (best_run == base_run
                           or (best is not None and chain and best[0] == chain[0]["key"]))},
     }
 
 
-def render(store: Store) -> tuple:
-    """(the page, None), or of a broken ledger (its banner page, the LedgerError)."""
+def shown_text(context: dict) -> str:
+    """What a page shows, for analyze.py's line: "night 3 of 3: 100 of 2,000 runs"."""
+    if not context["nights"]:
+        return "no runs yet"
+    return (f"night {context['shown_night']} of {len(context['nights'])}: "
+            f"{len(context['rows'])} of {context['summary']['experiments']:,} runs")
+
+
+def render(store: Store, night=None) -> tuple:
+    """(the page, None, what it shows: shown_text), or of a broken ledger (its banner page, the
+    LedgerError, None); `night`: the night shown in full (1-based), default the last."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR),
                       autoescape=select_autoescape(["j2", "html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     try:
-        context = build_context(store)
+        context = build_context(store, night)
     except LedgerError as e:
         return env.get_template(BROKEN_TEMPLATE).render(
             problem=str(e), store=STORE_DIR, refresh_s=REFRESH_S,
-            generated=time.strftime("%Y-%m-%d %H:%M:%S")), e
-    return env.get_template(TEMPLATE).render(**context), None
+            generated=time.strftime("%Y-%m-%d %H:%M:%S")), e, None
+    return env.get_template(TEMPLATE).render(**context), None, shown_text(context)
 
 
-def write(store: Store) -> tuple:
-    """Write report.html into the store (atomically: a browser reloading it never reads half a
-    page): (its path, None), or (its path, the LedgerError) when it is a broken ledger's
-    banner."""
-    html, broken = render(store)
+def write(store: Store, night=None) -> tuple:
+    """Write the page into the store (atomically: a browser reloading it never reads half a page):
+    report.html, or with `night` (1-based) that night's NIGHT_PAGE. (its path, None, what it
+    shows), or (its path, the LedgerError, None) when it is a broken ledger's banner."""
+    html, broken, shown = render(store, night)
     store.dir.mkdir(parents=True, exist_ok=True)
-    path = store.path(REPORT_HTML)
+    path = store.path(REPORT_HTML if night is None else nights.NIGHT_PAGE.format(n=night))
     contract.atomic_write(path, html)
-    return path, broken
+    return path, broken, shown

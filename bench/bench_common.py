@@ -18,10 +18,14 @@ DEFAULT_RUNS = 500    # the store's size in the issues' targets: a long night an
 DEFAULT_REPEATS = 5   # timed repetitions: enough for a median and a max on a shared machine
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """--runs, --repeats and --out; the description is the first paragraph of doc."""
+def parse_args(doc: str, default_runs=DEFAULT_RUNS) -> argparse.Namespace:
+    """--runs, --repeats and --out; the description is the first paragraph of doc. A tuple of
+    default runs makes --runs a list of store sizes (one or more)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
+    if isinstance(default_runs, tuple):
+        parser.add_argument("--runs", type=int, nargs="+", default=list(default_runs))
+    else:
+        parser.add_argument("--runs", type=int, default=default_runs)
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--out", type=Path)
     return parser.parse_args()

@@ -10,13 +10,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import synthetic
-from analysis import html_report
+from analysis import html_report, nights, verdict
 from analysis.store import Store
 from conftest import synthetic_accepted
 from repos import CRASH_LOG, GIT_ENV, analyze, baseline, commit_change, fake_run, git, head, ledger, make_repo
@@ -183,6 +185,128 @@ def test_diff_lines_and_causes():
 
 
 # ---------------------------------------------------------------------------
+# Nights: the last in full, the earlier ones a line each
+# ---------------------------------------------------------------------------
+
+def stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def test_nights_are_cut_by_the_night_rows_record_or_by_a_gap():
+    t = 1_800_000_000
+    rows = [{"analyzed_at": stamp(t)}, {"analyzed_at": stamp(t + 60)},            # by hand
+            {"analyzed_at": stamp(t + 120), "night": "A"},                        # night A starts
+            {"analyzed_at": stamp(t + 400)},                                      # by hand, in A
+            {"analyzed_at": stamp(t + 700), "night": "A"},
+            {"analyzed_at": stamp(t + 800), "night": "B"},                        # back to back
+            {"analyzed_at": stamp(t + 900)},                                      # the morning's repeat
+            {"analyzed_at": stamp(t + 900 + nights.NIGHT_GAP_S + 1)},             # the next day, by hand
+            {"started_at": stamp(t + 900 + nights.NIGHT_GAP_S + 60)},             # an old row
+            {}]                                                                   # no time at all
+    assert nights.night_spans(rows) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert nights.night_spans([]) == []
+
+
+@contextmanager
+def supervised_night(repo: Path, started_at: str):
+    """A night running on the store, as analyze.py sees one: night.json naming a live supervise.py
+    (a stand-in process that only waits) and the start stamp its supervisor wrote."""
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "supervise.py"])
+    store = Store(repo)
+    store.dir.mkdir(exist_ok=True)
+    store.path("night.json").write_text(json.dumps({"pid": stand_in.pid, "verdict": verdict.VERDICT_MODE,
+                                                    "started_at": started_at}) + "\n")
+    try:
+        yield
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        store.path("night.json").unlink()
+
+
+def change_kept(repo, old, new, message, values):
+    commit_change(repo, old, new, message)
+    for seed, value in enumerate(values, start=1):
+        fake_run(repo, value, seed=seed)
+        assert analyze(repo).returncode == 0
+    assert analyze(repo, "keep").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def three_nights(tmp_path_factory):
+    """The baseline run by hand (no night recorded), then two supervised nights, each keeping a
+    change; the second also a crash."""
+    with synthetic_accepted():
+        repo = make_repo(tmp_path_factory.mktemp("nights") / "repo")
+        baseline(repo)
+        with supervised_night(repo, "2026-12-02T22:00:00+0000"):
+            change_kept(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05", (0.951, 0.952, 0.953))
+        with supervised_night(repo, "2026-12-03T22:00:00+0000"):
+            change_kept(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.06", "matrix lr 0.06", (0.901, 0.902, 0.903))
+            synthetic.write_run(repo, synthetic.make_records(n_steps=20), None, CRASH_LOG, truncate_metrics=True)
+            assert analyze(repo).returncode == 0
+        git(repo, "checkout", "train.py")
+        yield repo
+
+
+def night_table(html: str) -> list:
+    """The nights table's rows as text, the latest night first."""
+    body = section(html, "nights").split("<tbody>", 1)[1]
+    return [text_of(row) for row in body.split("</tr>")[:-1]]
+
+
+def test_the_page_shows_the_last_night_in_full_and_the_earlier_ones_as_a_line(three_nights):
+    repo = three_nights
+    rows = ledger(repo)
+    assert [r.get("night") for r in rows] == [None] * 3 + ["2026-12-02T22:00:00+0000"] * 3 + \
+        ["2026-12-03T22:00:00+0000"] * 4
+    ids = [r["run_id"] for r in rows]
+    html = report(repo)
+    assert re.findall(r'<tr class="run" data-run="([^"]+)"', html) == ids[6:]  # night 3's runs only
+    assert re.findall(r'<template id="run-([^"]+)">', html) == ids[6:]        # and only their analyses
+    when = [nights.clock(nights.row_time(r)) for r in rows]
+    hours = [f"{(nights.row_time(rows[b - 1]) - nights.row_time(rows[a])) / 3600:.1f}" for a, b in
+             ((0, 3), (3, 6), (6, 10))]
+    assert night_table(html) == [
+        f"3 {when[6]} {when[9]} {hours[2]} 4 7–10 3 1 1 0.902000 this page",
+        f"2 {when[3]} {when[5]} {hours[1]} 3 4–6 3 0 1 0.952000 uv run analyze.py report --night 2",
+        f"1 {when[0]} {when[2]} {hours[0]} 3 1–3 3 0 1 1.000000 uv run analyze.py report --night 1"]
+    assert text_of(html.split('<p class="small" id="shown-night">')[1].split("</p>")[0]) == (
+        "This page shows night 3 of 3 in full: its runs, their analyses, notes and failures, and its part "
+        "of the chart. The headline and the best are the whole store's.")
+    night = text_of(section(html, "night"))  # the headline is the whole store's
+    assert night.startswith("val_bpb 1.000000 → 0.902000") and "10 experiments 9 keep" in night
+    kept = text_of(section(html, "kept"))
+    assert "base baseline" in kept and "matrix lr 0.06 best" in kept and "matrix lr 0.05" not in kept
+    assert "… 1 change kept in earlier nights" in kept
+    assert html.count('<circle class="keep"') == 3 and html.count('class="fail"') == 1  # night 3's points
+
+
+def test_a_chosen_night_has_its_own_page_linked_from_the_morning_page(three_nights):
+    repo = three_nights
+    ids = [r["run_id"] for r in ledger(repo)]
+    proc = analyze(repo, "report", "--night", "1")
+    path = repo / ".auto-log-research" / "report-night-1.html"
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        "wrote .auto-log-research/report-night-1.html (") and "night 1 of 3: 3 of 10 runs" in proc.stdout
+    page = path.read_text()
+    assert re.findall(r'<tr class="run" data-run="([^"]+)"', page) == ids[:3]  # the runs made by hand
+    table = night_table(page)
+    assert table[0].endswith(" report.html") and table[2].endswith(" this page")
+    assert table[1].endswith(" uv run analyze.py report --night 2")
+    kept = text_of(section(page, "kept"))
+    assert "… 1 change kept in later nights" in kept and "matrix lr 0.06 best" in kept
+    html = report(repo)  # the morning page now links the night's page
+    assert night_table(html)[2].endswith(" report-night-1.html") and '<a href="report-night-1.html">' in html
+    assert "uv run analyze.py report --night 2" in html
+    for bad in ("4", "0", "x"):
+        proc = analyze(repo, "report", "--night", bad)
+        assert proc.returncode in (1, 2) and proc.stderr.startswith("error: ") and \
+            len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "there is no night 4 in the store (nights 1-3)" in analyze(repo, "report", "--night", "4").stderr
+
+
+# ---------------------------------------------------------------------------
 # In a real browser
 # ---------------------------------------------------------------------------
 
@@ -268,6 +392,10 @@ def test_the_page_in_headless_chromium(night, tmp_path):
     assert "data-errors" not in dom.split("<head>")[0], dom.split("<head>")[0]  # script and resource errors
     assert f'data-ready="{len(rows)}"' in dom  # the script ran to its end and counted a row per run
     assert dom.count('<tr class="run"') == len(rows) == 9
+    # one night (every run analysed by hand, seconds apart): shown in full, its line in the nights table
+    [line] = night_table(dom)
+    keeps = sum(r["status"] == "keep" for r in rows)
+    assert line.startswith("1 ") and f" 9 1–9 {keeps} 2 1 " in line and line.endswith(" this page"), line
     kept = section(dom, "kept")
     assert '<span class="add">+MATRIX_LR = 0.05 ' in kept and '<span class="del">-MATRIX_LR = 0.04 ' in kept
     assert "2× (2 crash;" in text_of(section(dom, "failures"))
