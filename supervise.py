@@ -109,23 +109,31 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def option_problem(args):
+    """What is wrong with the night's options, in one line, or None."""
+    if args.train_timeout <= settings.WATCHDOG_S:
+        return (f"--train-timeout {args.train_timeout:g} must exceed train.py's watchdog "
+                f"({settings.WATCHDOG_S:.0f} s, {settings.WATCHDOG_ENV}), which records a hung "
+                f"run as `timeout` before anything kills it")
+    minutes = args.confirm_minutes
+    if minutes is not None and minutes < 0:
+        return f"--confirm-minutes {minutes:g} must be at least 0"
+    if minutes is not None and args.hours and minutes >= args.hours * 60:
+        return (f"--confirm-minutes {minutes:g} must be shorter than the night (--hours "
+                f"{args.hours:g}: {args.hours * 60:g} minutes)")
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     names = worker_names(args)
-    if args.train_timeout <= settings.WATCHDOG_S:
-        print(f"error: --train-timeout {args.train_timeout:g} must exceed train.py's watchdog "
-              f"({settings.WATCHDOG_S:.0f} s, {settings.WATCHDOG_ENV}), which records a hung run "
-              f"as `timeout` before anything kills it", file=sys.stderr)
+    problem = option_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.stop_grace is None:
         args.stop_grace = args.train_timeout + settings.TOOL_MARGIN_S
-    if args.confirm_minutes is not None and (
-            args.confirm_minutes < 0
-            or (args.hours is not None and args.confirm_minutes >= args.hours * 60)):
-        print(f"error: --confirm-minutes {args.confirm_minutes:g} must be at least 0 and shorter "
-              f"than the night (--hours {args.hours:g})", file=sys.stderr)
-        return 2
     repo = Path.cwd()
     if not (repo / PROGRAM).exists() or not (repo / TRAIN_PY).exists():
         print(f"error: run supervise.py in the repository root (no {PROGRAM} / train.py in {repo})",

@@ -14,6 +14,7 @@ import pytest
 
 from analysis import confirmation
 from analysis.store import Store
+from conftest import ROOT, run_script
 from harness import box, settings
 from night import confirm
 from repos import HARNESS, analyze, baseline, fake_run, git, make_repo
@@ -190,3 +191,13 @@ def test_a_pair_starts_only_while_the_deadline_leaves_room_for_it(tmp_path):
         "confirmation: no pair of runs finished (in-night gain +100.00 mbpb; the night of "
         f"{record['night_started_at']})")
     assert not (repo / ".worktrees" / "confirm").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--hours", "1", "--confirm-minutes", "60"],
+     "error: --confirm-minutes 60 must be shorter than the night (--hours 1: 60 minutes)"),
+    (["--confirm-minutes", "-1"], "error: --confirm-minutes -1 must be at least 0"),
+])
+def test_a_stretch_that_does_not_fit_the_night_is_refused_in_one_line(args, line, tmp_path):
+    done = run_script(["supervise.py", "--backend", "api", *args], cwd=ROOT)
+    assert (done.returncode, done.stderr) == (2, line + "\n")
