@@ -81,8 +81,9 @@ def test_the_last_stretch_runs_the_best_and_the_starting_baseline_on_fresh_seeds
             f"git commit -qam 'idea: MATRIX_LR 0.044'")
     plan = [[{"sh": idea}, {"sh": "make_run 0.95"},
              {"sh": f"{sys.executable} analyze.py keep"}, {"sleep": 600}]]
-    # the stretch starts 60 s in: the agent's keep is done (or awaited) by then
-    proc = start(plan, "--hours", "0.3", "--confirm-minutes", str(0.3 * 60 - 1),
+    # the stretch starts 120 s in: the agent's run is written by then, even on a loaded machine,
+    # and its keep done or awaited (the stop's grace)
+    proc = start(plan, "--hours", "0.3", "--confirm-minutes", str(0.3 * 60 - 2),
                  env={"AUTORESEARCH_TIME_BUDGET": "3"})
     out, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, out
