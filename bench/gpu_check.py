@@ -21,10 +21,11 @@ leaves room for it:
 --steps chooses which of main, pair, sdpa and pairing run (default main,pair,sdpa: the pairing
 needs a device command of its own, e.g. `--steps pairing`).
 
-A run is started only if its training budget, plus the largest overhead a run has measured so far
-(wall - training seconds; before the first, an assumed one), plus a safety margin end before the
-deadline; otherwise a line says it was skipped and why. A run still going near the deadline is
-killed; a failed run writes its error and the check goes on with what still fits. Every line is
+A run is started only if its training budget, plus its overhead, plus a safety margin end before
+the deadline. Its overhead (wall - training seconds) is the largest measured by runs of the same
+variant, since the first run of a code compiles it and the later ones find the compile cache warm;
+before its first run, the largest measured by any run; before any run, an assumed one. Otherwise
+a line says it was skipped and why. A run still going near the deadline is killed; a failed run writes its error and the check goes on with what still fits. Every line is
 printed and appended to --out, flushed, the moment it exists: a check cut short leaves every
 finished result.
 
@@ -100,7 +101,7 @@ def install_wheels(wheel_dir: Path, target: Path) -> dict:
 
 class Check:
     """One check: its deadline, where its lines go, the environment of its runs, what each step
-    came to and the overheads its runs measured."""
+    came to and the overheads its runs measured, by variant."""
 
     def __init__(self, out, started: float, deadline_s: float):
         self.started, self.deadline = started, started + deadline_s  # time.monotonic() seconds
@@ -109,7 +110,8 @@ class Check:
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(out, "a")
-        self.env, self.runs, self.outcomes, self.overheads = {}, {}, {}, []
+        self.env, self.runs, self.outcomes = {}, {}, {}
+        self.overheads = {}  # variant -> the overheads (wall - training seconds) its runs measured
         self.sources = {}  # variant -> the folder its runs are copied from
         self.pairing = None  # the pairing step's line, once written
 
@@ -136,18 +138,28 @@ class Check:
         self.write({"step": step, "error": why, **extra})
         raise SystemExit(f"error: gpu check: {step}: {why}")
 
-    def fits(self, step: str, budget: float, runs: int = 1) -> bool:
-        """Whether `runs` runs of `budget` training seconds end before the deadline, by the largest
-        overhead measured so far; if not, a line says the step is skipped and why."""
-        measured = bool(self.overheads)
-        overhead = max(self.overheads) if measured else ASSUMED_OVERHEAD_S
+    def overhead(self, variant: str = None) -> tuple:
+        """(seconds, how known) a run of `variant` is expected to spend beyond its training budget:
+        the largest its own runs measured (a later run of a code finds its compiled graphs cached),
+        else the largest any run measured, else the assumed one."""
+        own = self.overheads.get(variant)
+        if own:
+            return max(own), f"measured by {variant}"
+        if self.overheads:
+            return max(max(v) for v in self.overheads.values()), "measured"
+        return ASSUMED_OVERHEAD_S, "assumed"
+
+    def fits(self, step: str, budget: float, runs: int = 1, variant: str = None) -> bool:
+        """Whether `runs` runs of `budget` training seconds (of `variant`) end before the deadline,
+        by their expected overhead; if not, a line says the step is skipped and why."""
+        overhead, known = self.overhead(variant)
         needs, left = runs * (budget + overhead) + SAFETY_MARGIN_S, self.left()
         if needs <= left:
             return True
         self.outcomes[step] = "skipped"
         self.write({"step": step, "skipped": step, "needs_s": round(needs), "left_s": round(left),
                     "why": f"needs ~{needs:.0f} s: {runs} x ({budget:g} s training + "
-                           f"{overhead:.0f} s overhead, {'measured' if measured else 'assumed'}) "
+                           f"{overhead:.0f} s overhead, {known}) "
                            f"+ {SAFETY_MARGIN_S} s margin; {left:.0f} s left before the deadline"})
         return False
 
@@ -167,7 +179,7 @@ class Check:
                         "stdout_tail": e.stdout_tail})
             return None
         self.outcomes[step], self.runs[step] = "ran", run
-        self.overheads.append(run["wall_seconds"] - run["training_seconds"])
+        self.overheads.setdefault(variant, []).append(run["wall_seconds"] - run["training_seconds"])
         self.write({**head, **run})
         return run
 
@@ -214,7 +226,7 @@ def pairing(check: Check, seeds: int, budget: float):
     for seed in range(1, seeds + 1):
         for code in PAIRING_CODES:
             step = f"{code}-seed{seed}"
-            if check.fits(step, budget):
+            if check.fits(step, budget, variant=code):
                 run = check.run(step, code, budget, seed=seed)
                 if run:
                     values[code][seed] = run["val_bpb"]
@@ -320,7 +332,7 @@ def run_steps(check: Check, args):
         check.run("main", "instrumented", args.budget)
     if "pair" in args.steps and check.fits("pair", args.pair_budget, runs=len(PAIR)):
         for variant in PAIR:
-            if check.fits(f"pair-{variant}", args.pair_budget):
+            if check.fits(f"pair-{variant}", args.pair_budget, variant=variant):
                 check.run(f"pair-{variant}", variant, args.pair_budget)
     if "sdpa" in args.steps and check.fits("sdpa", args.pair_budget):
         check.run("sdpa", "sdpa", args.pair_budget)

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -133,6 +134,24 @@ def test_a_deadline_with_room_for_the_main_run_only_skips_the_rest_saying_why(
         assert line["needs_s"] > line["left_s"]
     assert summary["steps"] == {"main": "ran", "pair": "skipped", "sdpa": "skipped"}
     assert summary["targets"]["instrumentation <= 1 %"] == {"value": None, "met": None}
+
+
+def test_a_run_is_expected_to_cost_what_runs_of_its_own_code_cost_else_the_largest_measured(
+        tmp_path):
+    """The first run of a code compiles it (~106 s on an H200), its later runs find the cache warm:
+    a code's own runs set its expected overhead; a code not yet run expects the largest any run
+    measured; before any run, the assumed one."""
+    check = gpu_check.Check(tmp_path / "check.jsonl", time.monotonic(), deadline_s=200)
+    assert check.overhead("a") == (gpu_check.ASSUMED_OVERHEAD_S, "assumed")
+    check.overheads = {"a": [106.0, 30.0], "b": [25.0]}
+    assert check.overhead("b") == (25.0, "measured by b")
+    assert check.overhead("c") == (106.0, "measured")
+    # 200 s left: one 100 s run of b fits (100 + 25 + the margin), of a new code it does not
+    assert check.fits("b-run", 100, variant="b")
+    assert not check.fits("c-run", 100, variant="c")
+    check.close()
+    (skipped,) = check_lines(tmp_path / "check.jsonl")
+    assert skipped["step"] == "c-run" and "106 s overhead, measured)" in skipped["why"]
 
 
 def test_each_line_is_in_the_out_file_before_the_next_run_starts(prepared, tmp_path, stub_runs):
