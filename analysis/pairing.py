@@ -12,6 +12,9 @@ import numpy as np
 # percentile bootstrap over seeds: enough draws that the interval's ends move < 0.01 between runs
 BOOTSTRAP_DRAWS = 10_000
 INTERVAL_LEVEL = 0.95
+# a bootstrap over 2 seeds has one resample with any spread (both seeds), so its "interval" is the
+# point itself: an interval needs at least 3
+MIN_INTERVAL_SEEDS = 3
 
 
 def seed_share(first, second) -> float:
@@ -31,8 +34,12 @@ def seed_share(first, second) -> float:
 def seed_share_interval(first, second, draws: int = BOOTSTRAP_DRAWS,
                         level: float = INTERVAL_LEVEL, rng_seed: int = 0) -> tuple:
     """(low, high): the percentile bootstrap interval of seed_share, resampling seeds (each draw
-    keeps a seed's two runs together). Draws whose runs have no spread are skipped."""
+    keeps a seed's two runs together). Draws whose runs have no spread are skipped. Raises
+    ValueError under MIN_INTERVAL_SEEDS seeds."""
     first, second = np.asarray(first, float), np.asarray(second, float)
+    if len(first) < MIN_INTERVAL_SEEDS:
+        raise ValueError(f"an interval of rho-hat needs {MIN_INTERVAL_SEEDS} seeds or more, "
+                         f"not {len(first)}: run more seeds")
     rng = np.random.default_rng(rng_seed)
     values = []
     for _ in range(draws):

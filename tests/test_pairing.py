@@ -37,6 +37,10 @@ def test_too_few_runs_or_no_noise_is_one_clear_error():
         pairing.seed_share([1.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="without any noise"):
         pairing.seed_share([1.0, 1.0], [2.0, 2.0])
+    # two seeds give rho-hat, but every bootstrap draw with spread is the point itself
+    assert pairing.seed_share([2.359, 2.388], [2.343, 2.368]) == pytest.approx(0.990, abs=0.001)
+    with pytest.raises(ValueError, match="needs 3 seeds or more, not 2"):
+        pairing.seed_share_interval([2.359, 2.388], [2.343, 2.368])
 
 
 def runs(code, values, first_seed=42, params=1.5):
