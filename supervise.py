@@ -3,6 +3,7 @@ The unattended overnight loop: keeps an agent running experiments (program.md) u
 an experiment budget or a stop rule, and leaves the store and git consistent however it ends.
 
     uv run supervise.py --backend claude --hours 8   # your Claude Code, restarted whenever it exits
+    uv run supervise.py --backend codex --hours 8    # your Codex CLI, likewise
     uv run supervise.py --backend api --hours 8      # a built-in agent on the Anthropic API
 
 No state lives only in an agent's context: every restart (claude) or experiment (api) starts fresh
@@ -30,7 +31,7 @@ from pathlib import Path
 from harness import proc, settings
 from analysis import claims
 from harness.contract import PRIVATE_UMASK, TRAIN_PY
-from night import api, claude, confirm, environment, rules, sandbox
+from night import api, claude, codex, confirm, environment, rules, sandbox, sessions
 from night.supervisor import PROGRAM, REPORT, Supervisor
 from night.workers import run_workers, worker_argv, worker_names
 
@@ -38,17 +39,20 @@ from night.workers import run_workers, worker_argv, worker_names
 def agent_options(agent):
     """The options of the agent: its command, what it may see, its key and its box."""
     agent.add_argument("--claude-command", default=claude.DEFAULT_CLAUDE_COMMAND,
-                       help="the agent command; program.md (then a resume prompt) goes to its "
-                            "stdin")
+                       help="the claude backend's command; program.md (then a resume prompt) "
+                            "goes to its stdin")
+    agent.add_argument("--codex-command", default=codex.DEFAULT_CODEX_COMMAND,
+                       help="the codex backend's command, likewise (add -m MODEL, -c KEY=VALUE)")
     agent.add_argument("--pass-env", type=lambda s: {n for n in s.split(",") if n}, default=set(),
                        help="comma-separated names of other environment variables the agent may "
                             "see (default: none)")
-    agent.add_argument("--restart-delay", type=float, default=claude.RESTART_DELAY_S,
+    agent.add_argument("--restart-delay", type=float, default=sessions.RESTART_DELAY_S,
                        help="seconds before a restart")
     agent.add_argument("--model", default=api.DEFAULT_MODEL, help="model of the api backend")
     agent.add_argument("--key-file", metavar="PATH",
                        help=f"the API key, from this file (mode 600) rather than "
-                            f"{environment.KEY_ENV}, which `uv` keeps in its environment all night")
+                            f"{environment.KEY_ENV} ({environment.OPENAI_KEY_ENV} for codex), which "
+                            f"`uv` keeps in its environment all night")
     agent.add_argument(sandbox.NO_SANDBOX, action="store_true",
                        help="run the agent outside its bubblewrap box (README, 'Threat model')")
 
@@ -57,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     limits = settings.LIMITS
     top = argparse.ArgumentParser(prog="supervise.py", description=__doc__.split("\n\n")[0].strip(),
                                   allow_abbrev=False)  # worker_argv removes options by their names
-    top.add_argument("--backend", choices=("claude", "api"), required=True)
+    top.add_argument("--backend", choices=("claude", "codex", "api"), required=True)
     top.add_argument("--hours", type=float,
                      help="stop after this many hours (default: no deadline)")
     top.add_argument("--confirm-minutes", type=float,
@@ -73,9 +77,9 @@ def parser() -> argparse.ArgumentParser:
                      help="stop after this many runs in a row without a keep")
     top.add_argument("--max-hours-without-keep", type=float,
                      help="stop after this many hours without a keep")
-    top.add_argument("--max-outage-hours", type=float, default=claude.DEFAULT_MAX_OUTAGE_H,
+    top.add_argument("--max-outage-hours", type=float, default=sessions.DEFAULT_MAX_OUTAGE_H,
                      help=f"stop after the API or the agent failed this long (default "
-                          f"{claude.DEFAULT_MAX_OUTAGE_H:g})")
+                          f"{sessions.DEFAULT_MAX_OUTAGE_H:g})")
     top.add_argument("--train-timeout", type=float, default=limits["kill_s"],
                      help=f"wall-clock seconds after which a training run is killed (default "
                           f"{limits['kill_s']:.0f}: train.py's watchdog, "
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:  # the key leaves the environment here
-        secret = environment.handed_over_key(args.key_fd, args.key_file, __file__, argv)
+        secret = environment.handed_over_key(args.key_fd, args.key_file, __file__, argv,
+                                             environment.key_env(args.backend))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,7 +183,8 @@ def main(argv=None) -> int:
                + (f"; morning report: {REPORT})" if not args.worker else ")"))
     if names:
         return run_workers(sup, names, worker_argv(argv))
-    return claude.run_claude(sup) if args.backend == "claude" else api.run_api(sup)
+    backends = {"claude": claude.run_claude, "codex": codex.run_codex, "api": api.run_api}
+    return backends[args.backend](sup)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from analysis.store import IDEAS, INSIGHTS, NOTES_DIR, RESULTS_TSV, STORE_DIR
 from night import rules, sandbox
-from night.claude import LOG_RESULT_CHARS, MAX_BACKOFF_S
+from night.sessions import LOG_RESULT_CHARS, MAX_BACKOFF_S
 from night.environment import agent_environment
 from night.supervisor import PROGRAM, Supervisor, worker_preamble
 

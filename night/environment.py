@@ -9,7 +9,8 @@ import sys
 
 from harness import settings
 
-KEY_ENV = "ANTHROPIC_API_KEY"
+KEY_ENV = "ANTHROPIC_API_KEY"          # the key of the claude and api backends
+OPENAI_KEY_ENV = "OPENAI_API_KEY"      # ... and of the codex backend
 # internal: the API key arrives on this pipe, never through the environment
 KEY_FD_FLAG = "--key-fd"
 # What the agent's processes may see of the supervisor's environment (plus --pass-env): no cloud,
@@ -62,21 +63,26 @@ def key_from_file(path: str) -> str:
     return key
 
 
-def handed_over_key(key_fd, key_file, script: str, argv: list):
-    """The API key (from `key_file`, else the environment), kept out of every environment: where
-    the environment has one, the first call re-executes `script` (the supervisor) without
-    ANTHROPIC_API_KEY, the key on a pipe (so that it is not in /proc/<supervisor>/environ), and
-    does not return; the re-executed one reads it from key_fd. None without a key; ValueError for a
-    key file that cannot be used."""
+def key_env(backend: str) -> str:
+    """The variable that holds the API key of a backend."""
+    return OPENAI_KEY_ENV if backend == "codex" else KEY_ENV
+
+
+def handed_over_key(key_fd, key_file, script: str, argv: list, name: str = KEY_ENV):
+    """The API key (from `key_file`, else the environment's `name`), kept out of every
+    environment: where the environment has one, the first call re-executes `script` (the
+    supervisor) without it, the key on a pipe (so that it is not in /proc/<supervisor>/environ),
+    and does not return; the re-executed one reads it from key_fd. None without a key; ValueError
+    for a key file that cannot be used."""
     if key_fd is not None:
         with os.fdopen(key_fd) as f:
             return f.read() or None
-    key = key_from_file(key_file) if key_file else os.environ.get(KEY_ENV)
-    if not key or KEY_ENV not in os.environ:
+    key = key_from_file(key_file) if key_file else os.environ.get(name)
+    if not key or name not in os.environ:
         return key or None
     read_end = key_pipe(key)
     os.set_inheritable(read_end, True)
-    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    env = {k: v for k, v in os.environ.items() if k != name}
     os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv, KEY_FD_FLAG,
                                str(read_end)], env)
 

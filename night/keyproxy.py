@@ -1,6 +1,7 @@
 """
 The key proxy: the night's API key stays in the supervisor. The agent's CLI gets a token of this
-night instead (ANTHROPIC_API_KEY) and this proxy as its API (ANTHROPIC_BASE_URL); the proxy
+night instead (ANTHROPIC_API_KEY, or OPENAI_API_KEY for Codex) and this proxy as its API
+(ANTHROPIC_BASE_URL, or Codex's provider base_url); the proxy
 accepts only that token, puts the key in its place and passes the request on to the real API,
 streaming the answer back as it comes. A transcript, a log or a probe of the CLI's memory holds at
 most the token, which is worth nothing once the night (this process) has ended.
@@ -22,6 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 DEFAULT_UPSTREAM = "https://api.anthropic.com"  # the Anthropic SDK's and Claude Code's default
+OPENAI_UPSTREAM = "https://api.openai.com/v1"     # the OpenAI API's, Codex's default provider
+# how each API takes its key: Anthropic's header, or OpenAI's bearer token
+ANTHROPIC_CREDENTIAL, BEARER_CREDENTIAL = "x-api-key", "bearer"
 TOKEN_PREFIX = "alr-night-"  # says what a leaked token is, in a transcript
 SOCKET_NAME = "api.sock"
 # an API answer streams for as long as the model writes; this only ends a dead connection
@@ -113,7 +117,10 @@ class Handler(BaseHTTPRequestHandler):
                 "authentication_error", "the night's key proxy accepts only its night's token"))
         headers = {k: v for k, v in self.headers.items()
                    if k.lower() not in HOP_BY_HOP | CREDENTIALS}
-        headers["x-api-key"] = proxy.secret
+        if proxy.credential == BEARER_CREDENTIAL:
+            headers["authorization"] = f"Bearer {proxy.secret}"
+        else:
+            headers["x-api-key"] = proxy.secret
         if body or self.command in ("POST", "PUT", "PATCH"):
             headers["content-length"] = str(len(body))
         conn = proxy.upstream.connect()
@@ -160,8 +167,9 @@ class KeyProxy:
     """The proxy of one agent (one supervisor): its token, its loopback URL and its socket; serves
     in threads of this process until close()."""
 
-    def __init__(self, secret: str, upstream: str = DEFAULT_UPSTREAM):
-        self.secret, self.upstream = secret, Upstream(upstream)
+    def __init__(self, secret: str, upstream: str = DEFAULT_UPSTREAM,
+                 credential: str = ANTHROPIC_CREDENTIAL):
+        self.secret, self.upstream, self.credential = secret, Upstream(upstream), credential
         self.token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         self.refused = 0  # requests without the token (a probe, another night's CLI)
         self.tcp = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

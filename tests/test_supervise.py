@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import proc as processes
-from night import claude, rules, supervisor
+from night import rules, sessions, supervisor
 from analysis.store import Store
 from conftest import ROOT
 from fake_api import StreamingMessagesAPI, error
@@ -116,10 +116,10 @@ def test_claude_backend_restarts_with_a_resume_prompt_until_a_stop_rule(repo, st
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out  # a night that never got going failed
     n = int((calls / "n").read_text())
-    assert n == claude.MAX_QUICK_EXITS
+    assert n == sessions.MAX_QUICK_EXITS
     assert (calls / "stdin.1").read_text() == (repo / "program.md").read_text()
     resume = (calls / "stdin.2").read_text()
-    assert resume == claude.RESUME_PROMPT
+    assert resume == sessions.RESUME_PROMPT
     for name in ("insights.md", "ideas_queue.md", "results.tsv", "program.md"):
         assert name in resume
     store = repo / ".auto-log-research"
