@@ -203,7 +203,7 @@ def test_two_workers_each_with_its_own_codex_share_one_store(prepared, tmp_path)
     home.mkdir()
     py = sys.executable
     api = ResponsesAPI({f"You are worker {worker} ": [
-        command(f"echo worker $AUTORESEARCH_WORKER; {py} launch.py; {py} analyze.py"),
+        command(f"{py} launch.py; {py} analyze.py; echo I am worker $AUTORESEARCH_WORKER"),
         say("one run done; continue?")] for worker in ("gpu0", "gpu1")})
     try:
         done = subprocess.run([*supervise(sys.executable), "--gpus", "0,1", "--tag", "cx",
@@ -219,6 +219,6 @@ def test_two_workers_each_with_its_own_codex_share_one_store(prepared, tmp_path)
     assert sorted(r["worker"] for r in rows) == ["gpu0", "gpu1"], status
     for worker in ("gpu0", "gpu1"):
         log = (store / f"supervisor-{worker}.log").read_text()
-        assert "=== codex session 1 (codex exec" in log and f"worker {worker}" in log
+        assert "=== codex session 1 (codex exec" in log and f"I am worker {worker}\n" in log
     assert api.keys == {SECRET}
     assert processes.scripts_in(repo, "train.py") == []
