@@ -14,7 +14,8 @@ from pathlib import Path
 from harness import box, settings
 from night.environment import KEY_ENV, agent_environment
 from night.keyproxy import DEFAULT_UPSTREAM, KeyProxy
-from night.sessions import LOG_RESULT_CHARS, AgentCLI, SessionLog, cli_night
+from night.sessions import (DEFAULT_MODEL_LABEL, LOG_RESULT_CHARS, AgentCLI, SessionLog,
+                            cli_night)
 from night.supervisor import Supervisor
 
 # unattended: no permission prompts; stream-json so that every tool call and result reaches the log
@@ -22,6 +23,7 @@ DEFAULT_CLAUDE_COMMAND = ("claude -p --dangerously-skip-permissions --output-for
                           "--verbose")
 
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"  # the CLI's API; the proxy's upstream
+MODEL_ENV = "ANTHROPIC_MODEL"        # the CLI's model, where --model does not name one
 # the CLI's other credential; with a key proxy the CLI has none but the night's token
 AUTH_TOKEN_ENV = "ANTHROPIC_AUTH_TOKEN"
 
@@ -54,6 +56,17 @@ def claude_environment(sup, proxy: KeyProxy = None) -> dict:
         env[KEY_ENV] = proxy.token
         env[BASE_URL_ENV] = box.RELAY_URL if sup.isolated else proxy.url
     return env
+
+
+def model_of(command: list, env: dict) -> str:
+    """The model the CLI will use: --model in the command, else $ANTHROPIC_MODEL, else
+    DEFAULT_MODEL_LABEL."""
+    for i, word in enumerate(command):
+        if word == "--model" and i + 1 < len(command):
+            return command[i + 1]
+        if word.startswith("--model="):
+            return word.removeprefix("--model=")
+    return env.get(MODEL_ENV) or DEFAULT_MODEL_LABEL
 
 
 class ClaudeLog(SessionLog):

@@ -18,7 +18,8 @@ from pathlib import Path
 from harness import box
 from night.environment import OPENAI_KEY_ENV, agent_environment
 from night.keyproxy import BEARER_CREDENTIAL, OPENAI_UPSTREAM, KeyProxy
-from night.sessions import LOG_RESULT_CHARS, AgentCLI, SessionLog, cli_night
+from night.sessions import (DEFAULT_MODEL_LABEL, LOG_RESULT_CHARS, AgentCLI, SessionLog,
+                            cli_night)
 from night.supervisor import Supervisor
 
 # non-interactive, every event as a JSON line; the night's box (or --no-sandbox, the user's
@@ -32,7 +33,6 @@ CONFIG_FILE = "config.toml"
 # the model provider the night declares: the key proxy, on OpenAI's Responses API. Tune it with
 # -c model_providers.alr-night.<key>=<value> in --codex-command (e.g. request_max_retries)
 PROVIDER = "alr-night"
-DEFAULT_MODEL_LABEL = "its configured model"  # the model, when neither command nor config names it
 # the reconnect notices Codex prints while it retries the API
 RETRY_MARK = "Reconnecting"
 

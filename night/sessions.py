@@ -32,6 +32,9 @@ DEFAULT_MAX_OUTAGE_H = 1.0
 
 LOG_RESULT_CHARS = 2_000             # the tail of a tool result written to supervisor.log
 
+# the model in a run's agent label when neither the CLI's command nor its settings name one
+DEFAULT_MODEL_LABEL = "(its configured model)"
+
 RESUME_PROMPT = (
     "You are resuming an autoresearch session that was interrupted; your earlier context is gone.\n"
     "Read program.md and follow its loop. The state of the research is on disk, not in your "
