@@ -8,6 +8,7 @@ the way the real API does. Every training run is real (a tiny budget).
 - An outage that outlasts --max-outage-hours ends the night, saying so.
 - Ctrl-C during a training run ends the night at once, settled, nothing left running.
 - Two workers, each with its own Codex, one store.
+- A night on Slurm (the real single-node cluster of tests/test_slurm.py): its run is a job.
 Skipped with a reason where the CLI is not installed; .ci/run installs it."""
 
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -26,6 +28,9 @@ from conftest import ROOT
 from fake_openai import ResponsesAPI, command, outage, say
 from repos import GIT_ENV, HARNESS, git, make_repo
 from test_claude_code import PROBE, cwd_of, night_of  # noqa: F401  (the fixture: root, nobody)
+
+sys.path.insert(0, str(ROOT / "bench"))
+from slurm_local import PARTITION, LocalSlurm, available as slurm_available  # noqa: E402
 
 SECRET = "sk-openai-test-REAL-CODEX-9f8e7d"
 CODEX = shutil.which("codex")
@@ -222,3 +227,34 @@ def test_two_workers_each_with_its_own_codex_share_one_store(prepared, tmp_path)
         assert "=== codex session 1 (codex exec" in log and f"I am worker {worker}\n" in log
     assert api.keys == {SECRET}
     assert processes.scripts_in(repo, "train.py") == []
+
+
+def test_a_codex_night_on_slurm_trains_its_run_as_a_job(prepared, tmp_path):
+    """--launcher slurm, the real single-node cluster of tests/test_slurm.py: the agent's one command
+    becomes a Slurm job."""
+    if slurm_available() is not None:
+        pytest.skip(f"no local Slurm: {slurm_available()}")
+    folder = tempfile.mkdtemp(prefix="alr-slurm-", dir="/tmp")  # short: munge's socket path
+    local = LocalSlurm(folder)
+    cluster = local.start()
+    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+    home = tmp_path / "home"
+    home.mkdir()
+    py = sys.executable
+    api = ResponsesAPI([command(f"{py} launch.py; {py} analyze.py"), say("trained; continue?")])
+    try:
+        done = subprocess.run([*supervise(sys.executable), "--launcher", "slurm", "--partition",
+                               PARTITION, "--gres", "gpu:1", "--max-experiments", "1"], cwd=repo,
+                              env={**night_env(api, {"HOME": str(home)}), **cluster},
+                              capture_output=True, text=True, timeout=WAIT_S)
+    finally:
+        api.close()
+        local.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    status = (repo / ".auto-log-research" / "status.log").read_text()
+    assert done.returncode == 0, done.stderr + status
+    assert "; training on Slurm;" in status.splitlines()[0]
+    (row,) = Store(repo).read_ledger()
+    archived = (repo / ".auto-log-research" / row["run_id"] / "run.log").read_text()
+    assert re.search(r"^launcher: slurm job \d+ ended COMPLETED \(exit code 0:0", archived, re.M)
+    assert row["val_bpb"] > 0 and api.keys == {SECRET}
