@@ -525,7 +525,6 @@ def build_context(store: Store, night=None) -> dict:
     insights, ideas = read_text(store.note(INSIGHTS)), read_text(store.note(IDEAS))
     base_run = chain[0]["run_id"] if chain else None
     best_run = best[1][-1]["run_id"] if best else None
-    night_lines = nights.night_summaries(store, ledger, spans, best_after, row_times)
     other_kept = sum(1 for r in ledger
                      if r.get("status") == "keep" and verdict.comparable_key(r) != comparable)
 
@@ -548,10 +547,7 @@ def build_context(store: Store, night=None) -> dict:
         "progress_png": store.path(PROGRESS_PNG).exists(),
         "chain": nights.chain_on_page(chain, span, best_key), "best_key": best_key,
         "other_kept": other_kept,
-        "nights": night_lines,
-        # the agents column of the nights table, only where a night recorded one
-        "night_agents_column": any(n["agents"] for n in night_lines),
-        "night_agents": nights.agents_of(night_rows),  # the shown night's: its runs' table's column
+        "nights": nights.night_summaries(store, ledger, spans, best_after, row_times),
         "shown_night": shown_night, "chosen": night is not None,
         "insights_html": md.render(without_comments(insights)) if insights else None,
         "ideas_html": md.render(without_comments(ideas)) if ideas else None,

@@ -99,7 +99,7 @@ def clock(when) -> str:
 
 def night_summaries(store: Store, ledger: list, spans: list, best_after: list, row_times) -> list:
     """A line per night: its number, first and last row's time, runs, keeps, crashes, workers, its
-    agents (agents_of, names only), the best at its end, and its own page (its file name when
+    agents (agents_of), the best at its end, and its own page (its file name when
     written, and the command that writes it). Computed from the ledger (`row_times`: row_time of
     every row); one stat per night."""
     out = []
@@ -115,7 +115,7 @@ def night_summaries(store: Store, ledger: list, spans: list, best_after: list, r
                     "keeps": counts["keep"],
                     "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES),
                     "workers": len({worker_of(r) for r in rows}),
-                    "agents": [agent for agent, _ in agents_of(rows)],
+                    "agents": agents_of(rows),
                     "best": best_after[end - 1],
                     "page": page if store.path(page).exists() else None,
                     "command": f"uv run analyze.py report --night {n}"})
