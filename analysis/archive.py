@@ -123,6 +123,7 @@ def archive_files(store: Store, run: dict, facts: dict, run_id: str, message=Non
                   status="pending" if facts["status"] == "ok" else facts["status"],
                   description=description, error=facts["error"], notes=facts["notes"],
                   analyzed_at=contract.stamp(), worker=this_worker(), night=night_id(store),
+                  agent=settings.AGENT,
                   train_sha256=summary.get("train_sha256") or contract.sha256_bytes(code.encode()),
                   run_log_sha256=log_file["sha256"] if log_file else None,
                   run_log_mtime_ns=log_file["mtime_ns"] if log_file else None,

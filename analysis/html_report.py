@@ -452,7 +452,7 @@ def run_row(store: Store, index: int, record: dict, md, names: set) -> dict:
     return {"i": index, "run_id": run_id, "status": record.get("status"),
             "verdict": record.get("verdict") or "",
             "description": record.get("description") or "", "seed": record.get("seed"),
-            "worker": worker_of(record),
+            "worker": worker_of(record), "agent": record.get("agent") or "",
             "val_bpb": record.get("val_bpb") if verdict.finished(record) else None,
             "shown_val": record.get("val_bpb"), "delta": record.get("delta_best"),
             "delta_sigma": record.get("delta_sigma"), "p_value": record.get("p_value"),

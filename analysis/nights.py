@@ -85,15 +85,23 @@ def running_best(ledger: list, comparable) -> list:
     return out
 
 
+def agents_of(rows: list) -> list:
+    """[(agent, runs)] of `rows`: the distinct agents and models of the sessions that made them
+    (each row's `agent`, recorded by analyze.py in a night since rows knew it), in order of first
+    use, with how many rows each made; rows without one (by hand, or older) are not counted."""
+    return list(Counter(r["agent"] for r in rows if r.get("agent")).items())
+
+
 def clock(when) -> str:
     """A local time stamp for the page ("2026-12-04 22:01"), or "—"."""
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "—"
 
 
 def night_summaries(store: Store, ledger: list, spans: list, best_after: list, row_times) -> list:
-    """A line per night: its number, first and last row's time, runs, keeps, crashes, workers, the
-    best at its end, and its own page (its file name when written, and the command that writes
-    it). Computed from the ledger (`row_times`: row_time of every row); one stat per night."""
+    """A line per night: its number, first and last row's time, runs, keeps, crashes, workers, its
+    agents (agents_of), the best at its end, and its own page (its file name when
+    written, and the command that writes it). Computed from the ledger (`row_times`: row_time of
+    every row); one stat per night."""
     out = []
     for n, (first, end) in enumerate(spans, start=1):
         rows = ledger[first:end]
@@ -107,6 +115,7 @@ def night_summaries(store: Store, ledger: list, spans: list, best_after: list, r
                     "keeps": counts["keep"],
                     "crashes": sum(counts[s] for s in verdict.FAILED_STATUSES),
                     "workers": len({worker_of(r) for r in rows}),
+                    "agents": agents_of(rows),
                     "best": best_after[end - 1],
                     "page": page if store.path(page).exists() else None,
                     "command": f"uv run analyze.py report --night {n}"})

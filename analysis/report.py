@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from harness import contract
-from analysis import confirmation, stats, verdict
+from analysis import confirmation, nights, stats, verdict
 from harness.settings import MAIN_WORKER
 from analysis.store import NOTES_DIR, STORE_DIR, worker_of
 
@@ -444,6 +444,21 @@ def worker_lines(ledger: list, live_claims=()) -> list:
     return out
 
 
+def agent_line(ledger: list) -> list:
+    """`status`'s line naming the agents and models of the latest night's sessions (its rows'
+    `agent`, nights.agents_of), e.g. "agent: codex gpt-5-codex (7 of the latest night's 9 runs)";
+    none where that night recorded none (runs by hand, older rows)."""
+    spans = nights.night_spans(ledger)
+    if not spans:
+        return []
+    first, end = spans[-1]
+    agents = nights.agents_of(ledger[first:end])
+    of_night = f"the latest night's {end - first} run(s)"
+    if len(agents) == 1:
+        return [f"agent: {agents[0][0]} ({agents[0][1]} of {of_night})"]
+    return [f"agents: {', '.join(f'{a} ({n})' for a, n in agents)} of {of_night}"] if agents else []
+
+
 LEDGER_BANNER = "!!! LEDGER BROKEN, no numbers shown !!!"  # status's first words on a broken one
 RED, PLAIN = "\033[1;97;41m", "\033[0m"  # bold white on red, for a terminal only
 
@@ -504,12 +519,14 @@ def status_text(ledger: list, best_records, noise: dict, orphans: list, last_n: 
     out.append("runs: " + ", ".join(f"{counts[s]} {s}"
                                      for s in sorted(counts, key=lambda s: -counts[s]))
                + f" ({len(ledger)} total)")
+    out += agent_line(ledger)
     out += worker_lines(ledger, live_claims)
     out.append(f"latest {min(last_n, len(ledger))}:")
     for r in ledger[-last_n:]:
         value = f"{r['val_bpb']:.6f}" if r.get("val_bpb") is not None else "—"
+        agent = f"  [{r['agent']}]" if r.get("agent") else ""  # its session's agent and model
         out.append(f"  {r['run_id']:<14} {value:>9}  {r['status']:<8} {r.get('verdict') or '':<8} "
-                   f"{r.get('description') or ''}")
+                   f"{r.get('description') or ''}{agent}")
     if orphans:
         out.append(f"archives without a ledger row (an interrupted analyze): {', '.join(orphans)}")
     return "\n".join(out)

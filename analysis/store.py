@@ -104,8 +104,9 @@ class LedgerError(HarnessError):
 # always allowed. run_id and status are required.
 LEDGER_FIELD_KINDS = {
     **dict.fromkeys(("description", "verdict", "verdict_reason", "verdict_mode", "worker",
-                     "night", "analyzed_at", "train_status", "best_run_id", "run_log_sha256",
-                     "summary_sha256", "metrics_sha256", CHAIN_FIELD), "a string"),
+                     "night", "agent", "analyzed_at", "train_status", "best_run_id",
+                     "run_log_sha256", "summary_sha256", "metrics_sha256", CHAIN_FIELD),
+                    "a string"),
     **dict.fromkeys(("delta_best", "delta_sigma", "p_value", "n_pooled", "noise_sigma",
                      "noise_df", "run_log_mtime_ns", "metrics_mtime_ns"), "a number"),
     **dict.fromkeys(("notes", "integrity"), "a list"),

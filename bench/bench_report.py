@@ -9,8 +9,9 @@ metrics (1,000 steps of a depth-8 model, 10 validation points), every run with a
 one, written by analyze.py for a synthetic run, with a note from the agent on every 5th), a diff.patch
 and the 7 figures' files (their size does not matter: the page links them). Each repetition times the
 whole `python analyze.py report` process, interpreter start and imports included. The runs are
-spread over nights of RUNS_PER_NIGHT (each row records its night, as analyze.py in a supervised
-night does; a night starts a day after the previous one): the page shows the last in full.
+spread over nights of RUNS_PER_NIGHT (each row records its night and its session's agent, as
+analyze.py in a supervised night does; a night starts a day after the previous one): the page shows
+the last in full.
 
 Usage: uv run bench/bench_report.py [--runs 500 2000 10000] [--repeats 5]
                                     [--out bench/results/NAME.json]
@@ -40,6 +41,9 @@ STEPS = 1000            # about what a 5-minute H100 run of the default train.py
 DEPTH = 8               # the default DEPTH
 KEEP_EVERY = 10         # every 10th run kept (a good night keeps fewer)
 CRASH_EVERY = 25        # every 25th run a crash
+# the agents and models of the nights' sessions, a night's runs alternating between two (the page
+# names each night's and each run's)
+AGENTS = ("codex gpt-5-codex", "claude claude-opus-4-1")
 RUNS_PER_NIGHT = 100    # an 8-hour night of one GPU at about 5 minutes a run
 RUN_EVERY_S = 300       # between two runs' starts within a night
 NIGHT_EVERY_S = 86400   # between two nights' starts
@@ -100,6 +104,7 @@ def build_store(repo: Path, n_runs: int, analysis: str):
                   "description": f"experiment {i}: a change to the model", "verdict": "keep" if kept else "discard",
                   "analyzed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start + 290)),
                   "night": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(night_start)),
+                  "agent": AGENTS[i % len(AGENTS)],
                   "delta_best": value - 1.0, "delta_sigma": (value - 1.0) / 0.0015, "p_value": 0.05, "n_pooled": 1}
         if crashed:
             record.update(status="crash", verdict="crash", val_bpb=None, train_status="crash",

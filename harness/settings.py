@@ -56,6 +56,10 @@ WORKER_INDEX_ENV = "AUTORESEARCH_WORKER_INDEX"  # set for the agent's commands, 
 WORKER_SEED_ENV = "AUTORESEARCH_WORKER_SEED"
 # marks every process of a night (read from /proc by the night)
 NIGHT_ENV = "AUTORESEARCH_NIGHT"
+# the agent and model of the night's session the process is part of ("codex gpt-5-codex",
+# "claude claude-opus-4-1", "api claude-sonnet-4-5"): set by the night for the agent's and the
+# harness's commands, recorded in each ledger row analyze.py writes; a label, not a credential
+AGENT_ENV = "AUTORESEARCH_AGENT"
 # set by a boxed night for its agent: launch.py asks the night's runner, outside the agent's box,
 # to train (night/runs.py), through this Unix socket
 RUN_SOCKET_ENV = "AUTORESEARCH_RUN_SOCKET"
@@ -185,6 +189,7 @@ WORKER = _text(WORKER_ENV, MAIN_WORKER, empty_ok=True) or MAIN_WORKER
 WORKER_LIFE = _name(WORKER_LIFE_ENV)
 RUN_SOCKET = _text(RUN_SOCKET_ENV, None, empty_ok=True) or None
 NIGHT = _text(NIGHT_ENV, None, empty_ok=True) or None  # the night this process is part of
+AGENT = _text(AGENT_ENV, None, empty_ok=True) or None  # its session's agent and model, or None
 TRAIN_BOX = _choice(TRAIN_BOX_ENV, ("0", "1"), "a switch") == "1"
 TRAIN_VARIABLES = _variables(TRAIN_VARIABLES_ENV)
 ACCEPT_SYNTHETIC = _choice(ACCEPT_SYNTHETIC_ENV, ("0", "1"), "a switch") == "1"

@@ -26,16 +26,18 @@ ENV_ALLOW_PREFIXES = ("LC_", "XDG_", "AUTORESEARCH_", "CUDA_", "NVIDIA_", "UV_",
 CLIENT_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "DISABLE_")  # the claude CLI's own (its key too)
 
 
-def agent_environment(extra_names=(), client=False, night=None) -> dict:
+def agent_environment(extra_names=(), client=False, night=None, agent=None) -> dict:
     """The environment of the agent and its commands: the allowlist, the names the user passed,
-    the night's marker, and (for the claude CLI itself, `client`) its own ANTHROPIC_/CLAUDE_
-    settings."""
+    the night's marker, the agent and model of its session (`agent`, recorded in the ledger's
+    rows), and (for the claude CLI itself, `client`) its own ANTHROPIC_/CLAUDE_ settings."""
     def allowed(name):
         return (name in ENV_ALLOW or name in extra_names or name.startswith(ENV_ALLOW_PREFIXES)
                 or (client and name.startswith(CLIENT_ENV_PREFIXES)))
     env = {k: v for k, v in os.environ.items() if allowed(k)}
     if night:
         env[settings.NIGHT_ENV] = night
+    if agent:
+        env[settings.AGENT_ENV] = agent
     return env
 
 
@@ -110,9 +112,9 @@ def harness_command(script: str, *args) -> list:
     return [sys.executable, "-P", "-c", HARNESS_RUNNER, script, *args]
 
 
-def harness_environment(extra_names=(), night=None) -> dict:
+def harness_environment(extra_names=(), night=None, agent=None) -> dict:
     """The environment of the harness's commands the night runs itself (for the agent, or to
     settle and report): the agent's, without the runner's socket, so they run here."""
-    env = agent_environment(extra_names, night=night)
+    env = agent_environment(extra_names, night=night, agent=agent)
     env.pop(settings.RUN_SOCKET_ENV, None)
     return env

@@ -388,6 +388,39 @@ def test_status_shows_how_much_noise_runs_under_the_same_seed_share(repo):
     assert f"vs the best's run under the same SEED 43 ({rows[1]['run_id']}, 1.002000): -0.005500" in text
 
 
+def test_a_row_records_the_agent_of_its_session_and_status_names_it(repo, monkeypatch):
+    """AUTORESEARCH_AGENT (set by the night for the agent's and the harness's commands) is recorded in
+    the row analyze.py writes; keep, given without it, leaves it; status names it, and rows made by
+    hand (none recorded) print no agent and no "None"."""
+    monkeypatch.delenv("AUTORESEARCH_AGENT", raising=False)
+    baseline(repo)  # by hand: three rows without an agent
+    commit_change(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05")
+    fake_run(repo, 0.95, seed=42)
+    monkeypatch.setenv("AUTORESEARCH_AGENT", "codex gpt-test")
+    assert analyze(repo).returncode == 0
+    monkeypatch.delenv("AUTORESEARCH_AGENT")
+    assert analyze(repo, "keep").returncode == 0
+    rows = ledger(repo)
+    assert [r.get("agent") for r in rows] == [None, None, None, "codex gpt-test"]
+    assert rows[-1]["status"] == "keep"  # keep changed its status, not who made it
+    out = analyze(repo, "status").stdout.splitlines()
+    assert "agent: codex gpt-test (1 of the latest night's 4 run(s))" in out
+    listed = out[out.index("latest 4:") + 1:]
+    assert [line.endswith("  [codex gpt-test]") for line in listed] == [False] * 3 + [True], listed
+    assert not any("None" in line or "[" in line for line in listed[:3]), listed
+
+
+def test_status_names_the_agents_of_the_latest_night_only():
+    night = lambda name, agent, n: [{"run_id": f"{name}{i}", "status": "discard", "night": name,  # noqa: E731
+                                     "agent": agent} for i in range(n)]
+    two = night("A", "codex gpt-test", 2) + night("B", "claude claude-opus-4-1", 2) + \
+        night("B", "api claude-sonnet-4-5", 1) + night("B", None, 1)
+    assert report.agent_line(two) == ["agents: claude claude-opus-4-1 (2), api claude-sonnet-4-5 (1) of "
+                                      "the latest night's 4 run(s)"]
+    assert report.agent_line(night("A", "codex gpt-test", 2) + night("B", None, 3)) == []
+    assert report.agent_line([]) == []
+
+
 # ---------------------------------------------------------------------------
 # Concurrency and interruption
 # ---------------------------------------------------------------------------

@@ -152,6 +152,14 @@ def test_the_cli_gets_a_tool_timeout_above_the_training_limit_and_only_the_allow
     assert proc.returncode == 1, out  # five quick exits without an experiment: a failed night
 
 
+def test_the_agent_and_model_of_the_session_reach_the_agents_and_the_harnesss_commands(monkeypatch):
+    from night import environment
+    monkeypatch.delenv(settings.AGENT_ENV, raising=False)
+    for make in (environment.agent_environment, environment.harness_environment):
+        assert make(night="n1", agent="codex gpt-test")[settings.AGENT_ENV] == "codex gpt-test"
+        assert settings.AGENT_ENV not in make(night="n1")  # none given: none set
+
+
 def test_a_key_file_readable_by_others_is_refused_and_one_of_the_users_own_serves_the_night(night, tmp_path):
     repo, calls, start = night
     key_file = tmp_path / "anthropic-key"

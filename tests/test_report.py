@@ -282,6 +282,48 @@ def test_the_page_shows_the_last_night_in_full_and_the_earlier_ones_as_a_line(th
     assert html.count('<circle class="keep"') == 3 and html.count('class="fail"') == 1  # night 3's points
 
 
+def table_column(fragment: str, name: str) -> list:
+    """The text of each cell of the column headed `name` in the first table of `fragment`."""
+    head, body = fragment.split("<tbody>", 1)
+    column = [text_of(th) for th in re.findall(r"<th[^>]*>(.*?)</th>", head, re.S)].index(name)
+    rows = body.split("</tbody>", 1)[0].split("</tr>")[:-1]
+    return [text_of(re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[column]) for row in rows]
+
+
+def test_each_run_and_each_night_names_the_agents_of_its_sessions(repo, monkeypatch):
+    """Rows record their session's agent and model (AUTORESEARCH_AGENT, set by the night): the nights
+    table names each night's, distinct in order of first use; the runs table and the line above it
+    the shown night's; a night made by hand names none, and no "None" is printed."""
+    monkeypatch.delenv("AUTORESEARCH_AGENT", raising=False)
+    baseline(repo)  # night 1, by hand
+    with supervised_night(repo, "2026-12-02T22:00:00+0000"):
+        monkeypatch.setenv("AUTORESEARCH_AGENT", "codex gpt-test")
+        change_kept(repo, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "matrix lr 0.05", (0.951, 0.952, 0.953))
+    with supervised_night(repo, "2026-12-03T22:00:00+0000"):
+        commit_change(repo, "MATRIX_LR = 0.05", "MATRIX_LR = 0.06", "matrix lr 0.06")
+        for seed, agent in ((1, "claude claude-opus-4-1"), (2, "api claude-sonnet-4-5"),
+                            (3, "claude claude-opus-4-1")):
+            monkeypatch.setenv("AUTORESEARCH_AGENT", agent)
+            fake_run(repo, 0.93 + seed / 1000, seed=seed)
+            assert analyze(repo).returncode == 0
+    html = report(repo)
+    assert table_column(section(html, "nights"), "agents") == [  # the latest night first
+        "claude claude-opus-4-1, api claude-sonnet-4-5", "codex gpt-test", ""]
+    runs = section(html, "runs")
+    assert text_of(runs.split('id="night-agents">', 1)[1].split("</p>", 1)[0]) == \
+        "agents: claude claude-opus-4-1 (2 runs), api claude-sonnet-4-5 (1 run)"
+    assert table_column(runs, "agent") == [
+        "claude claude-opus-4-1", "api claude-sonnet-4-5", "claude claude-opus-4-1"]
+    assert analyze(repo, "report", "--night", "1").returncode == 0
+    page = (repo / ".auto-log-research" / "report-night-1.html").read_text()
+    runs = section(page, "runs")  # the runs made by hand: no agent line, no agent column
+    assert 'id="night-agents"' not in runs and ">agent</th>" not in runs
+    assert len(re.findall(r'<tr class="run"', runs)) == 3
+    table = runs.split("<template", 1)[0]  # (a synthetic run's analysis.md says "data None")
+    assert "None" not in text_of(table) and "None" not in text_of(section(page, "nights"))
+    assert table_column(section(page, "nights"), "agents")[-1] == ""  # night 1's, on its own page
+
+
 def test_a_chosen_night_has_its_own_page_linked_from_the_morning_page(three_nights):
     repo = three_nights
     ids = [r["run_id"] for r in ledger(repo)]
