@@ -51,8 +51,8 @@ def agent_options(agent):
     agent.add_argument("--model", default=api.DEFAULT_MODEL, help="model of the api backend")
     agent.add_argument("--key-file", metavar="PATH",
                        help=f"the API key, from this file (mode 600) rather than "
-                            f"{environment.KEY_ENV} ({environment.OPENAI_KEY_ENV} for codex), which "
-                            f"`uv` keeps in its environment all night")
+                            f"{environment.KEY_ENV} ({environment.OPENAI_KEY_ENV} for codex), "
+                            f"which `uv` keeps in its environment all night")
     agent.add_argument(sandbox.NO_SANDBOX, action="store_true",
                        help="run the agent outside its bubblewrap box (README, 'Threat model')")
 

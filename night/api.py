@@ -107,7 +107,7 @@ def run_tool(sup: Supervisor, name: str, args: dict) -> tuple:
     try:
         if name == "bash":
             # no key, no other credentials
-            env = agent_environment(sup.args.pass_env, night=sup.night)
+            env = agent_environment(sup.args.pass_env, night=sup.night, agent=sup.agent)
             timeout = min(float(args.get("timeout_s") or DEFAULT_TOOL_TIMEOUT_S),
                           sup.args.train_timeout)
             child = subprocess.Popen(sup.boxed(["bash", "-c", args["command"]]), cwd=sup.repo,
@@ -212,6 +212,7 @@ def trim_context(messages: list) -> bool:
 def run_api(sup: Supervisor) -> int:
     import anthropic  # lazily: it takes seconds to import, and the claude backend does not need it
     client = anthropic.Anthropic(api_key=sup.secret, max_retries=API_MAX_RETRIES)
+    sup.agent = f"api {sup.args.model}"
     system = worker_preamble(sup) + (sup.repo / PROGRAM).read_text()
     experiment = 0
     while not sup.check():

@@ -48,7 +48,7 @@ def claude_environment(sup, proxy: KeyProxy = None) -> dict:
     """The CLI's environment: the allowlist and its own settings, a Bash tool timeout above the
     longest training run (the CLI's default, 2 minutes, would cut every run and blame the idea's
     code) and, with a key, the key proxy as its API and the night's token as its key."""
-    env = agent_environment(sup.args.pass_env, client=True, night=sup.night)
+    env = agent_environment(sup.args.pass_env, client=True, night=sup.night, agent=sup.agent)
     ms = str(int((sup.args.train_timeout + settings.TOOL_MARGIN_S) * 1000))
     env.update(BASH_DEFAULT_TIMEOUT_MS=ms, BASH_MAX_TIMEOUT_MS=ms)
     if proxy is not None:
@@ -134,6 +134,7 @@ CLAUDE = AgentCLI(name="claude", log=ClaudeLog, config_paths=config_paths,
 def run_claude(sup: Supervisor) -> int:
     """The claude backend: the CLI's night (night/sessions.py), once it may start."""
     command = shlex.split(sup.args.claude_command)
+    sup.agent = f"claude {model_of(command, os.environ)}"
     proxy = (KeyProxy(sup.secret, os.environ.get(BASE_URL_ENV) or DEFAULT_UPSTREAM)
              if sup.secret else None)
     try:

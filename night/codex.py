@@ -12,6 +12,7 @@ the ledger is a failed one, resumed after a back-off like an outage (issue 22).
 import json
 import os
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def model_of(command: list, env: dict) -> str:
 def codex_environment(sup, proxy: KeyProxy = None) -> dict:
     """The CLI's environment: the allowlist and its own CODEX_ settings and, with a key, the
     night's token as its OPENAI_API_KEY (the key proxy is its provider, in its command)."""
-    env = agent_environment(sup.args.pass_env, night=sup.night)
+    env = agent_environment(sup.args.pass_env, night=sup.night, agent=sup.agent)
     env.update({k: v for k, v in os.environ.items() if k.startswith(CLIENT_ENV_PREFIXES)})
     if proxy is not None:
         env[OPENAI_KEY_ENV] = proxy.token
@@ -154,6 +155,12 @@ CODEX = AgentCLI(name="codex", log=CodexLog, config_paths=config_paths, run_need
 def run_codex(sup: Supervisor) -> int:
     """The codex backend: the CLI's night (night/sessions.py)."""
     command = shlex.split(sup.args.codex_command)
+    try:
+        sup.agent = f"codex {model_of(command, os.environ)}"
+    except ValueError as e:  # a config.toml it cannot read: the CLI would refuse it too
+        sup.stop(str(e), failed=True)
+        print(f"error: {e}", file=sys.stderr)
+        return sup.finish()
     proxy = (KeyProxy(sup.secret, os.environ.get(BASE_URL_ENV) or OPENAI_UPSTREAM,
                       credential=BEARER_CREDENTIAL) if sup.secret else None)
     try:

@@ -91,7 +91,8 @@ class RunService:
     def environment(self, script: str, asked: dict) -> dict:
         """The night's (as its agent's commands get it); for launch.py with train.py boxed and the
         asker's own variables (SEED, ...) for train.py only."""
-        env = harness_environment(self.sup.args.pass_env, night=self.sup.night)
+        env = harness_environment(self.sup.args.pass_env, night=self.sup.night,
+                                  agent=self.sup.agent)
         if script == "launch.py":
             own = {k: v for k, v in asked.items() if not k.startswith(NIGHT_PREFIX)}
             env.update({settings.TRAIN_BOX_ENV: "1",

@@ -92,6 +92,9 @@ class Supervisor:
         self.unboxed = None          # why the agent runs outside its box (None: boxed; begin)
         self.runs = None             # the night's runner of the agent's training runs (begin)
         self.isolated = False        # the box has no network but the key proxy (begin)
+        # "<backend> <model>" of the agent's sessions, set by its backend: the ledger's rows
+        # record it (AUTORESEARCH_AGENT)
+        self.agent = None
         self.life = None             # a worker's life file, held open (supervise.py)
 
     # -- the ledger and the logs -----------------------------------------------------------------

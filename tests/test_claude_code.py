@@ -187,6 +187,7 @@ def test_real_claude_code_drives_a_night_through_an_outage_and_a_stop_rule(night
     rows = Store(repo).read_ledger()
     assert [r["status"] for r in rows] == ["keep", "discard", "discard"], proc.stdout
     assert all(r["status"] != "crash" for r in rows)  # no run was cut by the CLI's 2 s Bash timeout
+    assert {r["agent"] for r in rows} == {"claude (its configured model)"}  # no --model given
     base = rows[0]["commit"]
     subjects = git(repo, "log", "--format=%s").splitlines()
     assert subjects == [f"revert to best {base}", "depth 9", f"revert to best {base}", "matrix lr 0.4", "baseline"]

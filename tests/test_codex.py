@@ -105,6 +105,10 @@ def test_real_codex_drives_a_night_resuming_a_session_that_stops_to_ask(night_of
     assert done.returncode == 0, done.stdout + done.stderr + log[-4000:]
     rows = Store(repo).read_ledger()
     assert [r["status"] for r in rows] == ["keep", "crash", "discard"], log[-3000:]
+    # each run names the agent and model of its session, in the ledger, status and the report
+    assert [r["agent"] for r in rows] == [f"codex {MODEL}"] * 3
+    assert f"agent: codex {MODEL} (1 of the latest night's 1 run(s))" in log
+    assert f"codex {MODEL}" in (store / "report.html").read_text()
     base = rows[0]["commit"]
     assert git(repo, "log", "--format=%s").splitlines() == [
         f"revert to best {base}", "matrix lr 0.4", f"revert to best {base}", "crashing idea",
