@@ -20,7 +20,6 @@ import numpy as np
 from analysis import confirmation, pairing, verdict
 from analysis.store import CONFIRMATION_FILE
 from harness import contract, git, settings
-from harness.contract import HarnessError
 from night.environment import harness_command, harness_environment
 
 CONFIRM_RUNS = 4            # the stretch's runs: two fresh seeds, the best and the baseline each

@@ -101,7 +101,7 @@ class SessionFailures:
     when, and the pause before the next session, doubled after each failure up to
     MAX_BACKOFF_S."""
 
-    def __init__(self, restart_delay: float, cli: AgentCLI = None):
+    def __init__(self, restart_delay: float, cli: AgentCLI):
         self.restart_delay, self.cli = restart_delay, cli
         self.quick_exits, self.count, self.since, self.delay = 0, 0, None, restart_delay
 
@@ -110,8 +110,7 @@ class SessionFailures:
         """Count a session that started at t0 and ran `duration` s. Too many quick exits in a row,
         or failures for longer than --max-outage-hours, stop the night; a failure short of that is
         one status line."""
-        run_needed = self.cli is not None and self.cli.run_needed
-        if new_run or (not run_needed and returncode == 0 and duration >= QUICK_EXIT_S):
+        if new_run or (not self.cli.run_needed and returncode == 0 and duration >= QUICK_EXIT_S):
             self.quick_exits, self.count, self.since, self.delay = 0, 0, None, self.restart_delay
             return
         if sup.stopping is not None:
@@ -123,7 +122,7 @@ class SessionFailures:
         reached = output.api_retry or output.answered
         self.quick_exits = self.quick_exits + 1 if duration < QUICK_EXIT_S and not reached else 0
         error = output.last_error or output.last_line or f"exit code {returncode}"
-        name = self.cli.name if self.cli else "the agent"
+        name = self.cli.name
         what = ("API unreachable" if output.api_retry else
                 f"{name} stopping without an experiment" if output.answered and returncode == 0
                 else "agent sessions failing")
