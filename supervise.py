@@ -6,8 +6,8 @@ an experiment budget or a stop rule, and leaves the store and git consistent how
     uv run supervise.py --backend codex --hours 8    # your Codex CLI, likewise
     uv run supervise.py --backend api --hours 8      # a built-in agent on the Anthropic API
 
-No state lives only in an agent's context: every restart (claude) or experiment (api) starts fresh
-from program.md, insights.md, ideas_queue.md and results.tsv. A training run that exceeds its
+No state lives only in an agent's context: every restart (claude, codex) or experiment (api) starts
+fresh from program.md, insights.md, ideas_queue.md and results.tsv. A training run that exceeds its
 wall-clock limit is killed. A stop rule lets the experiment in progress finish (up to
 --stop-grace), then the supervisor ends every process of the night and settles the last run (keep
 or discard), so git and the ledger agree. With a deadline, its last stretch (--confirm-minutes)

@@ -329,9 +329,10 @@ class Supervisor:
         started = summary.get("started_at") if isinstance(summary, dict) else None
         if started is None or any(r.get("started_at") == started for r in self._ledger()):
             return
+        # the agent's run, of its night and session, as if the agent had analysed it
+        env = harness_environment(self.args.pass_env, night=self.night, agent=self.agent)
         done = subprocess.run(harness_command("analyze.py"), cwd=self.repo, capture_output=True,
-                              text=True, env=harness_environment(self.args.pass_env),
-                              timeout=SETTLE_TIMEOUT_S)
+                              text=True, env=env, timeout=SETTLE_TIMEOUT_S)
         self.write_log(f"[settle] analyze.py -> exit {done.returncode}\n{done.stdout}{done.stderr}")
         self.status("archived the run the stop interrupted: analyze.py " + (
             "done" if done.returncode == 0

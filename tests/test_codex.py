@@ -201,6 +201,8 @@ def test_ctrl_c_during_a_training_run_ends_the_codex_night_at_once(prepared, tmp
     status = (repo / ".auto-log-research" / "status.log").read_text()
     assert night.returncode == 130, out + status
     assert "stopped by Ctrl-C" in status
+    (cut,) = Store(repo).read_ledger()  # the cut run, archived as the night's and settled
+    assert (cut["status"], cut["agent"]) == ("crash", f"codex {MODEL}") and cut["night"]
     assert processes.scripts_in(repo, "train.py") == []
     assert [p for p in processes.marked(settings.NIGHT_ENV, "")
             if cwd_of(p).startswith(str(repo))] == []

@@ -263,6 +263,8 @@ def test_ctrl_c_in_the_middle_of_a_run_leaves_no_corrupt_file(prepared, repo):
     # the experiment is settled like any other stop: the cut run is in the ledger, train.py is the best's again
     rows = Store(repo).read_ledger()
     assert rows[-1]["status"] == "crash" and rows[-1]["started_at"] == summary["started_at"], rows[-1]
+    # ... as the night's, with the agent and model of its session
+    assert rows[-1]["night"] and rows[-1]["agent"] == "api claude-sonnet-4-5"
     assert "archived the run the stop interrupted: analyze.py done" in (
         repo / ".auto-log-research" / "status.log").read_text()
 
