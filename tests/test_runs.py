@@ -58,7 +58,8 @@ def night_runner(prepared, tmp_path, monkeypatch):
     (repo / "train.py").write_text(LOOK + (repo / "train.py").read_text())
     git(repo, "commit", "-qam", "look around")
     service = RunService(types.SimpleNamespace(args=types.SimpleNamespace(pass_env=set()),
-                                               night="test-night", repo=repo))
+                                               night="test-night", agent="codex gpt-test",
+                                               repo=repo))
     agent_env = {**os.environ, **GIT_ENV, settings.RUN_SOCKET_ENV: str(service.socket), "SEED": "7",
                  settings.TIME_BUDGET_ENV: "999"}
     command = sandbox.box([sys.executable, "launch.py"], repo, runner=service.folder)
@@ -68,6 +69,7 @@ def night_runner(prepared, tmp_path, monkeypatch):
 
 def test_the_agents_launch_has_the_night_train_outside_its_box(night_runner):
     repo, service, command, agent_env = night_runner
+    agent_env = {**agent_env, settings.AGENT_ENV: "claude a-model-it-would-rather-name"}
     done = subprocess.run(command, cwd=repo, env=agent_env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -96,6 +98,8 @@ def test_the_agents_launch_has_the_night_train_outside_its_box(night_runner):
     assert "verdict:" in archived.stdout  # its output, streamed back
     row = json.loads((repo / ".auto-log-research" / "runs.jsonl").read_text().splitlines()[-1])
     assert (row["status"], row["integrity"]) == ("pending", []), row  # sealed and believed
+    # the night's label of its agent, not one the agent's shell sets (it names another model)
+    assert row["agent"] == "codex gpt-test"
     kept = analyze_in_box("keep")
     assert kept.returncode == 0 and f"kept {row['run_id']}" in kept.stdout, kept.stdout + kept.stderr
     assert "## Current Best" in (repo / ".auto-log-research" / "notes" / "insights.md").read_text()

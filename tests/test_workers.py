@@ -196,11 +196,14 @@ def test_a_night_killed_outright_stops_every_worker_and_its_agent(tmp_path):
     assert len(workers) == 2
     night.kill()
     night.communicate()
+    def left():  # the night's processes, and the workers themselves (an exiting worker's environ
+        # can no longer be read, so it is no longer "marked", a moment before it ends)
+        return ([p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)]
+                + [pid for pid in workers if processes.running(pid)])
     deadline = time.time() + 300  # each worker ends its agent (with the box's grace) and settles
-    while [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] and time.time() < deadline:
+    while left() and time.time() < deadline:
         time.sleep(0.2)
-    assert [p for p in processes.marked(settings.NIGHT_ENV, "") if cwd_inside(p, repo)] == []
-    assert not any(processes.running(pid) for pid in workers)
+    assert left() == []
     lines = status.read_text()
     assert all(f"| worker {w} | stopped: stopped by a signal (SIGTERM)" in lines for w in ("gpu0", "gpu1")), lines
 
