@@ -28,8 +28,9 @@ from night.supervisor import Supervisor
 DEFAULT_CODEX_COMMAND = "codex exec --json --dangerously-bypass-approvals-and-sandbox"
 
 BASE_URL_ENV = "OPENAI_BASE_URL"   # the API the key proxy passes requests on to
-HOME_ENV = "CODEX_HOME"            # the CLI's config, sessions and logs (default ~/.codex)
-CLIENT_ENV_PREFIXES = ("CODEX_",)  # the CLI's own settings, which the agent's shell may see too
+# the CLI's config, sessions and logs (default ~/.codex): the one CODEX_ setting it is passed
+# (CODEX_API_KEY, say, is a credential, which would reach the agent's shell too)
+HOME_ENV = "CODEX_HOME"
 CONFIG_FILE = "config.toml"
 # the model provider the night declares: the key proxy, on OpenAI's Responses API. Tune it with
 # -c model_providers.alr-night.<key>=<value> in --codex-command (e.g. request_max_retries)
@@ -53,6 +54,7 @@ def with_provider(command: list, url: str) -> list:
 
 
 def codex_home(env: dict) -> Path:
+    """The CLI's home: $CODEX_HOME, else ~/.codex."""
     return Path(env.get(HOME_ENV) or Path(env.get("HOME") or Path.home()) / ".codex")
 
 
@@ -87,10 +89,11 @@ def model_of(command: list, env: dict) -> str:
 
 
 def codex_environment(sup, proxy: KeyProxy = None) -> dict:
-    """The CLI's environment: the allowlist and its own CODEX_ settings and, with a key, the
-    night's token as its OPENAI_API_KEY (the key proxy is its provider, in its command)."""
+    """The CLI's environment: the allowlist, its home ($CODEX_HOME, where set) and, with a key,
+    the night's token as its OPENAI_API_KEY (the key proxy is its provider, in its command)."""
     env = agent_environment(sup.args.pass_env, night=sup.night, agent=sup.agent)
-    env.update({k: v for k, v in os.environ.items() if k.startswith(CLIENT_ENV_PREFIXES)})
+    if HOME_ENV in os.environ:
+        env[HOME_ENV] = os.environ[HOME_ENV]
     if proxy is not None:
         env[OPENAI_KEY_ENV] = proxy.token
     return env
