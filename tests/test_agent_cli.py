@@ -141,3 +141,17 @@ def test_quick_codex_exits_that_never_reached_the_model_stop_the_night():
     assert night.failed and night.stopping == (
         "codex exited 5 times in a row within 60 s without an experiment (last exit code 1): "
         "error: bad option")
+
+
+def test_the_codex_cli_gets_its_home_and_the_nights_token_and_no_other_credential(monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", "/somewhere/codex")
+    monkeypatch.setenv("CODEX_API_KEY", "sk-codex-credential")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-credential")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-credential")
+    sup = SimpleNamespace(args=SimpleNamespace(pass_env=set()), night="n-1", agent="codex m")
+    proxy = SimpleNamespace(token="alr-night-token")
+    env = codex.codex_environment(sup, proxy)
+    assert (env["CODEX_HOME"], env["OPENAI_API_KEY"]) == ("/somewhere/codex", "alr-night-token")
+    assert (env["AUTORESEARCH_NIGHT"], env["AUTORESEARCH_AGENT"]) == ("n-1", "codex m")
+    assert not [v for v in env.values() if "credential" in v]
+    assert "OPENAI_API_KEY" not in codex.codex_environment(sup)  # no key: the CLI's own login
