@@ -59,6 +59,13 @@ def supervise(*options):
             "--restart-delay", "0.5", "--train-timeout", "700"]
 
 
+def repo_and_home(tmp_path):
+    """A repository holding the loop, and a home of its own for the CLI (~/.codex)."""
+    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
+    (tmp_path / "home").mkdir()
+    return repo, tmp_path / "home"
+
+
 def experiment_script(python):
     py = f"'{python}'"
     train = f"{py} launch.py; {py} analyze.py"
@@ -150,9 +157,7 @@ def test_real_codex_drives_a_night_resuming_a_session_that_stops_to_ask(night_of
 
 
 def test_an_outage_longer_than_max_outage_hours_ends_the_codex_night(prepared, tmp_path):
-    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
-    home = tmp_path / "home"
-    home.mkdir()
+    repo, home = repo_and_home(tmp_path)
     api = ResponsesAPI([outage(10_000)])
     try:  # 0.002 h: 7.2 s of failed sessions
         done = subprocess.run([*supervise(sys.executable), "--max-outage-hours", "0.002"],
@@ -181,9 +186,7 @@ def wait_for(predicate, what: str, limit_s: float = WAIT_S):
 
 
 def test_ctrl_c_during_a_training_run_ends_the_codex_night_at_once(prepared, tmp_path):
-    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
-    home = tmp_path / "home"
-    home.mkdir()
+    repo, home = repo_and_home(tmp_path)
     py = sys.executable
     api = ResponsesAPI([command(f"AUTORESEARCH_TIME_BUDGET=600 {py} launch.py; {py} analyze.py"),
                         say("done")])
@@ -209,9 +212,7 @@ def test_ctrl_c_during_a_training_run_ends_the_codex_night_at_once(prepared, tmp
 
 
 def test_two_workers_each_with_its_own_codex_share_one_store(prepared, tmp_path):
-    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
-    home = tmp_path / "home"
-    home.mkdir()
+    repo, home = repo_and_home(tmp_path)
     py = sys.executable
     api = ResponsesAPI({f"You are worker {worker} ": [
         command(f"{py} launch.py; {py} analyze.py; echo I am worker $AUTORESEARCH_WORKER"),
@@ -243,9 +244,7 @@ def test_a_codex_night_on_slurm_trains_its_run_as_a_job(prepared, tmp_path):
     folder = tempfile.mkdtemp(prefix="alr-slurm-", dir="/tmp")  # short: munge's socket path
     local = LocalSlurm(folder)
     cluster = local.start()
-    repo = make_repo(tmp_path / "repo", HARNESS + ("supervise.py", "program.md"))
-    home = tmp_path / "home"
-    home.mkdir()
+    repo, home = repo_and_home(tmp_path)
     py = sys.executable
     api = ResponsesAPI([command(f"{py} launch.py; {py} analyze.py"), say("trained; continue?")])
     try:
